@@ -1,0 +1,369 @@
+// Command natlab puts natprobe and stund on either side of a real Linux
+// kernel NAT (nftables in a network namespace) for every NAT behaviour
+// natprobe reports, and checks each report field against the ground truth
+// written next to the profile's ruleset (profiles.go).
+//
+// It needs root. Run it from the module root: `make natlab` or
+// `go run ./lab/natlab [-profile name,...] [-checks ...]`.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"text/tabwriter"
+	"time"
+)
+
+// The checks a profile can run; all by default.
+//
+//	lab      coturn's natdiscovery and the classic stun client against
+//	         coturn: proves that the ruleset really behaves as its ground
+//	         truth says, independently of our code.
+//	natprobe natprobe --json against stund: every field vs the ground truth.
+//	coturn   natprobe --json against coturn: the same verdicts.
+//	interop  natdiscovery and the classic stun client against stund
+//	         (lossless profiles only).
+var allChecks = []string{"lab", "natprobe", "coturn", "interop"}
+
+type result struct {
+	p        profile
+	observed string
+	checks   []string // "name:ok" / "name:FAIL"
+	details  []string
+	wall     time.Duration
+	ok       bool
+}
+
+func main() {
+	var (
+		only    = flag.String("profile", "", "comma-separated profiles to run (default: all)")
+		checks  = flag.String("checks", strings.Join(allChecks, ","), "checks to run: "+strings.Join(allChecks, ","))
+		jobs    = flag.Int("j", 4, "profiles run in parallel (each in its own namespaces)")
+		timeout = flag.Duration("timeout", 290*time.Second, "limit for the whole matrix")
+		list    = flag.Bool("list", false, "print the profiles with their ground truth and exit")
+		keep    = flag.String("keep", "", "debug: set up this profile, print its namespaces and leave them")
+	)
+	flag.Parse()
+	if *list {
+		for _, p := range profiles {
+			fmt.Printf("%-15s %s\n    %s\n", p.Name, p.Want, p.Doc)
+		}
+		return
+	}
+	want := map[string]bool{}
+	for _, c := range strings.Split(*checks, ",") {
+		c = strings.TrimSpace(c)
+		if c == "" {
+			continue
+		}
+		if !contains(allChecks, c) {
+			usage("unknown check %q", c)
+		}
+		want[c] = true
+	}
+	var run []int
+	for _, name := range strings.Split(*only, ",") {
+		name = strings.TrimSpace(name)
+		if name == "" {
+			continue
+		}
+		i := profileIndex(name)
+		if i < 0 {
+			usage("unknown profile %q (see -list)", name)
+		}
+		run = append(run, i)
+	}
+	if *keep != "" {
+		run = []int{profileIndex(*keep)}
+		if run[0] < 0 {
+			usage("unknown profile %q", *keep)
+		}
+	}
+	if len(run) == 0 {
+		for i := range profiles {
+			run = append(run, i)
+		}
+	}
+	if *jobs < 1 {
+		usage("-j must be at least 1")
+	}
+
+	if err := preflight(); err != nil {
+		fmt.Fprintln(os.Stderr, "natlab: FAIL:", err)
+		os.Exit(2)
+	}
+	if n, err := cleanLeftovers(); err != nil {
+		fmt.Fprintln(os.Stderr, "natlab:", err)
+		os.Exit(2)
+	} else if n > 0 {
+		fmt.Fprintf(os.Stderr, "natlab: removed %d namespaces left by killed runs\n", n)
+	}
+
+	if *keep != "" {
+		i := run[0]
+		l := newLab(os.Getpid(), i)
+		if err := l.setup(context.Background(), profiles[i]); err != nil {
+			_ = l.teardown()
+			fmt.Fprintln(os.Stderr, "natlab:", err)
+			os.Exit(1)
+		}
+		fmt.Println(l.client, l.router, l.server)
+		return
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+
+	tmp, err := tempDir("natlab-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "natlab:", err)
+		os.Exit(2)
+	}
+	defer os.RemoveAll(tmp)
+
+	// Build our binaries once, before any profile runs.
+	var stund, natprobe string
+	if want["natprobe"] || want["coturn"] || want["interop"] {
+		start := time.Now()
+		build := exec.CommandContext(ctx, "go", "build", "-o", tmp+"/", "./cmd/stund", "./cmd/natprobe")
+		if out, err := build.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "natlab: FAIL: cannot build ./cmd/stund and ./cmd/natprobe (run from the module root; -checks lab runs the lab validation alone): %v\n%s", err, out)
+			os.Exit(1)
+		}
+		stund, natprobe = filepath.Join(tmp, "stund"), filepath.Join(tmp, "natprobe")
+		fmt.Fprintf(os.Stderr, "natlab: built stund and natprobe in %v\n", time.Since(start).Round(time.Millisecond))
+	}
+	if want["lab"] || want["coturn"] || want["interop"] {
+		for _, tool := range []string{"turnserver", "turnutils_natdiscovery", "stun"} {
+			if _, err := exec.LookPath(tool); err != nil {
+				fmt.Fprintf(os.Stderr, "natlab: FAIL: %s missing (apt-get install coturn stun-client): %v\n", tool, err)
+				os.Exit(2)
+			}
+		}
+	}
+
+	start := time.Now()
+	results := make([]result, len(run))
+	queue := make(chan int)
+	var wg sync.WaitGroup
+	for w := 0; w < min(*jobs, len(run)); w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for k := range queue {
+				results[k] = runProfile(ctx, run[k], profiles[run[k]], want, stund, natprobe, tmp)
+				r := results[k]
+				fmt.Fprintf(os.Stderr, "natlab: %-15s %s (%v)\n", r.p.Name, okFail(r.ok), r.wall.Round(100*time.Millisecond))
+			}
+		}()
+	}
+	for k := range run {
+		if ctx.Err() != nil {
+			break
+		}
+		queue <- k
+	}
+	close(queue)
+	wg.Wait()
+	sweepOwn()
+
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "PROFILE\tEXPECTED\tOBSERVED\tCHECKS\tWALL\tRESULT")
+	failed := 0
+	for _, r := range results {
+		if r.p.Name == "" {
+			continue // never started (interrupted)
+		}
+		if !r.ok {
+			failed++
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%.1fs\t%s\n", r.p.Name, r.p.Want, r.observed,
+			strings.Join(r.checks, " "), r.wall.Seconds(), okFail(r.ok))
+	}
+	tw.Flush()
+	for _, r := range results {
+		for _, d := range r.details {
+			fmt.Printf("  %s: %s\n", r.p.Name, d)
+		}
+	}
+	ran := 0
+	for _, r := range results {
+		if r.p.Name != "" {
+			ran++
+		}
+	}
+	fmt.Printf("natlab: %d profiles, %d failed, %v wall\n", ran, failed, time.Since(start).Round(100*time.Millisecond))
+	switch {
+	case ctx.Err() != nil && ran < len(run):
+		fmt.Printf("natlab: FAIL: stopped (%v) after %d of %d profiles\n", context.Cause(ctx), ran, len(run))
+		os.Exit(1)
+	case failed > 0:
+		os.Exit(1)
+	}
+}
+
+// runProfile builds one profile's lab, runs the chosen checks and tears the
+// lab down whatever happened.
+func runProfile(ctx context.Context, idx int, p profile, want map[string]bool, stundBin, natprobeBin, tmp string) (r result) {
+	start := time.Now()
+	r = result{p: p, ok: true, observed: "-"}
+	fail := func(check string, msgs ...string) {
+		r.ok = false
+		for _, m := range msgs {
+			r.details = append(r.details, check+": "+m)
+		}
+	}
+	mark := func(check string, bad []string) {
+		if len(bad) == 0 {
+			r.checks = append(r.checks, check+":ok")
+			return
+		}
+		r.checks = append(r.checks, check+":FAIL")
+		fail(check, bad...)
+	}
+	defer func() { r.wall = time.Since(start) }()
+
+	l := newLab(os.Getpid(), idx)
+	defer func() {
+		if err := l.teardown(); err != nil {
+			fail("teardown", err.Error())
+		}
+	}()
+	if err := l.setup(ctx, p); err != nil {
+		fail("setup", err.Error())
+		return r
+	}
+	dir := filepath.Join(tmp, p.Name)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		fail("setup", err.Error())
+		return r
+	}
+	lossless := p.LossPct == 0
+	tolerant := p.LossPct >= 50
+
+	var co, st *server
+	var err error
+	if want["lab"] || want["coturn"] {
+		if co, err = startCoturn(ctx, l.server, dir); err != nil {
+			fail("coturn", err.Error())
+		}
+		defer co.stop()
+	}
+	if stundBin != "" {
+		if st, err = startStund(ctx, stundBin, l.server); err != nil {
+			fail("stund", err.Error())
+		}
+		defer st.stop()
+	}
+
+	// Lab validation: third-party clients against a third-party server.
+	if want["lab"] && co != nil && lossless {
+		o, err := runNatdiscovery(ctx, l.client, coturnPort)
+		if err != nil {
+			fail("lab", err.Error())
+		} else {
+			mark("lab-natdisc", compare(p.Want, o, false))
+			r.details = append(r.details, "natdiscovery→coturn: "+o.String())
+			if r.observed == "-" {
+				r.observed = "natdisc:" + o.Mapping + "/" + o.Filtering + " hp=" + o.Hairpin
+			}
+		}
+		o, err = runClassicStun(ctx, l.client, coturnPort)
+		if err != nil {
+			fail("lab", err.Error())
+		} else {
+			mark("lab-stun", compare(p.Want, o, false))
+			r.details = append(r.details, "stun→coturn: "+o.Legacy)
+		}
+	}
+	if want["natprobe"] && st != nil {
+		o, bad, err := runNatprobe(ctx, natprobeBin, l.client, stundPort, p, p.Want.Relay, p.Want.LifetimeS > 0)
+		if err != nil {
+			fail("natprobe", err.Error())
+			r.checks = append(r.checks, "natprobe:FAIL")
+		} else {
+			mark("natprobe", append(bad, compare(p.Want, o, tolerant)...))
+			r.observed = o.String()
+			if len(o.extra) > 0 {
+				r.details = append(r.details, "natprobe→stund: "+strings.Join(o.extra, "; "))
+			}
+		}
+	}
+	if want["coturn"] && co != nil && natprobeBin != "" {
+		o, bad, err := runNatprobe(ctx, natprobeBin, l.client, coturnPort, p, false, false)
+		if err != nil {
+			fail("natprobe→coturn", err.Error())
+			r.checks = append(r.checks, "coturn:FAIL")
+		} else {
+			w := p.Want
+			w.LifetimeS, w.Relay = 0, false
+			mark("coturn", append(bad, compare(w, o, tolerant)...))
+			if len(bad) > 0 || len(compare(w, o, tolerant)) > 0 {
+				r.details = append(r.details, "natprobe→coturn observed: "+o.String())
+			}
+		}
+	}
+	if want["interop"] && st != nil && lossless {
+		if o, err := runNatdiscovery(ctx, l.client, stundPort); err != nil {
+			fail("natdisc→stund", err.Error())
+		} else if bad := compare(p.Want, o, false); len(bad) > 0 {
+			mark("natdisc", bad)
+			r.details = append(r.details, "natdiscovery→stund: "+o.String())
+		} else {
+			mark("natdisc", nil)
+		}
+		if o, err := runClassicStun(ctx, l.client, stundPort); err != nil {
+			fail("stun→stund", err.Error())
+		} else if bad := compare(p.Want, o, false); len(bad) > 0 {
+			mark("stun", bad)
+			r.details = append(r.details, "stun→stund: "+o.Legacy)
+		} else {
+			mark("stun", nil)
+		}
+	}
+	if ctx.Err() != nil {
+		fail("run", "interrupted: "+context.Cause(ctx).Error())
+	}
+	return r
+}
+
+func okFail(ok bool) string {
+	if ok {
+		return "ok"
+	}
+	return "FAIL"
+}
+
+func profileIndex(name string) int {
+	for i, p := range profiles {
+		if p.Name == name {
+			return i
+		}
+	}
+	return -1
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+func usage(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "natlab: "+format+"\n", args...)
+	flag.Usage()
+	os.Exit(2)
+}
