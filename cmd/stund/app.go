@@ -1,0 +1,194 @@
+package main
+
+import (
+	"crypto/rand"
+	"encoding/base64"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+
+	"github.com/urfave/cli/v2"
+	"github.com/urfave/cli/v2/altsrc"
+
+	"github.com/stund/stund/server"
+)
+
+// usageError is a misuse of the command line: stund prints usage and
+// exits 2.
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+// configError is a bad value (from a flag, the environment or the YAML
+// file): stund names where it came from and exits 2 before binding.
+type configError struct{ err error }
+
+func (e configError) Error() string { return e.err.Error() }
+func (e configError) Unwrap() error { return e.err }
+
+func isFlagError(err error) bool {
+	s := err.Error()
+	return strings.Contains(s, "flag provided but not defined") ||
+		strings.Contains(s, "flag needs an argument") ||
+		strings.Contains(s, "invalid value")
+}
+
+// envName is the environment variable of a flag: STUND_<FLAG>.
+func envName(flag string) []string {
+	return []string{"STUND_" + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))}
+}
+
+// Flag names, used by the flags, the YAML keys and the error messages.
+const (
+	fConfig      = "config"
+	fPrimaryIP   = "primary-ip"
+	fAlternateIP = "alternate-ip"
+	fSingleIP    = "single-ip"
+	fPort        = "port"
+	fAltPort     = "alt-port"
+	fTLSPort     = "tls-port"
+	fCert        = "cert"
+	fKey         = "key"
+	fNoTCP       = "no-tcp"
+	fAdvertise   = "advertise"
+	fRealm       = "realm"
+	fUser        = "user"
+	fUsersFile   = "users-file"
+	fAuthSecret  = "auth-secret"
+	fRelayPorts  = "relay-ports"
+	fAllowPeer   = "allow-peer"
+	fDenyPeer    = "deny-peer"
+	fUserQuota   = "user-quota"
+	fTotalQuota  = "total-quota"
+	fSoftware    = "software"
+	fLogLevel    = "log-level"
+	fLogFormat   = "log-format"
+)
+
+// Embedded defaults: stund with no flags runs on any Linux box, where the
+// whole of 127.0.0.0/8 is on the loopback interface.
+const (
+	defaultPrimaryIP   = "127.0.0.1"
+	defaultAlternateIP = "127.0.0.2"
+	// demoUser is created, with a random password printed at start, only
+	// when no credentials are configured at all.
+	demoUser = "demo"
+)
+
+func flags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: fConfig, EnvVars: envName(fConfig), Usage: "YAML configuration `FILE` (keys are the flag names; see configs/stund.yaml)"},
+		altsrc.NewStringFlag(&cli.StringFlag{Name: fPrimaryIP, EnvVars: envName(fPrimaryIP), Value: defaultPrimaryIP, Usage: "primary `IP` to bind (never the wildcard: replies must leave from it)"}),
+		altsrc.NewStringFlag(&cli.StringFlag{Name: fAlternateIP, EnvVars: envName(fAlternateIP), Value: defaultAlternateIP, Usage: "alternate `IP` for RFC 5780 CHANGE-REQUEST and OTHER-ADDRESS (empty or --single-ip: none)"}),
+		altsrc.NewBoolFlag(&cli.BoolFlag{Name: fSingleIP, EnvVars: envName(fSingleIP), Usage: "run on the primary IP only: no OTHER-ADDRESS, CHANGE-REQUEST of the IP gets 420 (RFC 5780 §6)"}),
+		altsrc.NewIntFlag(&cli.IntFlag{Name: fPort, EnvVars: envName(fPort), Value: server.DefaultPort, Usage: "primary `PORT` (UDP and TCP)"}),
+		altsrc.NewIntFlag(&cli.IntFlag{Name: fAltPort, EnvVars: envName(fAltPort), Value: server.DefaultAltPort, Usage: "alternate UDP `PORT` for RFC 5780"}),
+		altsrc.NewIntFlag(&cli.IntFlag{Name: fTLSPort, EnvVars: envName(fTLSPort), Value: server.DefaultTLSPort, Usage: "TLS `PORT` (used when --cert and --key are given)"}),
+		altsrc.NewStringFlag(&cli.StringFlag{Name: fCert, EnvVars: envName(fCert), Usage: "TLS certificate chain `FILE` (PEM)"}),
+		altsrc.NewStringFlag(&cli.StringFlag{Name: fKey, EnvVars: envName(fKey), Usage: "TLS private key `FILE` (PEM)"}),
+		altsrc.NewBoolFlag(&cli.BoolFlag{Name: fNoTCP, EnvVars: envName(fNoTCP), Usage: "do not listen on TCP"}),
+		altsrc.NewStringSliceFlag(&cli.StringSliceFlag{Name: fAdvertise, EnvVars: envName(fAdvertise), Usage: "`PRIVATE=PUBLIC` address behind a cloud 1:1 NAT (repeatable, one per IP)"}),
+		altsrc.NewStringFlag(&cli.StringFlag{Name: fRealm, EnvVars: envName(fRealm), Value: server.DefaultRealm, Usage: "TURN `REALM` (RFC 8489 §9.2)"}),
+		altsrc.NewStringSliceFlag(&cli.StringSliceFlag{Name: fUser, EnvVars: envName(fUser), Usage: "static TURN user `NAME:PASSWORD` (repeatable)"}),
+		altsrc.NewStringFlag(&cli.StringFlag{Name: fUsersFile, EnvVars: envName(fUsersFile), Usage: "`FILE` of name:password lines (# comments)"}),
+		altsrc.NewStringSliceFlag(&cli.StringSliceFlag{Name: fAuthSecret, EnvVars: envName(fAuthSecret), Usage: "TURN REST API shared `SECRET` (repeatable for rotation)"}),
+		altsrc.NewStringFlag(&cli.StringFlag{Name: fRelayPorts, EnvVars: envName(fRelayPorts), Value: fmt.Sprintf("%d-%d", server.DefaultRelayPortMin, server.DefaultRelayPortMax), Usage: "relay port `RANGE` MIN-MAX"}),
+		altsrc.NewStringSliceFlag(&cli.StringSliceFlag{Name: fAllowPeer, EnvVars: envName(fAllowPeer), Usage: "open a peer `CIDR` the default policy refuses (repeatable)"}),
+		altsrc.NewStringSliceFlag(&cli.StringSliceFlag{Name: fDenyPeer, EnvVars: envName(fDenyPeer), Usage: "refuse a further peer `CIDR` (repeatable)"}),
+		altsrc.NewIntFlag(&cli.IntFlag{Name: fUserQuota, EnvVars: envName(fUserQuota), Value: server.DefaultUserQuota, Usage: "allocations per user (486 beyond; -1 unlimited)"}),
+		altsrc.NewIntFlag(&cli.IntFlag{Name: fTotalQuota, EnvVars: envName(fTotalQuota), Value: server.DefaultTotalQuota, Usage: "allocations in total (486 beyond; -1 unlimited)"}),
+		altsrc.NewStringFlag(&cli.StringFlag{Name: fSoftware, EnvVars: envName(fSoftware), Usage: "SOFTWARE attribute `TEXT` (default: none, it only helps attackers)"}),
+		altsrc.NewStringFlag(&cli.StringFlag{Name: fLogLevel, EnvVars: envName(fLogLevel), Value: "info", Usage: "`LEVEL`: debug, info, warn or error"}),
+		altsrc.NewStringFlag(&cli.StringFlag{Name: fLogFormat, EnvVars: envName(fLogFormat), Value: "text", Usage: "log `FORMAT`: text or json"}),
+	}
+}
+
+func newApp(stdout, stderr io.Writer) *cli.App {
+	fl := flags()
+	app := &cli.App{
+		Name:                 "stund",
+		Usage:                "STUN (RFC 8489, RFC 5780) and TURN (RFC 8656) server",
+		UsageText:            "stund [flags]    (no flags: 127.0.0.1 + 127.0.0.2, ports 3478/3479, a demo user)",
+		Version:              version,
+		Flags:                fl,
+		Writer:               stdout,
+		ErrWriter:            stderr,
+		EnableBashCompletion: true,
+		HideHelpCommand:      true,
+		Before: func(c *cli.Context) error {
+			if c.NArg() > 0 {
+				return usageError{fmt.Errorf("unexpected argument %q (stund takes only flags)", c.Args().First())}
+			}
+			path := c.String(fConfig)
+			if path == "" {
+				return nil
+			}
+			keys, err := checkYAMLKeys(path, fl)
+			if err != nil {
+				return configError{err}
+			}
+			src, err := altsrc.NewYamlSourceFromFile(path)
+			if err != nil {
+				return configError{fmt.Errorf("%s: %w", path, err)}
+			}
+			if err := altsrc.ApplyInputSourceValues(c, src, fl); err != nil {
+				return configError{keys.explain(err)}
+			}
+			c.App.Metadata = map[string]any{"yaml": keys}
+			return nil
+		},
+		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
+			return usageError{err}
+		},
+		Action: func(c *cli.Context) error {
+			var keys *yamlKeys
+			if k, ok := c.App.Metadata["yaml"].(*yamlKeys); ok {
+				keys = k
+			}
+			cfg, demoPass, err := buildConfig(c, keys)
+			if err != nil {
+				return configError{err}
+			}
+			logger := cfg.Logger
+			srv, err := server.New(cfg)
+			if err != nil {
+				return err
+			}
+			if demoPass != "" {
+				fmt.Fprintf(stdout, "stund: demo TURN user %q password %q realm %q\n", demoUser, demoPass, cfg.Realm)
+			}
+			g := srv.Grid()
+			fmt.Fprintf(stdout, "stund: listening on %s %s %s %s\n", g[0][0], g[0][1], g[1][0], g[1][1])
+			<-c.Context.Done()
+			logger.Info("shutting down", "allocations", srv.AllocationCount())
+			return srv.Close()
+		},
+	}
+	return app
+}
+
+// randomPassword makes the demo user's password: 12 random bytes, enough
+// that nobody guesses it during a demo.
+func randomPassword() string {
+	b := make([]byte, 12)
+	_, _ = rand.Read(b)
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+// newLogger builds stund's slog logger from --log-level and --log-format.
+func newLogger(w io.Writer, level, format string) (*slog.Logger, slog.Level, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, 0, fmt.Errorf("%s: %q is not one of debug, info, warn, error", fLogLevel, level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), lv, nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), lv, nil
+	}
+	return nil, 0, fmt.Errorf("%s: %q is not text or json", fLogFormat, format)
+}

@@ -1,0 +1,256 @@
+package main
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/pion/logging"
+	"github.com/urfave/cli/v2"
+	"gopkg.in/yaml.v3"
+
+	"github.com/stund/stund/server"
+)
+
+// yamlKeys remembers where each key of the configuration file stands, so
+// an error about a value can point at its line.
+type yamlKeys struct {
+	path  string
+	lines map[string]int
+}
+
+// where returns " (FILE line N)" when the YAML file sets flag, else "".
+func (k *yamlKeys) where(flag string) string {
+	if k == nil {
+		return ""
+	}
+	if l, ok := k.lines[flag]; ok {
+		return fmt.Sprintf(" (%s line %d)", k.path, l)
+	}
+	return ""
+}
+
+// explain adds the file and line to an error from altsrc, which names the
+// flag but not where its value stands.
+func (k *yamlKeys) explain(err error) error {
+	for name := range k.lines {
+		if strings.Contains(err.Error(), "'"+name+"'") || strings.Contains(err.Error(), " "+name+" ") {
+			return fmt.Errorf("%s line %d: key %q: %w", k.path, k.lines[name], name, err)
+		}
+	}
+	return fmt.Errorf("%s: %w", k.path, err)
+}
+
+// checkYAMLKeys parses the file and refuses keys that are not flags: a
+// misspelt key would otherwise be ignored and the default used silently.
+func checkYAMLKeys(path string, fl []cli.Flag) (*yamlKeys, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	var doc yaml.Node
+	if err := yaml.Unmarshal(b, &doc); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err) // yaml.v3 says "yaml: line N: …"
+	}
+	keys := &yamlKeys{path: path, lines: map[string]int{}}
+	if len(doc.Content) == 0 {
+		return keys, nil // an empty file configures nothing
+	}
+	root := doc.Content[0]
+	if root.Kind != yaml.MappingNode {
+		return nil, fmt.Errorf("%s line %d: the file must be a mapping of flag names to values", path, root.Line)
+	}
+	known := map[string]bool{}
+	for _, f := range fl {
+		for _, n := range f.Names() {
+			known[n] = true
+		}
+	}
+	var names []string
+	for n := range known {
+		if n != fConfig {
+			names = append(names, n)
+		}
+	}
+	sort.Strings(names)
+	for i := 0; i+1 < len(root.Content); i += 2 {
+		k := root.Content[i]
+		if !known[k.Value] || k.Value == fConfig {
+			return nil, fmt.Errorf("%s line %d: unknown key %q (known keys: %s)", path, k.Line, k.Value, strings.Join(names, ", "))
+		}
+		if _, dup := keys.lines[k.Value]; dup {
+			return nil, fmt.Errorf("%s line %d: key %q given twice", path, k.Line, k.Value)
+		}
+		keys.lines[k.Value] = k.Line
+	}
+	return keys, nil
+}
+
+// buildConfig turns flags (already merged with the environment and the
+// YAML file) into a server.Config. Every error names the flag (which is
+// also the YAML key and, upper-cased, the environment variable).
+func buildConfig(c *cli.Context, keys *yamlKeys) (cfg server.Config, demoPass string, err error) {
+	bad := func(flag, format string, a ...any) error {
+		return fmt.Errorf("%s: %s%s", flag, fmt.Sprintf(format, a...), keys.where(flag))
+	}
+
+	if cfg.PrimaryIP, err = parseIP(c.String(fPrimaryIP)); err != nil {
+		return cfg, "", bad(fPrimaryIP, "%v", err)
+	}
+	if alt := c.String(fAlternateIP); alt != "" && !c.Bool(fSingleIP) {
+		if cfg.AlternateIP, err = parseIP(alt); err != nil {
+			return cfg, "", bad(fAlternateIP, "%v", err)
+		}
+	}
+	cfg.Port, cfg.AltPort, cfg.TLSPort = c.Int(fPort), c.Int(fAltPort), c.Int(fTLSPort)
+	for _, p := range []struct {
+		flag string
+		v    int
+	}{{fPort, cfg.Port}, {fAltPort, cfg.AltPort}, {fTLSPort, cfg.TLSPort}} {
+		if p.v < 1 || p.v > 65535 {
+			return cfg, "", bad(p.flag, "%d is not a port (1-65535)", p.v)
+		}
+	}
+	cfg.DisableTCP = c.Bool(fNoTCP)
+
+	cert, key := c.String(fCert), c.String(fKey)
+	switch {
+	case cert != "" && key != "":
+		pair, err := tls.LoadX509KeyPair(cert, key)
+		if err != nil {
+			return cfg, "", bad(fCert, "%v", err)
+		}
+		cfg.TLSConfig = &tls.Config{
+			Certificates: []tls.Certificate{pair},
+			// TLS 1.2 is the floor RFC 8489 §6.2.3 and RFC 9325 set.
+			MinVersion: tls.VersionTLS12,
+		}
+	case cert != "" || key != "":
+		return cfg, "", bad(fCert, "--cert and --key go together")
+	}
+
+	for _, a := range c.StringSlice(fAdvertise) {
+		priv, pub, ok := strings.Cut(a, "=")
+		if !ok {
+			return cfg, "", bad(fAdvertise, "%q is not PRIVATE=PUBLIC", a)
+		}
+		pa, err1 := parseIP(priv)
+		pb, err2 := parseIP(pub)
+		if err := errors.Join(err1, err2); err != nil {
+			return cfg, "", bad(fAdvertise, "%q: %v", a, err)
+		}
+		if cfg.Advertise == nil {
+			cfg.Advertise = map[netip.Addr]netip.Addr{}
+		}
+		cfg.Advertise[pa] = pb
+	}
+
+	cfg.Realm = c.String(fRealm)
+	if cfg.Realm == "" {
+		return cfg, "", bad(fRealm, "must not be empty")
+	}
+	users := map[string]string{}
+	if f := c.String(fUsersFile); f != "" {
+		if users, err = server.LoadUsersFile(f); err != nil {
+			return cfg, "", bad(fUsersFile, "%v", err)
+		}
+	}
+	for _, u := range c.StringSlice(fUser) {
+		name, pass, ok := strings.Cut(u, ":")
+		if !ok || name == "" || pass == "" {
+			return cfg, "", bad(fUser, "%q is not NAME:PASSWORD", u)
+		}
+		users[name] = pass
+	}
+	cfg.AuthSecrets = c.StringSlice(fAuthSecret)
+	if len(users) == 0 && len(cfg.AuthSecrets) == 0 {
+		demoPass = randomPassword()
+		users[demoUser] = demoPass
+	}
+	cfg.Users = users
+
+	lo, hi, ok := strings.Cut(c.String(fRelayPorts), "-")
+	min, err1 := strconv.ParseUint(strings.TrimSpace(lo), 10, 16)
+	max, err2 := strconv.ParseUint(strings.TrimSpace(hi), 10, 16)
+	if !ok || err1 != nil || err2 != nil || min == 0 || min > max {
+		return cfg, "", bad(fRelayPorts, "%q is not a range MIN-MAX of ports", c.String(fRelayPorts))
+	}
+	cfg.RelayPortMin, cfg.RelayPortMax = uint16(min), uint16(max)
+
+	if cfg.AllowPeers, err = parsePrefixes(c.StringSlice(fAllowPeer)); err != nil {
+		return cfg, "", bad(fAllowPeer, "%v", err)
+	}
+	if cfg.DenyPeers, err = parsePrefixes(c.StringSlice(fDenyPeer)); err != nil {
+		return cfg, "", bad(fDenyPeer, "%v", err)
+	}
+	cfg.UserQuota, cfg.TotalQuota = c.Int(fUserQuota), c.Int(fTotalQuota)
+	if cfg.UserQuota == 0 || cfg.UserQuota < -1 {
+		return cfg, "", bad(fUserQuota, "%d: give a positive number, or -1 for unlimited", cfg.UserQuota)
+	}
+	if cfg.TotalQuota == 0 || cfg.TotalQuota < -1 {
+		return cfg, "", bad(fTotalQuota, "%d: give a positive number, or -1 for unlimited", cfg.TotalQuota)
+	}
+	cfg.Software = c.String(fSoftware)
+
+	logger, lv, err := newLogger(c.App.ErrWriter, c.String(fLogLevel), c.String(fLogFormat))
+	if err != nil {
+		return cfg, "", fmt.Errorf("%v%s", err, keys.where(strings.SplitN(err.Error(), ":", 2)[0]))
+	}
+	cfg.Logger = logger
+	pf := logging.NewDefaultLoggerFactory()
+	pf.Writer = c.App.ErrWriter
+	pf.DefaultLogLevel = pionLevel(lv)
+	cfg.LoggerFactory = pf
+
+	if err := cfg.Validate(); err != nil {
+		name := strings.SplitN(err.Error(), ":", 2)[0]
+		return cfg, "", fmt.Errorf("%v%s", err, keys.where(name))
+	}
+	return cfg, demoPass, nil
+}
+
+func parseIP(s string) (netip.Addr, error) {
+	a, err := netip.ParseAddr(strings.TrimSpace(s))
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("%q is not an IP address", s)
+	}
+	return a.Unmap(), nil
+}
+
+// parsePrefixes accepts CIDRs and bare addresses (a single host).
+func parsePrefixes(in []string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, s := range in {
+		s = strings.TrimSpace(s)
+		if p, err := netip.ParsePrefix(s); err == nil {
+			out = append(out, p.Masked())
+			continue
+		}
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return nil, fmt.Errorf("%q is not a CIDR or an address", s)
+		}
+		out = append(out, netip.PrefixFrom(a, a.BitLen()))
+	}
+	return out, nil
+}
+
+// pionLevel maps slog's level onto pion's; pion's debug is per packet, so
+// it is only on at our debug level.
+func pionLevel(l slog.Level) logging.LogLevel {
+	switch {
+	case l <= slog.LevelDebug:
+		return logging.LogLevelDebug
+	case l <= slog.LevelWarn:
+		// pion's info level narrates every allocation step; ours
+		// already logs the lifecycle once, so pion speaks from warn.
+		return logging.LogLevelWarn
+	}
+	return logging.LogLevelError
+}

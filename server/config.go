@@ -1,0 +1,196 @@
+package server
+
+import (
+	"crypto/tls"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"time"
+
+	"github.com/pion/logging"
+	"github.com/pion/transport/v5"
+)
+
+// Defaults. Each is what an operator of a public STUN/TURN service expects
+// when the setting is left out.
+const (
+	// DefaultPort is the IANA "stun"/"turn" port (RFC 8489 §9, RFC 8656 §4).
+	DefaultPort = 3478
+	// DefaultAltPort is the conventional RFC 5780 alternate port (what
+	// coturn and the classic stun servers use: primary + 1).
+	DefaultAltPort = 3479
+	// DefaultTLSPort is the IANA "stuns"/"turns" port (RFC 8489 §9).
+	DefaultTLSPort = 5349
+	// DefaultRelayPortMin and DefaultRelayPortMax are the IANA dynamic port
+	// range (RFC 6335 §6), which RFC 8656 §6.2 suggests for relayed
+	// transport addresses.
+	DefaultRelayPortMin = 49152
+	DefaultRelayPortMax = 65535
+	// DefaultUserQuota bounds allocations per user: a WebRTC client needs
+	// one or two per call, so ten leaves room for several tabs while
+	// stopping a leaked credential from exhausting the relay ports.
+	DefaultUserQuota = 10
+	// DefaultTotalQuota bounds all allocations; each holds a socket and a
+	// few KiB, and the relay range holds 16384 ports.
+	DefaultTotalQuota = 10000
+	// MaxAllocationLifetime is the RFC 8656 §7.2 recommended upper bound
+	// (3600 s) that the server imposes on a requested LIFETIME.
+	MaxAllocationLifetime = time.Hour
+	// DefaultRealm is the realm of the embedded default configuration.
+	DefaultRealm = "stund.local"
+)
+
+// Config is everything stund needs to run. cmd/stund fills it from flags,
+// environment and YAML; tests fill it directly. The zero value of each
+// optional field means the documented default.
+type Config struct {
+	// PrimaryIP and AlternateIP are bound explicitly (never the wildcard)
+	// so every reply leaves from the address it claims (RFC 5780 §3).
+	// AlternateIP invalid means single-IP mode: no OTHER-ADDRESS, and
+	// CHANGE-REQUEST asking to change the IP gets 420 (RFC 5780 §6).
+	PrimaryIP   netip.Addr
+	AlternateIP netip.Addr
+
+	// Port and AltPort are the two UDP ports of the RFC 5780 grid; TCP
+	// listens on Port. 0 means "pick free ports" (tests).
+	Port    int
+	AltPort int
+
+	// TLSPort is where TURN/STUN over TLS listens when TLSConfig is set.
+	// 0 with TLSConfig set means "pick a free port" (tests).
+	TLSPort   int
+	TLSConfig *tls.Config
+
+	// DisableTCP turns off the TCP listeners (UDP-only deployments).
+	DisableTCP bool
+
+	// Advertise maps a private address of this host to the public address
+	// a cloud 1:1 NAT gives it. OTHER-ADDRESS, RESPONSE-ORIGIN and relayed
+	// addresses carry the public forms.
+	Advertise map[netip.Addr]netip.Addr
+
+	// Realm and credentials for TURN long-term authentication
+	// (RFC 8489 §9.2). Users maps name to password; AuthSecrets are TURN
+	// REST API shared secrets (the first signs nothing, all verify).
+	Realm       string
+	Users       map[string]string
+	AuthSecrets []string
+
+	// RelayPortMin..RelayPortMax (inclusive) is where relayed transport
+	// addresses are allocated (RFC 8656 §6.2).
+	RelayPortMin, RelayPortMax uint16
+
+	// AllowPeers opens peer ranges the default policy refuses (test rigs,
+	// private deployments); DenyPeers refuses more.
+	AllowPeers, DenyPeers []netip.Prefix
+
+	// UserQuota and TotalQuota bound allocations (486 when reached,
+	// RFC 8656 §7.2). Negative means unlimited.
+	UserQuota, TotalQuota int
+
+	// Software, when set, is sent in the SOFTWARE attribute. Empty by
+	// default: it tells an attacker the version for free.
+	Software string
+
+	// Net is the network stack: nil means the host's; tests pass a pion
+	// vnet to run the real server inside an emulated network.
+	Net transport.Net
+
+	// Logger receives stund's own structured logs; nil discards them.
+	Logger *slog.Logger
+	// LoggerFactory receives pion/turn's logs; nil discards them.
+	LoggerFactory logging.LoggerFactory
+}
+
+// withDefaults returns a copy of c with every unset optional field set to
+// its documented default.
+func (c Config) withDefaults() Config {
+	if c.Realm == "" {
+		c.Realm = DefaultRealm
+	}
+	if c.RelayPortMin == 0 && c.RelayPortMax == 0 {
+		c.RelayPortMin, c.RelayPortMax = DefaultRelayPortMin, DefaultRelayPortMax
+	}
+	if c.UserQuota == 0 {
+		c.UserQuota = DefaultUserQuota
+	}
+	if c.TotalQuota == 0 {
+		c.TotalQuota = DefaultTotalQuota
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return c
+}
+
+// Validate reports the first setting that cannot work, naming it the way
+// the command line and the YAML file do.
+func (c Config) Validate() error {
+	if !c.PrimaryIP.IsValid() {
+		return fmt.Errorf("primary-ip: an address is required")
+	}
+	if c.PrimaryIP.IsUnspecified() {
+		return fmt.Errorf("primary-ip: %s is the wildcard; bind an explicit address so replies leave from it (RFC 5780 §3)", c.PrimaryIP)
+	}
+	if c.AlternateIP.IsValid() {
+		if c.AlternateIP.IsUnspecified() {
+			return fmt.Errorf("alternate-ip: %s is the wildcard; bind an explicit address", c.AlternateIP)
+		}
+		if c.AlternateIP == c.PrimaryIP {
+			return fmt.Errorf("alternate-ip: must differ from primary-ip (%s)", c.PrimaryIP)
+		}
+		if c.AlternateIP.Unmap().Is4() != c.PrimaryIP.Unmap().Is4() {
+			return fmt.Errorf("alternate-ip: %s and primary-ip %s must be of one address family (OTHER-ADDRESS names the other)", c.AlternateIP, c.PrimaryIP)
+		}
+	}
+	for _, p := range []struct {
+		name string
+		v    int
+	}{{"port", c.Port}, {"alt-port", c.AltPort}, {"tls-port", c.TLSPort}} {
+		if p.v < 0 || p.v > 65535 {
+			return fmt.Errorf("%s: %d is not a port (0-65535)", p.name, p.v)
+		}
+	}
+	if c.Port != 0 && c.Port == c.AltPort {
+		return fmt.Errorf("alt-port: must differ from port (%d)", c.Port)
+	}
+	if c.TLSConfig != nil && c.TLSPort != 0 && (c.TLSPort == c.Port && !c.DisableTCP) {
+		return fmt.Errorf("tls-port: %d is already the TCP port", c.TLSPort)
+	}
+	if c.RelayPortMin > c.RelayPortMax {
+		return fmt.Errorf("relay-ports: %d-%d is empty", c.RelayPortMin, c.RelayPortMax)
+	}
+	if (c.RelayPortMin == 0) != (c.RelayPortMax == 0) {
+		return fmt.Errorf("relay-ports: give both ends of the range")
+	}
+	for priv, pub := range c.Advertise {
+		if !priv.IsValid() || !pub.IsValid() {
+			return fmt.Errorf("advertise: %s=%s is not an address pair", priv, pub)
+		}
+		if priv != c.PrimaryIP && priv != c.AlternateIP {
+			return fmt.Errorf("advertise: %s is neither primary-ip nor alternate-ip", priv)
+		}
+		if priv.Unmap().Is4() != pub.Unmap().Is4() {
+			return fmt.Errorf("advertise: %s=%s mixes address families", priv, pub)
+		}
+	}
+	for name, pw := range c.Users {
+		if name == "" || pw == "" {
+			return fmt.Errorf("user: %q needs a name and a password", name+":"+pw)
+		}
+	}
+	for _, s := range c.AuthSecrets {
+		if s == "" {
+			return fmt.Errorf("auth-secret: empty secret")
+		}
+	}
+	return nil
+}
+
+// public returns the advertised form of a local address.
+func (c Config) public(a netip.Addr) netip.Addr {
+	if p, ok := c.Advertise[a]; ok {
+		return p
+	}
+	return a
+}

@@ -1,0 +1,249 @@
+package server
+
+import (
+	"encoding/binary"
+	"errors"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// demuxStats counts what the demultiplexer dropped before pion saw it.
+type demuxStats struct {
+	junk       atomic.Uint64 // datagrams that are neither STUN nor ChannelData
+	streamJunk atomic.Uint64 // TCP/TLS connections closed on an unframeable byte stream
+	sendErrors atomic.Uint64 // Binding replies the kernel refused to send
+}
+
+// DemuxStats is a snapshot of demuxStats.
+type DemuxStats struct {
+	Junk, StreamJunk, SendErrors uint64
+}
+
+// Demux returns the demultiplexer's counters.
+func (s *Server) Demux() DemuxStats {
+	return DemuxStats{Junk: s.demux.junk.Load(), StreamJunk: s.demux.streamJunk.Load(), SendErrors: s.demux.sendErrors.Load()}
+}
+
+// looksTURN reports whether a datagram may be for pion/turn: a STUN
+// message with the magic cookie (RFC 8489 §5: top two bits zero, length a
+// multiple of 4, cookie 0x2112A442) or ChannelData (RFC 8656 §12.4:
+// channel numbers 0x4000-0x4FFF). Everything else is dropped and counted.
+func looksTURN(b []byte) bool {
+	if len(b) >= 20 && b[0]&0xC0 == 0 &&
+		binary.BigEndian.Uint32(b[4:8]) == 0x2112A442 &&
+		int(binary.BigEndian.Uint16(b[2:4]))+20 == len(b) {
+		return true
+	}
+	return len(b) >= 4 && b[0] >= 0x40 && b[0] <= 0x4F
+}
+
+// stunPacketConn wraps one UDP socket of the grid. Its ReadFrom, called
+// only by pion's read loop for that socket, answers Binding itself and
+// returns the rest to pion.
+type stunPacketConn struct {
+	net.PacketConn
+	s     *Server
+	at    endpoint
+	local netip.AddrPort
+	out   []byte // reply buffer; only the read loop goroutine uses it
+}
+
+func (c *stunPacketConn) ReadFrom(p []byte) (int, net.Addr, error) {
+	for {
+		n, addr, err := c.PacketConn.ReadFrom(p)
+		if err != nil {
+			return n, addr, err
+		}
+		pkt := p[:n]
+		if isBinding(pkt) {
+			c.answer(pkt, addr)
+			continue
+		}
+		if !looksTURN(pkt) {
+			c.s.demux.junk.Add(1)
+			continue
+		}
+		return n, addr, nil
+	}
+}
+
+func (c *stunPacketConn) answer(pkt []byte, from net.Addr) {
+	if c.out == nil {
+		c.out = make([]byte, 0, 1500)
+	}
+	reply, ok := c.s.binder.handle(c.out[:0], bindingRequest{
+		Raw:   pkt,
+		Src:   addrPortOf(from),
+		Local: c.local,
+		At:    c.at,
+	})
+	if !ok {
+		return
+	}
+	conn := c.s.grid[reply.From.ip][reply.From.port]
+	if conn == nil {
+		return // the binder never names an absent cell; stay safe if it did
+	}
+	if _, err := conn.WriteTo(reply.Msg, net.UDPAddrFromAddrPort(reply.To)); err != nil {
+		c.s.demux.sendErrors.Add(1)
+	}
+	if cap(reply.Msg) > cap(c.out) {
+		c.out = reply.Msg[:0]
+	}
+}
+
+// stunListener wraps a TCP or TLS listener so that each connection is
+// demultiplexed like the UDP sockets.
+type stunListener struct {
+	net.Listener
+	s  *Server
+	ip int
+}
+
+func (l *stunListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return &stunStreamConn{
+		Conn:   c,
+		s:      l.s,
+		at:     endpoint{ip: l.ip},
+		local:  addrPortOf(c.LocalAddr()),
+		remote: addrPortOf(c.RemoteAddr()),
+	}, nil
+}
+
+// Stream framing limits.
+const (
+	// streamBufInit is the first read buffer of a connection: one
+	// typical STUN/ChannelData frame plus slack.
+	streamBufInit = 2048
+	// maxStreamFrame is the largest frame a 16-bit length allows:
+	// STUN header 20 + 65535 (RFC 8489 §5).
+	maxStreamFrame = 20 + 65535
+)
+
+var errUnframeable = errors.New("stream is neither STUN nor ChannelData")
+
+// streamFrameLen returns the length of the frame at the start of b, or
+// ok=false when more bytes are needed. STUN frames are 20 + length
+// (RFC 8489 §5, RFC 3489 §11.1); ChannelData over TCP is padded to a
+// multiple of 4 (RFC 8656 §12.5).
+func streamFrameLen(b []byte) (n int, ok bool, err error) {
+	if len(b) < 4 {
+		return 0, false, nil
+	}
+	l := int(binary.BigEndian.Uint16(b[2:4]))
+	switch {
+	case b[0]&0xC0 == 0:
+		if l%4 != 0 {
+			return 0, false, errUnframeable
+		}
+		n = 20 + l
+	case b[0] >= 0x40 && b[0] <= 0x4F:
+		n = 4 + (l+3)&^3
+	default:
+		return 0, false, errUnframeable
+	}
+	return n, len(b) >= n, nil
+}
+
+// stunStreamConn frames a TCP/TLS byte stream, answers Binding frames
+// itself and passes every other frame's bytes through to pion (which
+// frames them again).
+type stunStreamConn struct {
+	net.Conn
+	s             *Server
+	at            endpoint
+	local, remote netip.AddrPort
+
+	buf  []byte // buf[r:w] is read but not yet consumed
+	r, w int
+	pass []byte // the rest of a frame being handed to pion
+	out  []byte
+
+	wmu sync.Mutex // pion's writes and our Binding replies share the stream
+}
+
+func (c *stunStreamConn) Read(p []byte) (int, error) {
+	if c.buf == nil {
+		c.buf = make([]byte, streamBufInit)
+	}
+	for {
+		if len(c.pass) > 0 {
+			n := copy(p, c.pass)
+			c.pass = c.pass[n:]
+			return n, nil
+		}
+		n, ok, err := streamFrameLen(c.buf[c.r:c.w])
+		if err != nil {
+			c.s.demux.streamJunk.Add(1)
+			return 0, err
+		}
+		if ok {
+			frame := c.buf[c.r : c.r+n]
+			c.r += n
+			if isBinding(frame) {
+				c.answer(frame)
+			} else {
+				c.pass = frame
+			}
+			continue
+		}
+		// Need more bytes: make room, then read.
+		if c.r > 0 {
+			c.w = copy(c.buf, c.buf[c.r:c.w])
+			c.r = 0
+		}
+		if need := n; need > len(c.buf) {
+			if need > maxStreamFrame {
+				need = maxStreamFrame
+			}
+			nb := make([]byte, need)
+			copy(nb, c.buf[:c.w])
+			c.buf = nb
+		}
+		m, err := c.Conn.Read(c.buf[c.w:])
+		c.w += m
+		if err != nil && m == 0 {
+			return 0, err
+		}
+	}
+}
+
+func (c *stunStreamConn) answer(frame []byte) {
+	if c.out == nil {
+		c.out = make([]byte, 0, 1500)
+	}
+	reply, ok := c.s.binder.handle(c.out[:0], bindingRequest{
+		Raw:    frame,
+		Src:    c.remote,
+		Local:  c.local,
+		At:     c.at,
+		Stream: true,
+	})
+	if !ok {
+		return
+	}
+	if _, err := c.Write(reply.Msg); err != nil {
+		c.s.demux.sendErrors.Add(1)
+	}
+	if cap(reply.Msg) > cap(c.out) {
+		c.out = reply.Msg[:0]
+	}
+}
+
+// streamWriteTimeout bounds a write to a client that stopped reading, so
+// a stuck peer cannot hold the connection's writers forever.
+const streamWriteTimeout = 10 * time.Second
+
+func (c *stunStreamConn) Write(b []byte) (int, error) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	_ = c.Conn.SetWriteDeadline(time.Now().Add(streamWriteTimeout))
+	return c.Conn.Write(b)
+}

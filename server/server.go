@@ -1,0 +1,348 @@
+// Package server is the stund service: it binds the RFC 5780 socket grid,
+// answers Binding requests itself and hands TURN to pion/turn behind our
+// authentication, peer policy and quotas.
+package server
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+
+	"github.com/pion/logging"
+	"github.com/pion/transport/v5"
+	"github.com/pion/transport/v5/stdnet"
+	"github.com/pion/turn/v5"
+)
+
+// portPickTries bounds the search for a free port pair when Port or AltPort
+// is 0: each try binds up to eight sockets, and a loaded test machine may
+// lose a race or two, never twenty.
+const portPickTries = 20
+
+// Server is a running stund instance.
+type Server struct {
+	cfg Config
+	log *slog.Logger
+	net transport.Net
+
+	grid      [2][2]net.PacketConn   // raw UDP sockets, nil where absent
+	gridAddr  [2][2]netip.AddrPort   // their bound addresses
+	tcp       []net.Listener         // raw TCP listeners (primary port, each IP)
+	tls       []net.Listener         // TLS listeners (TLS port, each IP)
+	streamAt  map[net.Listener]int   // listener -> ip index
+	binder    *binder
+	turn      *turn.Server
+	policy    *PeerPolicy
+	auth      *Authenticator
+	quotas    *Quotas
+	demux     demuxStats
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// New validates cfg, binds every socket (or none: on any error all that
+// was bound is closed again) and starts serving.
+func New(cfg Config) (*Server, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	cfg = cfg.withDefaults()
+	s := &Server{cfg: cfg, log: cfg.Logger, net: cfg.Net, streamAt: map[net.Listener]int{}}
+	if s.net == nil {
+		n, err := stdnet.NewNet()
+		if err != nil {
+			return nil, fmt.Errorf("network: %w", err)
+		}
+		s.net = n
+	}
+
+	var err error
+	for try := 0; try < portPickTries; try++ {
+		err = s.bind()
+		if err == nil {
+			break
+		}
+		s.closeSockets()
+		if cfg.Port != 0 && cfg.AltPort != 0 && (cfg.TLSConfig == nil || cfg.TLSPort != 0) {
+			break // fixed ports: retrying cannot help
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+
+	if err := s.startTURN(); err != nil {
+		s.closeSockets()
+		return nil, err
+	}
+	s.log.Info("stund listening",
+		"primary", s.gridAddr[0][0], "alternate", s.gridAddr[1][1],
+		"single_ip", !cfg.AlternateIP.IsValid(), "tcp", len(s.tcp), "tls", len(s.tls))
+	return s, nil
+}
+
+// ips returns the configured IPs, primary first.
+func (s *Server) ips() []netip.Addr {
+	if s.cfg.AlternateIP.IsValid() {
+		return []netip.Addr{s.cfg.PrimaryIP, s.cfg.AlternateIP}
+	}
+	return []netip.Addr{s.cfg.PrimaryIP}
+}
+
+func udpNetwork(a netip.Addr) string {
+	if a.Unmap().Is4() {
+		return "udp4"
+	}
+	return "udp6"
+}
+
+func tcpNetwork(a netip.Addr) string {
+	if a.Unmap().Is4() {
+		return "tcp4"
+	}
+	return "tcp6"
+}
+
+// bind opens the grid, the TCP and the TLS listeners. With port 0 the
+// primary IP picks the port and every other socket must get the same one,
+// which is what RFC 5780 clients expect (OTHER-ADDRESS names one port).
+func (s *Server) bind() error {
+	ports := [2]int{s.cfg.Port, s.cfg.AltPort}
+	for i, ip := range s.ips() {
+		for p := 0; p < 2; p++ {
+			conn, err := s.net.ListenUDP(udpNetwork(ip), net.UDPAddrFromAddrPort(netip.AddrPortFrom(ip, uint16(ports[p]))))
+			if err != nil {
+				return fmt.Errorf("bind udp %s: %w", netip.AddrPortFrom(ip, uint16(ports[p])), err)
+			}
+			s.grid[i][p] = conn
+			s.gridAddr[i][p] = addrPortOf(conn.LocalAddr())
+			ports[p] = int(s.gridAddr[i][p].Port())
+		}
+	}
+	if !s.cfg.DisableTCP {
+		for i, ip := range s.ips() {
+			l, err := s.net.ListenTCP(tcpNetwork(ip), net.TCPAddrFromAddrPort(netip.AddrPortFrom(ip, uint16(ports[0]))))
+			if err != nil {
+				return fmt.Errorf("bind tcp %s: %w", netip.AddrPortFrom(ip, uint16(ports[0])), err)
+			}
+			s.tcp = append(s.tcp, l)
+			s.streamAt[l] = i
+		}
+	}
+	if s.cfg.TLSConfig != nil {
+		port := s.cfg.TLSPort
+		for i, ip := range s.ips() {
+			l, err := s.net.ListenTCP(tcpNetwork(ip), net.TCPAddrFromAddrPort(netip.AddrPortFrom(ip, uint16(port))))
+			if err != nil {
+				return fmt.Errorf("bind tls %s: %w", netip.AddrPortFrom(ip, uint16(port)), err)
+			}
+			port = int(addrPortOf(l.Addr()).Port())
+			tl := tls.NewListener(l, s.cfg.TLSConfig)
+			s.tls = append(s.tls, tl)
+			s.streamAt[tl] = i
+		}
+	}
+	return nil
+}
+
+func (s *Server) closeSockets() {
+	for i := range s.grid {
+		for p := range s.grid[i] {
+			if s.grid[i][p] != nil {
+				_ = s.grid[i][p].Close()
+				s.grid[i][p] = nil
+			}
+		}
+	}
+	for _, l := range append(s.tcp, s.tls...) {
+		_ = l.Close()
+	}
+	s.tcp, s.tls = nil, nil
+	s.streamAt = map[net.Listener]int{}
+}
+
+// startTURN builds the binder and pion's TURN server on top of the
+// wrapped sockets.
+func (s *Server) startTURN() error {
+	cfg := s.cfg
+	s.binder = newBinder(binderConfig{
+		Grid:          s.gridAddr,
+		Advertise:     cfg.Advertise,
+		Software:      cfg.Software,
+		RFC5780Always: true,
+	})
+
+	var own []netip.Addr
+	for _, ip := range s.ips() {
+		own = append(own, ip, cfg.public(ip))
+	}
+	var listeners []netip.AddrPort
+	for i := range s.gridAddr {
+		for p := range s.gridAddr[i] {
+			if a := s.gridAddr[i][p]; a.IsValid() {
+				listeners = append(listeners, a, netip.AddrPortFrom(cfg.public(a.Addr()), a.Port()))
+			}
+		}
+	}
+	for _, l := range append(append([]net.Listener{}, s.tcp...), s.tls...) {
+		a := addrPortOf(l.Addr())
+		listeners = append(listeners, a, netip.AddrPortFrom(cfg.public(a.Addr()), a.Port()))
+	}
+	s.policy = NewPeerPolicy(cfg.AllowPeers, cfg.DenyPeers, own).
+		WithListeners(listeners).
+		WithRelayPorts(cfg.RelayPortMin, cfg.RelayPortMax)
+
+	s.auth = NewAuthenticator(Credentials{Realm: cfg.Realm, Users: cfg.Users, Secrets: cfg.AuthSecrets})
+	s.quotas = NewQuotas(cfg.UserQuota, cfg.TotalQuota)
+
+	lf := cfg.LoggerFactory
+	if lf == nil {
+		f := logging.NewDefaultLoggerFactory()
+		f.DefaultLogLevel = logging.LogLevelDisabled
+		lf = f
+	}
+
+	tc := turn.ServerConfig{
+		Realm:         cfg.Realm,
+		AuthHandler:   s.auth.AuthHandler(),
+		QuotaHandler:  s.quotas.QuotaHandler(),
+		EventHandler:  s.eventHandler(),
+		LoggerFactory: lf,
+		// RFC 8656 §7.2: the server caps a requested LIFETIME; pion
+		// caps at one hour itself, and this is its default lifetime.
+		AllocationLifetime: 0,
+	}
+	for i := range s.grid {
+		for p := range s.grid[i] {
+			if s.grid[i][p] == nil {
+				continue
+			}
+			tc.PacketConnConfigs = append(tc.PacketConnConfigs, turn.PacketConnConfig{
+				PacketConn:            &stunPacketConn{PacketConn: s.grid[i][p], s: s, at: endpoint{ip: i, port: p}, local: s.gridAddr[i][p]},
+				RelayAddressGenerator: s.relayGen(i),
+				PermissionHandler:     s.policy.PermissionHandler(),
+			})
+		}
+	}
+	for _, l := range append(append([]net.Listener{}, s.tcp...), s.tls...) {
+		i := s.streamAt[l]
+		tc.ListenerConfigs = append(tc.ListenerConfigs, turn.ListenerConfig{
+			Listener:              &stunListener{Listener: l, s: s, ip: i},
+			RelayAddressGenerator: s.relayGen(i),
+			PermissionHandler:     s.policy.PermissionHandler(),
+		})
+	}
+	ts, err := turn.NewServer(tc)
+	if err != nil {
+		return fmt.Errorf("turn: %w", err)
+	}
+	s.turn = ts
+	return nil
+}
+
+// relayGen returns the relay address generator for allocations made
+// through IP index i: relays are bound on that IP and announced with its
+// public (advertised) form, inside the configured port range.
+func (s *Server) relayGen(i int) turn.RelayAddressGenerator {
+	ip := s.ips()[i]
+	return &relayGenerator{
+		inner: &turn.RelayAddressGeneratorPortRange{
+			RelayAddress: net.IP(s.cfg.public(ip).AsSlice()),
+			Address:      ip.String(),
+			MinPort:      s.cfg.RelayPortMin,
+			MaxPort:      s.cfg.RelayPortMax,
+			// Random ports in the range: a full range has 16k
+			// ports, so 32 tries find a free one unless the range
+			// is nearly exhausted, where failing fast is right.
+			MaxRetries: 32,
+			Net:        s.net,
+		},
+		min:    s.cfg.RelayPortMin,
+		max:    s.cfg.RelayPortMax,
+		policy: s.policy,
+	}
+}
+
+// eventHandler logs one line per allocation lifecycle event and keeps the
+// quota counts.
+func (s *Server) eventHandler() turn.EventHandler {
+	return turn.EventHandler{
+		OnAllocationCreated: func(src, dst net.Addr, proto, user, realm string, relay net.Addr, reqPort int) {
+			s.quotas.OnCreated(user)
+			s.log.Info("allocation created", "client", src.String(), "server", dst.String(), "proto", proto, "user", user, "relay", relay.String())
+		},
+		OnAllocationDeleted: func(src, dst net.Addr, proto, user, realm string) {
+			s.quotas.OnDeleted(user)
+			s.log.Info("allocation deleted", "client", src.String(), "server", dst.String(), "proto", proto, "user", user)
+		},
+		OnAllocationError: func(src, dst net.Addr, proto, msg string) {
+			s.log.Debug("turn request failed", "client", src.String(), "server", dst.String(), "proto", proto, "error", msg)
+		},
+		OnAuth: func(src, dst net.Addr, proto, user, realm, method string, ok bool) {
+			if !ok {
+				s.log.Info("authentication failed", "client", src.String(), "user", user, "method", method)
+			}
+		},
+	}
+}
+
+// Grid returns the bound addresses of the RFC 5780 grid,
+// Grid()[ip][port] with 0 = primary, 1 = alternate; absent cells are zero.
+func (s *Server) Grid() [2][2]netip.AddrPort { return s.gridAddr }
+
+// TCPAddrs returns the bound TCP listener addresses, primary IP first.
+func (s *Server) TCPAddrs() []netip.AddrPort { return listenerAddrs(s.tcp) }
+
+// TLSAddrs returns the bound TLS listener addresses, primary IP first.
+func (s *Server) TLSAddrs() []netip.AddrPort { return listenerAddrs(s.tls) }
+
+// AllocationCount is the number of live TURN allocations.
+func (s *Server) AllocationCount() int { return s.turn.AllocationCount() }
+
+func listenerAddrs(ls []net.Listener) []netip.AddrPort {
+	out := make([]netip.AddrPort, 0, len(ls))
+	for _, l := range ls {
+		out = append(out, addrPortOf(l.Addr()))
+	}
+	return out
+}
+
+// Close stops every listener and releases every allocation. It is safe to
+// call more than once.
+func (s *Server) Close() error {
+	s.closeOnce.Do(func() {
+		if s.turn != nil {
+			s.closeErr = s.turn.Close() // closes the wrapped grid and listeners, and the allocations
+		}
+		s.closeSockets()
+		s.log.Info("stund stopped")
+	})
+	if errors.Is(s.closeErr, net.ErrClosed) {
+		return nil
+	}
+	return s.closeErr
+}
+
+// addrPortOf converts the address types the std and vnet stacks hand out.
+func addrPortOf(a net.Addr) netip.AddrPort {
+	switch v := a.(type) {
+	case *net.UDPAddr:
+		ap := v.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	case *net.TCPAddr:
+		ap := v.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	if a == nil {
+		return netip.AddrPort{}
+	}
+	ap, err := netip.ParseAddrPort(a.String())
+	if err != nil {
+		return netip.AddrPort{}
+	}
+	return ap
+}
