@@ -59,5 +59,3 @@ func (g *relayGenerator) AllocateConn(c turn.AllocateConnConfig) (net.Conn, erro
 	}
 	return g.inner.AllocateConn(c)
 }
-
-

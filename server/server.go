@@ -29,11 +29,11 @@ type Server struct {
 	log *slog.Logger
 	net transport.Net
 
-	grid      [2][2]net.PacketConn   // raw UDP sockets, nil where absent
-	gridAddr  [2][2]netip.AddrPort   // their bound addresses
-	tcp       []net.Listener         // raw TCP listeners (primary port, each IP)
-	tls       []net.Listener         // TLS listeners (TLS port, each IP)
-	streamAt  map[net.Listener]int   // listener -> ip index
+	grid      [2][2]net.PacketConn // raw UDP sockets, nil where absent
+	gridAddr  [2][2]netip.AddrPort // their bound addresses
+	tcp       []net.Listener       // raw TCP listeners (primary port, each IP)
+	tls       []net.Listener       // TLS listeners (TLS port, each IP)
+	streamAt  map[net.Listener]int // listener -> ip index
 	binder    *binder
 	turn      *turn.Server
 	policy    *PeerPolicy
