@@ -1,0 +1,458 @@
+package server
+
+// binding.go answers STUN Binding itself (RFC 8489 §7, RFC 5780 §6, RFC 3489
+// §8/§11) on the fast path, without heap allocation per packet; everything
+// else on the sockets goes to pion/turn.
+//
+// # What goes in a reply, and the amplification budget (issue 6)
+//
+// Every unauthenticated reply is held to a byte budget of 2× the request's
+// STUN message size. Attributes are added in this order, and only while the
+// reply stays within the budget:
+//
+//  1. the core, always sent even if it exceeds the budget:
+//     XOR-MAPPED-ADDRESS (cookie requests, RFC 8489 §14.2) or MAPPED-ADDRESS
+//     (RFC 3489 requests, §11.2.1); for an RFC 5780 reply (see below) also
+//     OTHER-ADDRESS (cookie) or CHANGED-ADDRESS (RFC 3489), because a
+//     discovery client cannot go on without it; FINGERPRINT iff the request
+//     carried one (the request paid the same 8 bytes).
+//  2. RESPONSE-ORIGIN (cookie) or SOURCE-ADDRESS (RFC 3489), RFC 5780 replies
+//     only.
+//  3. MAPPED-ADDRESS in cookie-form RFC 5780 replies (RFC 5780 §6.1 asks for
+//     both, so that a client can detect an ALG rewriting addresses; clients
+//     using the cookie all read XOR-MAPPED-ADDRESS, so it is the first thing
+//     dropped: +12 bytes, +0.6× on a 20-byte request).
+//  4. SOFTWARE, only when configured (issue 6: none by default).
+//  5. PADDING (RFC 5780 §7.6), up to the request's own PADDING length, the
+//     request's size, and what is left of the budget.
+//
+// An "RFC 5780 reply" is one to a request that carried CHANGE-REQUEST,
+// RESPONSE-PORT or PADDING, or any request when RFC5780Always is set, and
+// only when the server has an alternate IP (RFC 5780 §6: no OTHER-ADDRESS
+// otherwise).
+//
+// What the two interop clients send first (captured on the wire, and read in
+// coturn's src/apps/natdiscovery/natdiscovery.c):
+//
+//   - turnutils_natdiscovery: a bare 20-byte cookie Binding request, no
+//     attributes at all. It only runs its mapping and filtering tests if
+//     that reply carries OTHER-ADDRESS (and XOR-MAPPED-ADDRESS); it never
+//     retries. The smallest such reply is 20+12+12 = 44 bytes over IPv4:
+//     2.2× the request. No stateless server can answer it within 2×, so
+//     natdiscovery works only when the operator sets RFC5780Always, and the
+//     cost of that is stated: 44/20 = 2.2× (IPv4) and 68/20 = 3.4× (IPv6)
+//     for bare requests; RESPONSE-ORIGIN and MAPPED-ADDRESS are then left
+//     out of bare replies (budget). Its follow-ups (CHANGE-REQUEST, 28
+//     bytes) get XOR-MAPPED + OTHER + RESPONSE-ORIGIN = 56 bytes = 2×.
+//   - stun (stun-client 0.97): RFC 3489 form, 28 bytes, always with a
+//     CHANGE-REQUEST (value 0 on its first test), so its requests use an
+//     RFC 5780 feature and get MAPPED + CHANGED + SOURCE-ADDRESS = 56 bytes
+//     = 2× exactly, without RFC5780Always.
+//
+// So the default of binderConfig (RFC5780Always false) keeps every reply
+// within 2× except the unavoidable core of an IPv6 bare request (44/20 =
+// 2.2×); with RFC5780Always the only overshoot is the 24-48 bytes of
+// OTHER-ADDRESS on bare requests. Error replies follow the same budget: the
+// reason phrase is dropped when it does not fit.
+//
+// # Streams (TCP/TLS)
+//
+// A reply over a stream goes back on the same connection (RFC 8489 §6.2.2),
+// so it can neither come from another address nor go to another port:
+// CHANGE-REQUEST with a flag set and RESPONSE-PORT are answered with 420
+// listing the attribute (as RFC 5780 §6 does for a server that cannot honour
+// CHANGE-REQUEST). OTHER-ADDRESS over a stream names the same listener port
+// on the alternate IP (TCP and TLS listen on both IPs), RESPONSE-ORIGIN the
+// listener itself.
+
+import (
+	"encoding/binary"
+	"net/netip"
+	"sync/atomic"
+
+	"github.com/stund/stund/internal/stunwire"
+)
+
+const (
+	// amplificationFactor caps an unauthenticated reply at this multiple of
+	// the request's size (issue 6; coturn 4.6.1 measured 3.3-4.6×).
+	amplificationFactor = 2
+	// maxUnknown bounds the UNKNOWN-ATTRIBUTES list we echo; a request with
+	// more unknown comprehension-required attributes still gets 420 with the
+	// first ones (RFC 8489 §14.9 does not require the full list), and a fixed
+	// array keeps the handler allocation-free.
+	maxUnknown = 16
+	// changeIPFlag and changePortFlag are the A and B bits of CHANGE-REQUEST
+	// (RFC 5780 §7.2).
+	changeIPFlag   = 0x4
+	changePortFlag = 0x2
+)
+
+// Reason phrases (RFC 8489 §14.8): kept short because they count against the
+// amplification budget and are dropped when they do not fit.
+const (
+	reasonBadRequest  = "Bad Request"
+	reasonUnknownAttr = "Unknown Attribute"
+)
+
+// endpoint indexes the RFC 5780 socket grid: ip 0 = primary, 1 = alternate;
+// port 0 = primary, 1 = alternate.
+type endpoint struct{ ip, port int }
+
+type binderConfig struct {
+	Grid          [2][2]netip.AddrPort      // bound UDP sockets, Grid[ip][port]; Grid[1][*] is invalid (zero) in single-IP mode
+	Advertise     map[netip.Addr]netip.Addr // private -> public (cloud 1:1 NAT); nil = none
+	Software      string                    // "" = no SOFTWARE attribute (issue 6)
+	RFC5780Always bool                      // RFC 5780 attributes in replies to bare requests too (see file comment)
+}
+
+type bindingRequest struct {
+	Raw    []byte         // one whole STUN message
+	Src    netip.AddrPort // the client as seen by us
+	Local  netip.AddrPort // the local address it arrived on (grid socket, or TCP/TLS listener address for streams)
+	At     endpoint       // grid cell it arrived on (for streams: ip index of the listener, port 0)
+	Stream bool           // TCP/TLS: reply goes back on the same connection
+}
+
+type bindingReply struct {
+	Msg  []byte         // encoded reply, appended to buf
+	From endpoint       // grid socket to send from (ignored for Stream)
+	To   netip.AddrPort // destination
+}
+
+// bindingStats counts every outcome of handle; metrics read snapshot().
+type bindingStats struct {
+	requests     atomic.Uint64 // Binding requests that parsed
+	indications  atomic.Uint64 // Binding indications (keepalives), never answered
+	malformed    atomic.Uint64 // dropped: bad framing, overrun, bad FINGERPRINT, bad attribute value
+	notBinding   atomic.Uint64 // handed a STUN message that is not a Binding request/indication
+	rfc3489      atomic.Uint64 // requests without the magic cookie
+	changeIP     atomic.Uint64 // successful replies honouring change-IP
+	changePort   atomic.Uint64 // successful replies honouring change-port
+	responsePort atomic.Uint64 // successful replies sent to RESPONSE-PORT
+	padding      atomic.Uint64 // successful replies carrying PADDING
+	overBudget   atomic.Uint64 // replies whose core alone exceeded 2× the request
+	success      atomic.Uint64 // success responses built
+	err400       atomic.Uint64 // 400 Bad Request replies
+	err420       atomic.Uint64 // 420 Unknown Attribute replies
+}
+
+// bindingStatsSnapshot is a point-in-time copy of bindingStats.
+type bindingStatsSnapshot struct {
+	Requests, Indications, Malformed, NotBinding, RFC3489 uint64
+	ChangeIP, ChangePort, ResponsePort, Padding           uint64
+	OverBudget, Success, Err400, Err420                   uint64
+}
+
+func (s *bindingStats) snapshot() bindingStatsSnapshot {
+	return bindingStatsSnapshot{
+		Requests: s.requests.Load(), Indications: s.indications.Load(),
+		Malformed: s.malformed.Load(), NotBinding: s.notBinding.Load(),
+		RFC3489: s.rfc3489.Load(), ChangeIP: s.changeIP.Load(),
+		ChangePort: s.changePort.Load(), ResponsePort: s.responsePort.Load(),
+		Padding: s.padding.Load(), OverBudget: s.overBudget.Load(),
+		Success: s.success.Load(), Err400: s.err400.Load(), Err420: s.err420.Load(),
+	}
+}
+
+type binder struct {
+	cfg   binderConfig
+	dual  bool // an alternate IP exists: RFC 5780 CHANGE-REQUEST and OTHER-ADDRESS are possible
+	stats bindingStats
+}
+
+func newBinder(cfg binderConfig) *binder {
+	return &binder{cfg: cfg, dual: cfg.Grid[1][0].IsValid() && cfg.Grid[1][1].IsValid()}
+}
+
+// isBinding reports whether a datagram is a Binding request or indication
+// (cookie or RFC 3489 form, framed exactly) that handle() should take;
+// everything else goes to pion/turn.
+func isBinding(pkt []byte) bool {
+	switch stunwire.Classify(pkt) {
+	case stunwire.KindSTUN, stunwire.KindSTUNClassic:
+		t := binary.BigEndian.Uint16(pkt[0:2])
+		return t == stunwire.TypeBindingRequest || t == stunwire.TypeBindingIndication
+	}
+	return false
+}
+
+// public maps a local address to the address clients should use (--advertise).
+func (b *binder) public(ap netip.AddrPort) netip.AddrPort {
+	if pub, ok := b.cfg.Advertise[ap.Addr().Unmap()]; ok {
+		return netip.AddrPortFrom(pub, ap.Port())
+	}
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+// parsed is what handle learns from a request's attributes.
+type parsed struct {
+	hasChange, hasRespPort, hasPadding, hasFingerprint bool
+	change                                             uint32
+	respPort                                           uint16
+	padLen                                             int
+	unknown                                            [maxUnknown]uint16
+	nUnknown                                           int
+}
+
+// knownAttr reports whether a comprehension-required attribute is one we
+// understand in a Binding request (RFC 8489 §7.3.1): the RFC 8489 set (auth
+// attributes are ignored, Binding here is unauthenticated), the RFC 5780
+// ones we implement, and ICE's PRIORITY/USE-CANDIDATE (RFC 8445 §16.1) so that
+// connectivity checks are not refused. RESPONSE-ADDRESS (RFC 3489) is
+// deliberately unknown: honouring it would make us a reflector.
+func knownAttr(t uint16) bool {
+	switch t {
+	case stunwire.AttrMappedAddress, stunwire.AttrChangeRequest, stunwire.AttrUsername,
+		stunwire.AttrMessageIntegrity, stunwire.AttrErrorCode, stunwire.AttrUnknownAttributes,
+		stunwire.AttrRealm, stunwire.AttrNonce, stunwire.AttrMessageIntegritySHA256,
+		stunwire.AttrPasswordAlgorithm, stunwire.AttrUserhash, stunwire.AttrXORMappedAddress,
+		stunwire.AttrPriority, stunwire.AttrUseCandidate, stunwire.AttrPadding, stunwire.AttrResponsePort:
+		return true
+	}
+	return false
+}
+
+// handle returns ok=false when nothing is to be sent (indication = keepalive,
+// malformed, not Binding); every outcome is counted.
+func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok bool) {
+	h, err := stunwire.ParseHeader(req.Raw)
+	if err != nil {
+		b.stats.malformed.Add(1)
+		return reply, false
+	}
+	switch h.Type {
+	case stunwire.TypeBindingRequest:
+	case stunwire.TypeBindingIndication:
+		// RFC 8489 §6.3.2: indications get no response; Binding
+		// indications are keepalives (RFC 8489 §3).
+		b.stats.indications.Add(1)
+		return reply, false
+	default:
+		b.stats.notBinding.Add(1)
+		return reply, false
+	}
+
+	var p parsed
+	it := stunwire.NewAttrs(req.Raw)
+	for {
+		typ, val, off, more := it.Next()
+		if !more {
+			break
+		}
+		switch typ {
+		case stunwire.AttrChangeRequest: // RFC 5780 §7.2
+			if len(val) != 4 {
+				b.stats.malformed.Add(1)
+				return reply, false
+			}
+			p.hasChange, p.change = true, binary.BigEndian.Uint32(val)
+		case stunwire.AttrResponsePort: // RFC 5780 §7.5: port, then 2 bytes RFFU
+			if len(val) != 4 || binary.BigEndian.Uint16(val) == 0 {
+				b.stats.malformed.Add(1)
+				return reply, false
+			}
+			p.hasRespPort, p.respPort = true, binary.BigEndian.Uint16(val)
+		case stunwire.AttrPadding: // RFC 5780 §7.6
+			p.hasPadding, p.padLen = true, len(val)
+		case stunwire.AttrMappedAddress, stunwire.AttrXORMappedAddress, stunwire.AttrResponseOrigin,
+			stunwire.AttrOtherAddress, stunwire.AttrAlternateServer:
+			// Meaningless in a request, but a malformed one (zero length,
+			// wrong family; cf. GHSA-34rh-wp3j-6cxc) marks a broken or
+			// hostile sender: drop it (RFC 8489 §14.1 layout).
+			if _, err := stunwire.ParseAddress(val); err != nil {
+				b.stats.malformed.Add(1)
+				return reply, false
+			}
+		case stunwire.AttrFingerprint: // RFC 8489 §14.7, §7.3: mismatch = discard
+			if stunwire.CheckFingerprint(req.Raw, off, val) != nil {
+				b.stats.malformed.Add(1)
+				return reply, false
+			}
+			p.hasFingerprint = true
+		default:
+			// RFC 8489 §7.3.1: comprehension-required = 0x0000-0x7FFF.
+			if typ < 0x8000 && !knownAttr(typ) && p.nUnknown < maxUnknown {
+				p.unknown[p.nUnknown] = typ
+				p.nUnknown++
+			}
+		}
+	}
+	if it.Err() != nil {
+		b.stats.malformed.Add(1)
+		return reply, false
+	}
+	b.stats.requests.Add(1)
+	if !h.Cookie {
+		b.stats.rfc3489.Add(1)
+	}
+
+	src := netip.AddrPortFrom(req.Src.Addr().Unmap(), req.Src.Port())
+	budget := amplificationFactor * len(req.Raw)
+	errReply := func(code int, reason string, unknown []uint16) (bindingReply, bool) {
+		return b.errorReply(buf, &h, req, src, &p, budget, code, reason, unknown)
+	}
+
+	// RFC 8489 §7.3.1: unknown comprehension-required attributes → 420.
+	if p.nUnknown > 0 {
+		return errReply(420, reasonUnknownAttr, p.unknown[:p.nUnknown])
+	}
+	// RFC 5780 §6.1: PADDING together with RESPONSE-PORT → 400.
+	if p.hasPadding && p.hasRespPort {
+		return errReply(400, reasonBadRequest, nil)
+	}
+	// RFC 5780 §6: a server without an alternate address and port "MUST
+	// respond with a 420 (Unknown Attribute) to any Request with a
+	// CHANGE-REQUEST attribute" - change-port alone included: the alternate
+	// is an address *and* port, and OTHER-ADDRESS could not name it.
+	if p.hasChange && !b.dual {
+		return errReply(420, reasonUnknownAttr, []uint16{stunwire.AttrChangeRequest})
+	}
+	if req.Stream {
+		// The reply must go back on the connection (RFC 8489 §6.2.2).
+		if p.hasChange && p.change&(changeIPFlag|changePortFlag) != 0 {
+			return errReply(420, reasonUnknownAttr, []uint16{stunwire.AttrChangeRequest})
+		}
+		if p.hasRespPort {
+			return errReply(420, reasonUnknownAttr, []uint16{stunwire.AttrResponsePort})
+		}
+	}
+
+	// RFC 5780 §6.1 Table 1: the reply leaves from {ip ^ A, port ^ B}.
+	from := req.At
+	if p.change&changeIPFlag != 0 {
+		from.ip ^= 1
+	}
+	if p.change&changePortFlag != 0 {
+		from.port ^= 1
+	}
+	to := src
+	if p.hasRespPort {
+		to = netip.AddrPortFrom(src.Addr(), p.respPort) // RFC 5780 §7.5
+	}
+
+	var origin, other netip.AddrPort
+	if req.Stream {
+		origin = b.public(req.Local)
+		if b.dual {
+			other = b.public(netip.AddrPortFrom(b.cfg.Grid[1-req.At.ip][0].Addr(), req.Local.Port()))
+		}
+	} else {
+		if !b.cfg.Grid[from.ip][from.port].IsValid() || !b.cfg.Grid[req.At.ip][req.At.port].IsValid() {
+			// The cell the request names does not exist (wiring error):
+			// say so rather than answer from a socket we do not have.
+			return errReply(420, reasonUnknownAttr, []uint16{stunwire.AttrChangeRequest})
+		}
+		origin = b.public(b.cfg.Grid[from.ip][from.port])
+		if b.dual {
+			// RFC 5780 §7.4 / §6.1 Table 1: OTHER-ADDRESS is Ca:Cp, the
+			// diagonal of the cell the request arrived on.
+			other = b.public(b.cfg.Grid[1-req.At.ip][1-req.At.port])
+		}
+	}
+	rfc5780 := b.dual && (p.hasChange || p.hasRespPort || p.hasPadding || b.cfg.RFC5780Always)
+
+	start := len(buf)
+	m := stunwire.AppendHeader(buf, stunwire.TypeBindingSuccess, &h.ID)
+	fp := 0
+	if p.hasFingerprint {
+		fp = stunwire.FingerprintSize
+	}
+	// 1. core.
+	if h.Cookie {
+		m = stunwire.AppendXORAddress(m, stunwire.AttrXORMappedAddress, src, &h.ID) // RFC 8489 §14.2
+	} else {
+		m = stunwire.AppendAddress(m, stunwire.AttrMappedAddress, src) // RFC 3489 §11.2.1
+	}
+	if rfc5780 {
+		if h.Cookie {
+			m = stunwire.AppendAddress(m, stunwire.AttrOtherAddress, other) // RFC 5780 §7.4
+		} else {
+			m = stunwire.AppendAddress(m, stunwire.AttrChangedAddress, other) // RFC 3489 §11.2.3
+		}
+	}
+	if len(m)-start+fp > budget {
+		b.stats.overBudget.Add(1)
+	}
+	fits := func(n int) bool { return len(m)-start+n+fp <= budget }
+	if rfc5780 {
+		// 2. RESPONSE-ORIGIN (RFC 5780 §7.3) / SOURCE-ADDRESS (RFC 3489 §11.2.2).
+		if n := stunwire.AddressAttrSize(origin); fits(n) {
+			if h.Cookie {
+				m = stunwire.AppendAddress(m, stunwire.AttrResponseOrigin, origin)
+			} else {
+				m = stunwire.AppendAddress(m, stunwire.AttrSourceAddress, origin)
+			}
+		}
+		// 3. MAPPED-ADDRESS beside XOR-MAPPED-ADDRESS (RFC 5780 §6.1).
+		if n := stunwire.AddressAttrSize(src); h.Cookie && fits(n) {
+			m = stunwire.AppendAddress(m, stunwire.AttrMappedAddress, src)
+		}
+	}
+	// 4. SOFTWARE only when configured (issue 6).
+	if s := b.cfg.Software; s != "" && fits(4+(len(s)+3)&^3) {
+		m = stunwire.AppendSoftware(m, s)
+	}
+	// 5. PADDING (RFC 5780 §6.1, §7.6): the RFC asks for the MTU; we give at
+	// most what the request itself carried, so padding never amplifies.
+	if p.hasPadding {
+		n := min(p.padLen, len(req.Raw), budget-(len(m)-start)-fp-4) &^ 3
+		if n >= 0 {
+			m = stunwire.AppendPadding(m, n)
+			b.stats.padding.Add(1)
+		}
+	}
+	if p.hasFingerprint {
+		m = stunwire.AppendFingerprint(m, start) // RFC 8489 §7.3: FINGERPRINT iff the request had one
+	} else {
+		m = stunwire.Finish(m, start)
+	}
+
+	b.stats.success.Add(1)
+	if from.ip != req.At.ip {
+		b.stats.changeIP.Add(1)
+	}
+	if from.port != req.At.port {
+		b.stats.changePort.Add(1)
+	}
+	if p.hasRespPort {
+		b.stats.responsePort.Add(1)
+	}
+	return bindingReply{Msg: m[start:], From: from, To: to}, true
+}
+
+// errorReply builds an error response (RFC 8489 §6.3.1.1) sent back to the
+// request's source from the socket it arrived on; the reason phrase is left
+// out when it would break the amplification budget.
+func (b *binder) errorReply(buf []byte, h *stunwire.Header, req bindingRequest, src netip.AddrPort,
+	p *parsed, budget, code int, reason string, unknown []uint16) (bindingReply, bool) {
+	fp := 0
+	if p.hasFingerprint {
+		fp = stunwire.FingerprintSize
+	}
+	size := stunwire.HeaderSize + stunwire.ErrorCodeAttrSize(reason) + fp
+	if len(unknown) > 0 {
+		size += stunwire.UnknownAttributesAttrSize(len(unknown))
+	}
+	if size > budget {
+		reason = ""
+	}
+	start := len(buf)
+	m := stunwire.AppendHeader(buf, stunwire.TypeBindingError, &h.ID)
+	m = stunwire.AppendErrorCode(m, code, reason)
+	if len(unknown) > 0 {
+		m = stunwire.AppendUnknownAttributes(m, unknown) // RFC 8489 §14.9
+	}
+	if p.hasFingerprint {
+		m = stunwire.AppendFingerprint(m, start)
+	} else {
+		m = stunwire.Finish(m, start)
+	}
+	switch code {
+	case 400:
+		b.stats.err400.Add(1)
+	case 420:
+		b.stats.err420.Add(1)
+	}
+	return bindingReply{Msg: m[start:], From: req.At, To: src}, true
+}

@@ -1,0 +1,500 @@
+package server
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/hex"
+	"net"
+	"net/netip"
+	"testing"
+
+	"github.com/pion/stun/v4"
+	"github.com/stund/stund/internal/stunwire"
+)
+
+// Unit tests of binder.handle. Requests are built and replies decoded with
+// pion/stun, an implementation independent of internal/stunwire.
+
+var (
+	gridV4 = [2][2]netip.AddrPort{
+		{netip.MustParseAddrPort("10.0.0.1:3478"), netip.MustParseAddrPort("10.0.0.1:3479")},
+		{netip.MustParseAddrPort("10.0.0.2:3478"), netip.MustParseAddrPort("10.0.0.2:3479")},
+	}
+	gridV6 = [2][2]netip.AddrPort{
+		{netip.MustParseAddrPort("[2001:db8::1]:3478"), netip.MustParseAddrPort("[2001:db8::1]:3479")},
+		{netip.MustParseAddrPort("[2001:db8::2]:3478"), netip.MustParseAddrPort("[2001:db8::2]:3479")},
+	}
+	clientV4 = netip.MustParseAddrPort("198.51.100.7:40000")
+	clientV6 = netip.MustParseAddrPort("[2001:db8:ffff::7]:40000")
+)
+
+// request builds a cookie-form Binding request with pion, adding raw
+// attributes in order; fingerprint appends FINGERPRINT.
+func request(t testing.TB, fingerprint bool, attrs ...rawAttr) []byte {
+	t.Helper()
+	m, err := stun.Build(stun.TransactionID, stun.BindingRequest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range attrs {
+		m.Add(a.typ, a.val)
+	}
+	if fingerprint {
+		if err := stun.Fingerprint.AddTo(m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return bytes.Clone(m.Raw)
+}
+
+type rawAttr struct {
+	typ stun.AttrType
+	val []byte
+}
+
+func changeReq(flags uint32) rawAttr {
+	return rawAttr{stun.AttrChangeRequest, binary.BigEndian.AppendUint32(nil, flags)}
+}
+func respPort(p uint16) rawAttr {
+	return rawAttr{stun.AttrResponsePort, []byte{byte(p >> 8), byte(p), 0, 0}}
+}
+func padding(n int) rawAttr { return rawAttr{stun.AttrPadding, make([]byte, n)} }
+
+// decoded is a reply as pion sees it.
+type decoded struct {
+	msg                          *stun.Message
+	xor, mapped, origin, other   netip.AddrPort
+	source, changed              netip.AddrPort // RFC 3489 attributes
+	hasXOR, hasMapped, hasOrigin bool
+	hasOther                     bool
+	code                         int
+	unknown                      []stun.AttrType
+	padLen                       int
+	fpOK                         bool
+}
+
+func toAP(ip net.IP, port int) netip.AddrPort {
+	a, _ := netip.AddrFromSlice(ip)
+	return netip.AddrPortFrom(a.Unmap(), uint16(port))
+}
+
+func decode(t *testing.T, raw []byte) decoded {
+	t.Helper()
+	raw = bytes.Clone(raw)
+	if binary.BigEndian.Uint32(raw[4:8]) != stunwire.MagicCookie {
+		// pion only decodes RFC 5389 framing; RFC 3489 replies carry no
+		// XOR attributes, so substituting the cookie changes nothing else.
+		binary.BigEndian.PutUint32(raw[4:8], stunwire.MagicCookie)
+	}
+	m := &stun.Message{Raw: raw}
+	if err := m.Decode(); err != nil {
+		t.Fatalf("pion cannot decode reply %x: %v", raw, err)
+	}
+	d := decoded{msg: m}
+	var xa stun.XORMappedAddress
+	if err := xa.GetFrom(m); err == nil {
+		d.xor, d.hasXOR = toAP(xa.IP, xa.Port), true
+	}
+	var ma stun.MappedAddress
+	if err := ma.GetFrom(m); err == nil {
+		d.mapped, d.hasMapped = toAP(ma.IP, ma.Port), true
+	}
+	var ro stun.ResponseOrigin
+	if err := ro.GetFrom(m); err == nil {
+		d.origin, d.hasOrigin = toAP(ro.IP, ro.Port), true
+	}
+	var oa stun.OtherAddress
+	if err := oa.GetFrom(m); err == nil {
+		d.other, d.hasOther = toAP(oa.IP, oa.Port), true
+	}
+	var sa stun.MappedAddress
+	if err := sa.GetFromAs(m, stun.AttrSourceAddress); err == nil {
+		d.source = toAP(sa.IP, sa.Port)
+	}
+	var ca stun.MappedAddress
+	if err := ca.GetFromAs(m, stun.AttrChangedAddress); err == nil {
+		d.changed = toAP(ca.IP, ca.Port)
+	}
+	var ec stun.ErrorCodeAttribute
+	if err := ec.GetFrom(m); err == nil {
+		d.code = int(ec.Code)
+	}
+	var ua stun.UnknownAttributes
+	if err := ua.GetFrom(m); err == nil {
+		d.unknown = ua
+	}
+	if p, err := m.Get(stun.AttrPadding); err == nil {
+		d.padLen = len(p)
+	}
+	d.fpOK = stun.Fingerprint.Check(m) == nil
+	return d
+}
+
+func mustHandle(t *testing.T, b *binder, req bindingRequest) (bindingReply, decoded) {
+	t.Helper()
+	reply, ok := b.handle(make([]byte, 0, 1500), req)
+	if !ok {
+		t.Fatalf("no reply to %x", req.Raw)
+	}
+	if !bytes.Equal(reply.Msg[8:20], req.Raw[8:20]) {
+		t.Fatalf("transaction ID not echoed")
+	}
+	return reply, decode(t, reply.Msg)
+}
+
+func TestRFC5780Table(t *testing.T) {
+	b := newBinder(binderConfig{Grid: gridV4})
+	flags := []struct {
+		name   string
+		value  uint32
+		dip    int
+		dport  int
+		absent bool
+	}{
+		{"none", 0, 0, 0, false},
+		{"port", changePortFlag, 0, 1, false},
+		{"ip", changeIPFlag, 1, 0, false},
+		{"both", changeIPFlag | changePortFlag, 1, 1, false},
+	}
+	for ip := range 2 {
+		for port := range 2 {
+			at := endpoint{ip, port}
+			for _, f := range flags {
+				for _, fp := range []bool{false, true} {
+					raw := request(t, fp, changeReq(f.value))
+					reply, d := mustHandle(t, b, bindingRequest{Raw: raw, Src: clientV4, Local: gridV4[ip][port], At: at})
+					wantFrom := endpoint{ip ^ f.dip, port ^ f.dport}
+					if reply.From != wantFrom || reply.To != clientV4 {
+						t.Errorf("at %v change %s: from %v to %v, want %v %v", at, f.name, reply.From, reply.To, wantFrom, clientV4)
+					}
+					if d.msg.Type != stun.BindingSuccess || d.xor != clientV4 {
+						t.Errorf("at %v change %s: type %v xor %v", at, f.name, d.msg.Type, d.xor)
+					}
+					if d.origin != gridV4[wantFrom.ip][wantFrom.port] {
+						t.Errorf("at %v change %s: RESPONSE-ORIGIN %v want %v", at, f.name, d.origin, gridV4[wantFrom.ip][wantFrom.port])
+					}
+					if d.other != gridV4[1-ip][1-port] {
+						t.Errorf("at %v change %s: OTHER-ADDRESS %v", at, f.name, d.other)
+					}
+					if d.fpOK != fp {
+						t.Errorf("at %v change %s: FINGERPRINT present/valid = %v, request had %v", at, f.name, d.fpOK, fp)
+					}
+					if len(reply.Msg) > 2*len(raw) {
+						t.Errorf("at %v change %s: reply %d bytes for a %d-byte request", at, f.name, len(reply.Msg), len(raw))
+					}
+				}
+			}
+		}
+	}
+	s := b.stats.snapshot()
+	// 4 cells × 2 fingerprint variants × (port, ip, both).
+	if s.ChangePort != 16 || s.ChangeIP != 16 || s.Success != 32 || s.Requests != 32 {
+		t.Errorf("stats %+v", s)
+	}
+}
+
+// TestBareRequest: issue 6's gate on RFC 5780 attributes and the 2× budget.
+func TestBareRequest(t *testing.T) {
+	raw := request(t, false)
+	strict := newBinder(binderConfig{Grid: gridV4})
+	_, d := mustHandle(t, strict, bindingRequest{Raw: raw, Src: clientV4, At: endpoint{}})
+	if d.hasOther || d.hasOrigin || d.hasMapped || d.xor != clientV4 {
+		t.Errorf("strict: %+v", d)
+	}
+	always := newBinder(binderConfig{Grid: gridV4, RFC5780Always: true})
+	reply, d := mustHandle(t, always, bindingRequest{Raw: raw, Src: clientV4, At: endpoint{}})
+	if !d.hasOther || d.other != gridV4[1][1] || d.xor != clientV4 {
+		t.Errorf("always: %+v", d)
+	}
+	// The documented overshoot: 44 bytes for 20, and nothing optional.
+	if len(reply.Msg) != 44 || d.hasOrigin || d.hasMapped {
+		t.Errorf("always: %d bytes, origin %v mapped %v", len(reply.Msg), d.hasOrigin, d.hasMapped)
+	}
+	if always.stats.snapshot().OverBudget != 1 || strict.stats.snapshot().OverBudget != 0 {
+		t.Errorf("overBudget counts %+v %+v", always.stats.snapshot(), strict.stats.snapshot())
+	}
+	// With room (a request padded by an unknown optional attribute), the
+	// cookie reply also carries RESPONSE-ORIGIN then MAPPED-ADDRESS.
+	big := request(t, false, rawAttr{0x8050, make([]byte, 24)})
+	_, d = mustHandle(t, always, bindingRequest{Raw: big, Src: clientV4, At: endpoint{}})
+	if !d.hasOrigin || !d.hasMapped || d.mapped != clientV4 || d.origin != gridV4[0][0] {
+		t.Errorf("roomy: %+v", d)
+	}
+	// SOFTWARE only when configured, and within budget.
+	sw := newBinder(binderConfig{Grid: gridV4, Software: "stund"})
+	_, d = mustHandle(t, sw, bindingRequest{Raw: big, Src: clientV4, At: endpoint{}})
+	var soft stun.Software
+	if err := soft.GetFrom(d.msg); err != nil || soft.String() != "stund" {
+		t.Errorf("SOFTWARE %q %v", soft, err)
+	}
+	_, d = mustHandle(t, strict, bindingRequest{Raw: big, Src: clientV4, At: endpoint{}})
+	if _, err := d.msg.Get(stun.AttrSoftware); err == nil {
+		t.Error("SOFTWARE sent though not configured")
+	}
+}
+
+func TestSingleIP(t *testing.T) {
+	grid := gridV4
+	grid[1] = [2]netip.AddrPort{}
+	b := newBinder(binderConfig{Grid: grid, RFC5780Always: true})
+	for _, f := range []uint32{0, changePortFlag, changeIPFlag, changeIPFlag | changePortFlag} {
+		raw := request(t, false, changeReq(f))
+		reply, d := mustHandle(t, b, bindingRequest{Raw: raw, Src: clientV4, At: endpoint{0, 1}})
+		if d.code != 420 || len(d.unknown) != 1 || d.unknown[0] != stun.AttrChangeRequest {
+			t.Errorf("flags %x: code %d unknown %v", f, d.code, d.unknown)
+		}
+		if reply.From != (endpoint{0, 1}) || reply.To != clientV4 || len(reply.Msg) > 2*len(raw) {
+			t.Errorf("flags %x: %v %v %d", f, reply.From, reply.To, len(reply.Msg))
+		}
+	}
+	_, d := mustHandle(t, b, bindingRequest{Raw: request(t, false), Src: clientV4, At: endpoint{0, 1}})
+	if d.code != 0 || d.hasOther || d.xor != clientV4 {
+		t.Errorf("plain request in single-IP mode: %+v", d)
+	}
+	if s := b.stats.snapshot(); s.Err420 != 4 {
+		t.Errorf("stats %+v", s)
+	}
+}
+
+func TestResponsePortAndPadding(t *testing.T) {
+	b := newBinder(binderConfig{Grid: gridV4})
+	raw := request(t, false, respPort(5555))
+	reply, d := mustHandle(t, b, bindingRequest{Raw: raw, Src: clientV4, At: endpoint{1, 0}})
+	if reply.To != netip.AddrPortFrom(clientV4.Addr(), 5555) || reply.From != (endpoint{1, 0}) || d.xor != clientV4 || !d.hasOther {
+		t.Errorf("RESPONSE-PORT: to %v from %v %+v", reply.To, reply.From, d)
+	}
+	// RESPONSE-PORT with change-IP: both apply.
+	reply, _ = mustHandle(t, b, bindingRequest{Raw: request(t, false, respPort(5555), changeReq(changeIPFlag)), Src: clientV4, At: endpoint{}})
+	if reply.To.Port() != 5555 || reply.From != (endpoint{1, 0}) {
+		t.Errorf("RESPONSE-PORT+CHANGE-REQUEST: %v %v", reply.To, reply.From)
+	}
+
+	// PADDING: honoured up to the request's PADDING length...
+	raw = request(t, false, padding(100))
+	reply, d = mustHandle(t, b, bindingRequest{Raw: raw, Src: clientV4, At: endpoint{}})
+	if d.padLen != 100 || len(reply.Msg) > 2*len(raw) {
+		t.Errorf("PADDING 100: got %d, reply %d for %d", d.padLen, len(reply.Msg), len(raw))
+	}
+	// ...and natdiscovery -P's 1500 bytes: never more than the request.
+	raw = request(t, true, padding(1500))
+	reply, d = mustHandle(t, b, bindingRequest{Raw: raw, Src: clientV4, At: endpoint{}})
+	if d.padLen == 0 || d.padLen > len(raw) || len(reply.Msg) > 2*len(raw) || !d.fpOK {
+		t.Errorf("PADDING 1500: got %d, reply %d for %d, fp %v", d.padLen, len(reply.Msg), len(raw), d.fpOK)
+	}
+	// A request whose PADDING is tiny relative to a huge reply budget
+	// still gets at most its own padding length.
+	raw = request(t, false, padding(4), rawAttr{0x8050, make([]byte, 400)})
+	_, d = mustHandle(t, b, bindingRequest{Raw: raw, Src: clientV4, At: endpoint{}})
+	if d.padLen != 4 {
+		t.Errorf("PADDING 4: got %d", d.padLen)
+	}
+
+	// PADDING + RESPONSE-PORT: 400, to the source, not to the port.
+	raw = request(t, false, padding(8), respPort(5555))
+	reply, d = mustHandle(t, b, bindingRequest{Raw: raw, Src: clientV4, At: endpoint{}})
+	if d.code != 400 || reply.To != clientV4 || d.msg.Type != stun.BindingError {
+		t.Errorf("PADDING+RESPONSE-PORT: code %d to %v type %v", d.code, reply.To, d.msg.Type)
+	}
+	s := b.stats.snapshot()
+	if s.ResponsePort != 2 || s.Padding != 3 || s.Err400 != 1 {
+		t.Errorf("stats %+v", s)
+	}
+}
+
+// TestRFC3489Request replays the exact bytes the stun-client package sends.
+func TestRFC3489Request(t *testing.T) {
+	b := newBinder(binderConfig{Grid: gridV4})
+	for _, tc := range []struct {
+		hex      string
+		wantFrom endpoint
+	}{
+		{"000100080124e61da6f7da30a68640492c59d51e0003000400000000", endpoint{0, 0}},
+		{"000100080226163f7bb2db63e7df17225b54ea0b0003000400000004", endpoint{1, 0}},
+		{"00010008033ef204096cf24ad1edb146c13196450003000400000002", endpoint{0, 1}},
+		{"00010008033ef204096cf24ad1edb146c13196450003000400000006", endpoint{1, 1}},
+	} {
+		raw, _ := hex.DecodeString(tc.hex)
+		if !isBinding(raw) {
+			t.Fatalf("isBinding(%s) = false", tc.hex)
+		}
+		reply, d := mustHandle(t, b, bindingRequest{Raw: raw, Src: clientV4, At: endpoint{}})
+		if !bytes.Equal(reply.Msg[4:20], raw[4:20]) {
+			t.Errorf("128-bit transaction ID not echoed")
+		}
+		if reply.From != tc.wantFrom || d.hasXOR || d.mapped != clientV4 ||
+			d.changed != gridV4[1][1] || d.source != gridV4[tc.wantFrom.ip][tc.wantFrom.port] || d.hasOther || d.hasOrigin {
+			t.Errorf("%s: from %v %+v", tc.hex, reply.From, d)
+		}
+		if len(reply.Msg) > 2*len(raw) {
+			t.Errorf("reply %d bytes for %d", len(reply.Msg), len(raw))
+		}
+	}
+	if s := b.stats.snapshot(); s.RFC3489 != 4 {
+		t.Errorf("stats %+v", s)
+	}
+}
+
+func TestAdvertise(t *testing.T) {
+	b := newBinder(binderConfig{Grid: gridV4, Advertise: map[netip.Addr]netip.Addr{
+		netip.MustParseAddr("10.0.0.1"): netip.MustParseAddr("203.0.113.1"),
+		netip.MustParseAddr("10.0.0.2"): netip.MustParseAddr("203.0.113.2"),
+	}})
+	_, d := mustHandle(t, b, bindingRequest{Raw: request(t, false, changeReq(changePortFlag)), Src: clientV4, At: endpoint{0, 0}})
+	if d.origin != netip.MustParseAddrPort("203.0.113.1:3479") || d.other != netip.MustParseAddrPort("203.0.113.2:3479") || d.xor != clientV4 {
+		t.Errorf("advertise: %+v", d)
+	}
+}
+
+func TestIPv6Grid(t *testing.T) {
+	b := newBinder(binderConfig{Grid: gridV6})
+	raw := request(t, true, changeReq(changeIPFlag), rawAttr{0x8050, make([]byte, 40)})
+	reply, d := mustHandle(t, b, bindingRequest{Raw: raw, Src: clientV6, At: endpoint{0, 1}})
+	if reply.From != (endpoint{1, 1}) || d.xor != clientV6 || d.origin != gridV6[1][1] || d.other != gridV6[1][0] || !d.fpOK {
+		t.Errorf("IPv6: from %v %+v", reply.From, d)
+	}
+	// A v4-mapped source (dual-stack socket) is reported as IPv4.
+	mapped := netip.AddrPortFrom(netip.AddrFrom16(clientV4.Addr().As16()), clientV4.Port())
+	_, d = mustHandle(t, newBinder(binderConfig{Grid: gridV4}), bindingRequest{Raw: request(t, false), Src: mapped})
+	if d.xor != clientV4 {
+		t.Errorf("v4-mapped source: %v", d.xor)
+	}
+}
+
+func TestUnknownAttributes(t *testing.T) {
+	b := newBinder(binderConfig{Grid: gridV4})
+	// RESPONSE-ADDRESS (RFC 3489) is refused, not honoured; 0x7fff unknown.
+	raw := request(t, true, rawAttr{0x0002, []byte{0, 1, 0, 9, 1, 2, 3, 4}}, rawAttr{0x7fff, nil}, changeReq(0))
+	reply, d := mustHandle(t, b, bindingRequest{Raw: raw, Src: clientV4, At: endpoint{}})
+	if d.code != 420 || len(d.unknown) != 2 || d.unknown[0] != 0x0002 || d.unknown[1] != 0x7fff || !d.fpOK || reply.To != clientV4 {
+		t.Errorf("420: %+v", d)
+	}
+	if len(reply.Msg) > 2*len(raw) {
+		t.Errorf("420 reply %d for %d", len(reply.Msg), len(raw))
+	}
+	// Smallest request with an unknown attribute: the reason phrase is
+	// dropped to stay within 2×.
+	raw = request(t, false, rawAttr{0x0007, nil})
+	reply, d = mustHandle(t, b, bindingRequest{Raw: raw, Src: clientV4})
+	if d.code != 420 || len(reply.Msg) > 2*len(raw) {
+		t.Errorf("small 420: code %d, %d bytes for %d", d.code, len(reply.Msg), len(raw))
+	}
+	// Comprehension-optional unknown (0x8050) and ICE's PRIORITY are fine.
+	_, d = mustHandle(t, b, bindingRequest{Raw: request(t, false, rawAttr{0x8050, []byte{1}}, rawAttr{stun.AttrPriority, []byte{0, 0, 0, 1}}), Src: clientV4})
+	if d.code != 0 || d.xor != clientV4 {
+		t.Errorf("optional unknown: %+v", d)
+	}
+}
+
+func TestStream(t *testing.T) {
+	b := newBinder(binderConfig{Grid: gridV4, RFC5780Always: true})
+	local := netip.MustParseAddrPort("10.0.0.2:5349") // TLS listener on the alternate IP
+	_, d := mustHandle(t, b, bindingRequest{Raw: request(t, false, changeReq(0)), Src: clientV4, Local: local, At: endpoint{1, 0}, Stream: true})
+	if d.origin != local || d.other != netip.MustParseAddrPort("10.0.0.1:5349") || d.xor != clientV4 {
+		t.Errorf("stream: %+v", d)
+	}
+	for _, a := range []rawAttr{changeReq(changeIPFlag), changeReq(changePortFlag), respPort(9)} {
+		_, d := mustHandle(t, b, bindingRequest{Raw: request(t, false, a), Src: clientV4, Local: local, At: endpoint{1, 0}, Stream: true})
+		if d.code != 420 || len(d.unknown) != 1 || d.unknown[0] != a.typ {
+			t.Errorf("stream %v: code %d unknown %v", a.typ, d.code, d.unknown)
+		}
+	}
+}
+
+func TestMalformedAndIndications(t *testing.T) {
+	b := newBinder(binderConfig{Grid: gridV4})
+	good := request(t, true, changeReq(0))
+	badFP := bytes.Clone(good)
+	badFP[len(badFP)-1] ^= 1
+	overrun := request(t, false, changeReq(0))
+	overrun[stunwire.HeaderSize+3] = 40 // CHANGE-REQUEST length runs past the end
+	cases := map[string][]byte{
+		"truncated":               good[:len(good)-4],
+		"short":                   good[:12],
+		"bad length":              append(bytes.Clone(good), 0, 0, 0, 0),
+		"attribute overrun":       overrun,
+		"bad fingerprint":         badFP,
+		"zero-length XOR-MAPPED":  request(t, false, rawAttr{stun.AttrXORMappedAddress, nil}),
+		"zero-length MAPPED":      request(t, false, rawAttr{stun.AttrMappedAddress, nil}),
+		"bad family OTHER":        request(t, false, rawAttr{stun.AttrOtherAddress, []byte{0, 9, 0, 1, 1, 2, 3, 4}}),
+		"zero-length CHANGE-REQ":  request(t, false, rawAttr{stun.AttrChangeRequest, nil}),
+		"zero-length RESP-PORT":   request(t, false, rawAttr{stun.AttrResponsePort, nil}),
+		"RESPONSE-PORT 0":         request(t, false, respPort(0)),
+		"fingerprint not last":    append(good[:len(good):len(good)], request(t, false, rawAttr{0x8050, []byte{1, 2, 3, 4}})[20:]...),
+		"empty":                   nil,
+		"garbage":                 []byte("GET / HTTP/1.1\r\n\r\n"),
+		"channeldata":             {0x40, 0x00, 0x00, 0x00},
+		"cookie, odd attr length": request(t, false, rawAttr{0x8050, []byte{1}})[:25],
+	}
+	// Fix up the length field of "fingerprint not last" so only the
+	// FINGERPRINT placement is wrong.
+	fnl := cases["fingerprint not last"]
+	binary.BigEndian.PutUint16(fnl[2:], uint16(len(fnl)-20))
+	for name, raw := range cases {
+		if _, ok := b.handle(nil, bindingRequest{Raw: raw, Src: clientV4}); ok {
+			t.Errorf("%s: answered", name)
+		}
+	}
+	if s := b.stats.snapshot(); s.Malformed != uint64(len(cases)) || s.Success != 0 {
+		t.Errorf("malformed %d of %d: %+v", s.Malformed, len(cases), s)
+	}
+	// Indication: silently accepted and counted.
+	ind, _ := stun.Build(stun.TransactionID, stun.NewType(stun.MethodBinding, stun.ClassIndication))
+	if !isBinding(ind.Raw) {
+		t.Error("isBinding(indication) = false")
+	}
+	if _, ok := b.handle(nil, bindingRequest{Raw: ind.Raw, Src: clientV4}); ok {
+		t.Error("indication answered")
+	}
+	// TURN Allocate is not ours.
+	alloc, _ := stun.Build(stun.TransactionID, stun.NewType(stun.MethodAllocate, stun.ClassRequest))
+	if isBinding(alloc.Raw) {
+		t.Error("isBinding(Allocate) = true")
+	}
+	if _, ok := b.handle(nil, bindingRequest{Raw: alloc.Raw, Src: clientV4}); ok {
+		t.Error("Allocate answered")
+	}
+	if s := b.stats.snapshot(); s.Indications != 1 || s.NotBinding != 1 {
+		t.Errorf("stats %+v", s)
+	}
+}
+
+func TestHandleZeroAlloc(t *testing.T) {
+	b := newBinder(binderConfig{Grid: gridV4, Software: "stund"})
+	raw := request(t, true, changeReq(changeIPFlag|changePortFlag), padding(64))
+	buf := make([]byte, 0, 1500)
+	n := testing.AllocsPerRun(100, func() {
+		if _, ok := b.handle(buf, bindingRequest{Raw: raw, Src: clientV4, At: endpoint{}}); !ok {
+			t.Fatal("no reply")
+		}
+	})
+	if n != 0 {
+		t.Errorf("handle allocates %.1f times per request", n)
+	}
+}
+
+// FuzzBindingHandle: no panic, and every reply parses, echoes the
+// transaction ID and stays within 2× the request or the documented core.
+func FuzzBindingHandle(f *testing.F) {
+	f.Add(request(f, true, changeReq(6)), true, false)
+	f.Add(request(f, false, padding(30), respPort(1)), false, false)
+	f.Add(request(f, false, rawAttr{0x0002, nil}), false, true)
+	raw, _ := hex.DecodeString("000100080124e61da6f7da30a68640492c59d51e0003000400000000")
+	f.Add(raw, true, false)
+	f.Fuzz(func(t *testing.T, raw []byte, always, stream bool) {
+		b := newBinder(binderConfig{Grid: gridV6, RFC5780Always: always})
+		reply, ok := b.handle(make([]byte, 0, 64), bindingRequest{Raw: raw, Src: clientV6, Local: gridV6[0][0], Stream: stream})
+		if !ok {
+			return
+		}
+		if _, err := stunwire.ParseHeader(reply.Msg); err != nil {
+			t.Fatalf("reply does not parse: %v", err)
+		}
+		if !bytes.Equal(reply.Msg[4:20], raw[4:20]) {
+			t.Fatal("ID not echoed")
+		}
+		// Core bound: header + two IPv6 addresses + FINGERPRINT.
+		if len(reply.Msg) > max(2*len(raw), 20+24+24+8) {
+			t.Fatalf("reply %d bytes for a %d-byte request", len(reply.Msg), len(raw))
+		}
+	})
+}
