@@ -1,13 +1,14 @@
 package server
 
 import (
-	"encoding/binary"
 	"errors"
 	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/stund/stund/internal/stunwire"
 )
 
 // demuxStats counts what the demultiplexer dropped before pion saw it.
@@ -25,19 +26,6 @@ type DemuxStats struct {
 // Demux returns the demultiplexer's counters.
 func (s *Server) Demux() DemuxStats {
 	return DemuxStats{Junk: s.demux.junk.Load(), StreamJunk: s.demux.streamJunk.Load(), SendErrors: s.demux.sendErrors.Load()}
-}
-
-// looksTURN reports whether a datagram may be for pion/turn: a STUN
-// message with the magic cookie (RFC 8489 §5: top two bits zero, length a
-// multiple of 4, cookie 0x2112A442) or ChannelData (RFC 8656 §12.4:
-// channel numbers 0x4000-0x4FFF). Everything else is dropped and counted.
-func looksTURN(b []byte) bool {
-	if len(b) >= 20 && b[0]&0xC0 == 0 &&
-		binary.BigEndian.Uint32(b[4:8]) == 0x2112A442 &&
-		int(binary.BigEndian.Uint16(b[2:4]))+20 == len(b) {
-		return true
-	}
-	return len(b) >= 4 && b[0] >= 0x40 && b[0] <= 0x4F
 }
 
 // stunPacketConn wraps one UDP socket of the grid. Its ReadFrom, called
@@ -62,7 +50,9 @@ func (c *stunPacketConn) ReadFrom(p []byte) (int, net.Addr, error) {
 			c.answer(pkt, addr)
 			continue
 		}
-		if !looksTURN(pkt) {
+		// Only cookie STUN (pion's) and ChannelData go on; RFC 3489
+		// messages other than Binding mean nothing to a TURN server.
+		if k := stunwire.Classify(pkt); k != stunwire.KindSTUN && k != stunwire.KindChannelData {
 			c.s.demux.junk.Add(1)
 			continue
 		}
@@ -124,33 +114,8 @@ const (
 	streamBufInit = 2048
 	// maxStreamFrame is the largest frame a 16-bit length allows:
 	// STUN header 20 + 65535 (RFC 8489 §5).
-	maxStreamFrame = 20 + 65535
+	maxStreamFrame = stunwire.HeaderSize + 65535
 )
-
-var errUnframeable = errors.New("stream is neither STUN nor ChannelData")
-
-// streamFrameLen returns the length of the frame at the start of b, or
-// ok=false when more bytes are needed. STUN frames are 20 + length
-// (RFC 8489 §5, RFC 3489 §11.1); ChannelData over TCP is padded to a
-// multiple of 4 (RFC 8656 §12.5).
-func streamFrameLen(b []byte) (n int, ok bool, err error) {
-	if len(b) < 4 {
-		return 0, false, nil
-	}
-	l := int(binary.BigEndian.Uint16(b[2:4]))
-	switch {
-	case b[0]&0xC0 == 0:
-		if l%4 != 0 {
-			return 0, false, errUnframeable
-		}
-		n = 20 + l
-	case b[0] >= 0x40 && b[0] <= 0x4F:
-		n = 4 + (l+3)&^3
-	default:
-		return 0, false, errUnframeable
-	}
-	return n, len(b) >= n, nil
-}
 
 // stunStreamConn frames a TCP/TLS byte stream, answers Binding frames
 // itself and passes every other frame's bytes through to pion (which
@@ -179,12 +144,12 @@ func (c *stunStreamConn) Read(p []byte) (int, error) {
 			c.pass = c.pass[n:]
 			return n, nil
 		}
-		n, ok, err := streamFrameLen(c.buf[c.r:c.w])
-		if err != nil {
+		n, _, err := stunwire.FrameLen(c.buf[c.r:c.w])
+		if err != nil && !errors.Is(err, stunwire.ErrNeedMore) {
 			c.s.demux.streamJunk.Add(1)
 			return 0, err
 		}
-		if ok {
+		if err == nil && c.w-c.r >= n {
 			frame := c.buf[c.r : c.r+n]
 			c.r += n
 			if isBinding(frame) {
