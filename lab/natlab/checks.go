@@ -313,7 +313,69 @@ func runNatdiscovery(ctx context.Context, ns string, port int) (observed, error)
 	if strings.Contains(all, "successful hairpinning") {
 		o.Hairpin = "true"
 	}
+	// Pooling from the reflexive addresses it printed: more than one
+	// external IP across its tests (which reach both server IPs) is
+	// arbitrary pooling.
+	ips := map[string]bool{}
+	for _, l := range strings.Split(all, "\n") {
+		if _, a, ok := strings.Cut(l, "UDP reflexive addr: "); ok {
+			if ap, err := netip.ParseAddrPort(strings.TrimSpace(a)); err == nil {
+				ips[ap.Addr().String()] = true
+			}
+		}
+	}
+	switch {
+	case len(ips) == 1:
+		o.Pooling = "paired"
+	case len(ips) > 1:
+		o.Pooling = "arbitrary"
+	}
 	return o, nil
+}
+
+// natdiscoveryLifetime asks coturn's client whether a binding survives
+// idle seconds (RFC 5780 §4.6 with RESPONSE-PORT): true when the second
+// response arrived.
+func natdiscoveryLifetime(ctx context.Context, ns string, port, idle int) (bool, error) {
+	out, errOut, _, err := clientRun(ctx, ns, time.Duration(idle+15)*time.Second,
+		"turnutils_natdiscovery", "-t", "-T", fmt.Sprint(idle), "-p", fmt.Sprint(port), serverIP)
+	if err != nil {
+		return false, err
+	}
+	return strings.Contains(out+errOut, "RFC 5780 response 2"), nil
+}
+
+// measureLoss sends n UDP datagrams from the client to the server's discard
+// port with bash's /dev/udp and reads the router's counters: the fraction
+// of forwarded packets its loss rule dropped.
+func measureLoss(ctx context.Context, client, router string, n int) (float64, error) {
+	script := fmt.Sprintf("for i in $(seq %d); do echo x > /dev/udp/%s/9; done", n, serverIP)
+	if _, errOut, code, err := clientRun(ctx, client, 20*time.Second, "bash", "-c", script); err != nil || code != 0 {
+		return 0, fmt.Errorf("sending the loss sample: %v %s", err, tail(errOut))
+	}
+	out, err := exec.CommandContext(ctx, "ip", "netns", "exec", router, "nft", "list", "chain", "ip", "natlab", "forwarding").Output()
+	if err != nil {
+		return 0, fmt.Errorf("reading the loss counters: %w", err)
+	}
+	var seen, dropped float64
+	for _, l := range strings.Split(string(out), "\n") {
+		f := strings.Fields(l)
+		for i := 0; i+2 < len(f); i++ {
+			if f[i] == "counter" && f[i+1] == "packets" {
+				var v float64
+				fmt.Sscan(f[i+2], &v)
+				if strings.Contains(l, "numgen") {
+					dropped = v
+				} else if strings.HasPrefix(strings.TrimSpace(l), "counter") {
+					seen = v
+				}
+			}
+		}
+	}
+	if seen < float64(n) {
+		return 0, fmt.Errorf("loss counters saw %v packets, sent %d", seen, n)
+	}
+	return dropped / seen, nil
 }
 
 // runClassicStun runs the classic RFC 3489 `stun` client and reads its

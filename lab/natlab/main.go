@@ -286,6 +286,44 @@ func runProfile(ctx context.Context, idx int, p profile, want map[string]bool, s
 			r.details = append(r.details, "stun→coturn: "+o.Legacy)
 		}
 	}
+	if want["lab"] && co != nil && p.Want.LifetimeS > 0 {
+		// The binding must survive a little less idle time than the
+		// conntrack timeout and be gone a little after it.
+		type res struct {
+			alive bool
+			err   error
+		}
+		short, long := p.Want.LifetimeS-4, p.Want.LifetimeS+3
+		ch := make(chan res, 1)
+		go func() { a, e := natdiscoveryLifetime(ctx, l.client, coturnPort, long); ch <- res{a, e} }()
+		a1, e1 := natdiscoveryLifetime(ctx, l.client, coturnPort, short)
+		r2 := <-ch
+		var bad []string
+		switch {
+		case e1 != nil || r2.err != nil:
+			bad = append(bad, fmt.Sprint(e1, r2.err))
+		case !a1 || r2.alive:
+			bad = append(bad, fmt.Sprintf("binding alive after %ds idle: %v (want true), after %ds: %v (want false)", short, a1, long, r2.alive))
+		}
+		mark("lab-life", bad)
+		r.details = append(r.details, fmt.Sprintf("natdiscovery -t: alive after %ds=%v, after %ds=%v", short, a1, long, r2.alive))
+	}
+	if want["lab"] && p.LossPct > 0 {
+		// 400 datagrams: the rate is within ±7 points with overwhelming
+		// probability (binomial sd ≤ 2.5 points).
+		rate, err := measureLoss(ctx, l.client, l.router, 400)
+		var bad []string
+		if err != nil {
+			bad = append(bad, err.Error())
+		} else if d := rate*100 - float64(p.LossPct); d > 7 || d < -7 {
+			bad = append(bad, fmt.Sprintf("measured loss %.1f%%, want %d%%", rate*100, p.LossPct))
+		}
+		mark("lab-loss", bad)
+		r.details = append(r.details, fmt.Sprintf("measured loss per direction %.1f%%", rate*100))
+		if r.observed == "-" {
+			r.observed = fmt.Sprintf("loss:%.0f%%", rate*100)
+		}
+	}
 	if want["natprobe"] && st != nil {
 		o, bad, err := runNatprobe(ctx, natprobeBin, l.client, stundPort, p, p.Want.Relay, p.Want.LifetimeS > 0)
 		if err != nil {

@@ -136,7 +136,9 @@ func ruleset(sets, track, pre, post, loss string) string {
 // lossRule drops pct % of forwarded packets, each direction independently
 // (numgen works where the netem qdisc is missing).
 func lossRule(pct int) string {
-	return fmt.Sprintf("numgen random mod 100 < %d drop", pct)
+	// The first counter sees every forwarded packet, the second the
+	// dropped ones: the lab check measures the rate it really gets.
+	return fmt.Sprintf("counter\n    numgen random mod 100 < %d counter drop", pct)
 }
 
 // Filtering sets. EIF forwards an inbound packet to any port the client has
