@@ -1,6 +1,37 @@
-# Top-level targets. `make natlab` needs root (network namespaces).
+# Top-level targets. `make test` is what CI runs (.ci/run); it needs root
+# for the NAT lab (network namespaces) and the interop tools from Debian
+# (coturn, stun-client, nftables, iproute2).
 
-.PHONY: natlab
+.PHONY: all build test unit natlab demo clean
+
+GO ?= go
+BIN ?= bin
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/ ./cmd/stund ./cmd/natprobe
+
+# unit: the Go tests (in-process, loopback and vnet), with the interop
+# tests required rather than skipped when their tools are missing.
+unit:
+	$(GO) vet ./...
+	STUND_REQUIRE_INTEROP=$${STUND_REQUIRE_INTEROP:-1} $(GO) test -count=1 -timeout 15m ./...
+
+# test: everything CI runs.
+test: unit natlab
+
+# demo: stund on its embedded default (127.0.0.1 + 127.0.0.2) and natprobe
+# against it; stund keeps running for other clients until Ctrl-C.
+demo: build
+	@$(BIN)/stund --rfc5780-always & pid=$$!; \
+	trap 'kill $$pid 2>/dev/null' INT TERM EXIT; \
+	sleep 1; $(BIN)/natprobe 127.0.0.1; \
+	echo "stund still running (pid $$pid); try: turnutils_natdiscovery -m -f 127.0.0.1 — Ctrl-C stops it"; \
+	wait $$pid
+
+clean:
+	rm -rf $(BIN)
 
 # PROFILE=name[,name] runs only those profiles (go run ./lab/natlab -list).
 PROFILE ?=
@@ -8,4 +39,4 @@ PROFILE ?=
 NATLAB_FLAGS ?=
 
 natlab:
-	go run ./lab/natlab $(if $(PROFILE),-profile $(PROFILE)) $(NATLAB_FLAGS)
+	$(GO) run ./lab/natlab $(if $(PROFILE),-profile $(PROFILE)) $(NATLAB_FLAGS)

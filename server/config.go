@@ -88,6 +88,13 @@ type Config struct {
 	// RFC 8656 §7.2). Negative means unlimited.
 	UserQuota, TotalQuota int
 
+	// RFC5780Always puts OTHER-ADDRESS and RESPONSE-ORIGIN into every
+	// Binding reply, also to bare requests that used no RFC 5780 feature.
+	// Off by default: a bare 20-byte request would get 56 bytes back
+	// (2.8x), more than the 2x amplification budget of binding.go. Clients
+	// such as coturn's natdiscovery, whose first request is bare, need it.
+	RFC5780Always bool
+
 	// Software, when set, is sent in the SOFTWARE attribute. Empty by
 	// default: it tells an attacker the version for free.
 	Software string

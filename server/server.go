@@ -173,7 +173,7 @@ func (s *Server) startTURN() error {
 		Grid:          s.gridAddr,
 		Advertise:     cfg.Advertise,
 		Software:      cfg.Software,
-		RFC5780Always: true,
+		RFC5780Always: cfg.RFC5780Always,
 	})
 
 	var own []netip.Addr

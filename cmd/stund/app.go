@@ -63,6 +63,7 @@ const (
 	fUserQuota   = "user-quota"
 	fTotalQuota  = "total-quota"
 	fSoftware    = "software"
+	fRFC5780All  = "rfc5780-always"
 	fLogLevel    = "log-level"
 	fLogFormat   = "log-format"
 )
@@ -99,6 +100,7 @@ func flags() []cli.Flag {
 		altsrc.NewStringSliceFlag(&cli.StringSliceFlag{Name: fDenyPeer, EnvVars: envName(fDenyPeer), Usage: "refuse a further peer `CIDR` (repeatable)"}),
 		altsrc.NewIntFlag(&cli.IntFlag{Name: fUserQuota, EnvVars: envName(fUserQuota), Value: server.DefaultUserQuota, Usage: "allocations per user (486 beyond; -1 unlimited)"}),
 		altsrc.NewIntFlag(&cli.IntFlag{Name: fTotalQuota, EnvVars: envName(fTotalQuota), Value: server.DefaultTotalQuota, Usage: "allocations in total (486 beyond; -1 unlimited)"}),
+		altsrc.NewBoolFlag(&cli.BoolFlag{Name: fRFC5780All, EnvVars: envName(fRFC5780All), Usage: "OTHER-ADDRESS and RESPONSE-ORIGIN in every Binding reply, also to bare requests (needed by coturn's natdiscovery; costs 2.8x amplification)"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fSoftware, EnvVars: envName(fSoftware), Usage: "SOFTWARE attribute `TEXT` (default: none, it only helps attackers)"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fLogLevel, EnvVars: envName(fLogLevel), Value: "info", Usage: "`LEVEL`: debug, info, warn or error"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fLogFormat, EnvVars: envName(fLogFormat), Value: "text", Usage: "log `FORMAT`: text or json"}),

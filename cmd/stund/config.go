@@ -197,6 +197,7 @@ func buildConfig(c *cli.Context, keys *yamlKeys) (cfg server.Config, demoPass st
 		return cfg, "", bad(fTotalQuota, "%d: give a positive number, or -1 for unlimited", cfg.TotalQuota)
 	}
 	cfg.Software = c.String(fSoftware)
+	cfg.RFC5780Always = c.Bool(fRFC5780All)
 
 	logger, lv, err := newLogger(c.App.ErrWriter, c.String(fLogLevel), c.String(fLogFormat))
 	if err != nil {
