@@ -2,7 +2,7 @@
 # for the NAT lab (network namespaces) and the interop tools from Debian
 # (coturn, stun-client, nftables, iproute2).
 
-.PHONY: all build test unit natlab demo clean
+.PHONY: all build deps test unit natlab demo clean
 
 GO ?= go
 BIN ?= bin
@@ -11,6 +11,15 @@ all: build
 
 build:
 	$(GO) build -o $(BIN)/ ./cmd/stund ./cmd/natprobe
+
+# deps: what the tests need beyond Go, from Debian's packages (root).
+# nftables + iproute2: the NAT lab; coturn + stun-client: interop with
+# clients nobody here wrote.
+deps:
+	DEBIAN_FRONTEND=noninteractive apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		nftables iproute2 coturn stun-client ca-certificates >/dev/null
+	-pkill -x turnserver 2>/dev/null || true
 
 # unit: the Go tests (in-process, loopback and vnet), with the interop
 # tests required rather than skipped when their tools are missing.
