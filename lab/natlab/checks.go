@@ -122,8 +122,11 @@ func startCoturn(ctx context.Context, ns, dir string) (*server, error) {
 }
 
 // clientRun runs one client command in the client namespace, bounded.
-func clientRun(ctx context.Context, ns string, limit time.Duration, argv ...string) (stdout, stderr string, code int, err error) {
-	ctx, cancel := context.WithTimeout(ctx, limit)
+func clientRun(parent context.Context, ns string, limit time.Duration, argv ...string) (stdout, stderr string, code int, err error) {
+	if parent.Err() != nil {
+		return "", "", -1, fmt.Errorf("%s not run: %w", argv[0], context.Cause(parent))
+	}
+	ctx, cancel := context.WithTimeout(parent, limit)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", ns}, argv...)...)
 	var o, e bytes.Buffer
@@ -134,7 +137,10 @@ func clientRun(ctx context.Context, ns string, limit time.Duration, argv ...stri
 	if errors.As(err, &ee) {
 		err = nil // a non-zero exit is a result, not a failure to run
 	}
-	if ctx.Err() != nil {
+	switch {
+	case parent.Err() != nil:
+		err = fmt.Errorf("%s stopped: %w", argv[0], context.Cause(parent))
+	case ctx.Err() != nil:
 		err = fmt.Errorf("%s: no result within %v", argv[0], limit)
 	}
 	return o.String(), e.String(), code, err

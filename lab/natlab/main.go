@@ -207,6 +207,9 @@ func main() {
 	case ctx.Err() != nil && ran < len(run):
 		fmt.Printf("natlab: FAIL: stopped (%v) after %d of %d profiles\n", context.Cause(ctx), ran, len(run))
 		os.Exit(1)
+	case ctx.Err() != nil:
+		fmt.Printf("natlab: FAIL: stopped (%v)\n", context.Cause(ctx))
+		os.Exit(1)
 	case failed > 0:
 		os.Exit(1)
 	}
