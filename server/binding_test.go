@@ -47,6 +47,8 @@ func request(t testing.TB, fingerprint bool, attrs ...rawAttr) []byte {
 	return bytes.Clone(m.Raw)
 }
 
+// rawAttr is an attribute pion/stun has no typed setter for (server_test.go
+// gives it an AddTo method).
 type rawAttr struct {
 	typ stun.AttrType
 	val []byte

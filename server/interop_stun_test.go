@@ -1,0 +1,163 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Interop with STUN clients nobody here wrote: coturn's turnutils_stunclient
+// and turnutils_natdiscovery, and the classic `stun` client (Debian packages
+// coturn and stun-client), against the real server on 127.0.0.1 + 127.0.0.2.
+
+// stunToolTimeout bounds each tool run (a safety net, not an assertion):
+// natdiscovery waits 3 s for each of its few requests, stun a few seconds in
+// all.
+const stunToolTimeout = 30 * time.Second
+
+// interopTool returns the path of a tool, skipping the test when it is not
+// installed unless STUND_REQUIRE_INTEROP=1 (CI) makes that a failure.
+func interopTool(t *testing.T, name string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		if os.Getenv("STUND_REQUIRE_INTEROP") == "1" {
+			t.Fatalf("%s not installed and STUND_REQUIRE_INTEROP=1: %v", name, err)
+		}
+		t.Skipf("%s not installed (set STUND_REQUIRE_INTEROP=1 to fail instead)", name)
+	}
+	return p
+}
+
+func runTool(t *testing.T, path string, args ...string) (string, int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), stunToolTimeout)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, path, args...).CombinedOutput()
+	if ctx.Err() != nil {
+		t.Fatalf("%s %v: timed out after %v; output:\n%s", path, args, stunToolTimeout, out)
+	}
+	code := 0
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+	t.Logf("%s %s (exit %d):\n%s", path, strings.Join(args, " "), code, out)
+	return string(out), code
+}
+
+// startInteropServer starts stund on 127.0.0.1 + 127.0.0.2. rfc5780Always
+// is what coturn's tools need: their first request is a bare 20-byte Binding
+// and they only go on if its reply carries OTHER-ADDRESS (binding.go).
+func startInteropServer(t *testing.T, rfc5780Always bool) (*Server, [2][2]netip.AddrPort) {
+	t.Helper()
+	cfg := twoIPConfig()
+	cfg.RFC5780Always = rfc5780Always
+	s := startServer(t, cfg)
+	g := s.Grid()
+	// The tools address the alternate IP with the primary port they were
+	// given, so the grid must use the same two ports on both IPs.
+	if g[0][0].Port() != g[1][0].Port() || g[0][1].Port() != g[1][1].Port() {
+		t.Fatalf("grid ports differ between IPs: %v", g)
+	}
+	return s, g
+}
+
+func TestInteropTurnutilsStunclient(t *testing.T) {
+	bin := interopTool(t, "turnutils_stunclient")
+	for _, always := range []bool{false, true} {
+		t.Run(fmt.Sprintf("rfc5780always=%v", always), func(t *testing.T) {
+			_, g := startInteropServer(t, always)
+			// -f: "force RFC 5780 processing": a bare 20-byte request
+			// (captured on the wire), then requests with CHANGE-REQUEST
+			// whatever the first reply said, so it works in both modes.
+			out, code := runTool(t, bin, "-f", "-p", fmt.Sprint(g[0][0].Port()), "127.0.0.1")
+			if code != 0 {
+				t.Fatalf("exit %d", code)
+			}
+			// It prints XOR-MAPPED-ADDRESS as "UDP reflexive addr:
+			// 127.0.0.1:N" and, when OTHER-ADDRESS came back, "Other addr:
+			// : 127.0.0.2:<alt port>".
+			if !strings.Contains(out, "UDP reflexive addr: 127.0.0.1:") {
+				t.Errorf("no reflexive address in output")
+			}
+			if !strings.Contains(out, "Other addr: : "+g[1][1].String()) {
+				t.Errorf("OTHER-ADDRESS %v not printed", g[1][1])
+			}
+			// Its change-IP+port request is answered from the diagonal.
+			if !strings.Contains(out, "Response origin: : "+g[1][1].String()) {
+				t.Errorf("RESPONSE-ORIGIN %v not printed", g[1][1])
+			}
+		})
+	}
+}
+
+func TestInteropNatdiscovery(t *testing.T) {
+	bin := interopTool(t, "turnutils_natdiscovery")
+	s, g := startInteropServer(t, true)
+	out, code := runTool(t, bin, "-m", "-f", "-p", fmt.Sprint(g[0][0].Port()), "127.0.0.1")
+	if code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+	// With no NAT between, both verdicts must be endpoint-independent.
+	for _, want := range []string{
+		"NAT with Endpoint Independent Mapping!",
+		"NAT with Endpoint Independent Filtering!",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("missing verdict %q", want)
+		}
+	}
+	if strings.Contains(out, "Dependent") || strings.Contains(out, "timeout") || strings.Contains(out, "error") {
+		t.Errorf("unexpected verdict or failure in output")
+	}
+	if st := s.binder.stats.snapshot(); st.ChangeIP == 0 || st.ChangePort == 0 {
+		t.Errorf("the filtering test should have used change-IP+port: %+v", st)
+	}
+}
+
+// TestInteropNatdiscoveryStrict documents the price of the strict default:
+// the bare first request gets no OTHER-ADDRESS, so natdiscovery stops
+// without a verdict (binding.go explains why 2x cannot hold for it).
+func TestInteropNatdiscoveryStrict(t *testing.T) {
+	bin := interopTool(t, "turnutils_natdiscovery")
+	_, g := startInteropServer(t, false)
+	out, _ := runTool(t, bin, "-m", "-f", "-p", fmt.Sprint(g[0][0].Port()), "127.0.0.1")
+	if !strings.Contains(out, "UDP reflexive addr: 127.0.0.1:") {
+		t.Errorf("no Binding reply")
+	}
+	if strings.Contains(out, "Endpoint Independent") || strings.Contains(out, "Other addr") {
+		t.Errorf("strict mode sent OTHER-ADDRESS to a bare request")
+	}
+}
+
+func TestInteropStunClient(t *testing.T) {
+	bin := interopTool(t, "stun")
+	// The strict default (no RFC5780Always) is enough: every request of
+	// stun-client carries CHANGE-REQUEST.
+	s, g := startInteropServer(t, false)
+	// stun-client 0.97 sends RFC 3489 requests (no cookie) with
+	// CHANGE-REQUEST, follows CHANGED-ADDRESS, and prints its verdict; on
+	// loopback there is no NAT, which it calls "Open".
+	out, code := runTool(t, bin, fmt.Sprintf("127.0.0.1:%d", g[0][0].Port()), "-v")
+	if !strings.Contains(out, "Primary: Open") {
+		t.Errorf("verdict is not \"Primary: Open\" (exit %d)", code)
+	}
+	// Its exit code ("Return value is 0x..") is a bit field: 0x01 = port
+	// preserved, 0x10 = no hairpin, and the NAT type in between, where Open
+	// is 0 (a run against a silent port exits 0x1c: Blocked 0x0c | 0x10).
+	if code&^(0x01|0x10) != 0 {
+		t.Errorf("exit 0x%02x: NAT type bits are not Open", code)
+	}
+	if st := s.binder.stats.snapshot(); st.RFC3489 == 0 || st.ChangeIP == 0 {
+		t.Errorf("expected RFC 3489 requests with change-IP: %+v", st)
+	}
+}
