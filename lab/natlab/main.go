@@ -131,17 +131,24 @@ func main() {
 	}
 	defer os.RemoveAll(tmp)
 
-	// Build our binaries once, before any profile runs.
-	var stund, natprobe string
-	if want["natprobe"] || want["coturn"] || want["interop"] {
+	// Build our binaries once, before any profile runs; each only if a
+	// chosen check needs it.
+	build := func(pkg string) string {
 		start := time.Now()
-		build := exec.CommandContext(ctx, "go", "build", "-o", tmp+"/", "./cmd/stund", "./cmd/natprobe")
-		if out, err := build.CombinedOutput(); err != nil {
-			fmt.Fprintf(os.Stderr, "natlab: FAIL: cannot build ./cmd/stund and ./cmd/natprobe (run from the module root; -checks lab runs the lab validation alone): %v\n%s", err, out)
+		out, err := exec.CommandContext(ctx, "go", "build", "-o", tmp+"/", pkg).CombinedOutput()
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "natlab: FAIL: cannot build %s (run from the module root; -checks lab runs the lab validation alone): %v\n%s", pkg, err, out)
 			os.Exit(1)
 		}
-		stund, natprobe = filepath.Join(tmp, "stund"), filepath.Join(tmp, "natprobe")
-		fmt.Fprintf(os.Stderr, "natlab: built stund and natprobe in %v\n", time.Since(start).Round(time.Millisecond))
+		fmt.Fprintf(os.Stderr, "natlab: built %s in %v\n", pkg, time.Since(start).Round(time.Millisecond))
+		return filepath.Join(tmp, filepath.Base(pkg))
+	}
+	var stund, natprobe string
+	if want["natprobe"] || want["interop"] {
+		stund = build("./cmd/stund")
+	}
+	if want["natprobe"] || want["coturn"] {
+		natprobe = build("./cmd/natprobe")
 	}
 	if want["lab"] || want["coturn"] || want["interop"] {
 		for _, tool := range []string{"turnserver", "turnutils_natdiscovery", "stun"} {
