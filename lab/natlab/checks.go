@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -187,8 +188,9 @@ type natprobeJSON struct {
 	PortContiguity   *bool   `json:"port_contiguity"`
 	IPPooling        *string `json:"ip_pooling"`
 	MappingLifetime  *struct {
-		MinS float64 `json:"min_s"`
-		MaxS float64 `json:"max_s"`
+		MinS float64  `json:"min_s"`
+		MaxS *float64 `json:"max_s"` // null: still alive at --lifetime-max
+
 	} `json:"mapping_lifetime"`
 	LegacyType string `json:"legacy_type"`
 	Relay      *struct {
@@ -241,7 +243,10 @@ func runNatprobe(ctx context.Context, bin, ns string, port int, p profile, withR
 		o.Pooling = *r.IPPooling
 	}
 	if r.MappingLifetime != nil {
-		o.lifeMin, o.lifeMax = r.MappingLifetime.MinS, r.MappingLifetime.MaxS
+		o.lifeMin, o.lifeMax = r.MappingLifetime.MinS, math.Inf(1)
+		if r.MappingLifetime.MaxS != nil {
+			o.lifeMax = *r.MappingLifetime.MaxS
+		}
 		o.Lifetime = fmt.Sprintf("[%g,%g]", o.lifeMin, o.lifeMax)
 	}
 	if r.Relay != nil {
