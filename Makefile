@@ -2,7 +2,7 @@
 # for the NAT lab (network namespaces) and the interop tools from Debian
 # (coturn, stun-client, nftables, iproute2).
 
-.PHONY: all build deps test unit natlab demo clean
+.PHONY: all build deps test unit natlab demo clean bench bench-smoke
 
 GO ?= go
 BIN ?= bin
@@ -28,7 +28,7 @@ unit:
 	STUND_REQUIRE_INTEROP=$${STUND_REQUIRE_INTEROP:-1} $(GO) test -count=1 -timeout 15m ./...
 
 # test: everything CI runs.
-test: unit natlab
+test: unit natlab bench-smoke
 
 # demo: stund on its embedded default (127.0.0.1 + 127.0.0.2) and natprobe
 # against it; stund keeps running for other clients until Ctrl-C.
@@ -49,3 +49,20 @@ NATLAB_FLAGS ?=
 
 natlab:
 	$(GO) run ./lab/natlab $(if $(PROFILE),-profile $(PROFILE)) $(NATLAB_FLAGS)
+
+# bench: stund against coturn's turnserver on loopback, same workloads,
+# alternating rounds with fresh processes; prints medians and ratios
+# (bench/README.md). About 5 minutes on 2 cores. BENCH_FLAGS passes more
+# flags, e.g. BENCH_FLAGS='-rounds 5'.
+BENCH_FLAGS ?=
+bench:
+	$(GO) build -o $(BIN)/stund ./cmd/stund
+	$(GO) build -o $(BIN)/stundbench ./bench/cmd/stundbench
+	$(BIN)/stundbench -stund $(BIN)/stund $(BENCH_FLAGS)
+
+# bench-smoke: seconds-long run of the same harness, so it cannot rot;
+# asserts only that both servers answered every workload, not speed.
+bench-smoke:
+	$(GO) build -o $(BIN)/stund ./cmd/stund
+	$(GO) build -o $(BIN)/stundbench ./bench/cmd/stundbench
+	$(BIN)/stundbench -smoke -stund $(BIN)/stund
