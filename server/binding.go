@@ -40,8 +40,9 @@ package server
 //     retries. The smallest such reply is 20+12+12 = 44 bytes over IPv4:
 //     2.2× the request. No stateless server can answer it within 2×, so
 //     natdiscovery works only when the operator sets RFC5780Always, and the
-//     cost of that is stated: 44/20 = 2.2× (IPv4) and 68/20 = 3.4× (IPv6)
-//     for bare requests; RESPONSE-ORIGIN and MAPPED-ADDRESS are then left
+//     cost of that is stated: with RESPONSE-ORIGIN, which RFC5780Always
+//     makes core (every reply names its real source), a bare request gets
+//     56/20 = 2.8× (IPv4) and 92/20 = 4.6× (IPv6); MAPPED-ADDRESS is left
 //     out of bare replies (budget). Its follow-ups (CHANGE-REQUEST, 28
 //     bytes) get XOR-MAPPED + OTHER + RESPONSE-ORIGIN = 56 bytes = 2×.
 //   - stun (stun-client 0.97): RFC 3489 form, 28 bytes, always with a
@@ -52,7 +53,7 @@ package server
 // So the default of binderConfig (RFC5780Always false) keeps every reply
 // within 2× except the unavoidable core of an IPv6 bare request (44/20 =
 // 2.2×); with RFC5780Always the only overshoot is the 24-48 bytes of
-// OTHER-ADDRESS on bare requests. Error replies follow the same budget: the
+// OTHER-ADDRESS and RESPONSE-ORIGIN on bare requests. Error replies follow the same budget: the
 // reason phrase is dropped when it does not fit.
 //
 // # Streams (TCP/TLS)
@@ -377,7 +378,10 @@ func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok 
 	fits := func(n int) bool { return len(m)-start+n+fp <= budget }
 	if rfc5780 {
 		// 2. RESPONSE-ORIGIN (RFC 5780 §7.3) / SOURCE-ADDRESS (RFC 3489 §11.2.2).
-		if n := stunwire.AddressAttrSize(origin); fits(n) {
+		// With RFC5780Always the operator chose RFC 5780 attributes in every
+		// reply (issue 2: "every response carries RESPONSE-ORIGIN"), so it is
+		// core then, at the stated cost.
+		if n := stunwire.AddressAttrSize(origin); fits(n) || b.cfg.RFC5780Always {
 			if h.Cookie {
 				m = stunwire.AppendAddress(m, stunwire.AttrResponseOrigin, origin)
 			} else {
