@@ -64,6 +64,7 @@ func (c *stunPacketConn) answer(pkt []byte, from net.Addr) {
 	if c.out == nil {
 		c.out = make([]byte, 0, 1500)
 	}
+	c.s.noteProbe(pkt, addrPortOf(from), "udp") // natprobe probe ID, logged once (probeid.go)
 	reply, ok := c.s.binder.handle(c.out[:0], bindingRequest{
 		Raw:   pkt,
 		Src:   addrPortOf(from),
@@ -184,6 +185,7 @@ func (c *stunStreamConn) answer(frame []byte) {
 	if c.out == nil {
 		c.out = make([]byte, 0, 1500)
 	}
+	c.s.noteProbe(frame, c.remote, "tcp")
 	reply, ok := c.s.binder.handle(c.out[:0], bindingRequest{
 		Raw:    frame,
 		Src:    c.remote,

@@ -170,3 +170,13 @@ func (q *Quotas) Refused() uint64 {
 
 	return q.refused
 }
+
+// SetLimits changes both quotas (a reload). Live allocations and open
+// reservations are kept; a lowered quota refuses new Allocates until the
+// counts are back under it, it never cuts an allocation.
+func (q *Quotas) SetLimits(perUser, total int) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+
+	q.perUser, q.total = perUser, total
+}

@@ -18,7 +18,8 @@ var errRequestedPortOutsideRange = errors.New("requested relay port is outside t
 type relayGenerator struct {
 	inner    *turn.RelayAddressGeneratorPortRange
 	min, max uint16
-	policy   *PeerPolicy
+	live     *livePolicy // the peer policy in force (Reload swaps it)
+	ops      *opsStats   // relayed packet and byte counters
 }
 
 func (g *relayGenerator) Validate() error { return g.inner.Validate() }
@@ -39,7 +40,7 @@ func (g *relayGenerator) AllocatePacketConn(c turn.AllocateListenerConfig) (net.
 	if err != nil {
 		return nil, nil, err
 	}
-	return g.policy.RelayConn(conn), addr, nil
+	return newRelayConn(conn, g.live, g.ops), addr, nil
 }
 
 // AllocateListener binds a TCP relay (RFC 6062 §5.1).
@@ -54,7 +55,7 @@ func (g *relayGenerator) AllocateListener(c turn.AllocateListenerConfig) (net.Li
 // the peer is checked again here so that no path around the permission
 // check reaches a refused address.
 func (g *relayGenerator) AllocateConn(c turn.AllocateConnConfig) (net.Conn, error) {
-	if ap := addrPortOf(c.RemoteAddr); !ap.IsValid() || !g.policy.AllowedAddrPort(ap) {
+	if ap := addrPortOf(c.RemoteAddr); !ap.IsValid() || !g.live.load().AllowedAddrPort(ap) {
 		return nil, fmt.Errorf("%w: %v", ErrPeerRefused, c.RemoteAddr)
 	}
 	return g.inner.AllocateConn(c)

@@ -11,11 +11,13 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 
 	"github.com/pion/logging"
 	"github.com/pion/transport/v5"
 	"github.com/pion/transport/v5/stdnet"
 	"github.com/pion/turn/v5"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // portPickTries bounds the search for a free port pair when Port or AltPort
@@ -42,6 +44,15 @@ type Server struct {
 	demux     demuxStats
 	closeOnce sync.Once
 	closeErr  error
+
+	// Operations (metrics.go, reload.go, probeid.go).
+	live        livePolicy // the peer policy in force; policy above is the one at start
+	ops         opsStats
+	probes      probeLog
+	closing     atomic.Bool
+	reloadMu    sync.Mutex
+	metricsOnce sync.Once
+	registry    *prometheus.Registry
 }
 
 // New validates cfg, binds every socket (or none: on any error all that
@@ -176,25 +187,8 @@ func (s *Server) startTURN() error {
 		RFC5780Always: cfg.RFC5780Always,
 	})
 
-	var own []netip.Addr
-	for _, ip := range s.ips() {
-		own = append(own, ip, cfg.public(ip))
-	}
-	var listeners []netip.AddrPort
-	for i := range s.gridAddr {
-		for p := range s.gridAddr[i] {
-			if a := s.gridAddr[i][p]; a.IsValid() {
-				listeners = append(listeners, a, netip.AddrPortFrom(cfg.public(a.Addr()), a.Port()))
-			}
-		}
-	}
-	for _, l := range append(append([]net.Listener{}, s.tcp...), s.tls...) {
-		a := addrPortOf(l.Addr())
-		listeners = append(listeners, a, netip.AddrPortFrom(cfg.public(a.Addr()), a.Port()))
-	}
-	s.policy = NewPeerPolicy(cfg.AllowPeers, cfg.DenyPeers, own).
-		WithListeners(listeners).
-		WithRelayPorts(cfg.RelayPortMin, cfg.RelayPortMax)
+	s.policy = s.buildPolicy(cfg)
+	s.live.swap(s.policy) // Reload swaps it
 
 	s.auth = NewAuthenticator(Credentials{Realm: cfg.Realm, Users: cfg.Users, Secrets: cfg.AuthSecrets})
 	s.quotas = NewQuotas(cfg.UserQuota, cfg.TotalQuota)
@@ -208,7 +202,7 @@ func (s *Server) startTURN() error {
 
 	tc := turn.ServerConfig{
 		Realm:         cfg.Realm,
-		AuthHandler:   s.auth.AuthHandler(),
+		AuthHandler:   s.countAuth(s.auth.AuthHandler()),
 		QuotaHandler:  s.quotas.QuotaHandler(),
 		EventHandler:  s.eventHandler(),
 		LoggerFactory: lf,
@@ -224,7 +218,7 @@ func (s *Server) startTURN() error {
 			tc.PacketConnConfigs = append(tc.PacketConnConfigs, turn.PacketConnConfig{
 				PacketConn:            &stunPacketConn{PacketConn: s.grid[i][p], s: s, at: endpoint{ip: i, port: p}, local: s.gridAddr[i][p]},
 				RelayAddressGenerator: s.relayGen(i),
-				PermissionHandler:     s.policy.PermissionHandler(),
+				PermissionHandler:     s.live.permissionHandler(),
 			})
 		}
 	}
@@ -233,7 +227,7 @@ func (s *Server) startTURN() error {
 		tc.ListenerConfigs = append(tc.ListenerConfigs, turn.ListenerConfig{
 			Listener:              &stunListener{Listener: l, s: s, ip: i},
 			RelayAddressGenerator: s.relayGen(i),
-			PermissionHandler:     s.policy.PermissionHandler(),
+			PermissionHandler:     s.live.permissionHandler(),
 		})
 	}
 	ts, err := turn.NewServer(tc)
@@ -261,9 +255,10 @@ func (s *Server) relayGen(i int) turn.RelayAddressGenerator {
 			MaxRetries: 32,
 			Net:        s.net,
 		},
-		min:    s.cfg.RelayPortMin,
-		max:    s.cfg.RelayPortMax,
-		policy: s.policy,
+		min:  s.cfg.RelayPortMin,
+		max:  s.cfg.RelayPortMax,
+		live: &s.live,
+		ops:  &s.ops,
 	}
 }
 
@@ -273,20 +268,29 @@ func (s *Server) eventHandler() turn.EventHandler {
 	return turn.EventHandler{
 		OnAllocationCreated: func(src, dst net.Addr, proto, user, realm string, relay net.Addr, reqPort int) {
 			s.quotas.OnCreated(user)
+			s.ops.allocCreated.Add(1)
 			s.log.Info("allocation created", "client", src.String(), "server", dst.String(), "proto", proto, "user", user, "relay", relay.String())
 		},
 		OnAllocationDeleted: func(src, dst net.Addr, proto, user, realm string) {
 			s.quotas.OnDeleted(user)
+			s.ops.allocDeleted.Add(1)
 			s.log.Info("allocation deleted", "client", src.String(), "server", dst.String(), "proto", proto, "user", user)
 		},
 		OnAllocationError: func(src, dst net.Addr, proto, msg string) {
 			s.log.Debug("turn request failed", "client", src.String(), "server", dst.String(), "proto", proto, "error", msg)
 		},
 		OnAuth: func(src, dst net.Addr, proto, user, realm, method string, ok bool) {
+			s.onAuth(method, ok)
 			if !ok {
 				s.log.Info("authentication failed", "client", src.String(), "user", user, "method", method)
 			}
 		},
+		// Counted for metrics only: one line per permission or channel
+		// would be a line per peer, too many at info.
+		OnPermissionCreated: func(_, _ net.Addr, _, _, _ string, _ net.Addr, _ net.IP) { s.ops.permCreated.Add(1) },
+		OnPermissionDeleted: func(_, _ net.Addr, _, _, _ string, _ net.Addr, _ net.IP) { s.ops.permDeleted.Add(1) },
+		OnChannelCreated:    func(_, _ net.Addr, _, _, _ string, _, _ net.Addr, _ uint16) { s.ops.chanCreated.Add(1) },
+		OnChannelDeleted:    func(_, _ net.Addr, _, _, _ string, _, _ net.Addr, _ uint16) { s.ops.chanDeleted.Add(1) },
 	}
 }
 
@@ -314,6 +318,7 @@ func listenerAddrs(ls []net.Listener) []netip.AddrPort {
 // Close stops every listener and releases every allocation. It is safe to
 // call more than once.
 func (s *Server) Close() error {
+	s.closing.Store(true) // /readyz answers 503 from here on
 	s.closeOnce.Do(func() {
 		if s.turn != nil {
 			s.closeErr = s.turn.Close() // closes the wrapped grid and listeners, and the allocations

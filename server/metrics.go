@@ -1,0 +1,274 @@
+package server
+
+// metrics.go exposes the server's counters to Prometheus and serves the
+// admin endpoints (/metrics, /healthz, /readyz).
+//
+// The packet paths keep the atomic counters they already had (binding.go,
+// demux.go) or get one atomic add (relay packets); the registry reads them
+// at scrape time through CounterFunc/GaugeFunc, so scraping costs the hot
+// path nothing. No metric has a per-user label: TURN REST usernames embed an
+// expiry, so their number is unbounded.
+
+import (
+	"net"
+	"net/http"
+	"sync/atomic"
+
+	"github.com/pion/stun/v4"
+	"github.com/pion/turn/v5"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// opsStats counts what pion's event hooks, the auth hook and the relay
+// sockets see. Written by many goroutines, read at scrape time.
+type opsStats struct {
+	allocCreated, allocDeleted atomic.Uint64
+	permCreated, permDeleted   atomic.Uint64
+	chanCreated, chanDeleted   atomic.Uint64
+
+	// authUnknown: the AuthHandler refused the USERNAME (unknown user,
+	// expired or malformed REST username, foreign realm). authIntegrity:
+	// the username was known but MESSAGE-INTEGRITY did not verify (wrong
+	// password or secret). The alloc* pair counts the Allocate requests
+	// among them.
+	authUnknown, authIntegrity           atomic.Uint64
+	allocAuthUnknown, allocAuthIntegrity atomic.Uint64
+
+	// relay data, counted by relayConn: "out" is toward the peer
+	// (relay socket WriteTo), "in" is from the peer (ReadFrom).
+	relayPktsOut, relayBytesOut atomic.Uint64
+	relayPktsIn, relayBytesIn   atomic.Uint64
+	relayRefused                atomic.Uint64 // relayed packets the peer policy refused
+
+	reloads, reloadErrors atomic.Uint64
+
+	probesLogged, probesSuppressed atomic.Uint64
+}
+
+// countAuth wraps the AuthHandler to count refusals by method.
+func (s *Server) countAuth(h turn.AuthHandler) turn.AuthHandler {
+	return func(ra *turn.RequestAttributes) (string, []byte, bool) {
+		id, key, ok := h(ra)
+		if !ok {
+			s.ops.authUnknown.Add(1)
+			if ra != nil && ra.Method == stun.MethodAllocate {
+				s.ops.allocAuthUnknown.Add(1)
+			}
+		}
+		return id, key, ok
+	}
+}
+
+// onAuth is pion's verdict after MESSAGE-INTEGRITY (the AuthHandler only
+// returned the key).
+func (s *Server) onAuth(method string, ok bool) {
+	if ok {
+		return
+	}
+	s.ops.authIntegrity.Add(1)
+	if method == stun.MethodAllocate.String() {
+		s.ops.allocAuthIntegrity.Add(1)
+	}
+}
+
+// relayConn wraps every UDP relay socket (RFC 8656 §7.2): it applies the
+// current peer policy to each packet toward a peer (the backstop for the
+// port-level rules a permission cannot express, see PeerPolicy.RelayConn)
+// and counts relayed packets and bytes each way.
+type relayConn struct {
+	net.PacketConn
+	live *livePolicy
+	ops  *opsStats
+}
+
+func newRelayConn(c net.PacketConn, live *livePolicy, ops *opsStats) net.PacketConn {
+	return &relayConn{PacketConn: c, live: live, ops: ops}
+}
+
+// WriteTo sends toward the peer.
+func (c *relayConn) WriteTo(b []byte, addr net.Addr) (int, error) {
+	ap := addrPortOf(addr)
+	if !ap.IsValid() || !c.live.load().AllowedAddrPort(ap) {
+		c.ops.relayRefused.Add(1)
+		return 0, ErrPeerRefused
+	}
+	n, err := c.PacketConn.WriteTo(b, addr)
+	if err == nil {
+		c.ops.relayPktsOut.Add(1)
+		c.ops.relayBytesOut.Add(uint64(n))
+	}
+	return n, err
+}
+
+// ReadFrom receives from a peer.
+func (c *relayConn) ReadFrom(b []byte) (int, net.Addr, error) {
+	n, addr, err := c.PacketConn.ReadFrom(b)
+	if err == nil {
+		c.ops.relayPktsIn.Add(1)
+		c.ops.relayBytesIn.Add(uint64(n))
+	}
+	return n, addr, err
+}
+
+// Ready reports whether the server serves: New bound every socket (it binds
+// all or none) and Close has not begun.
+func (s *Server) Ready() bool { return s.turn != nil && !s.closing.Load() }
+
+// Registry returns the server's Prometheus registry (built on first use): the
+// stund_* metrics below plus the Go runtime and process collectors. Callers
+// may register more (cmd/stund adds build information).
+func (s *Server) Registry() *prometheus.Registry {
+	s.metricsOnce.Do(func() { s.registry = s.newRegistry() })
+	return s.registry
+}
+
+func (s *Server) newRegistry() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	counter := func(name, help string, labels prometheus.Labels, f func() uint64) {
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: name, Help: help, ConstLabels: labels,
+		}, func() float64 { return float64(f()) }))
+	}
+	gauge := func(name, help string, f func() float64) {
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f))
+	}
+	// live is created minus deleted, read in that order so that it never
+	// goes below zero.
+	live := func(created, deleted *atomic.Uint64) func() float64 {
+		return func() float64 {
+			d := deleted.Load()
+			c := created.Load()
+			if c < d {
+				return 0
+			}
+			return float64(c - d)
+		}
+	}
+	l := func(k, v string) prometheus.Labels { return prometheus.Labels{k: v} }
+	o := &s.ops
+	bs := &s.binder.stats
+	dm := &s.demux
+
+	// TURN allocations (RFC 8656 §7).
+	gauge("stund_allocations_active", "Live TURN allocations.", func() float64 { return float64(s.turn.AllocationCount()) })
+	counter("stund_allocations_created_total", "TURN allocations created.", nil, o.allocCreated.Load)
+	counter("stund_allocations_deleted_total", "TURN allocations deleted (expired, refreshed to 0, or server closing).", nil, o.allocDeleted.Load)
+	const refusedHelp = "Allocate requests refused, by reason: auth (unknown/expired credentials or wrong MESSAGE-INTEGRITY, 401), quota (486)."
+	counter("stund_allocations_refused_total", refusedHelp, l("reason", "auth"), func() uint64 { return o.allocAuthUnknown.Load() + o.allocAuthIntegrity.Load() })
+	counter("stund_allocations_refused_total", refusedHelp, l("reason", "quota"), s.quotas.Refused)
+	const authHelp = "Authenticated TURN requests (any method) that failed authentication: unknown_user (unknown, expired REST or foreign-realm username) or bad_integrity (wrong password or secret)."
+	counter("stund_auth_failures_total", authHelp, l("reason", "unknown_user"), o.authUnknown.Load)
+	counter("stund_auth_failures_total", authHelp, l("reason", "bad_integrity"), o.authIntegrity.Load)
+
+	// Permissions and channels (RFC 8656 §9, §12).
+	gauge("stund_permissions_active", "Live TURN permissions.", live(&o.permCreated, &o.permDeleted))
+	counter("stund_permissions_created_total", "TURN permissions created.", nil, o.permCreated.Load)
+	gauge("stund_channels_active", "Live TURN channel bindings.", live(&o.chanCreated, &o.chanDeleted))
+	counter("stund_channels_created_total", "TURN channel bindings created.", nil, o.chanCreated.Load)
+	const peerHelp = "Peers refused by the peer policy (403): permission (CreatePermission, ChannelBind, Connect) or relay (a relayed packet toward a refused address or port)."
+	counter("stund_peer_refused_total", peerHelp, l("stage", "permission"), s.live.refused)
+	counter("stund_peer_refused_total", peerHelp, l("stage", "relay"), o.relayRefused.Load)
+
+	// Relayed data (UDP relays).
+	const pktHelp = "Packets relayed over UDP relays: to_peer (client to peer) or from_peer (peer to client)."
+	const byteHelp = "Payload bytes relayed over UDP relays: to_peer or from_peer."
+	counter("stund_relay_packets_total", pktHelp, l("direction", "to_peer"), o.relayPktsOut.Load)
+	counter("stund_relay_packets_total", pktHelp, l("direction", "from_peer"), o.relayPktsIn.Load)
+	counter("stund_relay_bytes_total", byteHelp, l("direction", "to_peer"), o.relayBytesOut.Load)
+	counter("stund_relay_bytes_total", byteHelp, l("direction", "from_peer"), o.relayBytesIn.Load)
+
+	// Binding (RFC 8489 §7, RFC 5780 §6/§7).
+	const bindHelp = "Binding requests that parsed, by form: rfc8489 (magic cookie) or rfc3489 (classic)."
+	counter("stund_binding_requests_total", bindHelp, l("form", "rfc8489"), func() uint64 {
+		r, c := bs.requests.Load(), bs.rfc3489.Load()
+		if c > r {
+			return 0
+		}
+		return r - c
+	})
+	counter("stund_binding_requests_total", bindHelp, l("form", "rfc3489"), bs.rfc3489.Load)
+	counter("stund_binding_indications_total", "Binding indications (keepalives), never answered (RFC 8489 §6.3.2).", nil, bs.indications.Load)
+	const featHelp = "Successful Binding replies using an RFC 5780 feature: change_ip, change_port (CHANGE-REQUEST §7.2), response_port (§7.5), padding (§7.6)."
+	counter("stund_binding_rfc5780_total", featHelp, l("feature", "change_ip"), bs.changeIP.Load)
+	counter("stund_binding_rfc5780_total", featHelp, l("feature", "change_port"), bs.changePort.Load)
+	counter("stund_binding_rfc5780_total", featHelp, l("feature", "response_port"), bs.responsePort.Load)
+	counter("stund_binding_rfc5780_total", featHelp, l("feature", "padding"), bs.padding.Load)
+	const respHelp = "Binding responses sent, by result: success, 400 (Bad Request), 420 (Unknown Attribute)."
+	counter("stund_binding_responses_total", respHelp, l("result", "success"), bs.success.Load)
+	counter("stund_binding_responses_total", respHelp, l("result", "400"), bs.err400.Load)
+	counter("stund_binding_responses_total", respHelp, l("result", "420"), bs.err420.Load)
+	counter("stund_binding_over_budget_total", "Binding replies whose mandatory core exceeded the 2x amplification budget.", nil, bs.overBudget.Load)
+
+	// Dropped before or instead of a reply.
+	const dropHelp = "Packets dropped and counted, by reason: malformed (bad STUN framing, attribute or FINGERPRINT), not_stun (neither STUN nor ChannelData), stream_unframeable (TCP/TLS connections closed on junk), send_error (replies the kernel refused)."
+	counter("stund_dropped_packets_total", dropHelp, l("reason", "malformed"), bs.malformed.Load)
+	counter("stund_dropped_packets_total", dropHelp, l("reason", "not_stun"), dm.junk.Load)
+	counter("stund_dropped_packets_total", dropHelp, l("reason", "stream_unframeable"), dm.streamJunk.Load)
+	counter("stund_dropped_packets_total", dropHelp, l("reason", "send_error"), dm.sendErrors.Load)
+
+	// Operations.
+	const reloadHelp = "Configuration reloads (SIGHUP), by result: ok or error (the old settings were kept)."
+	counter("stund_reloads_total", reloadHelp, l("result", "ok"), o.reloads.Load)
+	counter("stund_reloads_total", reloadHelp, l("result", "error"), o.reloadErrors.Load)
+	counter("stund_natprobe_probes_total", "Distinct natprobe probe IDs logged (SOFTWARE natprobe/... probe=ID).", nil, o.probesLogged.Load)
+	counter("stund_natprobe_probes_suppressed_total", "natprobe probe IDs not logged because the log rate limit was reached.", nil, o.probesSuppressed.Load)
+	gauge("stund_ready", "1 while every socket is bound and the server is not closing.", func() float64 {
+		if s.Ready() {
+			return 1
+		}
+		return 0
+	})
+	return reg
+}
+
+// Admin serves the admin endpoints. It exists before the server does, so
+// that the listener can answer /healthz while stund starts; SetServer
+// makes /readyz and /metrics live.
+type Admin struct {
+	srv     atomic.Pointer[Server]
+	metrics atomic.Pointer[http.Handler]
+}
+
+// SetServer attaches the running server.
+func (a *Admin) SetServer(s *Server) {
+	h := promhttp.HandlerFor(s.Registry(), promhttp.HandlerOpts{})
+	a.metrics.Store(&h)
+	a.srv.Store(s)
+}
+
+// ServeHTTP serves /healthz (the process is up: always 200), /readyz (200
+// once every socket is bound and until Close begins, else 503) and /metrics
+// (Prometheus text format; 503 before the server exists).
+func (a *Admin) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	switch r.URL.Path {
+	case "/healthz":
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		_, _ = w.Write([]byte("ok\n"))
+	case "/readyz":
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		s := a.srv.Load()
+		switch {
+		case s == nil:
+			http.Error(w, "starting", http.StatusServiceUnavailable)
+		case !s.Ready():
+			http.Error(w, "closing", http.StatusServiceUnavailable)
+		default:
+			_, _ = w.Write([]byte("ready\n"))
+		}
+	case "/metrics":
+		h := a.metrics.Load()
+		if h == nil {
+			http.Error(w, "starting", http.StatusServiceUnavailable)
+			return
+		}
+		(*h).ServeHTTP(w, r)
+	default:
+		http.NotFound(w, r)
+	}
+}

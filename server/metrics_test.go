@@ -1,0 +1,260 @@
+package server
+
+import (
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pion/stun/v4"
+	dto "github.com/prometheus/client_model/go"
+)
+
+// metricValue reads one series from the server's registry: name plus the
+// label pairs given as "k=v". It returns -1 when the series is absent.
+func metricValue(t *testing.T, s *Server, name string, labels ...string) float64 {
+	t.Helper()
+	mfs, err := s.Registry().Gather()
+	if err != nil {
+		t.Fatalf("gather: %v", err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	next:
+		for _, m := range mf.GetMetric() {
+			for _, want := range labels {
+				k, v, _ := strings.Cut(want, "=")
+				found := false
+				for _, lp := range m.GetLabel() {
+					if lp.GetName() == k && lp.GetValue() == v {
+						found = true
+					}
+				}
+				if !found {
+					continue next
+				}
+			}
+			return value(m)
+		}
+	}
+	return -1
+}
+
+func value(m *dto.Metric) float64 {
+	switch {
+	case m.Counter != nil:
+		return m.Counter.GetValue()
+	case m.Gauge != nil:
+		return m.Gauge.GetValue()
+	}
+	return -1
+}
+
+// waitMetric polls (bounded) until the series reaches at least min: pion
+// updates some counters from its own goroutines after the client returns.
+func waitMetric(t *testing.T, s *Server, min float64, name string, labels ...string) float64 {
+	t.Helper()
+	var v float64
+	for i := 0; i < 500; i++ {
+		if v = metricValue(t, s, name, labels...); v >= min {
+			return v
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Errorf("%s%v = %v, want >= %v", name, labels, v, min)
+	return v
+}
+
+// sendBinding sends one Binding request built with pion/stun from a fresh
+// socket and waits for the reply (if want is true).
+func sendRaw(t *testing.T, to *net.UDPAddr, pkt []byte, want bool) {
+	t.Helper()
+	c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.WriteTo(pkt, to); err != nil {
+		t.Fatal(err)
+	}
+	if !want {
+		return
+	}
+	_ = c.SetReadDeadline(time.Now().Add(e2eTimeout))
+	buf := make([]byte, 1500)
+	if _, _, err := c.ReadFrom(buf); err != nil {
+		t.Fatalf("no Binding reply: %v", err)
+	}
+}
+
+// TestMetrics drives every kind of traffic the metrics describe and reads
+// the counters back, from the registry and over HTTP.
+func TestMetrics(t *testing.T) {
+	s := startTURNServer(t, func(c *Config) { c.AllowPeers = mustPrefixes(t, "127.0.0.0/8") })
+
+	// Allocation, permission, data both ways.
+	c, _ := newTURNClient(t, s, "alice", "alice-pw")
+	relay, err := c.Allocate()
+	if err != nil {
+		t.Fatalf("Allocate: %v", err)
+	}
+	defer relay.Close()
+	peer, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peer.Close()
+	buf := make([]byte, 1500)
+	var relayed net.Addr
+	for i := 0; i < 100 && relayed == nil; i++ {
+		if _, err := relay.WriteTo([]byte("to-peer"), peer.LocalAddr()); err != nil {
+			t.Fatal(err)
+		}
+		_ = peer.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+		if _, from, err := peer.ReadFrom(buf); err == nil {
+			relayed = from
+		}
+	}
+	if relayed == nil {
+		t.Fatal("peer received nothing")
+	}
+	if _, err := peer.WriteTo([]byte("to-client!"), relayed); err != nil {
+		t.Fatal(err)
+	}
+	_ = relay.SetReadDeadline(time.Now().Add(e2eTimeout))
+	if _, _, err := relay.ReadFrom(buf); err != nil {
+		t.Fatalf("client read: %v", err)
+	}
+
+	// Auth failures: a wrong password (integrity) and an unknown user.
+	bad, _ := newTURNClient(t, s, "alice", "wrong")
+	if _, err := bad.Allocate(); err == nil {
+		t.Fatal("wrong password allocated")
+	}
+	unknown, _ := newTURNClient(t, s, "mallory", "x")
+	if _, err := unknown.Allocate(); err == nil {
+		t.Fatal("unknown user allocated")
+	}
+
+	// Binding: one with CHANGE-REQUEST change-port, junk, a bad FINGERPRINT.
+	srv := serverAddr(s)
+	m := stun.MustBuild(stun.TransactionID, stun.BindingRequest,
+		stun.RawAttribute{Type: stun.AttrChangeRequest, Value: []byte{0, 0, 0, changePortFlag}})
+	sendRaw(t, srv, m.Raw, true)
+	sendRaw(t, srv, []byte("junk-junk-junk"), false)
+	fp := stun.MustBuild(stun.TransactionID, stun.BindingRequest, stun.Fingerprint)
+	fp.Raw[len(fp.Raw)-1] ^= 0xff
+	sendRaw(t, srv, fp.Raw, false)
+
+	if v := metricValue(t, s, "stund_allocations_active"); v != 1 {
+		t.Errorf("stund_allocations_active = %v, want 1", v)
+	}
+	waitMetric(t, s, 1, "stund_allocations_created_total")
+	waitMetric(t, s, 1, "stund_permissions_active")
+	waitMetric(t, s, 1, "stund_permissions_created_total")
+	waitMetric(t, s, 1, "stund_relay_packets_total", "direction=to_peer")
+	waitMetric(t, s, float64(len("to-peer")), "stund_relay_bytes_total", "direction=to_peer")
+	waitMetric(t, s, 1, "stund_relay_packets_total", "direction=from_peer")
+	waitMetric(t, s, float64(len("to-client!")), "stund_relay_bytes_total", "direction=from_peer")
+	waitMetric(t, s, 1, "stund_auth_failures_total", "reason=bad_integrity")
+	waitMetric(t, s, 1, "stund_auth_failures_total", "reason=unknown_user")
+	waitMetric(t, s, 2, "stund_allocations_refused_total", "reason=auth")
+	waitMetric(t, s, 1, "stund_binding_rfc5780_total", "feature=change_port")
+	waitMetric(t, s, 1, "stund_binding_responses_total", "result=success")
+	waitMetric(t, s, 1, "stund_dropped_packets_total", "reason=not_stun")
+	waitMetric(t, s, 1, "stund_dropped_packets_total", "reason=malformed")
+	if v := metricValue(t, s, "stund_binding_rfc5780_total", "feature=change_ip"); v != 0 {
+		t.Errorf("change_ip = %v, want 0 (only change-port was asked)", v)
+	}
+	if v := metricValue(t, s, "stund_allocations_refused_total", "reason=quota"); v != 0 {
+		t.Errorf("quota refusals = %v, want 0", v)
+	}
+
+	// Over HTTP, with the runtime collectors; no per-user label anywhere.
+	a := &Admin{}
+	a.SetServer(s)
+	rec := httptest.NewRecorder()
+	a.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
+	body, _ := io.ReadAll(rec.Body)
+	text := string(body)
+	for _, want := range []string{"stund_allocations_active 1", "go_goroutines", "process_open_fds", `stund_relay_packets_total{direction="to_peer"}`} {
+		if !strings.Contains(text, want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+	for _, bad := range []string{"alice", "mallory", "user="} {
+		if strings.Contains(text, bad) {
+			t.Errorf("/metrics mentions %q: no per-user labels", bad)
+		}
+	}
+
+	// Closing the allocation empties the gauges.
+	relay.Close()
+	for i := 0; i < 500 && metricValue(t, s, "stund_allocations_active") != 0; i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if v := metricValue(t, s, "stund_allocations_active"); v != 0 {
+		t.Errorf("after close: stund_allocations_active = %v", v)
+	}
+	waitMetric(t, s, 1, "stund_allocations_deleted_total")
+}
+
+// TestMetricsQuotaAndPolicy: 486 and peer-policy refusals are counted by
+// reason.
+func TestMetricsQuotaAndPolicy(t *testing.T) {
+	s := startTURNServer(t, func(c *Config) { c.UserQuota = 1 })
+	c, _ := newTURNClient(t, s, "alice", "alice-pw")
+	relay, err := c.Allocate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer relay.Close()
+	c2, _ := newTURNClient(t, s, "alice", "alice-pw")
+	if _, err := c2.Allocate(); err == nil {
+		t.Fatal("second allocation over quota 1 succeeded")
+	}
+	waitMetric(t, s, 1, "stund_allocations_refused_total", "reason=quota")
+
+	// Loopback is refused by default: the permission is refused (403).
+	if err := c.CreatePermission(&net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 9}); err == nil {
+		t.Fatal("permission toward loopback granted")
+	}
+	waitMetric(t, s, 1, "stund_peer_refused_total", "stage=permission")
+}
+
+// TestHealthReady: /healthz answers while the process lives; /readyz only
+// between New and Close.
+func TestHealthReady(t *testing.T) {
+	a := &Admin{}
+	get := func(path string) int {
+		rec := httptest.NewRecorder()
+		a.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path, nil))
+		return rec.Code
+	}
+	if get("/healthz") != 200 || get("/readyz") != 503 || get("/metrics") != 503 {
+		t.Fatalf("before the server: healthz %d readyz %d metrics %d, want 200 503 503", get("/healthz"), get("/readyz"), get("/metrics"))
+	}
+	s := startTURNServer(t, nil)
+	a.SetServer(s)
+	if get("/readyz") != 200 || get("/metrics") != 200 {
+		t.Fatalf("running: readyz %d metrics %d, want 200 200", get("/readyz"), get("/metrics"))
+	}
+	if v := metricValue(t, s, "stund_ready"); v != 1 {
+		t.Errorf("stund_ready = %v while running", v)
+	}
+	if get("/nope") != 404 {
+		t.Errorf("unknown path: %d", get("/nope"))
+	}
+	s.Close()
+	if get("/readyz") != 503 || get("/healthz") != 200 {
+		t.Fatalf("closed: readyz %d healthz %d, want 503 200", get("/readyz"), get("/healthz"))
+	}
+	if v := metricValue(t, s, "stund_ready"); v != 0 {
+		t.Errorf("stund_ready = %v after Close", v)
+	}
+}
