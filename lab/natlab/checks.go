@@ -22,11 +22,16 @@ import (
 const (
 	stundPort    = 3478
 	stundAltPort = 3479
-	coturnPort   = 5478
-	coturnAlt    = 5479
-	turnUser     = "lab"
-	turnPass     = "labpass"
-	turnRealm    = "natlab"
+	// A second stund with --rfc5780-always for coturn's natdiscovery,
+	// whose bare first request needs OTHER-ADDRESS; natprobe and the
+	// classic stun client are judged against stund's default config.
+	stund5780Port    = 4478
+	stund5780AltPort = 4479
+	coturnPort       = 5478
+	coturnAlt        = 5479
+	turnUser         = "lab"
+	turnPass         = "labpass"
+	turnRealm        = "natlab"
 )
 
 // server is a daemon running in the lab's server namespace.
@@ -99,15 +104,18 @@ func tail(s string) string {
 	return strings.ReplaceAll(s, "\n", " | ")
 }
 
-func startStund(ctx context.Context, bin, ns string) (*server, error) {
+func startStund(ctx context.Context, bin, ns string, port, altPort int, extra ...string) (*server, error) {
 	return startServer(ctx, "stund", ns,
-		[]string{fmt.Sprintf("%s:%d", serverIP, stundPort), fmt.Sprintf("%s:%d", serverAltIP, stundAltPort)},
-		bin, "--primary-ip", serverIP, "--alternate-ip", serverAltIP,
-		"--port", fmt.Sprint(stundPort), "--alt-port", fmt.Sprint(stundAltPort),
-		// The TURN peer in the lab is the client's NATed address.
-		"--allow-peer", "198.51.100.0/24",
-		"--user", turnUser+":"+turnPass, "--realm", turnRealm, "--log-level", "warn")
+		[]string{fmt.Sprintf("%s:%d", serverIP, port), fmt.Sprintf("%s:%d", serverAltIP, altPort)},
+		append([]string{bin, "--primary-ip", serverIP, "--alternate-ip", serverAltIP,
+			"--port", fmt.Sprint(port), "--alt-port", fmt.Sprint(altPort)}, extra...)...)
 }
+
+// stundArgs are the flags every lab stund gets.
+var stundArgs = []string{
+	// The TURN peer in the lab is the client's NATed address.
+	"--allow-peer", "198.51.100.0/24",
+	"--user", turnUser + ":" + turnPass, "--realm", turnRealm, "--log-level", "warn"}
 
 // startCoturn runs coturn with two listening IPs: with -L given twice and
 // RFC 5780 left on, it answers CHANGE-REQUEST from the other IP/port.
