@@ -110,6 +110,10 @@ func (s *Server) Reload(cfg Config) error {
 	return err
 }
 
+// ReloadFailed counts a reload that failed before reaching Reload (the
+// configuration file did not parse), for stund_reloads_total.
+func (s *Server) ReloadFailed() { s.ops.reloadErrors.Add(1) }
+
 // ReloadReport says what a reload did.
 type ReloadReport struct {
 	// RestartNeeded lists the settings (by flag name) that differ from the

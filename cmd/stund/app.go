@@ -66,6 +66,7 @@ const (
 	fRFC5780All  = "rfc5780-always"
 	fLogLevel    = "log-level"
 	fLogFormat   = "log-format"
+	fMetrics     = "metrics"
 )
 
 // Embedded defaults: stund with no flags runs on any Linux box, where the
@@ -104,6 +105,7 @@ func flags() []cli.Flag {
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fSoftware, EnvVars: envName(fSoftware), Usage: "SOFTWARE attribute `TEXT` (default: none, it only helps attackers)"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fLogLevel, EnvVars: envName(fLogLevel), Value: "info", Usage: "`LEVEL`: debug, info, warn or error"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fLogFormat, EnvVars: envName(fLogFormat), Value: "text", Usage: "log `FORMAT`: text or json"}),
+		altsrc.NewStringFlag(&cli.StringFlag{Name: fMetrics, EnvVars: envName(fMetrics), Usage: "admin listener `ADDR` (host:port, e.g. 127.0.0.1:9641) serving /metrics (Prometheus), /healthz and /readyz; off when empty"}),
 	}
 }
 
@@ -138,34 +140,17 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			if err := altsrc.ApplyInputSourceValues(c, src, fl); err != nil {
 				return configError{keys.explain(err)}
 			}
-			c.App.Metadata = map[string]any{"yaml": keys}
+			if c.App.Metadata == nil {
+				c.App.Metadata = map[string]any{}
+			}
+			c.App.Metadata["yaml"] = keys
 			return nil
 		},
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
 			return usageError{err}
 		},
 		Action: func(c *cli.Context) error {
-			var keys *yamlKeys
-			if k, ok := c.App.Metadata["yaml"].(*yamlKeys); ok {
-				keys = k
-			}
-			cfg, demoPass, err := buildConfig(c, keys)
-			if err != nil {
-				return configError{err}
-			}
-			logger := cfg.Logger
-			srv, err := server.New(cfg)
-			if err != nil {
-				return err
-			}
-			if demoPass != "" {
-				fmt.Fprintf(stdout, "stund: demo TURN user %q password %q realm %q\n", demoUser, demoPass, cfg.Realm)
-			}
-			g := srv.Grid()
-			fmt.Fprintf(stdout, "stund: listening on %s %s %s %s\n", g[0][0], g[0][1], g[1][0], g[1][1])
-			<-c.Context.Done()
-			logger.Info("shutting down", "allocations", srv.AllocationCount())
-			return srv.Close()
+			return serve(c, stdout)
 		},
 	}
 	return app

@@ -33,6 +33,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	defer stop()
 
 	app := newApp(stdout, stderr)
+	app.Metadata = map[string]any{"args": args} // SIGHUP parses them again
 	err := app.RunContext(ctx, args)
 	if err == nil {
 		return 0
