@@ -1,0 +1,108 @@
+package main
+
+// The configuration reference in docs/operator.md is generated from the
+// flags, and the metrics list is checked against the registry, so neither
+// drifts from the code. Regenerate after changing a flag:
+//
+//	STUND_UPDATE_DOCS=1 go test ./cmd/stund -run TestOperatorDoc
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/stund/stund/server"
+)
+
+const (
+	flagsBegin = "<!-- BEGIN FLAGS: generated from cmd/stund's flags by `STUND_UPDATE_DOCS=1 go test ./cmd/stund -run TestOperatorDoc`; do not edit -->"
+	flagsEnd   = "<!-- END FLAGS -->"
+)
+
+// flagReference renders one table row per flag.
+func flagReference() string {
+	var b strings.Builder
+	b.WriteString("| flag | environment | default | what it does |\n| --- | --- | --- | --- |\n")
+	for _, f := range flags() {
+		name := f.Names()[0]
+		def, usage := "", ""
+		if d, ok := f.(cli.DocGenerationFlag); ok {
+			def, usage = d.GetValue(), d.GetUsage()
+		}
+		if tv, ok := f.(interface{ TakesValue() bool }); (ok && !tv.TakesValue()) || def == "false" {
+			def = "off"
+		}
+		if def == "" || def == "[]" {
+			def = "—"
+		} else {
+			def = "`" + def + "`"
+		}
+		arg := ""
+		if i := strings.Index(usage, "`"); i >= 0 {
+			if j := strings.Index(usage[i+1:], "`"); j >= 0 {
+				arg = " " + usage[i+1:i+1+j]
+			}
+		}
+		usage = strings.ReplaceAll(usage, "`", "")
+		usage = strings.ReplaceAll(usage, "|", "\\|")
+		fmt.Fprintf(&b, "| `--%s%s` | `%s` | %s | %s |\n", name, arg, envName(name)[0], def, usage)
+	}
+	return b.String()
+}
+
+func TestOperatorDoc(t *testing.T) {
+	path := filepath.Join(repoRoot, "docs/operator.md")
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc := string(raw)
+	i, j := strings.Index(doc, flagsBegin), strings.Index(doc, flagsEnd)
+	if i < 0 || j < i {
+		t.Fatalf("%s lacks the generated flags section markers", path)
+	}
+	want := flagsBegin + "\n\n" + flagReference() + "\n" + flagsEnd
+	if got := doc[i : j+len(flagsEnd)]; got != want {
+		if os.Getenv("STUND_UPDATE_DOCS") == "1" {
+			doc = doc[:i] + want + doc[j+len(flagsEnd):]
+			if err := os.WriteFile(path, []byte(doc), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("updated %s", path)
+		} else {
+			t.Errorf("the flag reference in %s is stale: run STUND_UPDATE_DOCS=1 go test ./cmd/stund -run TestOperatorDoc", path)
+		}
+	}
+
+	// Every stund_* metric is documented.
+	srv, err := server.New(server.Config{
+		PrimaryIP: netip.MustParseAddr("127.0.0.1"), AlternateIP: netip.MustParseAddr("127.0.0.2"),
+		Users: map[string]string{"u": "p"}, DisableTCP: true,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	srv.Registry().MustRegister(buildInfo())
+	mfs, err := srv.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, mf := range mfs {
+		if name := mf.GetName(); strings.HasPrefix(name, "stund_") {
+			n++
+			if !strings.Contains(doc, "`"+name+"`") {
+				t.Errorf("metric %s is not in %s", name, path)
+			}
+		}
+	}
+	if n < 15 {
+		t.Errorf("only %d stund_* metrics registered", n)
+	}
+}
