@@ -88,6 +88,28 @@ type Config struct {
 	// RFC 8656 §7.2). Negative means unlimited.
 	UserQuota, TotalQuota int
 
+	// UnauthRate is how many unauthenticated responses (UDP Binding
+	// replies, TURN 401 challenges) one source IP, or IPv6 /64, gets per
+	// second, with a burst of four seconds' worth (ratelimit.go). Beyond
+	// it the request is dropped unanswered and counted. 0 means
+	// DefaultUnauthRate; negative means unlimited.
+	UnauthRate float64
+	// AllocRate is how many Allocates one user may make per second (486
+	// beyond, like the quota). 0 means DefaultAllocRate; negative means
+	// unlimited.
+	AllocRate float64
+	// MaxBPS caps each user's relayed UDP traffic, in bits per second in
+	// each direction, summed over all the user's allocations; datagrams
+	// over it are dropped and counted (bandwidth.go). 0 means no cap.
+	MaxBPS int64
+	// MaxConnsPerIP bounds concurrent TCP/TLS connections from one source
+	// IP, or IPv6 /64; more are closed at accept. 0 means
+	// DefaultMaxConnsPerIP; negative means unlimited.
+	MaxConnsPerIP int
+	// abuse: tests only, a fake clock for the rate limits and short
+	// stream timeouts; nil means the real ones.
+	abuse *abuseHooks
+
 	// RFC5780Always puts OTHER-ADDRESS and RESPONSE-ORIGIN into every
 	// Binding reply, also to bare requests that used no RFC 5780 feature.
 	// Off by default: a bare 20-byte request would get 56 bytes back over
@@ -124,6 +146,15 @@ func (c Config) withDefaults() Config {
 	}
 	if c.TotalQuota == 0 {
 		c.TotalQuota = DefaultTotalQuota
+	}
+	if c.UnauthRate == 0 {
+		c.UnauthRate = DefaultUnauthRate
+	}
+	if c.AllocRate == 0 {
+		c.AllocRate = DefaultAllocRate
+	}
+	if c.MaxConnsPerIP == 0 {
+		c.MaxConnsPerIP = DefaultMaxConnsPerIP
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -181,6 +212,12 @@ func (c Config) Validate() error {
 		if priv.Unmap().Is4() != pub.Unmap().Is4() {
 			return fmt.Errorf("advertise: %s=%s mixes address families", priv, pub)
 		}
+	}
+	if c.UnauthRate != c.UnauthRate || c.AllocRate != c.AllocRate { // NaN
+		return fmt.Errorf("unauth-rate: not a number")
+	}
+	if c.MaxBPS < 0 {
+		return fmt.Errorf("max-bps: %d: give a positive number of bits per second, or 0 for no cap", c.MaxBPS)
 	}
 	for name, pw := range c.Users {
 		if name == "" || pw == "" {

@@ -20,6 +20,7 @@ type relayGenerator struct {
 	min, max uint16
 	live     *livePolicy // the peer policy in force (Reload swaps it)
 	ops      *opsStats   // relayed packet and byte counters
+	bw       *bandwidth  // per-user cap (bandwidth.go); nil: none
 }
 
 func (g *relayGenerator) Validate() error { return g.inner.Validate() }
@@ -40,7 +41,8 @@ func (g *relayGenerator) AllocatePacketConn(c turn.AllocateListenerConfig) (net.
 	if err != nil {
 		return nil, nil, err
 	}
-	return newRelayConn(conn, g.live, g.ops), addr, nil
+	// The cap sits under the counters, so they count what was relayed.
+	return newRelayConn(g.bw.wrap(conn, c.UserID), g.live, g.ops), addr, nil
 }
 
 // AllocateListener binds a TCP relay (RFC 6062 §5.1).

@@ -1,0 +1,172 @@
+package server
+
+import (
+	"errors"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Per-user bandwidth cap on relayed traffic (--max-bps).
+//
+// Each user has two token buckets, one per direction (client to peer and
+// peer to client), each filling at MaxBPS bits per second; all the user's
+// UDP relay sockets draw from them, so opening more allocations buys no
+// more bandwidth. A datagram over the cap is dropped and counted, which is
+// what a congested link does to UDP: the user's own congestion control
+// backs off, and nothing waits, so other users' packets never queue behind
+// a capped one. Buckets exist only while the user has a relay socket open,
+// so their number is bounded by the allocation quota.
+
+// minBandwidthBurst is the smallest bucket: a few full-size datagrams, so
+// that even a very low cap passes whole packets.
+const minBandwidthBurst = 16 << 10
+
+// errBandwidth is returned to pion for a datagram toward a peer that the
+// cap dropped; pion counts it as a failed relay write and goes on.
+var errBandwidth = errors.New("relay: per-user bandwidth cap reached; datagram dropped")
+
+type bandwidth struct {
+	bps       int64 // bits per second per direction; the receiver is nil when unlimited
+	tolerance int64 // ns of burst
+	now       func() time.Time
+
+	mu    sync.Mutex
+	users map[string]*userBW
+
+	droppedPkts, droppedBytes atomic.Uint64
+}
+
+type userBW struct {
+	refs    int // relay sockets open (under bandwidth.mu)
+	in, out bucket
+}
+
+// bucket is a GCRA token bucket in bytes: tat is when the bytes sent so
+// far would have drained at the cap.
+type bucket struct{ tat atomic.Int64 }
+
+// newBandwidth returns the cap, or nil (unlimited) for bps <= 0.
+func newBandwidth(bps int64, now func() time.Time) *bandwidth {
+	if bps <= 0 {
+		return nil
+	}
+	if now == nil {
+		now = time.Now
+	}
+	b := &bandwidth{bps: bps, now: now, users: map[string]*userBW{}}
+	// A bucket holds one second of the cap, at least minBandwidthBurst:
+	// video sends a keyframe as a burst well above its average rate.
+	b.tolerance = max(int64(time.Second), b.cost(minBandwidthBurst))
+	return b
+}
+
+// cost is how long n bytes take at the cap, in ns.
+func (b *bandwidth) cost(n int) int64 {
+	c := int64(n) * 8 * int64(time.Second) / b.bps
+	if c < 1 {
+		c = 1
+	}
+	return c
+}
+
+// take charges n bytes to one direction's bucket; false: over the cap.
+func (b *bandwidth) take(k *bucket, n int) bool {
+	now := b.now().UnixNano()
+	cost := b.cost(n)
+	for {
+		old := k.tat.Load()
+		t := max(old, now)
+		if t-now > b.tolerance {
+			b.droppedPkts.Add(1)
+			b.droppedBytes.Add(uint64(n))
+			return false
+		}
+		if k.tat.CompareAndSwap(old, t+cost) {
+			return true
+		}
+	}
+}
+
+// acquire returns userID's buckets, creating them on the user's first
+// relay socket.
+func (b *bandwidth) acquire(userID string) *userBW {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	u := b.users[userID]
+	if u == nil {
+		u = &userBW{}
+		b.users[userID] = u
+	}
+	u.refs++
+	return u
+}
+
+// release drops a reference; the user's last relay socket closing forgets
+// the buckets.
+func (b *bandwidth) release(userID string, u *userBW) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	u.refs--
+	if u.refs <= 0 && b.users[userID] == u {
+		delete(b.users, userID)
+	}
+}
+
+// tracked is the number of users with buckets (for tests).
+func (b *bandwidth) tracked() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return len(b.users)
+}
+
+func (b *bandwidth) dropped() (pkts, bytes uint64) {
+	if b == nil {
+		return 0, 0
+	}
+	return b.droppedPkts.Load(), b.droppedBytes.Load()
+}
+
+// wrap puts the user's cap on a UDP relay socket; with no cap it returns
+// c itself.
+func (b *bandwidth) wrap(c net.PacketConn, userID string) net.PacketConn {
+	if b == nil {
+		return c
+	}
+	return &bwConn{PacketConn: c, b: b, user: userID, u: b.acquire(userID)}
+}
+
+// bwConn is a relay socket under a user's bandwidth cap (RFC 8656 §7.2
+// leaves the relaying policy to the server).
+type bwConn struct {
+	net.PacketConn
+	b     *bandwidth
+	user  string
+	u     *userBW
+	close sync.Once
+}
+
+// WriteTo sends toward a peer, or drops the datagram over the cap.
+func (c *bwConn) WriteTo(p []byte, addr net.Addr) (int, error) {
+	if !c.b.take(&c.u.out, len(p)) {
+		return 0, errBandwidth
+	}
+	return c.PacketConn.WriteTo(p, addr)
+}
+
+// ReadFrom returns the next datagram from a peer within the cap; those
+// over it are dropped here, before pion relays them to the client.
+func (c *bwConn) ReadFrom(p []byte) (int, net.Addr, error) {
+	for {
+		n, addr, err := c.PacketConn.ReadFrom(p)
+		if err != nil || c.b.take(&c.u.in, n) {
+			return n, addr, err
+		}
+	}
+}
+
+func (c *bwConn) Close() error {
+	c.close.Do(func() { c.b.release(c.user, c.u) })
+	return c.PacketConn.Close()
+}
