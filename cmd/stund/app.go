@@ -62,6 +62,10 @@ const (
 	fDenyPeer    = "deny-peer"
 	fUserQuota   = "user-quota"
 	fTotalQuota  = "total-quota"
+	fUnauthRate  = "unauth-rate"
+	fAllocRate   = "alloc-rate"
+	fMaxBPS      = "max-bps"
+	fMaxConnsIP  = "max-conns-per-ip"
 	fSoftware    = "software"
 	fRFC5780All  = "rfc5780-always"
 	fLogLevel    = "log-level"
@@ -101,6 +105,10 @@ func flags() []cli.Flag {
 		altsrc.NewStringSliceFlag(&cli.StringSliceFlag{Name: fDenyPeer, EnvVars: envName(fDenyPeer), Usage: "refuse a further peer `CIDR` (repeatable)"}),
 		altsrc.NewIntFlag(&cli.IntFlag{Name: fUserQuota, EnvVars: envName(fUserQuota), Value: server.DefaultUserQuota, Usage: "allocations per user (486 beyond; -1 unlimited)"}),
 		altsrc.NewIntFlag(&cli.IntFlag{Name: fTotalQuota, EnvVars: envName(fTotalQuota), Value: server.DefaultTotalQuota, Usage: "allocations in total (486 beyond; -1 unlimited)"}),
+		altsrc.NewFloat64Flag(&cli.Float64Flag{Name: fUnauthRate, EnvVars: envName(fUnauthRate), Value: server.DefaultUnauthRate, Usage: "unauthenticated responses (UDP Binding replies, 401s) per second per source IP or IPv6 /64, burst 4 s' worth; beyond it requests are dropped and counted (-1 unlimited)"}),
+		altsrc.NewFloat64Flag(&cli.Float64Flag{Name: fAllocRate, EnvVars: envName(fAllocRate), Value: server.DefaultAllocRate, Usage: "Allocates per second per user, burst 4 s' worth (486 beyond; -1 unlimited)"}),
+		altsrc.NewInt64Flag(&cli.Int64Flag{Name: fMaxBPS, EnvVars: envName(fMaxBPS), Usage: "cap on each user's relayed UDP traffic in `BITS` per second, each direction, over all the user's allocations; datagrams over it are dropped and counted (0: no cap)"}),
+		altsrc.NewIntFlag(&cli.IntFlag{Name: fMaxConnsIP, EnvVars: envName(fMaxConnsIP), Value: server.DefaultMaxConnsPerIP, Usage: "concurrent TCP/TLS connections per source IP or IPv6 /64; more are closed at accept (-1 unlimited)"}),
 		altsrc.NewBoolFlag(&cli.BoolFlag{Name: fRFC5780All, EnvVars: envName(fRFC5780All), Usage: "OTHER-ADDRESS and RESPONSE-ORIGIN in every Binding reply, also to bare requests (needed by coturn's natdiscovery; costs 2.8x amplification)"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fSoftware, EnvVars: envName(fSoftware), Usage: "SOFTWARE attribute `TEXT` (default: none, it only helps attackers)"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fLogLevel, EnvVars: envName(fLogLevel), Value: "info", Usage: "`LEVEL`: debug, info, warn or error"}),

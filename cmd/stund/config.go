@@ -198,6 +198,25 @@ func buildConfig(c *cli.Context, keys *yamlKeys) (cfg server.Config, demoPass st
 	}
 	cfg.Software = c.String(fSoftware)
 	cfg.RFC5780Always = c.Bool(fRFC5780All)
+	rate := func(flag string) (float64, error) {
+		r := c.Float64(flag)
+		if r == 0 || (r < 0 && r != -1) || r != r {
+			return 0, bad(flag, "%v: give a positive number per second, or -1 for unlimited", r)
+		}
+		return r, nil
+	}
+	if cfg.UnauthRate, err = rate(fUnauthRate); err != nil {
+		return cfg, "", err
+	}
+	if cfg.AllocRate, err = rate(fAllocRate); err != nil {
+		return cfg, "", err
+	}
+	if cfg.MaxBPS = c.Int64(fMaxBPS); cfg.MaxBPS < 0 {
+		return cfg, "", bad(fMaxBPS, "%d: give bits per second, or 0 for no cap", cfg.MaxBPS)
+	}
+	if cfg.MaxConnsPerIP = c.Int(fMaxConnsIP); cfg.MaxConnsPerIP == 0 || cfg.MaxConnsPerIP < -1 {
+		return cfg, "", bad(fMaxConnsIP, "%d: give a positive number, or -1 for unlimited", cfg.MaxConnsPerIP)
+	}
 
 	logger, lv, err := newLogger(c.App.ErrWriter, c.String(fLogLevel), c.String(fLogFormat))
 	if err != nil {
