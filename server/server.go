@@ -45,6 +45,10 @@ type Server struct {
 	closeOnce sync.Once
 	closeErr  error
 
+	// gridSocks holds every socket of a cell, grid[i][p] first: the
+	// SO_REUSEPORT siblings, one read loop each (udpsock.go).
+	gridSocks [2][2][]net.PacketConn
+
 	// Operations (metrics.go, reload.go, probeid.go).
 	live        livePolicy // the peer policy in force; policy above is the one at start
 	ops         opsStats
@@ -53,8 +57,6 @@ type Server struct {
 	reloadMu    sync.Mutex
 	metricsOnce sync.Once
 	registry    *prometheus.Registry
-
-	limits limits // rate limits, bandwidth cap, stream bounds (ratelimit.go)
 }
 
 // New validates cfg, binds every socket (or none: on any error all that
@@ -127,11 +129,12 @@ func (s *Server) bind() error {
 	ports := [2]int{s.cfg.Port, s.cfg.AltPort}
 	for i, ip := range s.ips() {
 		for p := 0; p < 2; p++ {
-			conn, err := s.net.ListenUDP(udpNetwork(ip), net.UDPAddrFromAddrPort(netip.AddrPortFrom(ip, uint16(ports[p]))))
+			socks, err := s.listenUDP(ip, ports[p])
 			if err != nil {
 				return fmt.Errorf("bind udp %s: %w", netip.AddrPortFrom(ip, uint16(ports[p])), err)
 			}
-			s.grid[i][p] = conn
+			conn := socks[0]
+			s.grid[i][p], s.gridSocks[i][p] = conn, socks
 			s.gridAddr[i][p] = addrPortOf(conn.LocalAddr())
 			ports[p] = int(s.gridAddr[i][p].Port())
 		}
@@ -165,10 +168,10 @@ func (s *Server) bind() error {
 func (s *Server) closeSockets() {
 	for i := range s.grid {
 		for p := range s.grid[i] {
-			if s.grid[i][p] != nil {
-				_ = s.grid[i][p].Close()
-				s.grid[i][p] = nil
+			for _, c := range s.gridSocks[i][p] {
+				_ = c.Close()
 			}
+			s.grid[i][p], s.gridSocks[i][p] = nil, nil
 		}
 	}
 	for _, l := range append(s.tcp, s.tls...) {
@@ -194,7 +197,6 @@ func (s *Server) startTURN() error {
 
 	s.auth = NewAuthenticator(Credentials{Realm: cfg.Realm, Users: cfg.Users, Secrets: cfg.AuthSecrets})
 	s.quotas = NewQuotas(cfg.UserQuota, cfg.TotalQuota)
-	s.initLimits(cfg.abuse)
 
 	lf := cfg.LoggerFactory
 	if lf == nil {
@@ -206,7 +208,7 @@ func (s *Server) startTURN() error {
 	tc := turn.ServerConfig{
 		Realm:         cfg.Realm,
 		AuthHandler:   s.countAuth(s.auth.AuthHandler()),
-		QuotaHandler:  s.allocRateThen(s.quotas.QuotaHandler()),
+		QuotaHandler:  s.quotas.QuotaHandler(),
 		EventHandler:  s.eventHandler(),
 		LoggerFactory: lf,
 		// RFC 8656 §7.2: the server caps a requested LIFETIME; pion
@@ -215,14 +217,14 @@ func (s *Server) startTURN() error {
 	}
 	for i := range s.grid {
 		for p := range s.grid[i] {
-			if s.grid[i][p] == nil {
-				continue
+			// One read loop per socket of the cell (udpsock.go).
+			for _, c := range s.gridSocks[i][p] {
+				tc.PacketConnConfigs = append(tc.PacketConnConfigs, turn.PacketConnConfig{
+					PacketConn:            &stunPacketConn{PacketConn: c, s: s, at: endpoint{ip: i, port: p}, local: s.gridAddr[i][p]},
+					RelayAddressGenerator: s.relayGen(i),
+					PermissionHandler:     s.live.permissionHandler(),
+				})
 			}
-			tc.PacketConnConfigs = append(tc.PacketConnConfigs, turn.PacketConnConfig{
-				PacketConn:            &stunPacketConn{PacketConn: s.grid[i][p], s: s, at: endpoint{ip: i, port: p}, local: s.gridAddr[i][p]},
-				RelayAddressGenerator: s.relayGen(i),
-				PermissionHandler:     s.live.permissionHandler(),
-			})
 		}
 	}
 	for _, l := range append(append([]net.Listener{}, s.tcp...), s.tls...) {
@@ -262,7 +264,6 @@ func (s *Server) relayGen(i int) turn.RelayAddressGenerator {
 		max:  s.cfg.RelayPortMax,
 		live: &s.live,
 		ops:  &s.ops,
-		bw:   s.limits.bw,
 	}
 }
 
