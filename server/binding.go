@@ -346,9 +346,16 @@ func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok 
 		}
 		origin = b.public(b.cfg.Grid[from.ip][from.port])
 		if b.dual {
-			// RFC 5780 §7.4 / §6.1 Table 1: OTHER-ADDRESS is Ca:Cp, the
-			// diagonal of the cell the request arrived on.
-			other = b.public(b.cfg.Grid[1-req.At.ip][1-req.At.port])
+			// RFC 5780 §7.4: OTHER-ADDRESS names the server's alternate
+			// address and port, Aa:Ap, whichever cell the request arrived
+			// on. Read literally ("the source that change-IP+port would
+			// use") it is the diagonal of the arrival cell, but clients
+			// follow §4.3 with it: coturn's natdiscovery sends test III to
+			// the OTHER-ADDRESS of its test II reply (sent to Aa:Pp), and a
+			// diagonal answer (Pa:Ap) makes an address-dependent NAT read
+			// as address-and-port-dependent (seen in the NAT lab). coturn
+			// names Aa:Ap always, and so do we.
+			other = b.public(b.cfg.Grid[1][1])
 		}
 	}
 	rfc5780 := b.dual && (p.hasChange || p.hasRespPort || p.hasPadding || b.cfg.RFC5780Always)

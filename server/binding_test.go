@@ -175,7 +175,7 @@ func TestRFC5780Table(t *testing.T) {
 					if d.origin != gridV4[wantFrom.ip][wantFrom.port] {
 						t.Errorf("at %v change %s: RESPONSE-ORIGIN %v want %v", at, f.name, d.origin, gridV4[wantFrom.ip][wantFrom.port])
 					}
-					if d.other != gridV4[1-ip][1-port] {
+					if d.other != gridV4[1][1] {
 						t.Errorf("at %v change %s: OTHER-ADDRESS %v", at, f.name, d.other)
 					}
 					if d.fpOK != fp {
@@ -352,7 +352,7 @@ func TestIPv6Grid(t *testing.T) {
 	b := newBinder(binderConfig{Grid: gridV6})
 	raw := request(t, true, changeReq(changeIPFlag), rawAttr{0x8050, make([]byte, 40)})
 	reply, d := mustHandle(t, b, bindingRequest{Raw: raw, Src: clientV6, At: endpoint{0, 1}})
-	if reply.From != (endpoint{1, 1}) || d.xor != clientV6 || d.origin != gridV6[1][1] || d.other != gridV6[1][0] || !d.fpOK {
+	if reply.From != (endpoint{1, 1}) || d.xor != clientV6 || d.origin != gridV6[1][1] || d.other != gridV6[1][1] || !d.fpOK {
 		t.Errorf("IPv6: from %v %+v", reply.From, d)
 	}
 	// A v4-mapped source (dual-stack socket) is reported as IPv4.
