@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -74,6 +75,10 @@ func (c *stunPacketConn) answer(pkt []byte, from net.Addr) {
 	if !ok {
 		return
 	}
+	// Reflection bound: replies per source IP (ratelimit.go).
+	if !c.s.allowUnauth(reply.To.Addr()) {
+		return
+	}
 	// A reply from this cell leaves by this socket (its own read loop's,
 	// so SO_REUSEPORT siblings do not queue on one socket's write lock);
 	// CHANGE-REQUEST replies leave by the named cell's first socket.
@@ -101,9 +106,19 @@ type stunListener struct {
 }
 
 func (l *stunListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err != nil {
-		return nil, err
+	var c net.Conn
+	for {
+		var err error
+		if c, err = l.Listener.Accept(); err != nil {
+			return nil, err
+		}
+		// Connections per source IP (ratelimit.go); an error here
+		// would end pion's accept loop, so refuse by closing.
+		if l.s.limits.conns.acquire(addrPortOf(c.RemoteAddr()).Addr()) {
+			break
+		}
+		l.s.limits.streamRefused.Add(1)
+		_ = c.Close()
 	}
 	return &stunStreamConn{
 		Conn:   c,
@@ -139,6 +154,10 @@ type stunStreamConn struct {
 	out  []byte
 
 	wmu sync.Mutex // pion's writes and our Binding replies share the stream
+
+	started   bool        // a whole frame arrived (Read's goroutine only)
+	authed    atomic.Bool // pion answered a TURN request with success
+	closeOnce sync.Once
 }
 
 func (c *stunStreamConn) Read(p []byte) (int, error) {
@@ -159,6 +178,7 @@ func (c *stunStreamConn) Read(p []byte) (int, error) {
 		if err == nil && c.w-c.r >= n {
 			frame := c.buf[c.r : c.r+n]
 			c.r += n
+			c.started = true
 			if isBinding(frame) {
 				c.answer(frame)
 			} else {
@@ -179,9 +199,14 @@ func (c *stunStreamConn) Read(p []byte) (int, error) {
 			copy(nb, c.buf[:c.w])
 			c.buf = nb
 		}
+		// Slowloris bound: every wait for bytes has a deadline.
+		_ = c.Conn.SetReadDeadline(time.Now().Add(c.s.limits.readTimeout(c.w > c.r, c.started, c.authed.Load())))
 		m, err := c.Conn.Read(c.buf[c.w:])
 		c.w += m
 		if err != nil && m == 0 {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				c.s.limits.streamIdleClosed.Add(1)
+			}
 			return 0, err
 		}
 	}
@@ -218,5 +243,14 @@ func (c *stunStreamConn) Write(b []byte) (int, error) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	_ = c.Conn.SetWriteDeadline(time.Now().Add(streamWriteTimeout))
+	if isTURNSuccess(b) {
+		c.authed.Store(true)
+	}
 	return c.Conn.Write(b)
+}
+
+// Close closes the connection and uncounts it from its source IP.
+func (c *stunStreamConn) Close() error {
+	c.closeOnce.Do(func() { c.s.limits.conns.release(c.remote.Addr()) })
+	return c.Conn.Close()
 }

@@ -57,6 +57,8 @@ type Server struct {
 	reloadMu    sync.Mutex
 	metricsOnce sync.Once
 	registry    *prometheus.Registry
+
+	limits limits // rate limits, bandwidth cap, stream bounds (ratelimit.go)
 }
 
 // New validates cfg, binds every socket (or none: on any error all that
@@ -197,6 +199,7 @@ func (s *Server) startTURN() error {
 
 	s.auth = NewAuthenticator(Credentials{Realm: cfg.Realm, Users: cfg.Users, Secrets: cfg.AuthSecrets})
 	s.quotas = NewQuotas(cfg.UserQuota, cfg.TotalQuota)
+	s.initLimits(cfg.abuse)
 
 	lf := cfg.LoggerFactory
 	if lf == nil {
@@ -208,7 +211,7 @@ func (s *Server) startTURN() error {
 	tc := turn.ServerConfig{
 		Realm:         cfg.Realm,
 		AuthHandler:   s.countAuth(s.auth.AuthHandler()),
-		QuotaHandler:  s.quotas.QuotaHandler(),
+		QuotaHandler:  s.allocRateThen(s.quotas.QuotaHandler()),
 		EventHandler:  s.eventHandler(),
 		LoggerFactory: lf,
 		// RFC 8656 §7.2: the server caps a requested LIFETIME; pion
@@ -264,6 +267,7 @@ func (s *Server) relayGen(i int) turn.RelayAddressGenerator {
 		max:  s.cfg.RelayPortMax,
 		live: &s.live,
 		ops:  &s.ops,
+		bw:   s.limits.bw,
 	}
 }
 
