@@ -59,10 +59,12 @@ const (
 )
 
 // Lifetime is the bracket in which the UDP mapping expired when idle
-// (RFC 4787 §4.3): still alive after MinS seconds, gone after MaxS.
+// (RFC 4787 §4.3): still alive after MinS seconds, gone after MaxS. MaxS is
+// nil (JSON null) when the mapping was still alive at the longest idle time
+// the search tried (--lifetime-max): the bracket is then [MinS, ∞).
 type Lifetime struct {
-	MinS float64 `json:"min_s"`
-	MaxS float64 `json:"max_s"`
+	MinS float64  `json:"min_s"`
+	MaxS *float64 `json:"max_s"`
 }
 
 // RelayReport is what the TURN fallback proved (see package relay).
@@ -102,6 +104,29 @@ type Report struct {
 
 	// Reasons maps a JSON field name to why it is inconclusive (or why it
 	// was not measured when that is not obvious).
-	Reasons    map[string]string `json:"reasons"`
-	DurationMS int64             `json:"duration_ms"`
+	Reasons map[string]string `json:"reasons"`
+	// InconclusiveFields lists the JSON names of the fields that were
+	// measured but not settled (each has its entry in Reasons); a field
+	// only in Reasons was not measured. Sorted.
+	InconclusiveFields []string `json:"inconclusive_fields"`
+
+	// ServerOtherAddress is the OTHER-ADDRESS the server announced
+	// (RFC 5780 §7.4), empty for a single-IP server.
+	ServerOtherAddress netip.AddrPort `json:"server_other_address"`
+	// Anomalies are facts that do not fit a field but matter to whoever
+	// reads the report: replies whose RESPONSE-ORIGIN is not their real
+	// source (a middlebox), port overloading, a server ignoring
+	// CHANGE-REQUEST.
+	Anomalies []string `json:"anomalies"`
+	// Stats counts the datagrams of the run; malformed and unmatched ones
+	// were dropped.
+	Stats Stats `json:"stats"`
+
+	DurationMS int64 `json:"duration_ms"`
+}
+
+// Inconclusive reports whether any measured field was left unsettled
+// (natprobe exits 1).
+func (r *Report) Inconclusive() bool {
+	return len(r.InconclusiveFields) > 0
 }
