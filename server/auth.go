@@ -172,6 +172,22 @@ func (a *Authenticator) AuthHandler() turn.AuthHandler {
 	}
 }
 
+// Realm is the realm of the current credentials.
+func (a *Authenticator) Realm() string { return a.cur.Load().Realm }
+
+// Key returns the user ID and the long-term key MD5(username:realm:password)
+// (RFC 8489 §9.2.2) for a request's USERNAME and REALM, or ok=false for an
+// unknown or expired user or a foreign realm (counted in Rejected). The
+// TURN front (guard.go) checks MESSAGE-INTEGRITY with it.
+func (a *Authenticator) Key(username, realm string) (userID string, key []byte, ok bool) {
+	userID, key, ok = a.cur.Load().authenticate(&turn.RequestAttributes{Username: username, Realm: realm})
+	if !ok {
+		a.rejected.Add(1)
+	}
+
+	return userID, key, ok
+}
+
 // AuthHandler returns a pion hook for this fixed set of credentials.
 func (c *Credentials) AuthHandler() turn.AuthHandler {
 	return c.authenticate

@@ -37,10 +37,14 @@ type stunPacketConn struct {
 	s     *Server
 	at    endpoint
 	local netip.AddrPort
-	out   []byte // reply buffer; only the read loop goroutine uses it
+	out   []byte    // reply buffer; only the read loop goroutine uses it
+	fs    frontConn // TURN front state (guard.go)
 }
 
 func (c *stunPacketConn) ReadFrom(p []byte) (int, net.Addr, error) {
+	if n, addr := c.frontResume(p); n > 0 { // a request held while pion minted a nonce (guard.go)
+		return n, addr, nil
+	}
 	for {
 		n, addr, err := c.PacketConn.ReadFrom(p)
 		if err != nil {
@@ -53,9 +57,15 @@ func (c *stunPacketConn) ReadFrom(p []byte) (int, net.Addr, error) {
 		}
 		// Only cookie STUN (pion's) and ChannelData go on; RFC 3489
 		// messages other than Binding mean nothing to a TURN server.
-		if k := stunwire.Classify(pkt); k != stunwire.KindSTUN && k != stunwire.KindChannelData {
+		k := stunwire.Classify(pkt)
+		if k != stunwire.KindSTUN && k != stunwire.KindChannelData {
 			c.s.demux.junk.Add(1)
 			continue
+		}
+		if k == stunwire.KindSTUN { // TURN front: auth and RFC 8656 checks (guard.go)
+			if n, addr = c.frontDatagram(p, n, addr, true); n == 0 {
+				continue
+			}
 		}
 		return n, addr, nil
 	}
@@ -154,6 +164,7 @@ type stunStreamConn struct {
 	out  []byte
 
 	wmu sync.Mutex // pion's writes and our Binding replies share the stream
+	fs  frontConn  // TURN front state (guard.go), Read's goroutine only
 
 	started   bool        // a whole frame arrived (Read's goroutine only)
 	authed    atomic.Bool // pion answered a TURN request with success
@@ -165,6 +176,9 @@ func (c *stunStreamConn) Read(p []byte) (int, error) {
 		c.buf = make([]byte, streamBufInit)
 	}
 	for {
+		if len(c.pass) == 0 && c.fs.holding {
+			c.pass = c.frontResume() // held while pion minted a nonce (guard.go)
+		}
 		if len(c.pass) > 0 {
 			n := copy(p, c.pass)
 			c.pass = c.pass[n:]
@@ -182,7 +196,7 @@ func (c *stunStreamConn) Read(p []byte) (int, error) {
 			if isBinding(frame) {
 				c.answer(frame)
 			} else {
-				c.pass = frame
+				c.pass = c.frontFrame(frame, true) // TURN front (guard.go)
 			}
 			continue
 		}
@@ -240,6 +254,9 @@ func (c *stunStreamConn) answer(frame []byte) {
 const streamWriteTimeout = 10 * time.Second
 
 func (c *stunStreamConn) Write(b []byte) (int, error) {
+	if c.s.front.capture(b) { // pion's answer to the front's synthetic request (guard.go)
+		return len(b), nil
+	}
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	_ = c.Conn.SetWriteDeadline(time.Now().Add(streamWriteTimeout))

@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/pion/logging"
 	"github.com/pion/transport/v5"
@@ -41,6 +42,7 @@ type Server struct {
 	policy    *PeerPolicy
 	auth      *Authenticator
 	quotas    *Quotas
+	front     *turnFront // auth and RFC 8656 checks in front of pion (guard.go)
 	demux     demuxStats
 	closeOnce sync.Once
 	closeErr  error
@@ -199,6 +201,7 @@ func (s *Server) startTURN() error {
 
 	s.auth = NewAuthenticator(Credentials{Realm: cfg.Realm, Users: cfg.Users, Secrets: cfg.AuthSecrets})
 	s.quotas = NewQuotas(cfg.UserQuota, cfg.TotalQuota)
+	s.front = newTurnFront(s, DefaultNonceLifetime)
 	s.initLimits(cfg.abuse)
 
 	lf := cfg.LoggerFactory
@@ -214,9 +217,11 @@ func (s *Server) startTURN() error {
 		QuotaHandler:  s.allocRateThen(s.quotas.QuotaHandler()),
 		EventHandler:  s.eventHandler(),
 		LoggerFactory: lf,
-		// RFC 8656 §7.2: the server caps a requested LIFETIME; pion
-		// caps at one hour itself, and this is its default lifetime.
-		AllocationLifetime: 0,
+		// RFC 8656 §7.2: the front (guard.go) writes a LIFETIME clamped
+		// to [600 s, 3600 s] into every Allocate and Refresh; pion takes
+		// values under an hour as they are and falls back to this for
+		// 3600, so this must be the maximum.
+		AllocationLifetime: maxLifetimeSec * time.Second,
 	}
 	for i := range s.grid {
 		for p := range s.grid[i] {
@@ -277,11 +282,13 @@ func (s *Server) eventHandler() turn.EventHandler {
 	return turn.EventHandler{
 		OnAllocationCreated: func(src, dst net.Addr, proto, user, realm string, relay net.Addr, reqPort int) {
 			s.quotas.OnCreated(user)
+			s.front.allocCreated(src, dst, user)
 			s.ops.allocCreated.Add(1)
 			s.log.Info("allocation created", "client", src.String(), "server", dst.String(), "proto", proto, "user", user, "relay", relay.String())
 		},
 		OnAllocationDeleted: func(src, dst net.Addr, proto, user, realm string) {
 			s.quotas.OnDeleted(user)
+			s.front.allocDeleted(src, dst)
 			s.ops.allocDeleted.Add(1)
 			s.log.Info("allocation deleted", "client", src.String(), "server", dst.String(), "proto", proto, "user", user)
 		},
@@ -296,10 +303,16 @@ func (s *Server) eventHandler() turn.EventHandler {
 		},
 		// Counted for metrics only: one line per permission or channel
 		// would be a line per peer, too many at info.
-		OnPermissionCreated: func(_, _ net.Addr, _, _, _ string, _ net.Addr, _ net.IP) { s.ops.permCreated.Add(1) },
-		OnPermissionDeleted: func(_, _ net.Addr, _, _, _ string, _ net.Addr, _ net.IP) { s.ops.permDeleted.Add(1) },
-		OnChannelCreated:    func(_, _ net.Addr, _, _, _ string, _, _ net.Addr, _ uint16) { s.ops.chanCreated.Add(1) },
-		OnChannelDeleted:    func(_, _ net.Addr, _, _, _ string, _, _ net.Addr, _ uint16) { s.ops.chanDeleted.Add(1) },
+		OnPermissionCreated: func(src, dst net.Addr, _, _, _ string, _ net.Addr, peer net.IP) {
+			s.ops.permCreated.Add(1)
+			s.front.permCreated(src, dst, peer) // permission count (guard.go)
+		},
+		OnPermissionDeleted: func(src, dst net.Addr, _, _, _ string, _ net.Addr, peer net.IP) {
+			s.ops.permDeleted.Add(1)
+			s.front.permDeleted(src, dst, peer)
+		},
+		OnChannelCreated: func(_, _ net.Addr, _, _, _ string, _, _ net.Addr, _ uint16) { s.ops.chanCreated.Add(1) },
+		OnChannelDeleted: func(_, _ net.Addr, _, _, _ string, _, _ net.Addr, _ uint16) { s.ops.chanDeleted.Add(1) },
 	}
 }
 

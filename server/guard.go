@@ -1,0 +1,759 @@
+package server
+
+import (
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha1" //nolint:gosec // MESSAGE-INTEGRITY is HMAC-SHA1 (RFC 8489 §14.5)
+	"encoding/binary"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/stund/stund/internal/stunwire"
+)
+
+// The TURN front: every STUN request bound for pion/turn passes through it,
+// over UDP and TCP/TLS alike (demux.go calls it from the read loops). It
+// does what pion v5.1.2 gets wrong, and passes on only requests that are
+// authenticated and conform:
+//
+//   - authentication (RFC 8489 §9.2.4): 401 with REALM and NONCE and no state
+//     for a request without MESSAGE-INTEGRITY; 400 when MESSAGE-INTEGRITY
+//     comes without USERNAME, REALM or NONCE; 401 for an unknown user or a
+//     wrong password (pion: 400); 438 with a fresh NONCE for an expired
+//     nonce or one minted for another source address (pion: nonces live an
+//     hour and bind to nothing). Nonces are ours (nonce.go).
+//   - allocation ownership (RFC 8656 §5, §7): 437 for Refresh,
+//     CreatePermission, ChannelBind and Connect on a 5-tuple with no
+//     allocation (pion: silence), 441 for another user's credentials on it
+//     (pion: silence), 437 for an Allocate by another user on a 5-tuple in
+//     use.
+//   - LIFETIME (RFC 8656 §7.2, §7.3): clamped to [600 s, 3600 s]; Refresh
+//     with 0 still deletes (pion takes anything under an hour, even 1 s).
+//   - peers (RFC 8656 §9.2, §11.2): a CreatePermission naming one refused
+//     address is refused whole with 403 and installs nothing (pion installs
+//     the addresses before the refused one); ChannelBind to a refused peer
+//     gets 403 (pion: 401); at most maxPermissions per allocation (508).
+//   - CHANNEL-NUMBER outside 0x4000-0x4FFF: 400 (RFC 8656 §11.2, §12).
+//   - unknown comprehension-required attributes: 420 with UNKNOWN-ATTRIBUTES
+//     (RFC 8489 §6.3.1), answered after authentication, with
+//     MESSAGE-INTEGRITY.
+//
+// pion still authenticates what it is given, with its own internal nonces.
+// So an accepted request is re-signed: NONCE replaced by a current pion
+// nonce and MESSAGE-INTEGRITY recomputed with the user's key (which the
+// front has just verified). The pion nonce is obtained by injecting a
+// synthetic unauthenticated Allocate into pion's read loop (from
+// frontSentinel on UDP, with frontSynthID on a stream) and capturing pion's
+// 401 in WriteTo/Write; it never reaches the wire. pion's nonces are valid
+// for 60 minutes; the front refreshes after pionNonceRefresh.
+//
+// Error responses to requests that passed the integrity check carry
+// MESSAGE-INTEGRITY (RFC 8489 §9.2.4, last paragraph), and FINGERPRINT when
+// the request had one. Unauthenticated answers (401, 400, 438) carry no
+// reason phrase and are never more than twice the request (issue 6), else
+// they are dropped and counted.
+//
+// Per packet the front does one pass over the attributes, no goroutine and
+// no buffer of its own (it writes into the connection's scratch buffer);
+// authenticated requests cost two HMAC-SHA1 and one MD5 (the key).
+
+const (
+	// RFC 8656 §7.2: the default lifetime (600 s) is the floor, and
+	// "servers SHOULD NOT" grant more than 3600 s.
+	minLifetimeSec = 600
+	maxLifetimeSec = 3600
+	// maxPermissions bounds the permissions of one allocation (issue 6):
+	// each costs a timer and a map entry in pion; real clients use a few.
+	maxPermissions = 1024
+	// pionNonceRefresh: pion's short nonces are valid 60 minutes (minute
+	// granularity); re-minting at 20 leaves 40 minutes of margin.
+	pionNonceRefresh = 20 * time.Minute
+	// maxUnknownReported bounds UNKNOWN-ATTRIBUTES; a client that sent more
+	// learns of the first ones, which is enough to fail fast.
+	maxUnknownReported = 16
+	// miSize is MESSAGE-INTEGRITY with its header (RFC 8489 §14.5).
+	miSize = 4 + sha1.Size
+)
+
+// STUN/TURN attribute types the front reads (RFC 8656 §18, RFC 6062 §6.2,
+// RFC 6156 §4.1.1).
+const (
+	attrChannelNumber     = 0x000C
+	attrLifetime          = 0x000D
+	attrXORPeerAddress    = 0x0012
+	attrData              = 0x0013
+	attrXORRelayedAddress = 0x0016
+	attrRequestedFamily   = 0x0017
+	attrEvenPort          = 0x0018
+	attrRequestedTrans    = 0x0019
+	attrDontFragment      = 0x001A
+	attrReservationToken  = 0x0022
+	attrConnectionID      = 0x002A
+)
+
+// TURN methods (RFC 8656 §18, RFC 6062 §6.1).
+const (
+	methodAllocate         = 0x003
+	methodRefresh          = 0x004
+	methodCreatePermission = 0x008
+	methodChannelBind      = 0x009
+	methodConnect          = 0x00A
+	methodConnectionBind   = 0x00B
+)
+
+// knownRequired lists the comprehension-required attributes (0x0000-0x7FFF)
+// a TURN request may carry that stund (or pion behind it) understands.
+func knownRequired(t uint16) bool {
+	switch t {
+	case stunwire.AttrMappedAddress, stunwire.AttrUsername, stunwire.AttrMessageIntegrity,
+		stunwire.AttrErrorCode, stunwire.AttrUnknownAttributes, stunwire.AttrRealm, stunwire.AttrNonce,
+		stunwire.AttrMessageIntegritySHA256, stunwire.AttrPasswordAlgorithm, stunwire.AttrUserhash,
+		stunwire.AttrXORMappedAddress, stunwire.AttrPriority, stunwire.AttrUseCandidate,
+		stunwire.AttrPadding, stunwire.AttrResponsePort, stunwire.AttrChangeRequest,
+		attrChannelNumber, attrLifetime, attrXORPeerAddress, attrData, attrXORRelayedAddress,
+		attrRequestedFamily, attrEvenPort, attrRequestedTrans, attrDontFragment,
+		attrReservationToken, attrConnectionID:
+		return true
+	}
+	return false
+}
+
+// stunMethod extracts the 12-bit method from a message type (RFC 8489 §5).
+func stunMethod(t uint16) uint16 { return t&0x000F | (t&0x00E0)>>1 | (t&0x3E00)>>2 }
+
+// stunType builds a message type from method and class bits (C1 0x100, C0 0x010).
+func stunType(method, class uint16) uint16 {
+	return method&0x000F | (method&0x0070)<<1 | (method&0x0F80)<<2 | class
+}
+
+const (
+	classRequest  = 0x0000
+	classSuccess  = 0x0100
+	classError    = 0x0110
+	classMask     = 0x0110
+	typeAllocErr  = 0x0113 // Allocate error response
+	stunCookieLen = 4
+)
+
+// fiveTuple identifies an allocation (RFC 8656 §2): client and server
+// transport addresses and the transport between them.
+type fiveTuple struct {
+	src, dst netip.AddrPort
+	tcp      bool
+}
+
+func tupleOf(src, dst net.Addr) fiveTuple {
+	_, tcp := src.(*net.TCPAddr)
+	return fiveTuple{src: addrPortOf(src), dst: addrPortOf(dst), tcp: tcp}
+}
+
+// frontAlloc is what the front knows of a live allocation, fed by pion's
+// EventHandler (server.go).
+type frontAlloc struct {
+	user  string
+	perms map[netip.Addr]struct{}
+}
+
+// FrontStats counts the front's decisions.
+type FrontStats struct {
+	Challenged    uint64 // 401 to requests without MESSAGE-INTEGRITY
+	AuthFailed    uint64 // 401: unknown user, foreign realm, wrong password
+	BadRequest    uint64 // 400
+	StaleNonce    uint64 // 438: expired, or minted for another address
+	NoAllocation  uint64 // 437
+	WrongCreds    uint64 // 441
+	Forbidden     uint64 // 403 (peer policy)
+	Capacity      uint64 // 508 (permission limit)
+	UnknownAttr   uint64 // 420
+	Amplification uint64 // unauthenticated answers not sent: over 2x the request
+	Malformed     uint64 // dropped: bad attributes or FINGERPRINT
+	Passed        uint64 // handed to pion, re-signed
+	PionNonces    uint64 // pion nonces captured
+}
+
+type frontStats struct {
+	challenged, authFailed, badRequest, stale, noAlloc, wrongCreds, forbidden,
+	capacity, unknownAttr, amplification, malformed, passed, pionNonces atomic.Uint64
+}
+
+// pionNonce is a nonce pion minted, and when we got it.
+type pionNonce struct {
+	val []byte
+	at  time.Time
+}
+
+// turnFront is the per-server front; frontConn is its per-read-loop state.
+type turnFront struct {
+	s       *Server
+	nonces  *nonceMinter
+	synthID [12]byte
+	synth   []byte // the synthetic Allocate (header only) injected for a pion nonce
+
+	pion atomic.Pointer[pionNonce]
+
+	mu     sync.Mutex
+	allocs map[fiveTuple]*frontAlloc
+
+	stats frontStats
+}
+
+// frontSentinel is the source address of the synthetic request on UDP:
+// stunPacketConn.WriteTo recognises pion's answer by this pointer.
+var frontSentinel net.Addr = &net.UDPAddr{IP: net.IPv4zero, Port: 0}
+
+func newTurnFront(s *Server, nonceLife time.Duration) *turnFront {
+	f := &turnFront{s: s, nonces: newNonceMinter(nonceLife, nil), allocs: map[fiveTuple]*frontAlloc{}}
+	if _, err := rand.Read(f.synthID[:]); err != nil {
+		panic("front: " + err.Error())
+	}
+	var id [16]byte
+	binary.BigEndian.PutUint32(id[:4], stunwire.MagicCookie)
+	copy(id[4:], f.synthID[:])
+	f.synth = stunwire.Finish(stunwire.AppendHeader(nil, stunType(methodAllocate, classRequest), &id), 0)
+	return f
+}
+
+// Stats returns a snapshot of the counters.
+func (f *turnFront) Stats() FrontStats {
+	st := &f.stats
+	return FrontStats{
+		Challenged: st.challenged.Load(), AuthFailed: st.authFailed.Load(), BadRequest: st.badRequest.Load(),
+		StaleNonce: st.stale.Load(), NoAllocation: st.noAlloc.Load(), WrongCreds: st.wrongCreds.Load(),
+		Forbidden: st.forbidden.Load(), Capacity: st.capacity.Load(), UnknownAttr: st.unknownAttr.Load(),
+		Amplification: st.amplification.Load(), Malformed: st.malformed.Load(), Passed: st.passed.Load(),
+		PionNonces: st.pionNonces.Load(),
+	}
+}
+
+// Front returns the TURN front's counters.
+func (s *Server) Front() FrontStats { return s.front.Stats() }
+
+// EventHandler feeds (server.go).
+
+func (f *turnFront) allocCreated(src, dst net.Addr, user string) {
+	f.mu.Lock()
+	f.allocs[tupleOf(src, dst)] = &frontAlloc{user: user, perms: map[netip.Addr]struct{}{}}
+	f.mu.Unlock()
+}
+
+func (f *turnFront) allocDeleted(src, dst net.Addr) {
+	f.mu.Lock()
+	delete(f.allocs, tupleOf(src, dst))
+	f.mu.Unlock()
+}
+
+func (f *turnFront) permCreated(src, dst net.Addr, peer net.IP) {
+	a, ok := netip.AddrFromSlice(peer)
+	if !ok {
+		return
+	}
+	f.mu.Lock()
+	if al := f.allocs[tupleOf(src, dst)]; al != nil {
+		al.perms[a.Unmap()] = struct{}{}
+	}
+	f.mu.Unlock()
+}
+
+func (f *turnFront) permDeleted(src, dst net.Addr, peer net.IP) {
+	a, ok := netip.AddrFromSlice(peer)
+	if !ok {
+		return
+	}
+	f.mu.Lock()
+	if al := f.allocs[tupleOf(src, dst)]; al != nil {
+		delete(al.perms, a.Unmap())
+	}
+	f.mu.Unlock()
+}
+
+// frontConn is the front's state for one read loop (one UDP socket or one
+// TCP/TLS connection); only that loop's goroutine touches it.
+type frontConn struct {
+	out      []byte   // scratch: replies and re-signed requests
+	held     []byte   // a request held back while pion mints a nonce
+	heldAddr net.Addr // its source (UDP)
+	holding  bool
+}
+
+// frontVerdict says what the read loop does with a message.
+type frontVerdict uint8
+
+const (
+	// frontPass: hand msg (the original or a re-signed copy) to pion.
+	frontPass frontVerdict = iota
+	// frontReply: send msg back to the client, pion sees nothing.
+	frontReply
+	// frontDrop: nothing to send, nothing for pion.
+	frontDrop
+	// frontInject: hold the request, hand pion f.synth first.
+	frontInject
+)
+
+// reqAttrs is what one pass over a request's attributes found.
+type reqAttrs struct {
+	username, realm, nonce, mi []byte
+	miOff                      int // offset of MESSAGE-INTEGRITY, -1 if absent
+	lifetime                   []byte
+	haveLifetime               bool
+	channel                    []byte
+	haveChannel                bool
+	fingerprint                bool
+	unknown                    [maxUnknownReported]uint16
+	nUnknown                   int
+}
+
+// inspect runs the front on one STUN message (already framed, cookie form)
+// from src to the server's dst. mayInject is false when the message is a
+// held request coming back after an injection (it must not loop).
+func (f *turnFront) inspect(fc *frontConn, pkt []byte, src, dst netip.AddrPort, tcp, mayInject bool) (frontVerdict, []byte) {
+	h, err := stunwire.ParseHeader(pkt)
+	if err != nil || !h.Cookie {
+		return frontPass, pkt // pion decides; the demux only lets framed STUN through
+	}
+	if h.Type&classMask != classRequest {
+		return frontPass, pkt // Send indications etc.: pion checks allocation and permission
+	}
+	method := stunMethod(h.Type)
+	switch method {
+	case methodAllocate, methodRefresh, methodCreatePermission, methodChannelBind, methodConnect, methodConnectionBind:
+	default:
+		return frontPass, pkt // pion ignores methods it does not serve
+	}
+
+	var ra reqAttrs
+	ra.miOff = -1
+	it := stunwire.NewAttrs(pkt)
+	for {
+		typ, val, off, ok := it.Next()
+		if !ok {
+			break
+		}
+		if typ == stunwire.AttrFingerprint {
+			// RFC 8489 §7.3: a bad FINGERPRINT means "not STUN": drop.
+			if stunwire.CheckFingerprint(pkt, off, val) != nil {
+				f.stats.malformed.Add(1)
+				return frontDrop, nil
+			}
+			ra.fingerprint = true
+			continue
+		}
+		if ra.miOff >= 0 {
+			continue // RFC 8489 §14.5: attributes after MESSAGE-INTEGRITY are ignored
+		}
+		switch typ {
+		case stunwire.AttrUsername:
+			ra.username = val
+		case stunwire.AttrRealm:
+			ra.realm = val
+		case stunwire.AttrNonce:
+			ra.nonce = val
+		case stunwire.AttrMessageIntegrity:
+			ra.mi, ra.miOff = val, off
+		case attrLifetime:
+			ra.lifetime, ra.haveLifetime = val, true
+		case attrChannelNumber:
+			ra.channel, ra.haveChannel = val, true
+		default:
+			if typ < 0x8000 && !knownRequired(typ) && ra.nUnknown < maxUnknownReported {
+				ra.unknown[ra.nUnknown] = typ
+				ra.nUnknown++
+			}
+		}
+	}
+	if it.Err() != nil {
+		f.stats.malformed.Add(1)
+		return frontDrop, nil
+	}
+
+	realm := f.s.auth.Realm()
+	errType := stunType(method, classError)
+
+	// RFC 8489 §9.2.4, in its order.
+	if ra.miOff < 0 {
+		// No MESSAGE-INTEGRITY: 401 with REALM and NONCE, nothing kept.
+		f.stats.challenged.Add(1)
+		return f.unauth(fc, pkt, &h, errType, 401, realm, src, tcp)
+	}
+	if ra.username == nil || ra.realm == nil || ra.nonce == nil {
+		f.stats.badRequest.Add(1)
+		return f.unauth(fc, pkt, &h, errType, 400, "", src, tcp)
+	}
+	userID, key, ok := f.s.auth.Key(string(ra.username), string(ra.realm))
+	if !ok {
+		// The same counters pion's AuthHandler path feeds (metrics.go).
+		f.s.ops.authUnknown.Add(1)
+		if method == methodAllocate {
+			f.s.ops.allocAuthUnknown.Add(1)
+		}
+	} else if !checkIntegrity(pkt, ra.miOff, ra.mi, key) {
+		ok = false
+		f.s.onAuth(methodName(method), false)
+	}
+	if !ok {
+		f.stats.authFailed.Add(1)
+		return f.unauth(fc, pkt, &h, errType, 401, realm, src, tcp)
+	}
+	if v := f.nonces.verify(ra.nonce, src, tcp); v != nonceOK {
+		f.stats.stale.Add(1)
+		return f.unauth(fc, pkt, &h, errType, 438, realm, src, tcp)
+	}
+
+	// Authenticated from here: every answer carries MESSAGE-INTEGRITY.
+	if ra.nUnknown > 0 {
+		f.stats.unknownAttr.Add(1)
+		return f.authReply(fc, &h, errType, 420, ra.unknown[:ra.nUnknown], key, ra.fingerprint)
+	}
+	if code := f.check(pkt, &h, method, &ra, fiveTuple{src: src, dst: dst, tcp: tcp}, userID); code != 0 {
+		return f.authReply(fc, &h, errType, code, nil, key, ra.fingerprint)
+	}
+
+	pn := f.pion.Load()
+	if pn == nil || time.Since(pn.at) > pionNonceRefresh {
+		if mayInject {
+			return frontInject, nil
+		}
+		if pn == nil {
+			return frontDrop, nil // pion did not answer the injection; the client retransmits
+		}
+	}
+	f.stats.passed.Add(1)
+	return frontPass, f.resign(fc, pkt, &h, method, &ra, pn.val, key)
+}
+
+// check applies the allocation, lifetime, peer and channel rules; it
+// returns the error code to answer, or 0 to pass the request on.
+func (f *turnFront) check(pkt []byte, h *stunwire.Header, method uint16, ra *reqAttrs, tuple fiveTuple, userID string) int {
+	if method == methodConnectionBind {
+		return 0 // RFC 6062 §5.4: a new data connection, no allocation on its 5-tuple
+	}
+	if ra.haveChannel && method == methodChannelBind {
+		// RFC 8656 §11.2, §12: a channel number outside 0x4000-0x4FFF is 400.
+		if len(ra.channel) != 4 {
+			f.stats.badRequest.Add(1)
+			return 400
+		}
+		if n := binary.BigEndian.Uint16(ra.channel); n < stunwire.MinChannel || n > stunwire.MaxChannel {
+			f.stats.badRequest.Add(1)
+			return 400
+		}
+	}
+	if ra.haveLifetime && len(ra.lifetime) != 4 {
+		f.stats.badRequest.Add(1)
+		return 400
+	}
+
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	a := f.allocs[tuple]
+	if method == methodAllocate {
+		// RFC 8656 §7.2 step 2: a 5-tuple in use is 437. pion answers the
+		// same user's retransmission from its cache; another user is ours.
+		if a != nil && a.user != userID {
+			f.stats.noAlloc.Add(1)
+			return 437
+		}
+		return 0
+	}
+	if a == nil {
+		// RFC 8656 §7.3, §9.2, §11.2: no allocation on this 5-tuple.
+		f.stats.noAlloc.Add(1)
+		return 437
+	}
+	if a.user != userID {
+		// RFC 8656 §5: the allocation is another user's.
+		f.stats.wrongCreds.Add(1)
+		return 441
+	}
+
+	switch method {
+	case methodCreatePermission, methodChannelBind, methodConnect:
+	default:
+		return 0
+	}
+	policy := f.s.live.load()
+	peers, fresh := 0, 0
+	it := stunwire.NewAttrs(pkt)
+	for {
+		typ, val, off, ok := it.Next()
+		if !ok || off == ra.miOff {
+			break
+		}
+		if typ != attrXORPeerAddress {
+			continue
+		}
+		ap, err := stunwire.ParseXORAddress(val, &h.ID)
+		if err != nil {
+			f.stats.badRequest.Add(1)
+			return 400
+		}
+		peers++
+		addr := canonical(ap.Addr())
+		// RFC 8656 §9.2: a refused address refuses the whole request, so
+		// nothing is installed (pion would install the ones before it).
+		if !policy.Allowed(addr) {
+			policy.refused.Add(1)
+			f.stats.forbidden.Add(1)
+			return 403
+		}
+		if _, have := a.perms[addr]; !have {
+			fresh++ // a duplicate in one request counts twice: conservative
+		}
+	}
+	// RFC 8656 §9.2, §11.2: XOR-PEER-ADDRESS is mandatory; ChannelBind and
+	// Connect name exactly one peer.
+	if peers == 0 || (method != methodCreatePermission && peers != 1) {
+		f.stats.badRequest.Add(1)
+		return 400
+	}
+	if method != methodConnect && len(a.perms)+fresh > maxPermissions {
+		// RFC 8656 §9.2: "unable to fulfill the request due to some capacity limit".
+		f.stats.capacity.Add(1)
+		return 508
+	}
+	return 0
+}
+
+// clampLifetime applies RFC 8656 §7.2/§7.3: 0 on a Refresh deletes; otherwise
+// the requested value (default 600 when absent) bounded to [600, 3600].
+func clampLifetime(method uint16, ra *reqAttrs) uint32 {
+	if !ra.haveLifetime {
+		return minLifetimeSec
+	}
+	v := binary.BigEndian.Uint32(ra.lifetime)
+	switch {
+	case v == 0 && method == methodRefresh:
+		return 0
+	case v < minLifetimeSec:
+		return minLifetimeSec
+	case v > maxLifetimeSec:
+		return maxLifetimeSec
+	}
+	return v
+}
+
+// resign rebuilds the request for pion in fc.out: the attributes before
+// MESSAGE-INTEGRITY minus NONCE (and LIFETIME on Allocate/Refresh, which is
+// rewritten clamped), then pion's NONCE and a fresh MESSAGE-INTEGRITY under
+// the user's key. Attributes after MESSAGE-INTEGRITY (FINGERPRINT) are left
+// out: pion does not need them.
+func (f *turnFront) resign(fc *frontConn, pkt []byte, h *stunwire.Header, method uint16, ra *reqAttrs, pionNonce, key []byte) []byte {
+	rewriteLife := method == methodAllocate || method == methodRefresh
+	out := stunwire.AppendHeader(fc.out[:0], h.Type, &h.ID)
+	it := stunwire.NewAttrs(pkt)
+	for {
+		typ, val, off, ok := it.Next()
+		if !ok || off == ra.miOff {
+			break
+		}
+		if typ == stunwire.AttrNonce || (rewriteLife && typ == attrLifetime) {
+			continue
+		}
+		out = stunwire.AppendAttr(out, typ, val)
+	}
+	if rewriteLife {
+		var lt [4]byte
+		binary.BigEndian.PutUint32(lt[:], clampLifetime(method, ra))
+		out = stunwire.AppendAttr(out, attrLifetime, lt[:])
+	}
+	out = stunwire.AppendAttr(out, stunwire.AttrNonce, pionNonce)
+	out = appendIntegrity(out, 0, key)
+	fc.out = out
+	return out
+}
+
+// unauth answers before authentication: ERROR-CODE without a reason phrase,
+// REALM and a fresh NONCE for 401/438 (RFC 8489 §9.2.4), nothing else; and
+// only when the answer is at most twice the request (issue 6).
+func (f *turnFront) unauth(fc *frontConn, pkt []byte, h *stunwire.Header, typ uint16, code int, realm string, src netip.AddrPort, tcp bool) (frontVerdict, []byte) {
+	out := stunwire.AppendHeader(fc.out[:0], typ, &h.ID)
+	out = stunwire.AppendErrorCode(out, code, "")
+	if code != 400 {
+		out = stunwire.AppendAttr(out, stunwire.AttrRealm, []byte(realm))
+		out = appendNonceAttr(out, f.nonces, src, tcp)
+	}
+	out = stunwire.Finish(out, 0)
+	fc.out = out
+	if len(out) > 2*len(pkt) {
+		f.stats.amplification.Add(1)
+		return frontDrop, nil
+	}
+	if !f.s.allowUnauth(src.Addr()) {
+		return frontDrop, nil // per-source-IP token bucket, counted there (ratelimit.go)
+	}
+	return frontReply, out
+}
+
+// appendNonceAttr appends a NONCE attribute minted for src.
+func appendNonceAttr(dst []byte, m *nonceMinter, src netip.AddrPort, tcp bool) []byte {
+	dst = binary.BigEndian.AppendUint16(dst, stunwire.AttrNonce)
+	dst = binary.BigEndian.AppendUint16(dst, NonceLen)
+	return m.appendNonce(dst, src, tcp) // NonceLen is a multiple of 4: no padding
+}
+
+// authReply answers an authenticated request with an error, signed with
+// the user's key (RFC 8489 §9.2.4), FINGERPRINT when the request had one.
+func (f *turnFront) authReply(fc *frontConn, h *stunwire.Header, typ uint16, code int, unknown []uint16, key []byte, fp bool) (frontVerdict, []byte) {
+	out := stunwire.AppendHeader(fc.out[:0], typ, &h.ID)
+	out = stunwire.AppendErrorCode(out, code, "")
+	if len(unknown) > 0 {
+		out = stunwire.AppendUnknownAttributes(out, unknown)
+	}
+	out = appendIntegrity(out, 0, key)
+	if fp {
+		out = stunwire.AppendFingerprint(out, 0)
+	}
+	fc.out = out
+	return frontReply, out
+}
+
+// appendIntegrity appends MESSAGE-INTEGRITY to the message at dst[start:]:
+// HMAC-SHA1 under key over the message with the length field already
+// counting the attribute (RFC 8489 §14.5).
+func appendIntegrity(dst []byte, start int, key []byte) []byte {
+	binary.BigEndian.PutUint16(dst[start+2:], uint16(len(dst)-start-stunwire.HeaderSize+miSize))
+	m := hmac.New(sha1.New, key)
+	m.Write(dst[start:])
+	dst = binary.BigEndian.AppendUint16(dst, stunwire.AttrMessageIntegrity)
+	dst = binary.BigEndian.AppendUint16(dst, sha1.Size)
+	return m.Sum(dst)
+}
+
+// checkIntegrity verifies the MESSAGE-INTEGRITY at pkt[miOff:] (RFC 8489
+// §14.5: the length field as if the message ended after it).
+func checkIntegrity(pkt []byte, miOff int, mi, key []byte) bool {
+	if len(mi) != sha1.Size {
+		return false
+	}
+	var hdr [stunwire.HeaderSize]byte
+	copy(hdr[:], pkt[:stunwire.HeaderSize])
+	binary.BigEndian.PutUint16(hdr[2:], uint16(miOff-stunwire.HeaderSize+miSize))
+	m := hmac.New(sha1.New, key)
+	m.Write(hdr[:])
+	m.Write(pkt[stunwire.HeaderSize:miOff])
+	var sum [sha1.Size]byte
+	return hmac.Equal(m.Sum(sum[:0]), mi)
+}
+
+func methodName(m uint16) string {
+	switch m {
+	case methodAllocate:
+		return "Allocate"
+	case methodRefresh:
+		return "Refresh"
+	case methodCreatePermission:
+		return "CreatePermission"
+	case methodChannelBind:
+		return "ChannelBind"
+	case methodConnect:
+		return "Connect"
+	case methodConnectionBind:
+		return "ConnectionBind"
+	}
+	return "unknown"
+}
+
+// capture takes pion's answer to the synthetic request: an Allocate error
+// carrying our transaction ID. It reports whether b was that answer (and
+// must not be sent).
+func (f *turnFront) capture(b []byte) bool {
+	if len(b) < stunwire.HeaderSize || binary.BigEndian.Uint16(b) != typeAllocErr ||
+		!hmac.Equal(b[8:20], f.synthID[:]) {
+		return false
+	}
+	it := stunwire.NewAttrs(b)
+	for {
+		typ, val, _, ok := it.Next()
+		if !ok {
+			break
+		}
+		if typ == stunwire.AttrNonce && len(val) > 0 {
+			f.pion.Store(&pionNonce{val: append([]byte(nil), val...), at: time.Now()})
+			f.stats.pionNonces.Add(1)
+			break
+		}
+	}
+	return true
+}
+
+// Hooks for demux.go.
+
+// frontDatagram runs the front on a UDP datagram in p[:n] from addr. It
+// returns how many bytes of p to hand pion (0: none) and from whom.
+func (c *stunPacketConn) frontDatagram(p []byte, n int, addr net.Addr, mayInject bool) (int, net.Addr) {
+	f := &c.fs
+	v, msg := c.s.front.inspect(f, p[:n], addrPortOf(addr), c.local, false, mayInject)
+	switch v {
+	case frontPass:
+		if len(msg) >= len(p) {
+			return 0, nil // grew past pion's buffer; pion would drop it as truncated
+		}
+		return copy(p, msg), addr
+	case frontReply:
+		if _, err := c.PacketConn.WriteTo(msg, addr); err != nil {
+			c.s.demux.sendErrors.Add(1)
+		}
+	case frontInject:
+		f.held = append(f.held[:0], p[:n]...)
+		f.heldAddr, f.holding = addr, true
+		return copy(p, c.s.front.synth), frontSentinel
+	}
+	return 0, nil
+}
+
+// frontResume hands pion the request held back by an injection, once pion
+// has answered it (pion handles one datagram at a time, so by the next
+// ReadFrom it has).
+func (c *stunPacketConn) frontResume(p []byte) (int, net.Addr) {
+	f := &c.fs
+	if !f.holding {
+		return 0, nil
+	}
+	f.holding = false
+	n := copy(p, f.held)
+	return c.frontDatagram(p, n, f.heldAddr, false)
+}
+
+// WriteTo is pion's way out on UDP (responses, and relayed data as Data
+// indications and ChannelData): pion's answer to the front's synthetic
+// request stops here.
+func (c *stunPacketConn) WriteTo(b []byte, addr net.Addr) (int, error) {
+	if addr == frontSentinel {
+		c.s.front.capture(b)
+		return len(b), nil
+	}
+	return c.PacketConn.WriteTo(b, addr)
+}
+
+// frontFrame runs the front on one STUN frame of a stream; it returns the
+// bytes to hand pion (nil: none).
+func (c *stunStreamConn) frontFrame(frame []byte, mayInject bool) []byte {
+	f := &c.fs
+	v, msg := c.s.front.inspect(f, frame, c.remote, c.local, true, mayInject)
+	switch v {
+	case frontPass:
+		return msg
+	case frontReply:
+		if _, err := c.Write(msg); err != nil {
+			c.s.demux.sendErrors.Add(1)
+		}
+	case frontInject:
+		f.held = append(f.held[:0], frame...)
+		f.holding = true
+		return c.s.front.synth
+	}
+	return nil
+}
+
+// frontResume returns the held frame, re-inspected, once pion has consumed
+// the synthetic one.
+func (c *stunStreamConn) frontResume() []byte {
+	f := &c.fs
+	if !f.holding {
+		return nil
+	}
+	f.holding = false
+	return c.frontFrame(f.held, false)
+}
