@@ -178,9 +178,9 @@ func proveOne(ctx context.Context, cfg Config, t string, attemptTimeout time.Dur
 
 // serverAnswered is true when err carries the server's own refusal.
 func serverAnswered(err error) bool {
-	var te *stun.TurnError
+	var re *RefusedError
 
-	return errors.As(err, &te) || errors.Is(err, ErrAuth)
+	return errors.As(err, &re)
 }
 
 // newPeer opens the second socket. It first tries a plain UDP socket that

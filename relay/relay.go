@@ -16,6 +16,7 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -378,27 +379,63 @@ const stepAllocate = "allocate"
 func explain(ctx context.Context, step string, err error) error {
 	var te *stun.TurnError
 	if errors.As(err, &te) {
-		code := te.ErrorCodeAttr.Code
-		if code == stun.CodeUnauthorized || code == stun.CodeWrongCredentials {
-			return fmt.Errorf("relay: %s: %w: the server answered %d %s (wrong username/password, or an expired or wrong REST secret)",
-				step, ErrAuth, int(code), te.ErrorCodeAttr.Reason)
-		}
-
-		if code == stun.CodeBadRequest && step == stepAllocate {
+		r := &RefusedError{Step: step, Code: int(te.ErrorCodeAttr.Code), Reason: codeText(te.ErrorCodeAttr)}
+		switch te.ErrorCodeAttr.Code {
+		case stun.CodeUnauthorized, stun.CodeWrongCredentials:
+			r.auth = true
+		case stun.CodeBadRequest:
 			// Our Allocate is well-formed (pion builds it), so a 400 to
 			// it after the 401 challenge is how pion-based servers refuse
 			// credentials, instead of RFC 8489 §9.2.4's 401.
-			return fmt.Errorf("relay: %s: %w: the server answered 400 Bad Request to the authenticated request (wrong username/password, or an expired or wrong REST secret)",
-				step, ErrAuth)
+			r.auth = step == stepAllocate
 		}
 
-		return fmt.Errorf("relay: %s: server answered %d %s: %w", step, int(code), te.ErrorCodeAttr.Reason, err)
+		return r
 	}
 	if ctx.Err() != nil {
 		return fmt.Errorf("relay: %s: no answer from the TURN server in time: %w", step, ctx.Err())
 	}
 
 	return fmt.Errorf("relay: %s: %w", step, err)
+}
+
+// RefusedError is the TURN server's own error response to one of our
+// requests. errors.Is(err, ErrAuth) holds when it refused the credentials.
+type RefusedError struct {
+	Step   string // what we asked: "allocate", "create permission"
+	Code   int    // the ERROR-CODE (RFC 8489 §14.8)
+	Reason string // "401 Unauthorized"
+	auth   bool
+}
+
+func (e *RefusedError) Error() string {
+	if e.auth {
+		return fmt.Sprintf("relay: %s: %v: the server answered %s (wrong username/password, or an expired or wrong REST secret)", e.Step, ErrAuth, e.Reason)
+	}
+
+	return fmt.Sprintf("relay: %s: the server answered %s", e.Step, e.Reason)
+}
+
+// Is makes errors.Is(err, ErrAuth) work.
+func (e *RefusedError) Is(target error) bool { return e.auth && target == ErrAuth }
+
+// codeNames are the RFC 8489 §14.8 and RFC 8656 §19 reason phrases, for
+// servers that send a code with an empty phrase.
+var codeNames = map[stun.ErrorCode]string{
+	400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+	437: "Allocation Mismatch", 438: "Stale Nonce", 440: "Address Family not Supported",
+	441: "Wrong Credentials", 442: "Unsupported Transport Protocol",
+	443: "Peer Address Family Mismatch", 486: "Allocation Quota Reached",
+	500: "Server Error", 508: "Insufficient Capacity",
+}
+
+func codeText(e stun.ErrorCodeAttribute) string {
+	reason := string(e.Reason)
+	if reason == "" {
+		reason = codeNames[e.Code]
+	}
+
+	return strings.TrimSpace(strconv.Itoa(int(e.Code)) + " " + reason)
 }
 
 // unmap turns an IPv4-mapped IPv6 address into plain IPv4.
