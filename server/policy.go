@@ -190,8 +190,9 @@ func (p *PeerPolicy) AllowedAddrPort(ap netip.AddrPort) bool {
 func (p *PeerPolicy) Refused() uint64 { return p.refused.Load() }
 
 // PermissionHandler adapts the policy to pion. pion consults it for
-// CreatePermission (refused: 403), ChannelBind (refused: pion answers 401,
-// see the report in issue 2) and Connect (403); Send indications and
+// CreatePermission, ChannelBind and Connect, after the TURN front
+// (guard.go) has already answered 403 for refused peers (pion alone
+// answers a refused ChannelBind with 401); Send indications and
 // ChannelData only reach peers that already hold a permission, so they are
 // covered by the same check.
 func (p *PeerPolicy) PermissionHandler() turn.PermissionHandler {
@@ -383,14 +384,15 @@ func special(a netip.Addr) (why string, bad bool) {
 }
 
 // fixChannelBindRefusal rewrites pion's answer to a ChannelBind toward a
-// refused peer. pion v5.1.2 (internal/server/turn.go, handleChannelBindRequest)
+// refused peer. Superseded: the TURN front (guard.go) now checks the peer
+// and answers 403 itself before pion sees the request, so nothing calls
+// this; it stays until its test in policy_test.go goes with it. pion v5.1.2 (internal/server/turn.go, handleChannelBindRequest)
 // answers a PermissionHandler refusal with 401 and no NONCE/REALM, where
 // RFC 8656 §12.2 and the issue want 403 (Forbidden) as for CreatePermission.
 // A 401 with a NONCE is a real authentication challenge and stays as it is.
 // The refusal carries no MESSAGE-INTEGRITY or FINGERPRINT in pion, so the
 // rewrite invalidates nothing. out is appended to and returned; ok is false
-// (and out unchanged) when msg is not such a refusal. The demux's WriteTo
-// calls it on every STUN error response it sends for pion.
+// (and out unchanged) when msg is not such a refusal.
 func fixChannelBindRefusal(out, msg []byte) (_ []byte, ok bool) {
 	// Cheap pre-filter: a ChannelBind error response is type 0x0119
 	// (RFC 8656 §18: method 0x009, class error).

@@ -365,10 +365,10 @@ func TestTURNRESTCredentials(t *testing.T) {
 		c, _ := newTURNClient(t, s, cred[0], cred[1])
 		if _, err := c.Allocate(); err == nil {
 			t.Errorf("%s: Allocate succeeded", name)
-		} else if code := turnErrorCode(err); code != 400 && code != 401 {
-			// pion v5.1.2 answers unknown users and bad integrity with 400
-			// (RFC 8489 §9.2.4 wants 401); either way the Allocate fails.
-			t.Errorf("%s: error %v (code %d), want an auth failure", name, err, code)
+		} else if code := turnErrorCode(err); code != 401 {
+			// RFC 8489 §9.2.4: unknown user or bad integrity is 401 (pion
+			// v5.1.2 alone answers 400; the front in guard.go answers).
+			t.Errorf("%s: error %v (code %d), want 401", name, err, code)
 		}
 	}
 }
@@ -428,7 +428,7 @@ func TestTURNQuota486(t *testing.T) {
 
 // TestTURNChannelBindRefused403: a ChannelBind toward a refused peer gets 403
 // like CreatePermission (RFC 8656 §12.2; issue 2). pion v5.1.2 answers 401;
-// the demux rewrites it with fixChannelBindRefusal.
+// the TURN front (guard.go) answers 403 before pion sees the request.
 func TestTURNChannelBindRefused403(t *testing.T) {
 	s := startTURNServer(t, nil)
 	c := newRawClient(t, s, "alice", "alice-pw")
