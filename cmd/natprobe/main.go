@@ -1,0 +1,395 @@
+// Command natprobe classifies the NAT between this host and a stund server
+// (RFC 4787 behaviours, measured as in RFC 5780), says what that means for
+// SIP and RTP, and, when the NAT needs one, proves that a TURN relay works.
+//
+// Usage: natprobe [flags] HOST[:PORT]
+//
+// Exit status: 0 classified, 1 some field inconclusive, 2 usage error,
+// 3 server unreachable or not RFC 5780 capable. The JSON output is
+// documented in docs/natprobe-json.md.
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/stund/stund/classifier"
+	"github.com/stund/stund/relay"
+)
+
+// Exit statuses: a contract with scripts (docs/natprobe-json.md).
+const (
+	exitClassified   = 0 // every measured field settled
+	exitInconclusive = 1 // a report, but some field is inconclusive
+	exitUsage        = 2 // bad command line; usage printed
+	exitServer       = 3 // server unreachable / not RFC 5780 capable / probe could not run
+)
+
+const (
+	// defaultPort is the STUN/TURN port (RFC 8489 §18.6, RFC 8656 §4).
+	defaultPort = 3478
+	// defaultTimeout bounds a run without --lifetime: the probe itself
+	// takes about a second and a relay proof at most a few seconds per
+	// transport (relay.DefaultAttemptTimeout), so 20 s only stops a hang.
+	defaultTimeout = 20 * time.Second
+	// defaultLifetimeMax is the longest idle time the --lifetime search
+	// tries (issue 3 item 7): 300 s covers the common NAT UDP timeouts
+	// (30 s to 5 min; RFC 4787 REQ-5 asks for at least 2 min).
+	defaultLifetimeMax = 300 * time.Second
+)
+
+// version is set at build time with -ldflags "-X main.version=…"; otherwise
+// it comes from the module's build info.
+var version = ""
+
+func appVersion() string {
+	if version != "" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+
+	return "dev"
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	code := run(ctx, os.Args, os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+// usageError is a command-line mistake: print usage, exit 2.
+type usageError struct{ msg string }
+
+func (e usageError) Error() string { return e.msg }
+
+// serverError is exit 3; the message says which of the cases it is.
+type serverError struct{ msg string }
+
+func (e serverError) Error() string { return e.msg }
+
+// options is the parsed command line.
+type options struct {
+	server      string // host:port
+	format      string // text, json or markdown
+	hairpin     bool
+	lifetime    bool
+	lifetimeMax time.Duration
+	relay       bool
+	turnUser    string
+	turnPass    string
+	turnSecret  string
+	transports  []string
+	timeout     time.Duration
+}
+
+// formats natprobe can print.
+var formats = []string{"text", "json", "markdown"}
+
+func newApp(stdout, stderr io.Writer, code *int) *cli.App {
+	app := &cli.App{
+		Name:      "natprobe",
+		Usage:     "classify the NAT in front of this host (RFC 4787) and tell what it means for SIP/RTP",
+		UsageText: "natprobe [flags] HOST[:PORT]",
+		ArgsUsage: "HOST[:PORT]",
+		Description: "Probes a stund (RFC 5780) server, default port " + strconv.Itoa(defaultPort) + ".\n" +
+			"Exit status: 0 classified, 1 some field inconclusive, 2 usage error,\n" +
+			"3 server unreachable or not RFC 5780 capable.",
+		Version:              appVersion(),
+		Writer:               stdout,
+		ErrWriter:            stderr,
+		EnableBashCompletion: true,
+		HideHelpCommand:      true,
+		Suggest:              true,
+		Flags: []cli.Flag{
+			&cli.BoolFlag{Name: "json", Usage: "print one JSON object (schema natprobe/1); same as --format json"},
+			&cli.StringFlag{Name: "format", Value: "text", Usage: "output format: " + strings.Join(formats, ", ")},
+			&cli.BoolFlag{Name: "no-hairpin", Usage: "skip the hairpinning test (RFC 4787 §6)"},
+			&cli.BoolFlag{Name: "lifetime", Usage: "measure the mapping lifetime (RFC 4787 §4.3); takes up to --lifetime-max"},
+			&cli.DurationFlag{Name: "lifetime-max", Value: defaultLifetimeMax, Usage: "longest idle time the lifetime search tries"},
+			&cli.BoolFlag{Name: "relay", Usage: "prove the TURN relay even when the NAT does not need one"},
+			&cli.StringFlag{Name: "turn-user", EnvVars: []string{"NATPROBE_TURN_USER"}, Usage: "TURN username (long-term credentials)"},
+			&cli.StringFlag{Name: "turn-pass", EnvVars: []string{"NATPROBE_TURN_PASS"}, Usage: "TURN password"},
+			&cli.StringFlag{Name: "turn-secret", EnvVars: []string{"NATPROBE_TURN_SECRET"}, Usage: "TURN REST shared secret (derives a short-lived username and password)"},
+			&cli.StringFlag{Name: "turn-transport", Usage: "TURN transport: udp, tcp or tls (default: udp, then tcp, then tls if UDP is blocked)"},
+			&cli.DurationFlag{Name: "timeout", Usage: "bound on the whole run", DefaultText: defaultTimeout.String() + ", plus --lifetime-max with --lifetime"},
+		},
+		OnUsageError: func(c *cli.Context, err error, _ bool) error {
+			return usageError{msg: err.Error()}
+		},
+		// Exit codes are ours (run maps errors); never let urfave exit.
+		ExitErrHandler: func(*cli.Context, error) {},
+		Action: func(c *cli.Context) error {
+			opts, err := parseOptions(c)
+			if err != nil {
+				return err
+			}
+			*code, err = probe(c.Context, opts, stdout, stderr)
+
+			return err
+		},
+	}
+
+	return app
+}
+
+// run is main without os.Exit, so tests can call it.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	code := exitClassified
+	app := newApp(stdout, stderr, &code)
+	err := app.RunContext(ctx, args)
+	var ue usageError
+	var se serverError
+	switch {
+	case err == nil:
+		return code
+	case errors.As(err, &ue):
+		fmt.Fprintf(stderr, "natprobe: %s\n\n", ue.msg)
+		app.Writer = stderr
+		_ = cli.ShowAppHelp(cli.NewContext(app, nil, nil))
+
+		return exitUsage
+	case errors.As(err, &se):
+		fmt.Fprintf(stderr, "natprobe: %s\n", se.msg)
+
+		return exitServer
+	default:
+		fmt.Fprintf(stderr, "natprobe: %v\n", err)
+
+		return exitServer
+	}
+}
+
+func parseOptions(c *cli.Context) (*options, error) {
+	if c.NArg() != 1 {
+		if c.NArg() == 0 {
+			return nil, usageError{"missing HOST: the stund server to probe"}
+		}
+
+		msg := fmt.Sprintf("one HOST expected, got %d arguments: %s", c.NArg(), strings.Join(c.Args().Slice(), " "))
+		for _, a := range c.Args().Tail() {
+			if strings.HasPrefix(a, "-") {
+				msg += " (flags go before HOST)"
+
+				break
+			}
+		}
+
+		return nil, usageError{msg}
+	}
+	server, err := hostPort(c.Args().First())
+	if err != nil {
+		return nil, usageError{err.Error()}
+	}
+	o := &options{
+		server:      server,
+		format:      c.String("format"),
+		hairpin:     !c.Bool("no-hairpin"),
+		lifetime:    c.Bool("lifetime"),
+		lifetimeMax: c.Duration("lifetime-max"),
+		relay:       c.Bool("relay"),
+		turnUser:    c.String("turn-user"),
+		turnPass:    c.String("turn-pass"),
+		turnSecret:  c.String("turn-secret"),
+		timeout:     c.Duration("timeout"),
+	}
+	if !contains(formats, o.format) {
+		return nil, usageError{fmt.Sprintf("--format %q: want one of %s", o.format, strings.Join(formats, ", "))}
+	}
+	if c.Bool("json") {
+		if c.IsSet("format") && o.format != "json" {
+			return nil, usageError{fmt.Sprintf("--json and --format %s contradict each other", o.format)}
+		}
+		o.format = "json"
+	}
+	if o.lifetimeMax <= 0 {
+		return nil, usageError{fmt.Sprintf("--lifetime-max %v: must be positive", o.lifetimeMax)}
+	}
+	if c.IsSet("timeout") && o.timeout <= 0 {
+		return nil, usageError{fmt.Sprintf("--timeout %v: must be positive", o.timeout)}
+	}
+	if o.timeout == 0 {
+		o.timeout = defaultTimeout
+		if o.lifetime {
+			o.timeout += o.lifetimeMax
+		}
+	}
+	if t := c.String("turn-transport"); t != "" {
+		if t != relay.UDP && t != relay.TCP && t != relay.TLS {
+			return nil, usageError{fmt.Sprintf("--turn-transport %q: want udp, tcp or tls", t)}
+		}
+		o.transports = []string{t}
+	}
+	if (o.turnUser == "") != (o.turnPass == "") && o.turnSecret == "" {
+		return nil, usageError{"--turn-user and --turn-pass go together"}
+	}
+	if o.relay && !o.haveTURNCredentials() {
+		return nil, usageError{"--relay needs TURN credentials: --turn-user and --turn-pass, or --turn-secret (or NATPROBE_TURN_* in the environment)"}
+	}
+
+	return o, nil
+}
+
+func (o *options) haveTURNCredentials() bool {
+	return o.turnSecret != "" || (o.turnUser != "" && o.turnPass != "")
+}
+
+// hostPort validates HOST[:PORT] and fills in the default port.
+func hostPort(arg string) (string, error) {
+	if arg == "" {
+		return "", errors.New("empty HOST")
+	}
+	host, port, err := net.SplitHostPort(arg)
+	if err != nil {
+		// No port: a name, an IPv4 address, or a bare or bracketed IPv6 one.
+		host, port = strings.TrimSuffix(strings.TrimPrefix(arg, "["), "]"), strconv.Itoa(defaultPort)
+	}
+	if host == "" || strings.ContainsAny(host, " /[]") {
+		return "", fmt.Errorf("bad HOST %q", arg)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		return "", fmt.Errorf("bad port in %q", arg)
+	}
+
+	return net.JoinHostPort(host, port), nil
+}
+
+// newProbeID returns 8 random hex digits: short enough to read out over the
+// phone, and 32 bits make a collision between two runs an operator greps
+// for on the same day negligible.
+func newProbeID() string {
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+
+	return hex.EncodeToString(b[:])
+}
+
+// probe runs the classifier, then the relay proof when it is needed, and
+// prints the report. It returns the exit status.
+func probe(parent context.Context, o *options, stdout, stderr io.Writer) (int, error) {
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(parent, o.timeout)
+	defer cancel()
+
+	id := newProbeID()
+	progress := newProgress(stderr)
+	cfg := classifier.Config{
+		Server:      o.server,
+		Hairpin:     o.hairpin,
+		Lifetime:    o.lifetime,
+		LifetimeMax: o.lifetimeMax,
+		Software:    "natprobe/" + appVersion() + " probe-id=" + id,
+		Progress:    progress.update,
+	}
+	rep, err := classifier.Probe(ctx, cfg)
+	var fail error
+	switch {
+	case err == nil:
+	case errors.Is(err, classifier.ErrNotRFC5780):
+		fail = serverError{fmt.Sprintf("%s answers STUN but is not RFC 5780 capable (no usable OTHER-ADDRESS): only the results one address can give are reported", o.server)}
+	case errors.Is(err, classifier.ErrUnreachable):
+		progress.done()
+
+		return exitServer, serverError{fmt.Sprintf("%s is unreachable: no STUN answer over UDP (server down, wrong address, or UDP blocked): %v", o.server, err)}
+	default:
+		progress.done()
+
+		return exitServer, serverError{fmt.Sprintf("probing %s: %v", o.server, err)}
+	}
+	if rep == nil {
+		progress.done()
+
+		return exitServer, serverError{fmt.Sprintf("probing %s: no report", o.server)}
+	}
+	if rep.ProbeID == "" {
+		rep.ProbeID = id
+	}
+	if rep.Schema == "" {
+		rep.Schema = classifier.Schema
+	}
+	if rep.Server == "" {
+		rep.Server = o.server
+	}
+	if rep.Reasons == nil {
+		rep.Reasons = map[string]string{}
+	}
+	if !o.hairpin && rep.Hairpinning == nil && rep.Reasons["hairpinning"] == "" {
+		rep.Reasons["hairpinning"] = "skipped (--no-hairpin)"
+	}
+
+	needRelay := rep.Mapping == classifier.MappingAddressDependent || rep.Mapping == classifier.MappingAddressPortDependent
+	switch {
+	case !needRelay && !o.relay:
+	case !o.haveTURNCredentials():
+		rep.Reasons["relay"] = fmt.Sprintf("not tried: the %s mapping needs a relay for media, but no TURN credentials were given (--turn-user/--turn-pass or --turn-secret)", rep.Mapping)
+	default:
+		progress.update("proving the TURN relay")
+		rep.Relay = proveRelay(ctx, o, cfg.Software)
+	}
+	progress.done()
+	rep.DurationMS = time.Since(start).Milliseconds()
+
+	if err := render(stdout, o.format, rep, colorFor(stdout)); err != nil {
+		return exitServer, err
+	}
+	if fail != nil {
+		return exitServer, fail
+	}
+	if rep.Inconclusive() {
+		return exitInconclusive, nil
+	}
+
+	return exitClassified, nil
+}
+
+// proveRelay runs relay.Prove and turns its Proof into the report's field.
+func proveRelay(ctx context.Context, o *options, software string) *classifier.RelayReport {
+	cfg := relay.Config{
+		Server:   o.server,
+		Username: o.turnUser,
+		Password: o.turnPass,
+		Secret:   o.turnSecret,
+		Software: software,
+	}
+	p, err := relay.Prove(ctx, cfg, o.transports...)
+	rr := &classifier.RelayReport{
+		OK:        p.OK,
+		Transport: p.Transport,
+		Loss:      p.Loss,
+		RTTMS:     float64(p.RTT.Microseconds()) / 1000,
+	}
+	if p.RelayedAddr.IsValid() {
+		rr.RelayedAddress = p.RelayedAddr.String()
+	}
+	if err != nil {
+		rr.Error = err.Error()
+	}
+
+	return rr
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+
+	return false
+}

@@ -1,0 +1,366 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stund/stund/server"
+)
+
+const (
+	testUser = "alice"
+	testPass = "alice-pw"
+)
+
+// startStund runs the real server on 127.0.0.1 + 127.0.0.2 (RFC 5780 needs
+// two addresses), or on 127.0.0.1 alone when singleIP.
+func startStund(t *testing.T, singleIP bool) string {
+	t.Helper()
+	cfg := server.Config{
+		PrimaryIP:   netip.MustParseAddr("127.0.0.1"),
+		AlternateIP: netip.MustParseAddr("127.0.0.2"),
+		Users:       map[string]string{testUser: testPass},
+		AllowPeers:  []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")},
+	}
+	if singleIP {
+		cfg.AlternateIP = netip.Addr{}
+	}
+	s, err := server.New(cfg)
+	if err != nil {
+		t.Fatalf("server.New: %v", err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+
+	return s.Grid()[0][0].String()
+}
+
+type result struct {
+	code           int
+	stdout, stderr string
+}
+
+// natprobe runs the command in-process, as main would.
+func natprobe(t *testing.T, args ...string) result {
+	t.Helper()
+	// A safety net, not an assertion: the run bounds itself.
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var out, errb bytes.Buffer
+	code := run(ctx, append([]string{"natprobe"}, args...), &out, &errb)
+
+	return result{code, out.String(), errb.String()}
+}
+
+// decodeOne parses stdout as exactly one JSON object and nothing else.
+func decodeOne(t *testing.T, s string) map[string]any {
+	t.Helper()
+	dec := json.NewDecoder(strings.NewReader(s))
+	dec.UseNumber()
+	var m map[string]any
+	if err := dec.Decode(&m); err != nil {
+		t.Fatalf("stdout is not a JSON object: %v\n%s", err, s)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		t.Fatalf("stdout holds more than one JSON value: %q", s)
+	}
+
+	return m
+}
+
+// kind names a JSON value's type as the schema does.
+func kind(v any) string {
+	switch v.(type) {
+	case nil:
+		return "null"
+	case bool:
+		return "bool"
+	case string:
+		return "string"
+	case json.Number:
+		return "number"
+	case map[string]any:
+		return "object"
+	case []any:
+		return "array"
+	}
+
+	return "?"
+}
+
+// The natprobe/1 schema (docs/natprobe-json.md): field → allowed kinds.
+var schema = map[string][]string{
+	"schema":            {"string"},
+	"server":            {"string"},
+	"local_address":     {"string"},
+	"mapped_address":    {"string"},
+	"nat_detected":      {"bool", "null"},
+	"mapping":           {"string"},
+	"filtering":         {"string"},
+	"hairpinning":       {"bool", "null"},
+	"port_preservation": {"bool", "null"},
+	"port_parity":       {"bool", "null"},
+	"port_contiguity":   {"bool", "null"},
+	"ip_pooling":        {"string", "null"},
+	"mapping_lifetime":  {"object", "null"},
+	"alg_detected":      {"bool", "null"},
+	"legacy_type":       {"string"},
+	"sip_rtp":           {"object"},
+	"relay":             {"object", "null"},
+	"reasons":           {"object"},
+	"duration_ms":       {"number"},
+	"probe_id":          {"string"},
+}
+
+func checkSchema(t *testing.T, m map[string]any) {
+	t.Helper()
+	for field, kinds := range schema {
+		v, ok := m[field]
+		if !ok {
+			t.Errorf("field %q missing", field)
+
+			continue
+		}
+		found := false
+		for _, k := range kinds {
+			found = found || kind(v) == k
+		}
+		if !found {
+			t.Errorf("field %q is %s (%v), want %v", field, kind(v), v, kinds)
+		}
+	}
+	if m["schema"] != "natprobe/1" {
+		t.Errorf("schema %v", m["schema"])
+	}
+}
+
+func TestJSONAgainstStund(t *testing.T) {
+	addr := startStund(t, false)
+	r := natprobe(t, "--json", addr)
+	if r.code != exitClassified {
+		t.Fatalf("exit %d, stderr %q", r.code, r.stderr)
+	}
+	if r.stderr != "" {
+		t.Errorf("stderr is not a terminal, yet it got %q", r.stderr)
+	}
+	m := decodeOne(t, r.stdout)
+	checkSchema(t, m)
+	// Loopback: no NAT, so EIM/EIF and the "open" legacy type.
+	want := map[string]any{"server": addr, "nat_detected": false, "mapping": "EIM", "filtering": "EIF", "legacy_type": "open", "relay": nil}
+	for k, v := range want {
+		if m[k] != v {
+			t.Errorf("%s = %v, want %v", k, m[k], v)
+		}
+	}
+	if _, err := netip.ParseAddrPort(m["mapped_address"].(string)); err != nil {
+		t.Errorf("mapped_address: %v", err)
+	}
+	if id, _ := m["probe_id"].(string); len(id) != 8 {
+		t.Errorf("probe_id %q", id)
+	}
+	if d, _ := m["duration_ms"].(json.Number).Int64(); d <= 0 {
+		t.Errorf("duration_ms %v", m["duration_ms"])
+	}
+}
+
+func TestRelayForced(t *testing.T) {
+	addr := startStund(t, false)
+	// Credentials from the environment, as a support script would pass them.
+	t.Setenv("NATPROBE_TURN_USER", testUser)
+	t.Setenv("NATPROBE_TURN_PASS", testPass)
+	r := natprobe(t, "--json", "--no-hairpin", "--relay", addr)
+	if r.code != exitClassified {
+		t.Fatalf("exit %d, stderr %q", r.code, r.stderr)
+	}
+	m := decodeOne(t, r.stdout)
+	checkSchema(t, m)
+	rel, ok := m["relay"].(map[string]any)
+	if !ok {
+		t.Fatalf("relay = %v", m["relay"])
+	}
+	if rel["ok"] != true || rel["transport"] != "udp" {
+		t.Fatalf("relay %v", rel)
+	}
+	if _, err := netip.ParseAddrPort(rel["relayed_address"].(string)); err != nil {
+		t.Errorf("relayed_address: %v", err)
+	}
+	if rtt, _ := rel["rtt_ms"].(json.Number).Float64(); rtt <= 0 {
+		t.Errorf("rtt_ms %v", rel["rtt_ms"])
+	}
+	if loss, _ := rel["loss"].(json.Number).Float64(); loss < 0 || loss > 1 {
+		t.Errorf("loss %v", rel["loss"])
+	}
+	if m["hairpinning"] != nil {
+		t.Errorf("--no-hairpin, yet hairpinning = %v", m["hairpinning"])
+	}
+}
+
+func TestRelayWrongPassword(t *testing.T) {
+	addr := startStund(t, false)
+	r := natprobe(t, "--json", "--relay", "--turn-transport", "udp", "--turn-user", testUser, "--turn-pass", "nope", addr)
+	if r.code != exitClassified {
+		t.Fatalf("exit %d, stderr %q", r.code, r.stderr)
+	}
+	rel, _ := decodeOne(t, r.stdout)["relay"].(map[string]any)
+	if rel == nil || rel["ok"] != false || !strings.Contains(rel["error"].(string), "password") {
+		t.Fatalf("relay %v, want ok=false with a credentials error", rel)
+	}
+}
+
+func TestTextAndMarkdown(t *testing.T) {
+	addr := startStund(t, false)
+	r := natprobe(t, "--no-hairpin", addr)
+	if r.code != exitClassified {
+		t.Fatalf("exit %d, stderr %q", r.code, r.stderr)
+	}
+	for _, s := range []string{"mapping", "EIM", "filtering", "EIF", "open", "SIP/RTP:", "endpoint-independent-mapping", "probe id"} {
+		if !strings.Contains(r.stdout, s) {
+			t.Errorf("text output lacks %q:\n%s", s, r.stdout)
+		}
+	}
+	if strings.Contains(r.stdout, "\x1b[") {
+		t.Errorf("colour on a non-terminal:\n%q", r.stdout)
+	}
+	t.Logf("\n%s", r.stdout)
+
+	r = natprobe(t, "--format", "markdown", "--no-hairpin", addr)
+	if r.code != exitClassified {
+		t.Fatalf("exit %d, stderr %q", r.code, r.stderr)
+	}
+	for _, s := range []string{"| mapping | **EIM** |", "| filtering | **EIF** |", "| server | `" + addr + "` |", "#### SIP/RTP"} {
+		if !strings.Contains(r.stdout, s) {
+			t.Errorf("markdown lacks %q:\n%s", s, r.stdout)
+		}
+	}
+}
+
+func TestNoColor(t *testing.T) {
+	addr := startStund(t, false)
+	defer func(f func(io.Writer) bool) { isTerminal = f }(isTerminal)
+	isTerminal = func(io.Writer) bool { return true }
+
+	t.Setenv("NO_COLOR", "")
+	r := natprobe(t, "--no-hairpin", addr)
+	if !strings.Contains(r.stdout, "\x1b[32m") {
+		t.Errorf("no colour on a terminal:\n%q", r.stdout)
+	}
+	if !strings.Contains(r.stderr, "\r\x1b[K") {
+		t.Errorf("no progress on a terminal stderr: %q", r.stderr)
+	}
+
+	t.Setenv("NO_COLOR", "1")
+	r = natprobe(t, "--no-hairpin", addr)
+	if r.code != exitClassified || strings.Contains(r.stdout, "\x1b[") {
+		t.Errorf("NO_COLOR set, exit %d, output:\n%q", r.code, r.stdout)
+	}
+	// --json never carries colour, terminal or not.
+	t.Setenv("NO_COLOR", "")
+	r = natprobe(t, "--json", "--no-hairpin", addr)
+	checkSchema(t, decodeOne(t, r.stdout))
+}
+
+func TestUsageErrors(t *testing.T) {
+	for _, args := range [][]string{
+		{},                               // missing HOST
+		{"--bogus", "127.0.0.1"},         // unknown flag
+		{"--format", "xml", "127.0.0.1"}, // bad value
+		{"--json", "--format", "markdown", "127.0.0.1"},
+		{"--lifetime-max", "soon", "127.0.0.1"},
+		{"--turn-transport", "sctp", "127.0.0.1"},
+		{"--relay", "127.0.0.1"}, // no credentials
+		{"127.0.0.1:0"},
+		{"127.0.0.1:99999"},
+		{"a", "b"},
+		{"127.0.0.1", "--json"}, // flag after HOST
+	} {
+		t.Run(strings.Join(args, " "), func(t *testing.T) {
+			t.Setenv("NATPROBE_TURN_USER", "")
+			t.Setenv("NATPROBE_TURN_PASS", "")
+			t.Setenv("NATPROBE_TURN_SECRET", "")
+			r := natprobe(t, args...)
+			if r.code != exitUsage {
+				t.Errorf("exit %d, want %d; stderr %q", r.code, exitUsage, r.stderr)
+			}
+			if r.stdout != "" {
+				t.Errorf("usage error wrote to stdout: %q", r.stdout)
+			}
+			if !strings.Contains(r.stderr, "USAGE:") || !strings.HasPrefix(r.stderr, "natprobe: ") {
+				t.Errorf("no message and usage on stderr: %q", r.stderr)
+			}
+		})
+	}
+}
+
+func TestVersion(t *testing.T) {
+	r := natprobe(t, "--version")
+	if r.code != 0 || !strings.Contains(r.stdout, "natprobe version") {
+		t.Errorf("exit %d, stdout %q", r.code, r.stdout)
+	}
+}
+
+func TestUnreachable(t *testing.T) {
+	// A port nobody listens on: bind it, note it, close it.
+	c, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := c.LocalAddr().(*net.UDPAddr).Port
+	_ = c.Close()
+	r := natprobe(t, "--json", "127.0.0.1:"+strconv.Itoa(port))
+	if r.code != exitServer {
+		t.Fatalf("exit %d, want %d; stderr %q", r.code, exitServer, r.stderr)
+	}
+	if !strings.Contains(r.stderr, "unreachable") {
+		t.Errorf("message does not say unreachable: %q", r.stderr)
+	}
+	if r.stdout != "" {
+		t.Errorf("stdout %q", r.stdout)
+	}
+}
+
+func TestNotRFC5780(t *testing.T) {
+	addr := startStund(t, true)
+	r := natprobe(t, "--json", "--no-hairpin", addr)
+	if r.code != exitServer {
+		t.Fatalf("exit %d, want %d; stderr %q", r.code, exitServer, r.stderr)
+	}
+	if !strings.Contains(r.stderr, "not RFC 5780") {
+		t.Errorf("message does not say not RFC 5780: %q", r.stderr)
+	}
+	// The mapping-lite results still come, as one JSON object.
+	m := decodeOne(t, r.stdout)
+	checkSchema(t, m)
+	if _, err := netip.ParseAddrPort(m["mapped_address"].(string)); err != nil {
+		t.Errorf("mapped_address: %v", err)
+	}
+	if m["nat_detected"] != false {
+		t.Errorf("nat_detected %v", m["nat_detected"])
+	}
+}
+
+func TestHostPort(t *testing.T) {
+	for in, want := range map[string]string{
+		"example.net":        "example.net:3478",
+		"example.net:3480":   "example.net:3480",
+		"192.0.2.1":          "192.0.2.1:3478",
+		"2001:db8::1":        "[2001:db8::1]:3478",
+		"[2001:db8::1]":      "[2001:db8::1]:3478",
+		"[2001:db8::1]:3479": "[2001:db8::1]:3479",
+	} {
+		if got, err := hostPort(in); err != nil || got != want {
+			t.Errorf("%q: %q %v, want %q", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"", ":3478", "h:0", "h:x", "a b"} {
+		if got, err := hostPort(bad); err == nil {
+			t.Errorf("%q accepted as %q", bad, got)
+		}
+	}
+}
