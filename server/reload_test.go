@@ -47,15 +47,25 @@ func TestReload(t *testing.T) {
 		base = *c
 	})
 
-	alice, _ := newTURNClient(t, s, "alice", "alice-pw")
+	alice, aliceConn := newTURNClient(t, s, "alice", "alice-pw")
 	relay, err := alice.Allocate()
 	if err != nil {
 		t.Fatalf("Allocate: %v", err)
 	}
 	defer relay.Close()
 	peer := newPeer(t)
-	if !relayToPeer(t, relay, peer) {
-		t.Fatal("relay carries nothing before the reload")
+	// Until pion's client has its channel bound, it sends ChannelBind with
+	// alice's credentials; after the reload that would fail (as it should)
+	// and pion's client closes its allocation itself. So wait for the
+	// channel to carry data before removing alice.
+	for i := 0; i < 250 && aliceConn.chanOut.Load() == 0; i++ {
+		if !relayToPeer(t, relay, peer) {
+			t.Fatal("relay carries nothing before the reload")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if aliceConn.chanOut.Load() == 0 {
+		t.Fatal("pion's client never used a channel")
 	}
 
 	// Remove alice, rotate the secret, quota 1 per user.
