@@ -6,7 +6,6 @@ import (
 	"net/netip"
 	"sync/atomic"
 
-	"github.com/pion/stun/v4"
 	"github.com/pion/turn/v5"
 )
 
@@ -382,43 +381,3 @@ func special(a netip.Addr) (why string, bad bool) {
 
 	return "", false
 }
-
-// fixChannelBindRefusal rewrites pion's answer to a ChannelBind toward a
-// refused peer. Superseded: the TURN front (guard.go) now checks the peer
-// and answers 403 itself before pion sees the request, so nothing calls
-// this; it stays until its test in policy_test.go goes with it. pion v5.1.2 (internal/server/turn.go, handleChannelBindRequest)
-// answers a PermissionHandler refusal with 401 and no NONCE/REALM, where
-// RFC 8656 §12.2 and the issue want 403 (Forbidden) as for CreatePermission.
-// A 401 with a NONCE is a real authentication challenge and stays as it is.
-// The refusal carries no MESSAGE-INTEGRITY or FINGERPRINT in pion, so the
-// rewrite invalidates nothing. out is appended to and returned; ok is false
-// (and out unchanged) when msg is not such a refusal.
-func fixChannelBindRefusal(out, msg []byte) (_ []byte, ok bool) {
-	// Cheap pre-filter: a ChannelBind error response is type 0x0119
-	// (RFC 8656 §18: method 0x009, class error).
-	if len(msg) < stunHeaderLen || msg[0] != 0x01 || msg[1] != 0x19 {
-		return out, false
-	}
-	m := &stun.Message{Raw: append([]byte(nil), msg...)}
-	if err := m.Decode(); err != nil {
-		return out, false
-	}
-	var ec stun.ErrorCodeAttribute
-	if ec.GetFrom(m) != nil || ec.Code != stun.CodeUnauthorized ||
-		m.Contains(stun.AttrNonce) || m.Contains(stun.AttrMessageIntegrity) {
-		return out, false
-	}
-	r, err := stun.Build(
-		stun.NewTransactionIDSetter(m.TransactionID),
-		m.Type,
-		stun.CodeForbidden,
-	)
-	if err != nil {
-		return out, false
-	}
-
-	return append(out, r.Raw...), true
-}
-
-// stunHeaderLen is the fixed STUN header (RFC 8489 §5).
-const stunHeaderLen = 20

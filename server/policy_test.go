@@ -5,8 +5,6 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
-
-	"github.com/pion/stun/v4"
 )
 
 func mustPrefixes(t *testing.T, ss ...string) []netip.Prefix {
@@ -289,50 +287,5 @@ func TestPeerPolicyReasonsNameTheRange(t *testing.T) {
 	}
 	if p.PermissionHandler()(nil, net.IP{1, 2, 3}) {
 		t.Error("a 3-byte net.IP was allowed")
-	}
-}
-
-func TestFixChannelBindRefusal(t *testing.T) {
-	tid := stun.NewTransactionID()
-	build := func(setters ...stun.Setter) []byte {
-		t.Helper()
-		m, err := stun.Build(append([]stun.Setter{stun.NewTransactionIDSetter(tid)}, setters...)...)
-		if err != nil {
-			t.Fatal(err)
-		}
-
-		return m.Raw
-	}
-	cbErr := stun.NewType(stun.MethodChannelBind, stun.ClassErrorResponse)
-
-	// what pion v5.1.2 sends for a refused ChannelBind peer
-	refusal := build(cbErr, stun.CodeUnauthorized)
-	out, ok := fixChannelBindRefusal(nil, refusal)
-	if !ok {
-		t.Fatal("pion's ChannelBind refusal not rewritten")
-	}
-	m := &stun.Message{Raw: out}
-	if err := m.Decode(); err != nil {
-		t.Fatal(err)
-	}
-	var ec stun.ErrorCodeAttribute
-	if err := ec.GetFrom(m); err != nil || ec.Code != stun.CodeForbidden {
-		t.Fatalf("code = %v (%v), want 403", ec.Code, err)
-	}
-	if m.TransactionID != tid || m.Type != cbErr {
-		t.Error("transaction ID or type changed")
-	}
-
-	for name, msg := range map[string][]byte{
-		"auth challenge": build(cbErr, stun.CodeUnauthorized, stun.NewNonce("n"), stun.NewRealm("r")),
-		"other code":     build(cbErr, stun.CodeBadRequest),
-		"other method":   build(stun.NewType(stun.MethodCreatePermission, stun.ClassErrorResponse), stun.CodeUnauthorized),
-		"success":        build(stun.NewType(stun.MethodChannelBind, stun.ClassSuccessResponse)),
-		"truncated":      refusal[:10],
-		"garbage":        append([]byte{0x01, 0x19}, make([]byte, 30)...),
-	} {
-		if _, ok := fixChannelBindRefusal(nil, msg); ok {
-			t.Errorf("%s: rewritten", name)
-		}
 	}
 }
