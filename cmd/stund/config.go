@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/pion/logging"
 	"github.com/urfave/cli/v2"
@@ -56,7 +57,17 @@ func checkYAMLKeys(path string, fl []cli.Flag) (*yamlKeys, error) {
 	}
 	var doc yaml.Node
 	if err := yaml.Unmarshal(b, &doc); err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err) // yaml.v3 says "yaml: line N: …"
+		// yaml.v3 says "yaml: line N: …", except for bytes its reader
+		// refuses (control characters, bad UTF-8: find that line) and
+		// on line 1 (its marks count from 0 and it omits line 0).
+		if !strings.Contains(err.Error(), "line ") {
+			l := badByteLine(b)
+			if l == 0 {
+				l = 1
+			}
+			return nil, fmt.Errorf("%s line %d: %w", path, l, err)
+		}
+		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	keys := &yamlKeys{path: path, lines: map[string]int{}}
 	if len(doc.Content) == 0 {
@@ -90,6 +101,27 @@ func checkYAMLKeys(path string, fl []cli.Flag) (*yamlKeys, error) {
 		keys.lines[k.Value] = k.Line
 	}
 	return keys, nil
+}
+
+// badByteLine returns the 1-based line of the first byte a YAML reader
+// refuses (YAML 1.2 §5.1: control characters other than tab and line
+// breaks, invalid UTF-8), or 0.
+func badByteLine(b []byte) int {
+	line := 1
+	for i := 0; i < len(b); {
+		r, size := utf8.DecodeRune(b[i:])
+		switch {
+		case r == utf8.RuneError && size <= 1:
+			return line
+		case r == '\n':
+			line++
+		case r == '\t' || r == '\r' || r == 0xFEFF:
+		case r < 0x20 || (r >= 0x7f && r <= 0x9f && r != 0x85) || r == 0xFFFE || r == 0xFFFF:
+			return line
+		}
+		i += size
+	}
+	return 0
 }
 
 // buildConfig turns flags (already merged with the environment and the
