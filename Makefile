@@ -14,11 +14,11 @@ build:
 
 # deps: what the tests need beyond Go, from Debian's packages (root).
 # nftables + iproute2: the NAT lab; coturn + stun-client: interop with
-# clients nobody here wrote.
+# clients nobody here wrote; chromium: the WebRTC browser test.
 deps:
 	DEBIAN_FRONTEND=noninteractive apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-		nftables iproute2 coturn stun-client ca-certificates >/dev/null
+		nftables iproute2 coturn stun-client chromium ca-certificates >/dev/null
 	-pkill -x turnserver 2>/dev/null || true
 
 # unit: the Go tests (in-process, loopback and vnet), with the interop
