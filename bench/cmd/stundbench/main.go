@@ -42,10 +42,12 @@ const (
 	user, pass = "u", "p"
 	realm      = "bench"
 	// Ports away from 3478 so a bench never meets a test's server.
+	// Relay ports below the ephemeral range (32768-60999): the
+	// generator's 10k client sockets would otherwise crowd it (508).
 	stundPort  = 34780
 	coturnPort = 34790
-	relayMin   = 40000
-	relayMax   = 59999
+	relayMin   = 10000
+	relayMax   = 31999
 	// allocWorkers: allocations in flight at once during churn.
 	allocWorkers = 32
 )
@@ -438,7 +440,10 @@ func startServer(o opts, name string, peer netip.AddrPort) (*server, error) {
 			"--port", fmt.Sprint(port), "--alt-port", fmt.Sprint(port + 1), "--no-tcp",
 			"--realm", realm, "--user", user + ":" + pass,
 			"--allow-peer", "127.0.0.0/8", "--relay-ports", fmt.Sprintf("%d-%d", relayMin, relayMax),
-			"--user-quota", "-1", "--total-quota", "-1", "--log-level", "error"}
+			"--user-quota", "-1", "--total-quota", "-1", "--log-level", "error",
+			// The per-source limits would measure the limiter: every
+			// client here is 127.0.0.1, and coturn has no such limit.
+			"--unauth-rate", "-1", "--alloc-rate", "-1"}
 	case "coturn":
 		bin, port = o.coturn, coturnPort
 		args = []string{"-n", "--no-tls", "--no-dtls", "--no-tcp", "--no-cli",
