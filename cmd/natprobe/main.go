@@ -25,6 +25,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/pion/transport/v5"
 	"github.com/urfave/cli/v2"
 
 	"github.com/stund/stund/classifier"
@@ -97,6 +98,7 @@ type options struct {
 	turnSecret  string
 	transports  []string
 	timeout     time.Duration
+	net         transport.Net // nil = the host's network; tests pass a vnet
 }
 
 // formats natprobe can print.
@@ -296,6 +298,7 @@ func probe(parent context.Context, o *options, stdout, stderr io.Writer) (int, e
 		LifetimeMax: o.lifetimeMax,
 		Software:    "natprobe/" + appVersion() + " probe-id=" + id,
 		Progress:    progress.update,
+		Net:         o.net,
 	}
 	rep, err := classifier.Probe(ctx, cfg)
 	var fail error
@@ -366,6 +369,7 @@ func proveRelay(ctx context.Context, o *options, software string) *classifier.Re
 		Password: o.turnPass,
 		Secret:   o.turnSecret,
 		Software: software,
+		Net:      o.net,
 	}
 	p, err := relay.Prove(ctx, cfg, o.transports...)
 	rr := &classifier.RelayReport{
