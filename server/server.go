@@ -169,18 +169,26 @@ func (s *Server) bind() error {
 	return nil
 }
 
-func (s *Server) closeSockets() {
-	for i := range s.grid {
-		for p := range s.grid[i] {
+// closeAll closes every socket and listener, leaving the fields as they
+// are for read loops that are still unwinding.
+func (s *Server) closeAll() {
+	for i := range s.gridSocks {
+		for p := range s.gridSocks[i] {
 			for _, c := range s.gridSocks[i][p] {
 				_ = c.Close()
 			}
-			s.grid[i][p], s.gridSocks[i][p] = nil, nil
 		}
 	}
-	for _, l := range append(s.tcp, s.tls...) {
+	for _, l := range append(append([]net.Listener{}, s.tcp...), s.tls...) {
 		_ = l.Close()
 	}
+}
+
+// closeSockets closes and forgets everything bound, so that bind can try
+// again; only for a failed bind, before any read loop runs.
+func (s *Server) closeSockets() {
+	s.closeAll()
+	s.grid, s.gridSocks = [2][2]net.PacketConn{}, [2][2][]net.PacketConn{}
 	s.tcp, s.tls = nil, nil
 	s.streamAt = map[net.Listener]int{}
 }
@@ -345,7 +353,11 @@ func (s *Server) Close() error {
 		if s.turn != nil {
 			s.closeErr = s.turn.Close() // closes the wrapped grid and listeners, and the allocations
 		}
-		s.closeSockets()
+		// Close only: the read loops may still be answering a Binding
+		// from the grid while they unwind, so the grid must not be
+		// cleared under them (closeSockets is for a failed bind, before
+		// any loop runs).
+		s.closeAll()
 		s.log.Info("stund stopped")
 	})
 	if errors.Is(s.closeErr, net.ErrClosed) {
