@@ -471,8 +471,7 @@ func (p *prober) filteringTest(ctx context.Context) {
 		p.markNotCapable("the server ignores CHANGE-REQUEST: its \"changed\" replies come from the address the request went to")
 	}
 	p.filtRes = ev
-	f, _ := filteringVerdict(ev)
-	p.progress("filtering: %s", f)
+	p.progress("filtering: change-IP test %s, change-port test %s", res.outcomes[0], res.outcomes[1])
 }
 
 // hairpinResult is the hairpin pair's evidence.
@@ -661,7 +660,10 @@ func (p *prober) report() *Report {
 
 	// 3. Filtering.
 	if p.filtRan {
-		f, why := filteringVerdict(p.filtRes)
+		ev := p.filtRes
+		ev.otherReaches = len(p.mapRes.ev.seen[1][1]) > 0
+		ev.altPortReaches = len(p.mapRes.ev.seen[0][1]) > 0
+		f, why := filteringVerdict(ev)
 		r.Filtering = f
 		set("filtering", why, f == FilteringInconclusive)
 	} else {

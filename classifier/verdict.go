@@ -93,6 +93,13 @@ type filteringEvidence struct {
 	unchanged                        bool // a "changed" reply came from the address the request went to
 	refused                          int  // error code answering CHANGE-REQUEST, 0 if none
 	controlSent, controlHits         int
+	// otherReaches / altPortReaches: the mapping socket got replies from
+	// the alternate address (A:a) and from the primary IP's alternate port
+	// (P:a), the sources of the change-IP-and-port and change-port
+	// replies. Without that, silence may be the server's (or the path's)
+	// fault, not the NAT's filter: an alternate IP that is down, or a
+	// server behind a 1:1 NAT announcing a private OTHER-ADDRESS.
+	otherReaches, altPortReaches bool
 }
 
 func filteringVerdict(ev filteringEvidence) (Filtering, string) {
@@ -101,6 +108,10 @@ func filteringVerdict(ev filteringEvidence) (Filtering, string) {
 		return FilteringInconclusive, fmt.Sprintf("the server refused CHANGE-REQUEST (error %d): it cannot send from its other address (RFC 5780 §6)", ev.refused)
 	case ev.unchanged:
 		return FilteringInconclusive, "the server ignored CHANGE-REQUEST (it replied from the address the request went to), so the filter was never tested"
+	case ev.changeIPSilent && !ev.otherReaches && !ev.newIP:
+		return FilteringInconclusive, "no reply from the server's other address at all (not even to the mapping socket, which sent to it), so its silence says nothing about the NAT's filter"
+	case ev.changePortSilent && !ev.altPortReaches && !ev.newIP && !ev.newPort:
+		return FilteringInconclusive, "no reply from the server's alternate port at all (not even to the mapping socket, which sent to it), so its silence says nothing about the NAT's filter"
 	case ev.newIP && ev.changePortSilent:
 		return FilteringInconclusive, "contradictory replies: a reply from a new IP came in, yet replies from a new port on the same IP never did"
 	case ev.newIP:
@@ -336,19 +347,23 @@ func lifetimeVerdict(points []lifetimePoint) (*Lifetime, string) {
 	}
 	lt := &Lifetime{}
 	if len(alive) > 0 {
-		lt.MinS = slices.Max(alive).Seconds()
+		lt.MinS = seconds(slices.Max(alive))
 	}
 	if len(dead) > 0 {
 		d := slices.Min(dead)
 		if len(alive) > 0 && slices.Max(alive) >= d {
 			return nil, fmt.Sprintf("contradictory: the mapping was gone after %s idle but alive after %s", d.Round(time.Millisecond), slices.Max(alive).Round(time.Millisecond))
 		}
-		lt.MaxS = ptr(d.Seconds())
+		lt.MaxS = ptr(seconds(d))
 	}
 	return lt, ""
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// seconds rounds a duration to milliseconds, the precision of the timers
+// behind it.
+func seconds(d time.Duration) float64 { return d.Round(time.Millisecond).Seconds() }
 
 func joinAddrs(a []netip.AddrPort) string {
 	s := make([]string, len(a))

@@ -20,6 +20,7 @@ package classifier
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -54,6 +55,9 @@ type topoOpts struct {
 	seed     uint64  // loss randomness
 	blockAll bool    // drop every datagram (UDP blocked)
 	singleIP bool    // stund without an alternate IP
+	// altIPDown drops everything to and from the server's alternate IP
+	// (a server whose second address is dead or firewalled).
+	altIPDown bool
 	// quirks, when set, replaces stund with the test responder
 	// (responder_test.go) misbehaving as described.
 	quirks *responderQuirks
@@ -140,6 +144,12 @@ func newTopo(t testing.TB, o topoOpts) *topo {
 	}
 	if o.firewall != nil {
 		wan.AddChunkFilter(statefulFilter(clientIP, *o.firewall))
+	}
+	if o.altIPDown {
+		alt := net.ParseIP(srvAltIP)
+		wan.AddChunkFilter(func(c vnet.Chunk) bool {
+			return !c.SourceAddr().(*net.UDPAddr).IP.Equal(alt) && !c.DestinationAddr().(*net.UDPAddr).IP.Equal(alt)
+		})
 	}
 
 	if err := wan.Start(); err != nil {
@@ -455,14 +465,15 @@ func lossCases() []napt {
 	return out
 }
 
+// lossSeeds sets how many seeds each loss case runs; CI keeps the default,
+// a longer soak is `go test ./classifier -run Loss -args -loss-seeds=50`.
+var lossSeeds = flag.Int("loss-seeds", 4, "seeds per case in TestLoss25 (half as many in TestLoss50)")
+
 // TestLoss25: 25 % random loss each way; the verdicts must be exactly those
 // of the clean path, on every seed.
 func TestLoss25(t *testing.T) {
 	t.Parallel()
-	seeds := 4
-	if testing.Short() {
-		seeds = 2
-	}
+	seeds := *lossSeeds
 	for _, c := range lossCases() {
 		for seed := range seeds {
 			t.Run(fmt.Sprintf("%s/seed%d", c.name, seed), func(t *testing.T) {
@@ -487,11 +498,11 @@ func TestLoss50(t *testing.T) {
 	unsettled, total := 0, 0
 	t.Cleanup(func() { t.Logf("50%% loss: %d of %d fields unsettled", unsettled, total) })
 	for _, c := range lossCases() {
-		for seed := range 2 {
+		for seed := range max(1, *lossSeeds/2) {
 			t.Run(fmt.Sprintf("%s/seed%d", c.name, seed), func(t *testing.T) {
 				t.Parallel()
 				nat := c.nat
-				tp := newTopo(t, topoOpts{nat: &nat, loss: 0.5, seed: uint64(seed) + 100})
+				tp := newTopo(t, topoOpts{nat: &nat, loss: 0.5, seed: uint64(seed) + 1000})
 				r, err := tp.probe(t, nil)
 				if err != nil {
 					t.Fatalf("Probe: %v", err)
@@ -530,5 +541,34 @@ func TestSingleIPServer(t *testing.T) {
 	}
 	if !r.Inconclusive() {
 		t.Error("Inconclusive() = false")
+	}
+}
+
+// TestAlternateIPDown: the server announces an alternate IP that nothing
+// gets to or from. Its silence must not read as the NAT filtering it.
+func TestAlternateIPDown(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct {
+		name string
+		nat  vnet.NATType
+	}{
+		{"EIM-EIF", vnet.NATType{MappingBehavior: vnet.EndpointIndependent, FilteringBehavior: vnet.EndpointIndependent}},
+		{"EIM-APDF", eimAPDF},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			nat := c.nat
+			tp := newTopo(t, topoOpts{nat: &nat, altIPDown: true})
+			r, err := tp.probe(t, func(c *Config) { c.Timeout = 2 * time.Second })
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.Filtering != FilteringInconclusive || r.Mapping != MappingInconclusive {
+				t.Errorf("%s/%s (%v), want both inconclusive", r.Mapping, r.Filtering, r.Reasons)
+			}
+			if r.PortPreservation == nil || r.NATDetected == nil || !*r.NATDetected {
+				t.Error("what the primary address alone tells is lost")
+			}
+		})
 	}
 }
