@@ -51,6 +51,10 @@ const (
 	// tries (issue 3 item 7): 300 s covers the common NAT UDP timeouts
 	// (30 s to 5 min; RFC 4787 REQ-5 asks for at least 2 min).
 	defaultLifetimeMax = 300 * time.Second
+	// minWatch is the shortest --watch interval: a probe takes about a
+	// second on a clean path (longer under loss), and a public server
+	// should not see more than one run per second from one customer.
+	minWatch = time.Second
 )
 
 // version is set at build time with -ldflags "-X main.version=…"; otherwise
@@ -98,7 +102,12 @@ type options struct {
 	turnSecret  string
 	transports  []string
 	timeout     time.Duration
+	watch       time.Duration // 0: one run; else repeat every watch and print changes
+	watchCount  int           // with watch: stop after this many runs; 0 = until Ctrl-C
 	net         transport.Net // nil = the host's network; tests pass a vnet
+	// probeFn runs one classification; nil means classifier.Probe. Tests
+	// inject a fake to drive --watch.
+	probeFn func(context.Context, classifier.Config) (*classifier.Report, error)
 }
 
 // formats natprobe can print.
@@ -130,7 +139,9 @@ func newApp(stdout, stderr io.Writer, code *int) *cli.App {
 			&cli.StringFlag{Name: "turn-pass", EnvVars: []string{"NATPROBE_TURN_PASS"}, Usage: "TURN password"},
 			&cli.StringFlag{Name: "turn-secret", EnvVars: []string{"NATPROBE_TURN_SECRET"}, Usage: "TURN REST shared secret (derives a short-lived username and password)"},
 			&cli.StringFlag{Name: "turn-transport", Usage: "TURN transport: udp, tcp or tls (default: udp, then tcp, then tls if UDP is blocked)"},
-			&cli.DurationFlag{Name: "timeout", Usage: "bound on the whole run", DefaultText: defaultTimeout.String() + ", plus --lifetime-max with --lifetime"},
+			&cli.DurationFlag{Name: "timeout", Usage: "bound on the whole run (on each run with --watch)", DefaultText: defaultTimeout.String() + ", plus --lifetime-max with --lifetime"},
+			&cli.DurationFlag{Name: "watch", Usage: "repeat the probe every `DURATION` (at least " + minWatch.String() + ") and print only what changes; Ctrl-C stops"},
+			&cli.IntFlag{Name: "watch-count", Usage: "with --watch: stop after `N` runs (default: until Ctrl-C)"},
 		},
 		OnUsageError: func(c *cli.Context, err error, _ bool) error {
 			return usageError{msg: err.Error()}
@@ -155,6 +166,7 @@ func newApp(stdout, stderr io.Writer, code *int) *cli.App {
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	code := exitClassified
 	app := newApp(stdout, stderr, &code)
+	app.BashComplete = completer(args, stdout)
 	err := app.RunContext(ctx, args)
 	var ue usageError
 	var se serverError
@@ -175,6 +187,59 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "natprobe: %v\n", err)
 
 		return exitServer
+	}
+}
+
+// completer answers --generate-bash-completion (urfave/cli's protocol,
+// used by its bash_autocomplete script; docs/natprobe.md): the values of
+// --format and --turn-transport after those flags, otherwise the flags that
+// start with the word being completed. It reads the args given to run, not
+// os.Args as urfave's default does, so tests can drive it.
+func completer(args []string, w io.Writer) cli.BashCompleteFunc {
+	return func(c *cli.Context) {
+		words := []string{}
+		for _, a := range args[1:] {
+			if a != "--generate-bash-completion" {
+				words = append(words, a)
+			}
+		}
+		cur, prev := "", ""
+		if n := len(words); n > 0 {
+			cur = words[n-1]
+			if n > 1 {
+				prev = words[n-2]
+			}
+		}
+		values := map[string][]string{"--format": formats, "--turn-transport": {relay.UDP, relay.TCP, relay.TLS}}
+		if v, ok := values[cur]; ok {
+			// "natprobe --format <TAB>": the word is the flag itself.
+			fmt.Fprintln(w, strings.Join(v, "\n"))
+
+			return
+		}
+		if v, ok := values[prev]; ok && !strings.HasPrefix(cur, "-") {
+			for _, x := range v {
+				if strings.HasPrefix(x, cur) {
+					fmt.Fprintln(w, x)
+				}
+			}
+
+			return
+		}
+		if !strings.HasPrefix(cur, "-") {
+			cur = "--"
+		}
+		for _, f := range c.App.Flags {
+			for _, name := range f.Names() {
+				opt := "--" + name
+				if len(name) == 1 {
+					opt = "-" + name
+				}
+				if strings.HasPrefix(opt, cur) {
+					fmt.Fprintln(w, opt)
+				}
+			}
+		}
 	}
 }
 
@@ -232,6 +297,13 @@ func parseOptions(c *cli.Context) (*options, error) {
 			o.timeout += o.lifetimeMax
 		}
 	}
+	o.watch, o.watchCount = c.Duration("watch"), c.Int("watch-count")
+	if c.IsSet("watch") && o.watch < minWatch {
+		return nil, usageError{fmt.Sprintf("--watch %v: at least %v (a probe takes about a second, and the server is shared)", o.watch, minWatch)}
+	}
+	if c.IsSet("watch-count") && (o.watch == 0 || o.watchCount < 1) {
+		return nil, usageError{"--watch-count N needs --watch and N ≥ 1"}
+	}
 	if t := c.String("turn-transport"); t != "" {
 		if t != relay.UDP && t != relay.TCP && t != relay.TLS {
 			return nil, usageError{fmt.Sprintf("--turn-transport %q: want udp, tcp or tls", t)}
@@ -282,43 +354,68 @@ func newProbeID() string {
 	return hex.EncodeToString(b[:])
 }
 
+// runMeta is what a printed report says about the run itself.
+type runMeta struct {
+	time time.Time // when the run started
+}
+
 // probe runs the classifier, then the relay proof when it is needed, and
-// prints the report. It returns the exit status.
+// prints the report; with --watch it repeats (watch.go). It returns the
+// exit status.
 func probe(parent context.Context, o *options, stdout, stderr io.Writer) (int, error) {
+	id := newProbeID()
+	if o.watch > 0 {
+		return watch(parent, o, id, stdout, stderr)
+	}
+	rep, meta, code, err := measure(parent, o, id, stderr)
+	if rep == nil {
+		return code, err
+	}
+	if rerr := render(stdout, o.format, rep, meta, colorFor(stdout)); rerr != nil {
+		return exitServer, rerr
+	}
+
+	return code, err
+}
+
+// measure is one run: the classifier, then the relay proof when it is
+// needed. rep is nil when there is nothing to print (server unreachable,
+// probe could not run); err is then the serverError to show. A report from
+// a server that is not RFC 5780 capable comes with exitServer and its error.
+func measure(parent context.Context, o *options, id string, stderr io.Writer) (rep *classifier.Report, meta runMeta, code int, err error) {
 	start := time.Now()
+	meta.time = start
 	ctx, cancel := context.WithTimeout(parent, o.timeout)
 	defer cancel()
 
-	id := newProbeID()
 	progress := newProgress(stderr)
+	defer progress.done()
 	cfg := classifier.Config{
 		Server:      o.server,
 		Hairpin:     o.hairpin,
 		Lifetime:    o.lifetime,
 		LifetimeMax: o.lifetimeMax,
-		Software:    "natprobe/" + appVersion() + " probe-id=" + id,
+		Software:    software(id),
 		Progress:    progress.update,
 		Net:         o.net,
 	}
-	rep, err := classifier.Probe(ctx, cfg)
+	probeFn := o.probeFn
+	if probeFn == nil {
+		probeFn = classifier.Probe
+	}
+	rep, err = probeFn(ctx, cfg)
 	var fail error
 	switch {
 	case err == nil:
 	case errors.Is(err, classifier.ErrNotRFC5780):
 		fail = serverError{fmt.Sprintf("%s answers STUN but is not RFC 5780 capable (no usable OTHER-ADDRESS): only the results one address can give are reported", o.server)}
 	case errors.Is(err, classifier.ErrUnreachable):
-		progress.done()
-
-		return exitServer, serverError{fmt.Sprintf("%s is unreachable: no STUN answer over UDP (server down, wrong address, or UDP blocked): %v", o.server, err)}
+		return nil, meta, exitServer, serverError{fmt.Sprintf("%s is unreachable: no STUN answer over UDP (server down, wrong address, or UDP blocked): %v", o.server, err)}
 	default:
-		progress.done()
-
-		return exitServer, serverError{fmt.Sprintf("probing %s: %v", o.server, err)}
+		return nil, meta, exitServer, serverError{fmt.Sprintf("probing %s: %v", o.server, err)}
 	}
 	if rep == nil {
-		progress.done()
-
-		return exitServer, serverError{fmt.Sprintf("probing %s: no report", o.server)}
+		return nil, meta, exitServer, serverError{fmt.Sprintf("probing %s: no report", o.server)}
 	}
 	if rep.ProbeID == "" {
 		rep.ProbeID = id
@@ -345,20 +442,23 @@ func probe(parent context.Context, o *options, stdout, stderr io.Writer) (int, e
 		progress.update("proving the TURN relay")
 		rep.Relay = proveRelay(ctx, o, cfg.Software)
 	}
-	progress.done()
 	rep.DurationMS = time.Since(start).Milliseconds()
 
-	if err := render(stdout, o.format, rep, colorFor(stdout)); err != nil {
-		return exitServer, err
+	switch {
+	case fail != nil:
+		return rep, meta, exitServer, fail
+	case rep.Inconclusive():
+		return rep, meta, exitInconclusive, nil
+	default:
+		return rep, meta, exitClassified, nil
 	}
-	if fail != nil {
-		return exitServer, fail
-	}
-	if rep.Inconclusive() {
-		return exitInconclusive, nil
-	}
+}
 
-	return exitClassified, nil
+// software is the SOFTWARE attribute (RFC 8489 §14.14) of every request
+// natprobe sends: stund logs the probe ID once per run (server/probeid.go),
+// so an operator can find a customer's run in the server's log.
+func software(id string) string {
+	return "natprobe/" + appVersion() + " probe-id=" + id
 }
 
 // proveRelay runs relay.Prove and turns its Proof into the report's field.

@@ -71,18 +71,37 @@ func (p *progress) done() {
 	}
 }
 
+// jsonReport is the natprobe/1 object: the classifier's Report plus what
+// the command knows about the run (fields added without a schema bump, as
+// docs/natprobe-json.md allows).
+type jsonReport struct {
+	*classifier.Report
+	Time            string `json:"time"`             // start of the run, UTC, RFC 3339
+	NatprobeVersion string `json:"natprobe_version"` // also in SOFTWARE
+}
+
+func newJSONReport(rep *classifier.Report, meta runMeta) jsonReport {
+	return jsonReport{Report: rep, Time: rfc3339(meta.time), NatprobeVersion: appVersion()}
+}
+
+// rfc3339 is how natprobe writes times: UTC, RFC 3339, whole seconds, so
+// a ticket and the server's log compare at a glance.
+func rfc3339(t time.Time) string {
+	return t.UTC().Format(time.RFC3339)
+}
+
 // render prints rep in the chosen format.
-func render(w io.Writer, format string, rep *classifier.Report, color bool) error {
+func render(w io.Writer, format string, rep *classifier.Report, meta runMeta, color bool) error {
 	switch format {
 	case "json":
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
 
-		return enc.Encode(rep)
+		return enc.Encode(newJSONReport(rep, meta))
 	case "markdown":
-		return renderMarkdown(w, rep)
+		return renderMarkdown(w, rep, meta)
 	default:
-		return renderText(w, rep, color)
+		return renderText(w, rep, meta, color)
 	}
 }
 
@@ -239,11 +258,54 @@ func rows(rep *classifier.Report) []row {
 		} else {
 			add("TURN relay", "failed", r.Error, toneBad)
 		}
-	} else if why, ok := rep.Reasons["relay"]; ok {
-		add("TURN relay", "not tried", why, toneWarn)
+	} else {
+		r, why, t := relayNotTried(rep)
+		add("TURN relay", r, why, t)
 	}
 
 	return rs
+}
+
+// relayNotTried says why there is no relay result: not needed, or needed
+// but not tried (the report's reason).
+func relayNotTried(rep *classifier.Report) (result, why string, t tone) {
+	if why, ok := rep.Reasons["relay"]; ok {
+		return "not tried", why, toneWarn
+	}
+	switch rep.Mapping {
+	case classifier.MappingEndpointIndependent:
+		return "not needed", "the mapping is endpoint-independent: media can flow directly (--relay proves the relay anyway)", toneGood
+	default:
+		return "not tried", "the mapping was not settled; --relay with TURN credentials proves the relay", toneNeutral
+	}
+}
+
+// relayLine is the relay result in one line, for the report's header.
+func relayLine(rep *classifier.Report) string {
+	if r := rep.Relay; r != nil {
+		if r.OK {
+			return fmt.Sprintf("works over %s via %s: rtt %.1f ms, loss %.0f%%", r.Transport, r.RelayedAddress, r.RTTMS, 100*r.Loss)
+		}
+
+		return "failed over " + r.Transport + ": " + r.Error
+	}
+	r, why, _ := relayNotTried(rep)
+
+	return r + ": " + why
+}
+
+// verdict is the report's conclusion in one line: the NAT in RFC 4787 and
+// legacy terms, then what it means for SIP/RTP.
+func verdict(rep *classifier.Report) string {
+	v := fmt.Sprintf("%s/%s (%s)", orNot(string(rep.Mapping)), orNot(string(rep.Filtering)), orNot(string(rep.LegacyType)))
+	if rep.SIPRTP.Summary != "" {
+		v += ": " + rep.SIPRTP.Summary
+	}
+	if rep.Inconclusive() {
+		v += " Inconclusive: " + strings.Join(rep.InconclusiveFields, ", ") + "."
+	}
+
+	return v
 }
 
 func orNot(s string) string {
@@ -263,7 +325,7 @@ func reason(rep *classifier.Report, field, def string) string {
 	return def
 }
 
-func renderText(w io.Writer, rep *classifier.Report, color bool) error {
+func renderText(w io.Writer, rep *classifier.Report, meta runMeta, color bool) error {
 	paint := func(t tone, s string) string {
 		if !color || toneSGR[t] == "" {
 			return s
@@ -278,7 +340,7 @@ func renderText(w io.Writer, rep *classifier.Report, color bool) error {
 
 		return "\x1b[1m" + s + "\x1b[0m"
 	}
-	fmt.Fprintf(w, "natprobe %s: %s (probe id %s)\n\n", appVersion(), rep.Server, rep.ProbeID)
+	fmt.Fprintf(w, "natprobe %s: %s at %s (probe id %s)\n\n", appVersion(), rep.Server, rfc3339(meta.time), rep.ProbeID)
 
 	header := row{bold("behaviour"), "result", bold("meaning"), toneNeutral}
 	if err := table(w, append([]row{header}, rows(rep)...), "", paint); err != nil {
@@ -400,13 +462,18 @@ func mdEscape(s string) string {
 	return strings.NewReplacer("|", `\|`, "\n", " ").Replace(s)
 }
 
-func renderMarkdown(w io.Writer, rep *classifier.Report) error {
+// renderMarkdown prints a report to paste into a ticket: the run's
+// identity and the verdict first, then the behaviour table, the SIP/RTP
+// reading and what the SIP server side needs.
+func renderMarkdown(w io.Writer, rep *classifier.Report, meta runMeta) error {
 	fmt.Fprintf(w, "### natprobe report: %s\n\n", mdEscape(rep.Server))
 	fmt.Fprintf(w, "| | |\n|---|---|\n")
+	fmt.Fprintf(w, "| verdict | %s |\n", mdEscape(verdict(rep)))
+	fmt.Fprintf(w, "| relay | %s |\n", mdEscape(relayLine(rep)))
 	fmt.Fprintf(w, "| server | `%s` |\n", mdEscape(rep.Server))
-	fmt.Fprintf(w, "| probe id | `%s` |\n", mdEscape(rep.ProbeID))
+	fmt.Fprintf(w, "| time | %s |\n", rfc3339(meta.time))
 	fmt.Fprintf(w, "| natprobe | %s |\n", mdEscape(appVersion()))
-	fmt.Fprintf(w, "| time | %s |\n", time.Now().UTC().Format(time.RFC3339))
+	fmt.Fprintf(w, "| probe id | `%s` |\n", mdEscape(rep.ProbeID))
 	fmt.Fprintf(w, "| duration | %d ms |\n\n", rep.DurationMS)
 
 	fmt.Fprintf(w, "| behaviour | result | meaning |\n|---|---|---|\n")
