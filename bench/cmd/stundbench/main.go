@@ -10,6 +10,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -44,8 +45,8 @@ const (
 	// Ports away from 3478 so a bench never meets a test's server.
 	// Relay ports below the ephemeral range (32768-60999): the
 	// generator's 10k client sockets would otherwise crowd it (508).
-	stundPort  = 34780
-	coturnPort = 34790
+	stundPort  = 35780
+	coturnPort = 35790
 	relayMin   = 10000
 	relayMax   = 31999
 	// allocWorkers: allocations in flight at once during churn.
@@ -456,6 +457,15 @@ func startServer(o opts, name string, peer netip.AddrPort) (*server, error) {
 			"--pidfile", fmt.Sprintf("/tmp/stundbench-turnserver-%d.pid", os.Getpid())}
 	default:
 		return nil, fmt.Errorf("unknown server %q", name)
+	}
+	// A port someone else holds would silently split traffic (stund's
+	// SO_REUSEPORT group takes in any same-UID socket): refuse to run.
+	for _, pt := range []int{port, port + 1} {
+		probe, err := net.ListenPacket("udp4", fmt.Sprintf("127.0.0.1:%d", pt))
+		if err != nil {
+			return nil, fmt.Errorf("%s: port %d is busy (another server on this machine?): %w", name, pt, err)
+		}
+		probe.Close()
 	}
 	cmd := exec.Command(bin, args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
