@@ -110,6 +110,7 @@ func Probe(ctx context.Context, cfg Config) (*Report, error) {
 	}
 	p.a = newAgent(n, cfg.Software)
 	p.a.onArrival = p.onArrival
+	p.a.reached = p.reached
 	rep, err := p.run(ctx)
 	if rep != nil {
 		rep.DurationMS = time.Since(start).Milliseconds()
@@ -293,7 +294,13 @@ func (p *prober) run(ctx context.Context) (*Report, error) {
 		cancelTests()
 		cancelLife()
 		wg.Wait()
-		return p.unreachable(), fmt.Errorf("%w (%s, %d requests in %s)", ErrUnreachable, p.primary, p.a.stats().Sent, min(reachTimeout, p.cfg.Timeout))
+		err := fmt.Errorf("%w (%s, %d requests in %s)", ErrUnreachable, p.primary, p.a.stats().Sent, min(reachTimeout, p.cfg.Timeout))
+		p.a.mu.Lock()
+		if p.a.writeErr != nil {
+			err = fmt.Errorf("%w; sending failed: %v", err, p.a.writeErr)
+		}
+		p.a.mu.Unlock()
+		return p.unreachable(), err
 	case <-ctx.Done():
 		cancelTests()
 		cancelLife()

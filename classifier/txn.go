@@ -90,12 +90,16 @@ type agent struct {
 	// onArrival is called (from a read goroutine, without locks held)
 	// for every matched arrival; the prober learns server facts there.
 	onArrival func(*txn, arrival)
+	// reached, when set, is closed once the server has answered anything;
+	// until then retransmissions back off (gap).
+	reached <-chan struct{}
 
 	mu        sync.Mutex
 	txns      map[txKey]*txn
 	socks     []*socket
 	rttMin    time.Duration // best (arrival - first send) seen; 0 = none yet
 	anomalies []string
+	writeErr  error // the last failed send, for the unreachable message
 	closed    bool
 
 	readers                                                 sync.WaitGroup
@@ -310,7 +314,11 @@ func (t *txn) send() {
 	pkt := t.pkt
 	t.mu.Unlock()
 	t.a.sent.Add(1)
-	_, _ = t.sock.conn.WriteTo(pkt, net.UDPAddrFromAddrPort(t.dst))
+	if _, err := t.sock.conn.WriteTo(pkt, net.UDPAddrFromAddrPort(t.dst)); err != nil && !t.sock.closed.Load() {
+		t.a.mu.Lock()
+		t.a.writeErr = err
+		t.a.mu.Unlock()
+	}
 }
 
 func (t *txn) record(arr arrival) {
@@ -396,8 +404,9 @@ func (t *txn) exchange(ctx context.Context) (arrival, bool) {
 
 // resend is exchange after the first copy has already been sent.
 func (t *txn) resend(ctx context.Context) (arrival, bool) {
-	tick := time.NewTicker(retransmitInterval)
-	defer tick.Stop()
+	gap := t.a.gap(0, retransmitInterval)
+	timer := time.NewTimer(gap)
+	defer timer.Stop()
 	for {
 		select {
 		case <-t.doneCh():
@@ -409,10 +418,32 @@ func (t *txn) resend(ctx context.Context) (arrival, bool) {
 			return t.first()
 		case <-ctx.Done():
 			return t.first() // a reply may have raced the deadline
-		case <-tick.C:
+		case <-timer.C:
 			t.send()
+			gap = t.a.gap(gap, retransmitInterval)
+			timer.Reset(gap)
 		}
 	}
+}
+
+// Before the server has answered anything, copies are spaced by a doubling
+// gap (100 ms, 200 ms, ... up to maxSilentGap): a dozen transactions
+// retransmitting at full pace toward an address that never answers would
+// send hundreds of datagrams before the probe gives up, while the first
+// copies of all of them together already make a lossy path answer.
+const maxSilentGap = time.Second
+
+// gap returns the wait before the next copy: pace once the server has
+// answered, else the doubling gap after prev.
+func (a *agent) gap(prev, pace time.Duration) time.Duration {
+	if a.reached != nil {
+		select {
+		case <-a.reached:
+			return pace
+		default:
+		}
+	}
+	return min(max(2*prev, retransmitInterval), maxSilentGap)
 }
 
 func (t *txn) doneCh() <-chan struct{} {
@@ -492,8 +523,13 @@ type streamResult struct {
 // copies as the observed loss requires.
 func (a *agent) collect(ctx context.Context, control *txn, groups [][]*txn, stop func([]outcome) bool) streamResult {
 	res := streamResult{outcomes: make([]outcome, len(groups)), testSent: make([]int, len(groups))}
-	tick := time.NewTicker(trialPace)
-	defer tick.Stop()
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+	gap := time.Duration(0)
 	for round := 0; round < maxSends; round++ {
 		control.send()
 		for g, group := range groups {
@@ -507,11 +543,17 @@ func (a *agent) collect(ctx context.Context, control *txn, groups [][]*txn, stop
 		if allDecided(res.outcomes) || (stop != nil && stop(res.outcomes)) {
 			return res
 		}
+		gap = a.gap(gap, trialPace)
+		if timer == nil {
+			timer = time.NewTimer(gap)
+		} else {
+			timer.Reset(gap)
+		}
 		select {
 		case <-ctx.Done():
 			a.evaluate(control, groups, &res) // count what came in meanwhile
 			return res
-		case <-tick.C:
+		case <-timer.C:
 		}
 	}
 	return res
