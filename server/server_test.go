@@ -316,3 +316,40 @@ func changeFlags(ip, port bool) uint32 {
 
 // AddTo lets binding_test.go's rawAttr go into pion-built requests.
 func (a rawAttr) AddTo(m *stun.Message) error { m.Add(a.typ, a.val); return nil }
+
+// TestFixedPortsAreExclusive: with fixed ports the grid binds several
+// SO_REUSEPORT sockets per address; a second server of the same user must
+// still fail to bind rather than join the group and split the traffic.
+func TestFixedPortsAreExclusive(t *testing.T) {
+	var first *Server
+	for try := 0; try < 10 && first == nil; try++ {
+		probe := udpSocket(t)
+		p := int(probe.LocalAddr().(*net.UDPAddr).Port)
+		_ = probe.Close()
+		if p >= 65535 {
+			continue
+		}
+		cfg := twoIPConfig()
+		cfg.Port, cfg.AltPort, cfg.DisableTCP = p, p+1, true
+		if s, err := New(cfg); err == nil {
+			first = s
+			t.Cleanup(func() { _ = s.Close() })
+		}
+	}
+	if first == nil {
+		t.Skip("no free fixed port pair found")
+	}
+	// UDP only, so that a TCP listener's own conflict cannot be what
+	// refuses the second server.
+	cfg := twoIPConfig()
+	cfg.Port, cfg.AltPort, cfg.DisableTCP = int(first.Grid()[0][0].Port()), int(first.Grid()[0][1].Port()), true
+	if s, err := New(cfg); err == nil {
+		_ = s.Close()
+		t.Fatal("a second server bound the same fixed ports")
+	}
+	// The first one still answers.
+	c := udpSocket(t)
+	if m, _ := exchange(t, c, first.Grid()[0][0]); m.Type != stun.BindingSuccess {
+		t.Fatalf("first server: %v", m.Type)
+	}
+}

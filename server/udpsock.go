@@ -46,6 +46,17 @@ func (s *Server) listenUDP(ip netip.Addr, port int) ([]net.PacketConn, error) {
 	if !reusePortSupported || s.cfg.Port == 0 || s.cfg.AltPort == 0 {
 		n = 1
 	}
+	if n > 1 {
+		// SO_REUSEPORT would let us join a group another process of
+		// the same user already holds, and the two would split each
+		// other's traffic silently. A plain bind first proves the port
+		// is free; a later stund's plain bind then fails on our group.
+		probe, err := net.ListenPacket(udpNetwork(ip), netip.AddrPortFrom(ip, uint16(port)).String())
+		if err != nil {
+			return nil, err
+		}
+		_ = probe.Close()
+	}
 	lc := net.ListenConfig{Control: controlUDP(n > 1)}
 	var out []net.PacketConn
 	for k := 0; k < n; k++ {
