@@ -364,6 +364,21 @@ func (t *txn) sentBefore(cutoff time.Time) int {
 	return n
 }
 
+// hitsBefore counts the counting arrivals that came in at or before cutoff:
+// with one key for every copy a reply cannot be matched to its copy, but
+// one that arrived by cutoff surely answers a copy sent before it.
+func (t *txn) hitsBefore(cutoff time.Time) int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	n := 0
+	for _, a := range t.arrivals {
+		if (t.want == nil || a.at == t.want) && !a.when.After(cutoff) {
+			n++
+		}
+	}
+	return n
+}
+
 func (t *txn) hitCount() int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -432,6 +447,15 @@ func (t *txn) resend(ctx context.Context) (arrival, bool) {
 // send hundreds of datagrams before the probe gives up, while the first
 // copies of all of them together already make a lossy path answer.
 const maxSilentGap = time.Second
+
+// firstReply returns the channel closed at the server's first answer when
+// waiting for it matters, else nil (a case that never fires).
+func (a *agent) firstReply(backingOff bool) <-chan struct{} {
+	if !backingOff {
+		return nil
+	}
+	return a.reached
+}
 
 // gap returns the wait before the next copy: pace once the server has
 // answered, else the doubling gap after prev.
@@ -554,15 +578,21 @@ func (a *agent) collect(ctx context.Context, control *txn, groups [][]*txn, stop
 			a.evaluate(control, groups, &res) // count what came in meanwhile
 			return res
 		case <-timer.C:
+		case <-a.firstReply(gap != trialPace):
+			// The server's first answer ends the back-off at once.
 		}
 	}
 	return res
 }
 
 func (a *agent) evaluate(control *txn, groups [][]*txn, res *streamResult) {
+	// Only copies sent before cutoff have had their chance to be
+	// answered; only answers that arrived by then are surely theirs.
+	// Counting later answers would credit the control with replies to
+	// copies whose test twins are not counted yet.
 	cutoff := time.Now().Add(-a.settle())
 	res.controlSent = control.sentBefore(cutoff)
-	res.controlHits = min(control.hitCount(), res.controlSent)
+	res.controlHits = min(control.hitsBefore(cutoff), res.controlSent)
 	for g, group := range groups {
 		if res.outcomes[g] != undecided {
 			continue
