@@ -163,6 +163,7 @@ type observed struct {
 	Lifetime                                                               string // "[min,max]" or null
 	lifeMin, lifeMax                                                       float64
 	Relay                                                                  string // ok | fail | null
+	durationMs                                                             float64
 	extra                                                                  []string
 }
 
@@ -185,7 +186,8 @@ func dash(s string) string {
 	return s
 }
 
-// natprobeJSON is the natprobe/1 schema (README.md), the fields the lab checks.
+// natprobeJSON is the natprobe/1 schema (docs/natprobe-json.md), the fields
+// the lab checks.
 type natprobeJSON struct {
 	Schema           string  `json:"schema"`
 	Mapping          string  `json:"mapping"`
@@ -198,7 +200,6 @@ type natprobeJSON struct {
 	MappingLifetime  *struct {
 		MinS float64  `json:"min_s"`
 		MaxS *float64 `json:"max_s"` // null: still alive at --lifetime-max
-
 	} `json:"mapping_lifetime"`
 	LegacyType string `json:"legacy_type"`
 	Relay      *struct {
@@ -206,12 +207,15 @@ type natprobeJSON struct {
 		Transport      string  `json:"transport"`
 		RelayedAddress string  `json:"relayed_address"`
 		RTTms          float64 `json:"rtt_ms"`
+		Loss           float64 `json:"loss"`
+		Error          string  `json:"error"`
 	} `json:"relay"`
-	NATDetected   *bool           `json:"nat_detected"`
-	MappedAddress string          `json:"mapped_address"`
-	LocalAddress  string          `json:"local_address"`
-	Reasons       json.RawMessage `json:"reasons"`
-	DurationMs    float64         `json:"duration_ms"`
+	NATDetected        *bool             `json:"nat_detected"`
+	MappedAddress      string            `json:"mapped_address"`
+	LocalAddress       string            `json:"local_address"`
+	Reasons            map[string]string `json:"reasons"`
+	InconclusiveFields []string          `json:"inconclusive_fields"`
+	DurationMs         float64           `json:"duration_ms"`
 }
 
 func boolStr(b *bool) string {
@@ -223,12 +227,17 @@ func boolStr(b *bool) string {
 
 // runNatprobe runs natprobe --json against host:port from the client
 // namespace and translates its report; problems with the report itself
-// (schema, addresses, exit status) come back as extra mismatches.
-func runNatprobe(ctx context.Context, bin, ns string, port int, p profile, withRelay, withLifetime bool) (observed, []string, error) {
+// (schema, addresses, exit status) come back as extra mismatches. relay is
+// the profile's expect.Relay ("" none, "auto", "forced").
+func runNatprobe(ctx context.Context, bin, ns string, port int, p profile, relay string, withLifetime bool) (observed, []string, error) {
 	args := []string{bin, "--json"}
 	limit := 30 * time.Second
-	if withRelay {
-		args = append(args, "--relay", "--turn-user", turnUser, "--turn-pass", turnPass)
+	switch relay {
+	case "forced":
+		args = append(args, "--relay")
+		fallthrough
+	case "auto":
+		args = append(args, "--turn-user", turnUser, "--turn-pass", turnPass)
 	}
 	if withLifetime {
 		args = append(args, "--lifetime", "--lifetime-max", "30s")
@@ -244,9 +253,18 @@ func runNatprobe(ctx context.Context, bin, ns string, port int, p profile, withR
 	if jerr := json.Unmarshal([]byte(out), &r); jerr != nil {
 		return o, nil, fmt.Errorf("natprobe exit %d, output is not one JSON object (%v): %s %s", code, jerr, tail(out), tail(errOut))
 	}
+	listed := map[string]bool{}
+	for _, f := range r.InconclusiveFields {
+		listed[f] = true
+	}
 	o = observed{Mapping: r.Mapping, Filtering: r.Filtering, Hairpin: boolStr(r.Hairpinning),
 		PortPres: boolStr(r.PortPreservation), Parity: boolStr(r.PortParity), Contig: boolStr(r.PortContiguity),
 		Pooling: "null", Legacy: r.LegacyType, Lifetime: "null", Relay: "null"}
+	// A null with a reason that is not among the inconclusive fields is
+	// natprobe saying "not measurable behind this NAT" (docs/design.md).
+	if o.Hairpin == "null" && r.Reasons["hairpinning"] != "" && !listed["hairpinning"] {
+		o.Hairpin = "unmeasurable"
+	}
 	if r.IPPooling != nil {
 		o.Pooling = *r.IPPooling
 	}
@@ -277,25 +295,48 @@ func runNatprobe(ctx context.Context, bin, ns string, port int, p profile, withR
 	if ap, perr := netip.ParseAddrPort(r.LocalAddress); perr != nil || ap.Addr().String() != clientIP {
 		bad = append(bad, fmt.Sprintf("local_address %q, want %s:port", r.LocalAddress, clientIP))
 	}
-	if withRelay && r.Relay != nil && r.Relay.OK {
+	if relay != "" && r.Relay != nil {
 		if ap, perr := netip.ParseAddrPort(r.Relay.RelayedAddress); perr != nil ||
 			(ap.Addr().String() != serverIP && ap.Addr().String() != serverAltIP) {
 			bad = append(bad, fmt.Sprintf("relay.relayed_address %q, want a server address", r.Relay.RelayedAddress))
 		}
+		if r.Relay.Transport != "udp" {
+			bad = append(bad, fmt.Sprintf("relay.transport %q, want udp (UDP is open in the lab)", r.Relay.Transport))
+		}
+		if p.LossPct == 0 && r.Relay.Loss != 0 {
+			bad = append(bad, fmt.Sprintf("relay.loss %g on a lossless path, want 0", r.Relay.Loss))
+		}
+		if !r.Relay.OK {
+			o.extra = append(o.extra, "relay.error="+r.Relay.Error)
+		}
 	}
-	inconclusive := o.Mapping == "inconclusive" || o.Filtering == "inconclusive" || o.Legacy == "inconclusive" ||
-		o.Hairpin == "null" || o.PortPres == "null" || o.Parity == "null" || o.Contig == "null"
+	// The exit-status contract (docs/natprobe-json.md): 1 exactly when
+	// inconclusive_fields is non-empty; every "inconclusive" enum is
+	// listed there, every null the profile asserts carries a reason.
+	for f, v := range map[string]string{"mapping": o.Mapping, "filtering": o.Filtering, "legacy_type": o.Legacy} {
+		if v == "inconclusive" && !listed[f] {
+			bad = append(bad, f+" is inconclusive but not in inconclusive_fields")
+		}
+	}
+	for f, v := range map[string]string{"hairpinning": o.Hairpin, "port_preservation": o.PortPres,
+		"port_parity": o.Parity, "port_contiguity": o.Contig, "ip_pooling": o.Pooling} {
+		if v == "null" && r.Reasons[f] == "" {
+			bad = append(bad, f+" is null without a reason")
+		}
+	}
 	switch {
-	case code == 0 && inconclusive:
-		bad = append(bad, "exit 0 with an inconclusive/null field (contract: exit 1)")
-	case code == 1 && !inconclusive:
-		bad = append(bad, "exit 1 but no field is inconclusive")
+	case code == 0 && len(r.InconclusiveFields) > 0:
+		bad = append(bad, fmt.Sprintf("exit 0 with inconclusive_fields %v (contract: exit 1)", r.InconclusiveFields))
+	case code == 1 && len(r.InconclusiveFields) == 0:
+		bad = append(bad, "exit 1 with no inconclusive_fields (contract: exit 0)")
 	case code != 0 && code != 1:
 		bad = append(bad, fmt.Sprintf("exit %d: %s", code, tail(errOut)))
 	}
 	if len(bad) > 0 || code != 0 {
-		o.extra = append(o.extra, fmt.Sprintf("reasons=%s duration_ms=%g", tail(string(r.Reasons)), r.DurationMs))
+		rs, _ := json.Marshal(r.Reasons)
+		o.extra = append(o.extra, fmt.Sprintf("exit=%d inconclusive=%v reasons=%s duration_ms=%g", code, r.InconclusiveFields, rs, r.DurationMs))
 	}
+	o.durationMs = r.DurationMs
 	return o, bad, nil
 }
 
@@ -476,7 +517,13 @@ func compare(w expect, o observed, tolerant bool) []string {
 	if !(o.Mapping == "ADM|APDM") { // classic stun reports no filter for symmetric NATs
 		chk("filtering", w.Filtering, o.Filtering)
 	}
-	chk("hairpinning", triS(w.Hairpin), o.Hairpin)
+	switch {
+	case w.Hairpin == unseen && (o.Hairpin == "false" || o.Hairpin == "unmeasurable"):
+	case w.Hairpin == unseen:
+		chk("hairpinning", "false or unmeasurable", o.Hairpin)
+	default:
+		chk("hairpinning", triS(w.Hairpin), o.Hairpin)
+	}
 	chk("port_preservation", triS(w.PortPres), o.PortPres)
 	chk("port_parity", triS(w.Parity), o.Parity)
 	chk("port_contiguity", triS(w.Contig), o.Contig)
@@ -500,7 +547,7 @@ func compare(w expect, o observed, tolerant bool) []string {
 			}
 		}
 	}
-	if w.Relay && o.Relay != "" && o.Relay != "ok" {
+	if w.Relay != "" && o.Relay != "" && o.Relay != "ok" {
 		bad = append(bad, "relay: want ok, got "+o.Relay)
 	}
 	return bad

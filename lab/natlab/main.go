@@ -342,26 +342,52 @@ func runProfile(ctx context.Context, idx int, p profile, want map[string]bool, s
 		}
 	}
 	if want["natprobe"] && st != nil {
-		o, bad, err := runNatprobe(ctx, natprobeBin, l.client, stundPort, p, p.Want.Relay, p.Want.LifetimeS > 0)
-		if err != nil {
-			fail("natprobe", err.Error())
-			r.checks = append(r.checks, "natprobe:FAIL")
-		} else {
-			mark("natprobe", append(bad, compare(p.Want, o, tolerant)...))
-			r.observed = o.String()
+		// Loss profiles run natprobe several times: at 25 % every run must
+		// give the same (correct) verdicts, at 50 % every run only correct
+		// or inconclusive ones.
+		runs := max(p.Runs, 1)
+		var bad []string
+		var verdicts []string
+		var durs []string
+		seen := false
+		for i := 0; i < runs && ctx.Err() == nil; i++ {
+			o, b, err := runNatprobe(ctx, natprobeBin, l.client, stundPort, p, p.Want.Relay, p.Want.LifetimeS > 0)
+			if err != nil {
+				bad = append(bad, fmt.Sprintf("run %d: %v", i+1, err))
+				continue
+			}
+			b = append(b, compare(p.Want, o, tolerant)...)
+			for _, m := range b {
+				bad = append(bad, fmt.Sprintf("run %d: %s", i+1, m))
+			}
+			if !seen || len(b) > 0 { // the first report, or a wrong one
+				r.observed, seen = o.String(), true
+			}
+			if !contains(verdicts, o.String()) {
+				verdicts = append(verdicts, o.String())
+			}
+			durs = append(durs, fmt.Sprintf("%.0f", o.durationMs))
 			if len(o.extra) > 0 {
-				r.details = append(r.details, "natprobe→stund: "+strings.Join(o.extra, "; "))
+				r.details = append(r.details, fmt.Sprintf("natprobe→stund run %d: %s", i+1, strings.Join(o.extra, "; ")))
 			}
 		}
+		if runs > 1 {
+			r.details = append(r.details, fmt.Sprintf("natprobe→stund: %d runs, duration_ms %s, %d distinct reports: %s",
+				runs, strings.Join(durs, " "), len(verdicts), strings.Join(verdicts, " | ")))
+			if !tolerant && len(verdicts) > 1 {
+				bad = append(bad, fmt.Sprintf("%d runs gave %d different reports", runs, len(verdicts)))
+			}
+		}
+		mark("natprobe", bad)
 	}
 	if want["coturn"] && co != nil && natprobeBin != "" {
-		o, bad, err := runNatprobe(ctx, natprobeBin, l.client, coturnPort, p, false, false)
+		o, bad, err := runNatprobe(ctx, natprobeBin, l.client, coturnPort, p, "", false)
 		if err != nil {
 			fail("natprobe→coturn", err.Error())
 			r.checks = append(r.checks, "coturn:FAIL")
 		} else {
 			w := p.Want
-			w.LifetimeS, w.Relay = 0, false
+			w.LifetimeS, w.Relay = 0, ""
 			mark("coturn", append(bad, compare(w, o, tolerant)...))
 			if len(bad) > 0 || len(compare(w, o, tolerant)) > 0 {
 				r.details = append(r.details, "natprobe→coturn observed: "+o.String())
