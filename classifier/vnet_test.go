@@ -486,6 +486,7 @@ func TestLoss25(t *testing.T) {
 					t.Fatalf("Probe: %v", err)
 				}
 				expectExact(t, r, c.want)
+				t.Logf("%d ms, %d datagrams sent", r.DurationMS, r.Stats.Sent)
 			})
 		}
 	}
@@ -509,6 +510,7 @@ func TestLoss50(t *testing.T) {
 					t.Fatalf("Probe: %v", err)
 				}
 				n := expectCorrectOrUnsettled(t, r, c.want)
+				t.Logf("%d ms, %d datagrams sent, %d fields unsettled", r.DurationMS, r.Stats.Sent, n)
 				mu.Lock()
 				unsettled += n
 				total += len(checks(r, c.want))
