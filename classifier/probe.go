@@ -185,6 +185,7 @@ type prober struct {
 	mapRes      mappingResult
 	filtRes     filteringEvidence
 	filtRan     bool
+	filtReason  string // why the filtering test could not run
 	portRes     portResult
 	hairRes     hairpinResult
 	lifetimeRes lifetimeResult
@@ -377,7 +378,7 @@ func (p *prober) mappingTest(ctx context.Context) {
 		// The RFC 3489 request is a side check: give it the settle time
 		// past the main tests, no more.
 		select {
-		case <-classic.done:
+		case <-classic.doneCh():
 		case <-time.After(p.a.settle()):
 		case <-ctx.Done():
 		}
@@ -440,7 +441,7 @@ func (p *prober) mappingTest(ctx context.Context) {
 func (p *prober) filteringTest(ctx context.Context) {
 	s, err := p.listen(0)
 	if err != nil {
-		p.filtRes.controlSent = -1
+		p.filtReason = fmt.Sprintf("cannot bind a socket: %v", err)
 		return
 	}
 	p.filtRan = true
@@ -527,7 +528,9 @@ func (p *prober) hairpinTest(ctx context.Context) {
 	if !res.received && !res.silent {
 		res.reason = fmt.Sprintf("no hairpinned packet, but only %d of %d control requests were answered", sr.controlHits, sr.controlSent)
 	}
-	p.progress("hairpinning: %s", sr.outcomes[0])
+	p.progress("hairpinning: %s", map[outcome]string{
+		positive: "a packet to our own public address came back", negative: "nothing came back", undecided: "not settled",
+	}[sr.outcomes[0]])
 }
 
 // Port-assignment test (RFC 4787 §4.2).
@@ -638,8 +641,10 @@ func (p *prober) report() *Report {
 	if !r.MappedAddress.IsValid() && len(obs) > 0 {
 		r.LocalAddress, r.MappedAddress = obs[0].local, obs[0].mapped
 	}
-	if p.other.IsValid() {
+	select {
+	case <-p.srvReady: // p.other is set before srvReady closes
 		r.ServerOtherAddress = p.other
+	default:
 	}
 	if len(obs) > 0 {
 		nat := false
@@ -675,7 +680,7 @@ func (p *prober) report() *Report {
 		set("filtering", why, f == FilteringInconclusive)
 	} else {
 		r.Filtering = FilteringInconclusive
-		set("filtering", "cannot bind a socket", true)
+		set("filtering", p.filtReason, true)
 	}
 
 	// 4. Hairpinning.

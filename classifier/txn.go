@@ -410,8 +410,9 @@ func (t *txn) first() (arrival, bool) {
 	return arrival{}, false
 }
 
-// exchange sends t every retransmitInterval until it is answered or ctx
-// ends, and returns the first counting arrival.
+// exchange sends t every retransmitInterval (backing off until the server
+// first answers anything, see gap) until it is answered or ctx ends, and
+// returns the first counting arrival.
 func (t *txn) exchange(ctx context.Context) (arrival, bool) {
 	t.send()
 	return t.resend(ctx)
@@ -436,6 +437,10 @@ func (t *txn) resend(ctx context.Context) (arrival, bool) {
 		case <-timer.C:
 			t.send()
 			gap = t.a.gap(gap, retransmitInterval)
+			timer.Reset(gap)
+		case <-t.a.firstReply(gap != retransmitInterval):
+			// Someone else's answer ends the back-off: resume the pace.
+			gap = retransmitInterval
 			timer.Reset(gap)
 		}
 	}
