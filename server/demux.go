@@ -39,18 +39,36 @@ type stunPacketConn struct {
 	local netip.AddrPort
 	out   []byte    // reply buffer; only the read loop goroutine uses it
 	fs    frontConn // TURN front state (guard.go)
+
+	batch     *udpBatcher // recvmmsg/sendmmsg (udpsock_batch.go); nil: one datagram per read
+	batchInit bool
 }
 
 func (c *stunPacketConn) ReadFrom(p []byte) (int, net.Addr, error) {
 	if n, addr := c.frontResume(p); n > 0 { // a request held while pion minted a nonce (guard.go)
 		return n, addr, nil
 	}
+	if !c.batchInit {
+		c.batchInit = true
+		c.batch = newUDPBatcher(c.PacketConn, c.local.Addr().Is4(), func() { c.s.demux.sendErrors.Add(1) })
+	}
 	for {
-		n, addr, err := c.PacketConn.ReadFrom(p)
-		if err != nil {
-			return n, addr, err
+		var pkt []byte
+		var addr net.Addr
+		var err error
+		if c.batch != nil {
+			pkt, addr, err = c.batch.read()
+			if len(pkt) > len(p) {
+				pkt = pkt[:len(p)] // as a plain read into p would truncate it
+			}
+		} else {
+			var n int
+			n, addr, err = c.PacketConn.ReadFrom(p)
+			pkt = p[:n]
 		}
-		pkt := p[:n]
+		if err != nil {
+			return 0, addr, err
+		}
 		if isBinding(pkt) {
 			c.answer(pkt, addr)
 			continue
@@ -62,6 +80,8 @@ func (c *stunPacketConn) ReadFrom(p []byte) (int, net.Addr, error) {
 			c.s.demux.junk.Add(1)
 			continue
 		}
+		// Into pion's buffer (a no-op without batching).
+		n := copy(p, pkt)
 		if k == stunwire.KindSTUN { // TURN front: auth and RFC 8656 checks (guard.go)
 			if n, addr = c.frontDatagram(p, n, addr, true); n == 0 {
 				continue
@@ -75,10 +95,15 @@ func (c *stunPacketConn) answer(pkt []byte, from net.Addr) {
 	if c.out == nil {
 		c.out = make([]byte, 0, 1500)
 	}
-	c.s.noteProbe(pkt, addrPortOf(from), "udp") // natprobe probe ID, logged once (probeid.go)
-	reply, ok := c.s.binder.handle(c.out[:0], bindingRequest{
+	src := addrPortOf(from)
+	c.s.noteProbe(pkt, src, "udp") // natprobe probe ID, logged once (probeid.go)
+	buf := c.out[:0]
+	if c.batch != nil {
+		buf = c.batch.replyBuf()
+	}
+	reply, ok := c.s.binder.handle(buf, bindingRequest{
 		Raw:   pkt,
-		Src:   addrPortOf(from),
+		Src:   src,
 		Local: c.local,
 		At:    c.at,
 	})
@@ -87,6 +112,16 @@ func (c *stunPacketConn) answer(pkt []byte, from net.Addr) {
 	}
 	// Reflection bound: replies per source IP (ratelimit.go).
 	if !c.s.allowUnauth(reply.To.Addr()) {
+		return
+	}
+	if c.batch != nil && reply.From == c.at {
+		// Out with the batch's sendmmsg (udpsock_batch.go); most
+		// replies go back to the source, whose address we have.
+		to := from
+		if reply.To != src {
+			to = net.UDPAddrFromAddrPort(reply.To)
+		}
+		c.batch.queue(reply.Msg, to)
 		return
 	}
 	// A reply from this cell leaves by this socket (its own read loop's,

@@ -1,0 +1,111 @@
+package server
+
+import (
+	"net"
+	"testing"
+	"time"
+
+	"github.com/pion/stun/v4"
+)
+
+// TestBatchedBurstMixed sends one burst that fills several recvmmsg
+// batches with Binding requests, junk, an oversized datagram and a TURN
+// Allocate, and checks that every Binding request got its own reply
+// (sendmmsg), the Allocate still reached pion (its 401), and the junk was
+// counted, not answered.
+func TestBatchedBurstMixed(t *testing.T) {
+	s := startServer(t, Config{Realm: "r", Users: map[string]string{"u": "p"}})
+	c := udpSocket(t)
+	_ = c.SetReadBuffer(1 << 20)
+	dst := s.Grid()[0][0]
+
+	const nBind = 3*udpBatch + 5 // more than one batch, not a multiple
+	want := map[[stun.TransactionIDSize]byte]bool{}
+	alloc := stun.MustBuild(stun.TransactionID, stun.NewType(stun.MethodAllocate, stun.ClassRequest),
+		rawAttr{typ: stun.AttrRequestedTransport, val: []byte{17, 0, 0, 0}}, stun.Fingerprint)
+	junk := 0
+	for i := 0; i < nBind; i++ {
+		req := stun.MustBuild(stun.TransactionID, stun.BindingRequest)
+		want[req.TransactionID] = true
+		if _, err := c.WriteToUDPAddrPort(req.Raw, dst); err != nil {
+			t.Fatal(err)
+		}
+		switch i {
+		case udpBatch / 2: // TURN in the middle of a batch
+			if _, err := c.WriteToUDPAddrPort(alloc.Raw, dst); err != nil {
+				t.Fatal(err)
+			}
+		case udpBatch + 1, 2*udpBatch - 1:
+			if _, err := c.WriteToUDPAddrPort([]byte("junk junk"), dst); err != nil {
+				t.Fatal(err)
+			}
+			junk++
+		case 2 * udpBatch: // larger than pion's 1600-byte buffer
+			if _, err := c.WriteToUDPAddrPort(make([]byte, udpBatchBuf+100), dst); err != nil {
+				t.Fatal(err)
+			}
+			junk++
+		}
+	}
+
+	buf := make([]byte, 1600)
+	got, got401 := 0, false
+	_ = c.SetReadDeadline(time.Now().Add(ioTimeout))
+	for got < nBind || !got401 {
+		n, err := c.Read(buf)
+		if err != nil {
+			t.Fatalf("after %d of %d Binding replies (401 seen: %v): %v", got, nBind, got401, err)
+		}
+		m := &stun.Message{Raw: append([]byte(nil), buf[:n]...)}
+		if err := m.Decode(); err != nil {
+			t.Fatalf("undecodable reply: %v", err)
+		}
+		switch {
+		case m.Type == stun.BindingSuccess && want[m.TransactionID]:
+			delete(want, m.TransactionID)
+			got++
+		case m.TransactionID == alloc.TransactionID:
+			var ec stun.ErrorCodeAttribute
+			if err := ec.GetFrom(m); err != nil || ec.Code != stun.CodeUnauthorized {
+				t.Fatalf("Allocate answered %v (%v), want 401", m.Type, ec.Code)
+			}
+			got401 = true
+		default:
+			t.Fatalf("unexpected reply %v", m)
+		}
+	}
+	if st, bs := s.Demux(), s.binder.stats.snapshot(); st.Junk+bs.Malformed != uint64(junk) {
+		t.Errorf("junk counted %d+%d, sent %d", st.Junk, bs.Malformed, junk)
+	}
+	if s.Demux().SendErrors != 0 {
+		t.Errorf("send errors: %d", s.Demux().SendErrors)
+	}
+}
+
+// TestBatcherOnlyOnUDPConn: other PacketConns (vnet, fakes) keep the
+// one-datagram path.
+func TestBatcherOnlyOnUDPConn(t *testing.T) {
+	if newUDPBatcher(&fakePacketConn{}, true, func() {}) != nil {
+		t.Fatal("batcher built on a non-UDPConn")
+	}
+	c := udpSocket(t)
+	if newUDPBatcher(c, true, func() {}) == nil {
+		t.Fatal("no batcher on a *net.UDPConn")
+	}
+	var _ net.PacketConn = c
+}
+
+// BenchmarkBindingHandle is the Binding fast path every UDP read loop
+// runs per request (binding.go): it must stay at 0 allocs/op.
+func BenchmarkBindingHandle(b *testing.B) {
+	bd := newBinder(binderConfig{Grid: gridV4, Software: "stund"})
+	raw := request(b, true)
+	buf := make([]byte, 0, 1500)
+	b.ReportAllocs()
+	b.SetBytes(int64(len(raw)))
+	for i := 0; i < b.N; i++ {
+		if _, ok := bd.handle(buf, bindingRequest{Raw: raw, Src: clientV4, At: endpoint{}}); !ok {
+			b.Fatal("no reply")
+		}
+	}
+}
