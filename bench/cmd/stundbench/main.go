@@ -35,7 +35,9 @@ type opts struct {
 	relayCounts   []int
 	relaySizes    []int
 	stund, coturn string
+	base          string // a second stund binary (A/B of a change), "" = none
 	only          string
+	work          map[string]bool // workloads to run: alloc, bind, relay
 	smoke         bool
 }
 
@@ -47,6 +49,7 @@ const (
 	// generator's 10k client sockets would otherwise crowd it (508).
 	stundPort  = 35780
 	coturnPort = 35790
+	basePort   = 35800
 	relayMin   = 10000
 	relayMax   = 31999
 	// allocWorkers: allocations in flight at once during churn.
@@ -65,10 +68,20 @@ func main() {
 	flag.IntVar(&o.bindWindow, "bind-window", 32, "Binding requests in flight per socket")
 	flag.StringVar(&o.stund, "stund", "bin/stund", "stund binary")
 	flag.StringVar(&o.coturn, "turnserver", "turnserver", "coturn binary")
-	flag.StringVar(&o.only, "only", "", "run only this server (stund or coturn)")
+	flag.StringVar(&o.base, "base", "", "also run this stund binary as server \"base\" (before/after a change, same run)")
+	flag.StringVar(&o.only, "only", "", "run only this server (stund, coturn or base)")
+	var work string
+	flag.StringVar(&work, "work", "alloc,bind,relay", "workloads to run (alloc, bind, relay)")
 	flag.BoolVar(&o.smoke, "smoke", false, "seconds-long check that the harness works end to end (no speed assertion)")
 	flag.Parse()
 	o.relayCounts = []int{1, 8, 64}
+	o.work = map[string]bool{}
+	for _, w := range strings.Split(work, ",") {
+		if w != "alloc" && w != "bind" && w != "relay" {
+			fatal(fmt.Errorf("-work: unknown workload %q", w))
+		}
+		o.work[w] = true
+	}
 	o.relaySizes = []int{100, 1200}
 	for _, f := range strings.Split(allocs, ",") {
 		var n int
@@ -82,9 +95,14 @@ func main() {
 		o.allocs = []int{20, 50}
 	}
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	// Only a real signal kills the servers and exits 130: the context's
+	// own cancel (stop, when run returns) must not race main to an exit
+	// status (it made a finished `make bench` fail with 130).
+	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
-	go func() { <-ctx.Done(); killAll(); os.Exit(130) }()
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	go func() { <-sigs; stop(); killAll(); os.Exit(130) }()
 	defer killAll()
 
 	if err := run(ctx, o); err != nil {
@@ -110,6 +128,9 @@ func (f figures) add(srv, key string, v float64) {
 
 func run(ctx context.Context, o opts) error {
 	servers := []string{"stund", "coturn"}
+	if o.base != "" {
+		servers = append(servers, "base")
+	}
 	if o.only != "" {
 		servers = []string{o.only}
 	}
@@ -117,8 +138,11 @@ func run(ctx context.Context, o opts) error {
 	start := time.Now()
 	for r := 0; r < o.rounds; r++ {
 		order := servers
-		if r%2 == 1 && len(servers) == 2 {
-			order = []string{servers[1], servers[0]}
+		if r%2 == 1 { // alternate the order: no server always runs first
+			order = make([]string, len(servers))
+			for i, sv := range servers {
+				order[len(servers)-1-i] = sv
+			}
 		}
 		if err := ceiling(o, figs); err != nil {
 			return fmt.Errorf("echo ceiling: %w", err)
@@ -134,7 +158,7 @@ func run(ctx context.Context, o opts) error {
 		}
 	}
 	print(o, figs, servers)
-	if o.smoke {
+	if o.smoke && len(o.work) == 3 {
 		// The smoke run asserts only that the harness works: both
 		// servers answered every workload.
 		for _, s := range servers {
@@ -201,6 +225,27 @@ func round(o opts, name string, figs figures) error {
 		return err
 	}
 	figs.add(name, "rss.0", float64(p0.RSSKiB)/1024)
+	figs.add(name, "threads.0", float64(p0.Threads))
+	figs.add(name, "fds.0", float64(p0.FDs))
+	if o.work["alloc"] {
+		if err := allocChurn(o, name, figs, target, pid, p0); err != nil {
+			return err
+		}
+	}
+	if o.work["bind"] {
+		if err := binding(o, name, figs, target, pid); err != nil {
+			return err
+		}
+	}
+	if o.work["relay"] {
+		return relay(o, name, figs, target, pid, peer.Addr())
+	}
+	return nil
+}
+
+// allocChurn allocates up to each RSS checkpoint, then deletes every
+// allocation with Refresh(0).
+func allocChurn(o opts, name string, figs figures, target netip.AddrPort, pid int, p0 loadgen.ProcSample) error {
 	var all []*loadgen.Alloc
 	var allocTime time.Duration
 	prev := 0
@@ -233,9 +278,10 @@ func round(o opts, name string, figs figures) error {
 	}
 	figs.add(name, "refresh.rate", float64(okN)/el.Seconds())
 	figs.add(name, "refresh.cpu", (pR.CPUSeconds-pA.CPUSeconds)*1e6/float64(okN))
-	figs.add(name, "threads.0", float64(p0.Threads))
-	figs.add(name, "fds.0", float64(p0.FDs))
+	return nil
+}
 
+func binding(o opts, name string, figs figures, target netip.AddrPort, pid int) error {
 	// STUN Binding: low load (one request at a time), then many in flight.
 	fs, closeFs, err := loadgen.BindingFlows(target, o.bindFlows)
 	if err != nil {
@@ -255,7 +301,10 @@ func round(o opts, name string, figs figures) error {
 	figs.add(name, "bind.cpu", (b1.CPUSeconds-b0.CPUSeconds)*1e6/float64(res.Recv))
 	figs.add(name, "bind.p99.load", us(res.Pct(99)))
 	figs.add(name, "bind.loss", res.Loss()*100)
+	return nil
+}
 
+func relay(o opts, name string, figs figures, target netip.AddrPort, pid int, peerAddr netip.AddrPort) error {
 	// Relay: 64 allocations with a channel, 64 with a permission only.
 	maxN := o.relayCounts[len(o.relayCounts)-1]
 	cdAllocs, _, err := loadgen.Allocs(target, user, pass, maxN, 8, 20*time.Second)
@@ -268,15 +317,15 @@ func round(o opts, name string, figs figures) error {
 	if err != nil {
 		return err
 	}
-	cd, err := loadgen.RelayFlows(cdAllocs, peer.Addr(), true, 100)
+	cd, err := loadgen.RelayFlows(cdAllocs, peerAddr, true, 100)
 	if err != nil {
 		return fmt.Errorf("channel bind: %w", err)
 	}
-	sd, err := loadgen.RelayFlows(sdAllocs, peer.Addr(), false, 100)
+	sd, err := loadgen.RelayFlows(sdAllocs, peerAddr, false, 100)
 	if err != nil {
 		return fmt.Errorf("permission: %w", err)
 	}
-	res = loadgen.Run(cd[:1], 1, o.lowDur, 1)
+	res := loadgen.Run(cd[:1], 1, o.lowDur, 1)
 	figs.add(name, "relay.p50.low", us(res.Pct(50)))
 	figs.add(name, "relay.p99.low", us(res.Pct(99)))
 	for _, kind := range []string{"cd", "send"} {
@@ -286,7 +335,7 @@ func round(o opts, name string, figs figures) error {
 				if kind == "cd" {
 					flows = loadgen.WithPacket(cd[:n], func(i int) loadgen.Packet { return loadgen.ChannelDataPacket(uint16(0x4000+i), size) })
 				} else {
-					flows = loadgen.WithPacket(sd[:n], func(i int) loadgen.Packet { return loadgen.SendPacket(peer.Addr(), size) })
+					flows = loadgen.WithPacket(sd[:n], func(i int) loadgen.Packet { return loadgen.SendPacket(peerAddr, size) })
 				}
 				// About 64 round trips in flight in total: enough to
 				// keep both cores busy, few enough that 1200-byte
@@ -376,20 +425,44 @@ func print(o opts, figs figures, servers []string) {
 	fmt.Printf("generator ceiling (in-process echo): Binding %.0f req/s (p99 %.0f µs), ChannelData 100 B x64 %.0f round trips/s\n\n",
 		median(figs["echo"]["bind.rate"]), median(figs["echo"]["bind.p99.load"]), median(figs["echo"]["relay.cd.100.64.rate"]))
 	tw := tabwriter.NewWriter(os.Stdout, 2, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "figure\t%s\tstund/coturn\t\n", strings.Join(servers, "\t"))
+	idx := map[string]int{}
+	for i, sv := range servers {
+		idx[sv] = i
+	}
+	// Ratios: stund against coturn (the targets), and stund against
+	// base when a baseline binary ran (before/after one change).
+	var pairs [][2]int
+	var heads []string
+	for _, p := range [][2]string{{"stund", "coturn"}, {"stund", "base"}} {
+		a, okA := idx[p[0]]
+		b, okB := idx[p[1]]
+		if okA && okB {
+			pairs = append(pairs, [2]int{a, b})
+			heads = append(heads, p[0]+"/"+p[1])
+		}
+	}
+	fmt.Fprintf(tw, "figure\t%s\t%s\t\n", strings.Join(servers, "\t"), strings.Join(heads, "\t"))
 	for _, r := range rows(o) {
 		var cells []string
 		var vals []float64
+		measured := false
 		for _, s := range servers {
 			v := median(figs[s][r.key])
+			measured = measured || len(figs[s][r.key]) > 0
 			vals = append(vals, v)
 			cells = append(cells, fmtNum(v))
 		}
-		ratio := ""
-		if len(vals) == 2 && vals[1] != 0 {
-			ratio = fmt.Sprintf("%.2f", vals[0]/vals[1])
+		if !measured {
+			continue // a workload left out with -work
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t\n", r.label, strings.Join(cells, "\t"), ratio)
+		for _, p := range pairs {
+			ratio := ""
+			if vals[p[1]] != 0 {
+				ratio = fmt.Sprintf("%.2f", vals[p[0]]/vals[p[1]])
+			}
+			cells = append(cells, ratio)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t\n", r.label, strings.Join(cells, "\t"))
 	}
 	tw.Flush()
 }
@@ -430,6 +503,19 @@ func killAll() {
 	}
 }
 
+// stundArgs: stund on loopback, one IP, UDP only, every quota and
+// per-source limit off (as coturn runs here).
+func stundArgs(port int) []string {
+	return []string{"--primary-ip", "127.0.0.1", "--single-ip",
+		"--port", fmt.Sprint(port), "--alt-port", fmt.Sprint(port + 1), "--no-tcp",
+		"--realm", realm, "--user", user + ":" + pass,
+		"--allow-peer", "127.0.0.0/8", "--relay-ports", fmt.Sprintf("%d-%d", relayMin, relayMax),
+		"--user-quota", "-1", "--total-quota", "-1", "--log-level", "error",
+		// The per-source limits would measure the limiter: every
+		// client here is 127.0.0.1, and coturn has no such limit.
+		"--unauth-rate", "-1", "--alloc-rate", "-1"}
+}
+
 func startServer(o opts, name string, peer netip.AddrPort) (*server, error) {
 	var args []string
 	var bin string
@@ -437,14 +523,10 @@ func startServer(o opts, name string, peer netip.AddrPort) (*server, error) {
 	switch name {
 	case "stund":
 		bin, port = o.stund, stundPort
-		args = []string{"--primary-ip", "127.0.0.1", "--single-ip",
-			"--port", fmt.Sprint(port), "--alt-port", fmt.Sprint(port + 1), "--no-tcp",
-			"--realm", realm, "--user", user + ":" + pass,
-			"--allow-peer", "127.0.0.0/8", "--relay-ports", fmt.Sprintf("%d-%d", relayMin, relayMax),
-			"--user-quota", "-1", "--total-quota", "-1", "--log-level", "error",
-			// The per-source limits would measure the limiter: every
-			// client here is 127.0.0.1, and coturn has no such limit.
-			"--unauth-rate", "-1", "--alloc-rate", "-1"}
+		args = stundArgs(port)
+	case "base":
+		bin, port = o.base, basePort
+		args = stundArgs(port)
 	case "coturn":
 		bin, port = o.coturn, coturnPort
 		args = []string{"-n", "--no-tls", "--no-dtls", "--no-tcp", "--no-cli",
