@@ -204,6 +204,11 @@ type stunStreamConn struct {
 	started   bool        // a whole frame arrived (Read's goroutine only)
 	authed    atomic.Bool // pion answered a TURN request with success
 	closeOnce sync.Once
+
+	// raw: pion answered a ConnectionBind with success, so from here on the
+	// connection is an RFC 6062 data connection carrying the peer's bytes
+	// unframed (§4.3, §5.4), which pion copies itself.
+	raw atomic.Bool
 }
 
 func (c *stunStreamConn) Read(p []byte) (int, error) {
@@ -211,6 +216,9 @@ func (c *stunStreamConn) Read(p []byte) (int, error) {
 		c.buf = make([]byte, streamBufInit)
 	}
 	for {
+		if len(c.pass) == 0 && c.raw.Load() {
+			return c.readRaw(p)
+		}
 		if len(c.pass) == 0 && c.fs.holding {
 			c.pass = c.frontResume() // held while pion minted a nonce (guard.go)
 		}
@@ -261,6 +269,19 @@ func (c *stunStreamConn) Read(p []byte) (int, error) {
 	}
 }
 
+// readRaw reads an RFC 6062 data connection: what was read past the
+// ConnectionBind first, then the stream as it comes, with the idle bound
+// of an authenticated connection.
+func (c *stunStreamConn) readRaw(p []byte) (int, error) {
+	if c.r < c.w {
+		n := copy(p, c.buf[c.r:c.w])
+		c.r += n
+		return n, nil
+	}
+	_ = c.Conn.SetReadDeadline(time.Now().Add(c.s.limits.readTimeout(false, true, true)))
+	return c.Conn.Read(p)
+}
+
 func (c *stunStreamConn) answer(frame []byte) {
 	if c.out == nil {
 		c.out = make([]byte, 0, 1500)
@@ -289,6 +310,12 @@ func (c *stunStreamConn) answer(frame []byte) {
 const streamWriteTimeout = 10 * time.Second
 
 func (c *stunStreamConn) Write(b []byte) (int, error) {
+	if c.raw.Load() { // an RFC 6062 data connection: the peer's bytes
+		c.wmu.Lock()
+		defer c.wmu.Unlock()
+		_ = c.Conn.SetWriteDeadline(time.Now().Add(streamWriteTimeout))
+		return c.Conn.Write(b)
+	}
 	if c.s.front.capture(b) { // pion's answer to the front's synthetic request (guard.go)
 		return len(b), nil
 	}
@@ -297,6 +324,12 @@ func (c *stunStreamConn) Write(b []byte) (int, error) {
 	_ = c.Conn.SetWriteDeadline(time.Now().Add(streamWriteTimeout))
 	if isTURNSuccess(b) {
 		c.authed.Store(true)
+		// RFC 6062 §5.4: after a ConnectionBind success response the
+		// connection carries raw peer data; pion writes this answer
+		// from the read loop that reads the data next.
+		if len(b) >= 2 && uint16(b[0])<<8|uint16(b[1]) == stunType(methodConnectionBind, classSuccess) {
+			c.raw.Store(true)
+		}
 	}
 	return c.Conn.Write(b)
 }

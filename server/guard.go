@@ -396,7 +396,11 @@ func (f *turnFront) inspect(fc *frontConn, pkt []byte, src, dst netip.AddrPort, 
 		f.stats.authFailed.Add(1)
 		return f.unauth(fc, pkt, &h, errType, 401, realm, src, tcp)
 	}
-	if v := f.nonces.verify(ra.nonce, src, tcp); v != nonceOK {
+	v := f.nonces.verify(ra.nonce, src, tcp)
+	if v == nonceBad && method == methodConnectionBind && tcp {
+		v = f.controlNonce(ra.nonce, src.Addr(), userID)
+	}
+	if v != nonceOK {
 		f.stats.stale.Add(1)
 		return f.unauth(fc, pkt, &h, errType, 438, realm, src, tcp)
 	}
@@ -421,6 +425,43 @@ func (f *turnFront) inspect(fc *frontConn, pkt []byte, src, dst netip.AddrPort, 
 	}
 	f.stats.passed.Add(1)
 	return frontPass, f.resign(fc, pkt, &h, method, &ra, pn.val, key)
+}
+
+// maxControlConns bounds the control connections controlNonce tries: one
+// user's TCP allocations from one IP, which the user quota (10 by default)
+// keeps few; a client with more than this many gets 438 and retries.
+const maxControlConns = 16
+
+// controlNonce verifies the NONCE of a ConnectionBind against the control
+// connections of the user's TCP allocations from the same IP. RFC 6062 §4.3
+// and §4.4 send ConnectionBind on a new data connection with the control
+// connection's credentials, and clients (pion's among them) reuse its
+// NONCE; ours is bound to the control connection's port, so the data
+// connection's own address cannot verify it. The nonce still has to be one
+// minted for a connection of this user from this IP, and fresh.
+func (f *turnFront) controlNonce(nonce []byte, ip netip.Addr, userID string) nonceVerdict {
+	var cand [maxControlConns]netip.AddrPort
+	n := 0
+	f.mu.Lock()
+	for t, a := range f.allocs {
+		if t.tcp && t.src.Addr() == ip && a.user == userID {
+			cand[n] = t.src
+			if n++; n == len(cand) {
+				break
+			}
+		}
+	}
+	f.mu.Unlock()
+	v := nonceBad
+	for _, src := range cand[:n] {
+		switch f.nonces.verify(nonce, src, true) {
+		case nonceOK:
+			return nonceOK
+		case nonceStale:
+			v = nonceStale
+		}
+	}
+	return v
 }
 
 // check applies the allocation, lifetime, peer and channel rules; it

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 
 	"github.com/pion/turn/v5"
 )
@@ -21,6 +22,9 @@ type relayGenerator struct {
 	live     *livePolicy // the peer policy in force (Reload swaps it)
 	ops      *opsStats   // relayed packet and byte counters
 	bw       *bandwidth  // per-user cap (bandwidth.go); nil: none
+	// local is the IP relays are bound on; the announced relayed address
+	// carries its public form (--advertise), which the host may not have.
+	local netip.Addr
 }
 
 func (g *relayGenerator) Validate() error { return g.inner.Validate() }
@@ -59,6 +63,12 @@ func (g *relayGenerator) AllocateListener(c turn.AllocateListenerConfig) (net.Li
 func (g *relayGenerator) AllocateConn(c turn.AllocateConnConfig) (net.Conn, error) {
 	if ap := addrPortOf(c.RemoteAddr); !ap.IsValid() || !g.live.load().AllowedAddrPort(ap) {
 		return nil, fmt.Errorf("%w: %v", ErrPeerRefused, c.RemoteAddr)
+	}
+	// pion binds the connection to the allocation's relayed address, the
+	// announced one; behind a 1:1 NAT that is the public IP, which the host
+	// cannot bind. Bind the private IP on the same port instead.
+	if la, ok := c.LocalAddr.(*net.TCPAddr); ok && g.local.IsValid() {
+		c.LocalAddr = &net.TCPAddr{IP: g.local.AsSlice(), Port: la.Port}
 	}
 	return g.inner.AllocateConn(c)
 }

@@ -276,11 +276,12 @@ func (s *Server) relayGen(i int) turn.RelayAddressGenerator {
 			MaxRetries: 32,
 			Net:        s.net,
 		},
-		min:  s.cfg.RelayPortMin,
-		max:  s.cfg.RelayPortMax,
-		live: &s.live,
-		ops:  &s.ops,
-		bw:   s.limits.bw,
+		min:   s.cfg.RelayPortMin,
+		max:   s.cfg.RelayPortMax,
+		live:  &s.live,
+		ops:   &s.ops,
+		bw:    s.limits.bw,
+		local: ip,
 	}
 }
 
