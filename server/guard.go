@@ -161,7 +161,7 @@ type frontAlloc struct {
 type FrontStats struct {
 	Challenged    uint64 // 401 to requests without MESSAGE-INTEGRITY
 	AuthFailed    uint64 // 401: unknown user, foreign realm, wrong password
-	BadRequest    uint64 // 400
+	BadRequest    uint64 // 400, and 440 (a relay address family the server has not)
 	StaleNonce    uint64 // 438: expired, or minted for another address
 	NoAllocation  uint64 // 437
 	WrongCreds    uint64 // 441
@@ -191,6 +191,7 @@ type turnFront struct {
 	nonces  *nonceMinter
 	synthID [12]byte
 	synth   []byte // the synthetic Allocate (header only) injected for a pion nonce
+	family  byte   // the REQUESTED-ADDRESS-FAMILY the relays serve: 0x01 IPv4, 0x02 IPv6
 
 	pion atomic.Pointer[pionNonce]
 
@@ -205,7 +206,10 @@ type turnFront struct {
 var frontSentinel net.Addr = &net.UDPAddr{IP: net.IPv4zero, Port: 0}
 
 func newTurnFront(s *Server, nonceLife time.Duration) *turnFront {
-	f := &turnFront{s: s, nonces: newNonceMinter(nonceLife, nil), allocs: map[fiveTuple]*frontAlloc{}}
+	f := &turnFront{s: s, nonces: newNonceMinter(nonceLife, nil), allocs: map[fiveTuple]*frontAlloc{}, family: 0x01}
+	if !s.cfg.PrimaryIP.Unmap().Is4() {
+		f.family = 0x02
+	}
 	if _, err := rand.Read(f.synthID[:]); err != nil {
 		panic("front: " + err.Error())
 	}
@@ -300,6 +304,7 @@ type reqAttrs struct {
 	haveLifetime               bool
 	channel                    []byte
 	haveChannel                bool
+	family                     []byte // REQUESTED-ADDRESS-FAMILY, nil if absent
 	fingerprint                bool
 	unknown                    [maxUnknownReported]uint16
 	nUnknown                   int
@@ -356,6 +361,8 @@ func (f *turnFront) inspect(fc *frontConn, pkt []byte, src, dst netip.AddrPort, 
 			ra.lifetime, ra.haveLifetime = val, true
 		case attrChannelNumber:
 			ra.channel, ra.haveChannel = val, true
+		case attrRequestedFamily:
+			ra.family = val
 		default:
 			if typ < 0x8000 && !knownRequired(typ) && ra.nUnknown < maxUnknownReported {
 				ra.unknown[ra.nUnknown] = typ
@@ -495,6 +502,20 @@ func (f *turnFront) check(pkt []byte, h *stunwire.Header, method uint16, ra *req
 		if a != nil && a.user != userID {
 			f.stats.noAlloc.Add(1)
 			return 437
+		}
+		// RFC 6156 §4.2, RFC 8656 §7.2: a family the server cannot relay
+		// is 440 (its relays are on its own IPs, all of one family; pion
+		// would try to bind the other family and answer 508). Absent, pion
+		// relays in the listener's family.
+		if ra.family != nil {
+			if len(ra.family) != 4 {
+				f.stats.badRequest.Add(1)
+				return 400
+			}
+			if ra.family[0] != f.family {
+				f.stats.badRequest.Add(1)
+				return 440
+			}
 		}
 		return 0
 	}
