@@ -51,6 +51,7 @@ func main() {
 		timeout = flag.Duration("timeout", 290*time.Second, "limit for the whole matrix")
 		list    = flag.Bool("list", false, "print the profiles with their ground truth and exit")
 		keep    = flag.String("keep", "", "debug: set up this profile, print its namespaces and leave them")
+		runs    = flag.Int("runs", 0, "natprobe runs on each loss profile (0: the profile's own count); more runs hunt for an unstable verdict")
 	)
 	flag.Parse()
 	if *list {
@@ -91,6 +92,13 @@ func main() {
 	if len(run) == 0 {
 		for i := range profiles {
 			run = append(run, i)
+		}
+	}
+	if *runs > 0 {
+		for i := range profiles {
+			if profiles[i].LossPct > 0 {
+				profiles[i].Runs = *runs
+			}
 		}
 	}
 	if *jobs < 1 {
