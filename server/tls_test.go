@@ -1,0 +1,181 @@
+package server
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"io"
+	"math/big"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/pion/logging"
+	"github.com/pion/stun/v4"
+	"github.com/pion/turn/v5"
+	"github.com/stund/stund/internal/stunwire"
+)
+
+// STUN and TURN over TLS (RFC 8489 §6.2.2, RFC 8656 §3.1) on the TLS
+// listeners, with a self-signed certificate made here.
+
+// selfSigned returns a server config and a client config that trusts it.
+func selfSigned(t *testing.T) (srv, cli *tls.Config) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "stund.test"},
+		DNSNames:     []string{"stund.test"},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1), net.IPv4(127, 0, 0, 2)},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(leaf)
+	srv = &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}}, MinVersion: tls.VersionTLS12}
+	cli = &tls.Config{RootCAs: pool, ServerName: "stund.test", MinVersion: tls.VersionTLS12}
+	return srv, cli
+}
+
+func startTLSServer(t *testing.T) (*Server, *tls.Config) {
+	t.Helper()
+	srvCfg, cliCfg := selfSigned(t)
+	s := startTURNServer(t, func(c *Config) {
+		c.TLSConfig = srvCfg
+		c.AllowPeers = mustPrefixes(t, "127.0.0.0/8")
+	})
+	if len(s.TLSAddrs()) != 2 {
+		t.Fatalf("TLS listeners %v, want one per IP", s.TLSAddrs())
+	}
+	return s, cliCfg
+}
+
+func dialTLS(t *testing.T, addr netip.AddrPort, cfg *tls.Config) *tls.Conn {
+	t.Helper()
+	d := &net.Dialer{Timeout: e2eTimeout}
+	conn, err := tls.DialWithDialer(d, "tcp", addr.String(), cfg)
+	if err != nil {
+		t.Fatalf("TLS to %v: %v", addr, err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
+// TestTLSBinding: a Binding request over TLS, on each IP's TLS listener, is
+// answered with XOR-MAPPED-ADDRESS naming the client's TCP source.
+func TestTLSBinding(t *testing.T) {
+	s, cli := startTLSServer(t)
+	for _, addr := range s.TLSAddrs() {
+		conn := dialTLS(t, addr, cli)
+		req, err := stun.Build(stun.TransactionID, stun.BindingRequest, stun.Fingerprint)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := conn.Write(req.Raw); err != nil {
+			t.Fatal(err)
+		}
+		_ = conn.SetReadDeadline(time.Now().Add(e2eTimeout))
+		hdr := make([]byte, stunwire.HeaderSize)
+		if _, err := io.ReadFull(conn, hdr); err != nil {
+			t.Fatalf("%v: %v", addr, err)
+		}
+		n, _, err := stunwire.FrameLen(hdr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw := append(hdr, make([]byte, n-len(hdr))...)
+		if _, err := io.ReadFull(conn, raw[len(hdr):]); err != nil {
+			t.Fatal(err)
+		}
+		r := decodeIf(raw, req.TransactionID)
+		if r == nil || r.Type != stun.BindingSuccess {
+			t.Fatalf("%v: answer %v", addr, r)
+		}
+		var xm stun.XORMappedAddress
+		if err := xm.GetFrom(r); err != nil {
+			t.Fatalf("%v: XOR-MAPPED-ADDRESS: %v", addr, err)
+		}
+		if want := addrPortOf(conn.LocalAddr()); xm.String() != want.String() {
+			t.Errorf("%v: XOR-MAPPED-ADDRESS %v, want %v", addr, xm, want)
+		}
+	}
+}
+
+// TestTLSAllocate: pion's client allocates over TLS and relays a datagram
+// to a UDP peer and back.
+func TestTLSAllocate(t *testing.T) {
+	s, cli := startTLSServer(t)
+	addr := s.TLSAddrs()[0]
+	conn := dialTLS(t, addr, cli)
+	lf := logging.NewDefaultLoggerFactory()
+	lf.DefaultLogLevel = logging.LogLevelDisabled
+	c, err := turn.NewClient(&turn.ClientConfig{
+		STUNServerAddr: addr.String(), TURNServerAddr: addr.String(),
+		Username: "alice", Password: "alice-pw",
+		Conn: turn.NewSTUNConn(conn), LoggerFactory: lf,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	relay, err := c.Allocate()
+	if err != nil {
+		t.Fatalf("Allocate over TLS: %v", err)
+	}
+	defer relay.Close()
+	if s.AllocationCount() != 1 {
+		t.Fatalf("allocations %d, want 1", s.AllocationCount())
+	}
+
+	peer, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peer.Close()
+	buf := make([]byte, 1500)
+	var from net.Addr
+	for i := 0; i < 50 && from == nil; i++ { // bounded: the permission comes first
+		if _, err := relay.WriteTo([]byte("over-tls"), peer.LocalAddr()); err != nil {
+			t.Fatal(err)
+		}
+		_ = peer.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+		if n, a, err := peer.ReadFrom(buf); err == nil && string(buf[:n]) == "over-tls" {
+			from = a
+		}
+	}
+	if from == nil {
+		t.Fatal("peer received nothing through the TLS allocation")
+	}
+	// More than 4 bytes: pion's stream framing (proto.STUNConn, on both
+	// ends) waits for 9 bytes before it frames anything, so an 8-byte
+	// ChannelData frame would sit until the next one.
+	if _, err := peer.WriteTo([]byte("back-to-client"), from); err != nil {
+		t.Fatal(err)
+	}
+	_ = relay.SetReadDeadline(time.Now().Add(e2eTimeout))
+	n, _, err := relay.ReadFrom(buf)
+	if err != nil || string(buf[:n]) != "back-to-client" {
+		t.Fatalf("client read %q: %v", buf[:n], err)
+	}
+}
