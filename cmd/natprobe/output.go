@@ -294,12 +294,12 @@ func relayLine(rep *classifier.Report) string {
 	return r + ": " + why
 }
 
-// verdict is the report's conclusion in one line: the NAT in RFC 4787 and
-// legacy terms, then what it means for SIP/RTP.
+// verdict is the report's conclusion in one line: the SIP/RTP summary
+// (which names the NAT in legacy and RFC 4787 terms), or those terms alone.
 func verdict(rep *classifier.Report) string {
-	v := fmt.Sprintf("%s/%s (%s)", orNot(string(rep.Mapping)), orNot(string(rep.Filtering)), orNot(string(rep.LegacyType)))
-	if rep.SIPRTP.Summary != "" {
-		v += ": " + rep.SIPRTP.Summary
+	v := rep.SIPRTP.Summary
+	if v == "" {
+		v = fmt.Sprintf("%s/%s (%s)", orNot(string(rep.Mapping)), orNot(string(rep.Filtering)), orNot(string(rep.LegacyType)))
 	}
 	if rep.Inconclusive() {
 		v += " Inconclusive: " + strings.Join(rep.InconclusiveFields, ", ") + "."
