@@ -26,14 +26,20 @@ type Credentials struct {
 	Realm string
 	// Users maps a user name to its password.
 	Users map[string]string
-	// Secrets are the REST API shared secrets. Only Secrets[0] verifies:
-	// pion's AuthHandler returns one key per request and does not let us try
-	// several against MESSAGE-INTEGRITY, so rotation is done by a reload
-	// (Validate refuses more than one; NewAuthenticator does not validate).
+	// Secrets are the REST API shared secrets. Any of them verifies a
+	// request (rotation: add the new secret, let the old credentials
+	// expire, drop the old secret). The TURN front checks MESSAGE-INTEGRITY
+	// against each (Authenticator.Verify); pion, behind it, only ever sees
+	// requests re-signed with the Secrets[0] key, which is what its
+	// AuthHandler returns.
 	Secrets []string
 	// Now is the clock for REST expiry; nil means time.Now.
 	Now func() time.Time
 }
+
+// maxSecrets bounds the REST secrets: a request signed with none of them
+// costs one HMAC-SHA1 per secret; rotation needs two.
+const maxSecrets = 4
 
 // maxRESTExpiryDigits bounds the expiry field: unix seconds fit in 11 digits
 // until the year 5138, and the bound keeps strconv from parsing junk.
@@ -47,8 +53,8 @@ func (c *Credentials) Validate() error {
 	if len(c.Users) == 0 && len(c.Secrets) == 0 {
 		return errors.New("users/auth-secret: no credentials configured, every Allocate would fail")
 	}
-	if len(c.Secrets) > 1 {
-		return errors.New("auth-secret: only one shared secret is supported (pion checks one key per request)")
+	if len(c.Secrets) > maxSecrets {
+		return fmt.Errorf("auth-secret: %d secrets, at most %d (each is tried per request)", len(c.Secrets), maxSecrets)
 	}
 	for _, s := range c.Secrets {
 		if s == "" {
@@ -79,29 +85,40 @@ func checkUserName(name string) error {
 }
 
 // lookup returns the user ID and the password for a USERNAME, or ok=false.
-// Static users come first; then the REST form expiry:user.
+// Static users come first; then the REST form expiry:user, whose password
+// is the one under Secrets[0] (restUser gives the others).
 func (c *Credentials) lookup(username string) (userID, password string, ok bool) {
-	// User IDs carry their kind ("user:", "rest:") so that the two
-	// namespaces never meet: a REST user never shares a quota or an
-	// allocation with a static user, whatever the names.
 	if pw, found := c.Users[username]; found {
 		return "user:" + username, pw, true
 	}
-	if len(c.Secrets) == 0 {
+	userID, ok = c.restUser(username)
+	if !ok {
 		return "", "", false
+	}
+	return userID, RESTPassword(c.Secrets[0], username), true
+}
+
+// restUser returns the user ID of a valid, unexpired REST username
+// expiry:user, when REST secrets are configured.
+func (c *Credentials) restUser(username string) (userID string, ok bool) {
+	// User IDs carry their kind ("user:", "rest:") so that the two
+	// namespaces never meet: a REST user never shares a quota or an
+	// allocation with a static user, whatever the names.
+	if len(c.Secrets) == 0 {
+		return "", false
 	}
 	expiry, user, found := strings.Cut(username, ":")
 	if !found || user == "" || expiry == "" || len(expiry) > maxRESTExpiryDigits {
-		return "", "", false
+		return "", false
 	}
 	for _, r := range expiry {
 		if r < '0' || r > '9' {
-			return "", "", false
+			return "", false
 		}
 	}
 	exp, err := strconv.ParseInt(expiry, 10, 64)
 	if err != nil {
-		return "", "", false
+		return "", false
 	}
 	now := time.Now
 	if c.Now != nil {
@@ -109,12 +126,12 @@ func (c *Credentials) lookup(username string) (userID, password string, ok bool)
 	}
 	// draft-uberti-behave-turn-rest-00 §2.2: the timestamp is the expiry.
 	if now().Unix() >= exp {
-		return "", "", false
+		return "", false
 	}
 
 	// The user part is the identity quotas count, so one user cannot
 	// multiply its quota by minting credentials with different expiries.
-	return "rest:" + user, RESTPassword(c.Secrets[0], username), true
+	return "rest:" + user, true
 }
 
 // RESTPassword is the TURN REST API password for a username:
@@ -186,6 +203,35 @@ func (a *Authenticator) Key(username, realm string) (userID string, key []byte, 
 	}
 
 	return userID, key, ok
+}
+
+// Verify finds the long-term key that a request's MESSAGE-INTEGRITY was
+// made with: the static user's, or for a REST username the one under each
+// configured secret in turn (rotation). check reports whether a key
+// verifies. known is false for an unknown or expired user or a foreign
+// realm (counted in Rejected); key is nil when no key verified. pionKey is
+// the key pion's AuthHandler gives for the same request (Secrets[0]'s for
+// REST users): the front re-signs what it passes to pion with it.
+func (a *Authenticator) Verify(username, realm string, check func(key []byte) bool) (userID string, key, pionKey []byte, known bool) {
+	c := a.cur.Load()
+	userID, pionKey, known = c.authenticate(&turn.RequestAttributes{Username: username, Realm: realm})
+	if !known {
+		a.rejected.Add(1)
+		return "", nil, nil, false
+	}
+	if check(pionKey) {
+		return userID, pionKey, pionKey, true
+	}
+	if _, static := c.Users[username]; static {
+		return userID, nil, pionKey, true
+	}
+	for _, secret := range c.Secrets[1:] {
+		k := turn.GenerateAuthKey(username, c.Realm, RESTPassword(secret, username))
+		if check(k) {
+			return userID, k, pionKey, true
+		}
+	}
+	return userID, nil, pionKey, true
 }
 
 // AuthHandler returns a pion hook for this fixed set of credentials.

@@ -148,7 +148,7 @@ func TestCredentialsValidate(t *testing.T) {
 	}{
 		{Credentials{Users: map[string]string{"a": "b"}}, "realm"},
 		{Credentials{Realm: "r"}, "users"},
-		{Credentials{Realm: "r", Secrets: []string{"a", "b"}}, "auth-secret"},
+		{Credentials{Realm: "r", Secrets: []string{"a", "b", "c", "d", "e"}}, "auth-secret"}, // over maxSecrets
 		{Credentials{Realm: "r", Secrets: []string{""}}, "auth-secret"},
 		{Credentials{Realm: "r", Users: map[string]string{"": "b"}}, "user"},
 	} {

@@ -71,7 +71,8 @@ type Config struct {
 
 	// Realm and credentials for TURN long-term authentication
 	// (RFC 8489 §9.2). Users maps name to password; AuthSecrets are TURN
-	// REST API shared secrets (the first signs nothing, all verify).
+	// REST API shared secrets, up to four, any of which verifies
+	// (rotation).
 	Realm       string
 	Users       map[string]string
 	AuthSecrets []string
@@ -228,6 +229,9 @@ func (c Config) Validate() error {
 		if s == "" {
 			return fmt.Errorf("auth-secret: empty secret")
 		}
+	}
+	if len(c.AuthSecrets) > maxSecrets {
+		return fmt.Errorf("auth-secret: %d secrets, at most %d (each is tried per request; rotation needs two)", len(c.AuthSecrets), maxSecrets)
 	}
 	return nil
 }

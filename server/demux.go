@@ -319,6 +319,8 @@ func (c *stunStreamConn) Write(b []byte) (int, error) {
 	if c.s.front.capture(b) { // pion's answer to the front's synthetic request (guard.go)
 		return len(b), nil
 	}
+	n := len(b)
+	b, resigned := c.s.front.signResponse(&c.fs, b) // signed under the client's key (guard.go)
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	_ = c.Conn.SetWriteDeadline(time.Now().Add(streamWriteTimeout))
@@ -331,7 +333,11 @@ func (c *stunStreamConn) Write(b []byte) (int, error) {
 			c.raw.Store(true)
 		}
 	}
-	return c.Conn.Write(b)
+	m, err := c.Conn.Write(b)
+	if resigned && err == nil {
+		m = n // what pion wrote
+	}
+	return m, err
 }
 
 // Close closes the connection and uncounts it from its source IP.

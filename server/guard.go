@@ -280,6 +280,15 @@ type frontConn struct {
 	held     []byte   // a request held back while pion mints a nonce
 	heldAddr net.Addr // its source (UDP)
 	holding  bool
+
+	// The request last handed to pion, for signResponse: its transaction
+	// ID (with the cookie), the client's key, the key it was re-signed
+	// with for pion, and whether it had FINGERPRINT. pion answers it from
+	// this read loop's goroutine before the next read.
+	passID               [16]byte
+	passKey, passPionKey []byte
+	passFP               bool
+	wout                 []byte // scratch: re-signed responses
 }
 
 // frontVerdict says what the read loop does with a message.
@@ -388,14 +397,17 @@ func (f *turnFront) inspect(fc *frontConn, pkt []byte, src, dst netip.AddrPort, 
 		f.stats.badRequest.Add(1)
 		return f.unauth(fc, pkt, &h, errType, 400, "", src, tcp)
 	}
-	userID, key, ok := f.s.auth.Key(string(ra.username), string(ra.realm))
+	// Every configured REST secret is tried (rotation, auth.go).
+	userID, key, pionKey, ok := f.s.auth.Verify(string(ra.username), string(ra.realm), func(k []byte) bool {
+		return checkIntegrity(pkt, ra.miOff, ra.mi, k)
+	})
 	if !ok {
 		// The same counters pion's AuthHandler path feeds (metrics.go).
 		f.s.ops.authUnknown.Add(1)
 		if method == methodAllocate {
 			f.s.ops.allocAuthUnknown.Add(1)
 		}
-	} else if !checkIntegrity(pkt, ra.miOff, ra.mi, key) {
+	} else if key == nil {
 		ok = false
 		f.s.onAuth(methodName(method), false)
 	}
@@ -431,7 +443,9 @@ func (f *turnFront) inspect(fc *frontConn, pkt []byte, src, dst netip.AddrPort, 
 		}
 	}
 	f.stats.passed.Add(1)
-	return frontPass, f.resign(fc, pkt, &h, method, &ra, pn.val, key)
+	// pion answers this one (signResponse): remember whose it is.
+	fc.passID, fc.passKey, fc.passPionKey, fc.passFP = h.ID, key, pionKey, ra.fingerprint
+	return frontPass, f.resign(fc, pkt, &h, method, &ra, pn.val, pionKey)
 }
 
 // maxControlConns bounds the control connections controlNonce tries: one
@@ -717,6 +731,66 @@ func methodName(m uint16) string {
 	return "unknown"
 }
 
+// signResponse returns pion's answer b to the request the front last
+// passed, signed under the client's key: pion's own error responses (400,
+// 442, 446, 447, 486, 508…) carry no MESSAGE-INTEGRITY, which RFC 8489
+// §9.2.4 wants on every answer to an authenticated request; and a request
+// verified under a rotated-out REST secret was passed to pion under the
+// current secret's key, so pion's MESSAGE-INTEGRITY must be redone with
+// the client's. What is re-signed gets FINGERPRINT when the request had
+// one. Anything else (relayed data, indications, other transactions,
+// 401/438) is returned as is; so is a success already signed with the
+// client's key, without copying.
+//
+// Only pion's read loop writes responses; relayed data and indications
+// come from other goroutines, so fc is touched only once b is a response.
+func (f *turnFront) signResponse(fc *frontConn, b []byte) ([]byte, bool) {
+	if len(b) < stunwire.HeaderSize || b[0]&0xC0 != 0 {
+		return b, false
+	}
+	class := binary.BigEndian.Uint16(b) & classMask
+	if (class != classSuccess && class != classError) || fc.passKey == nil || string(b[4:20]) != string(fc.passID[:]) {
+		return b, false
+	}
+	miOff, code := -1, 0
+	it := stunwire.NewAttrs(b)
+	for {
+		typ, val, off, ok := it.Next()
+		if !ok {
+			break
+		}
+		switch typ {
+		case stunwire.AttrMessageIntegrity:
+			miOff = off
+		case stunwire.AttrErrorCode:
+			if len(val) >= 4 {
+				code = int(val[2]&0x7)*100 + int(val[3])
+			}
+		case stunwire.AttrFingerprint:
+			return b, false // not pion's: pion adds no FINGERPRINT
+		}
+	}
+	if it.Err() != nil || code == 401 || code == 438 {
+		return b, false // pion's own challenge: not authenticated by pion
+	}
+	end := len(b)
+	if miOff >= 0 {
+		if string(fc.passKey) == string(fc.passPionKey) {
+			// Signed by pion with the client's key: the success path
+			// stays a compare, no copy (and so no FINGERPRINT).
+			return b, false
+		}
+		end = miOff
+	}
+	out := append(fc.wout[:0], b[:end]...)
+	out = appendIntegrity(out, 0, fc.passKey)
+	if fc.passFP {
+		out = stunwire.AppendFingerprint(out, 0)
+	}
+	fc.wout = out
+	return out, true
+}
+
 // capture takes pion's answer to the synthetic request: an Allocate error
 // carrying our transaction ID. It reports whether b was that answer (and
 // must not be sent).
@@ -785,6 +859,12 @@ func (c *stunPacketConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 	if addr == frontSentinel {
 		c.s.front.capture(b)
 		return len(b), nil
+	}
+	if out, resigned := c.s.front.signResponse(&c.fs, b); resigned {
+		if _, err := c.PacketConn.WriteTo(out, addr); err != nil {
+			return 0, err
+		}
+		return len(b), nil // what pion wrote
 	}
 	return c.PacketConn.WriteTo(b, addr)
 }

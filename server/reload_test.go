@@ -141,7 +141,7 @@ func TestReload(t *testing.T) {
 	// and policy stay.
 	for name, bad := range map[string]Config{
 		"empty password": func() Config { c := closed; c.Users = map[string]string{"bob": ""}; return c }(),
-		"two secrets":    func() Config { c := closed; c.AuthSecrets = []string{"a", "b"}; return c }(),
+		"five secrets":   func() Config { c := closed; c.AuthSecrets = []string{"a", "b", "c", "d", "e"}; return c }(),
 		"no credentials": func() Config { c := closed; c.Users, c.AuthSecrets = nil, nil; return c }(),
 	} {
 		if err := s.Reload(bad); err == nil {
