@@ -12,6 +12,7 @@ package server
 import (
 	"net"
 	"net/http"
+	"net/netip"
 	"sync/atomic"
 
 	"github.com/pion/stun/v4"
@@ -81,6 +82,16 @@ type relayConn struct {
 	net.PacketConn
 	live *livePolicy
 	ops  *opsStats
+	// last is the most recent peer the policy allowed, and under which
+	// policy: a relay sends to one peer (or a few) at a time, so most
+	// packets skip the policy walk; a reload swaps the policy pointer
+	// and so invalidates it.
+	last atomic.Pointer[relayVerdict]
+}
+
+type relayVerdict struct {
+	pol *PeerPolicy
+	to  netip.AddrPort
 }
 
 func newRelayConn(c net.PacketConn, live *livePolicy, ops *opsStats) net.PacketConn {
@@ -90,9 +101,13 @@ func newRelayConn(c net.PacketConn, live *livePolicy, ops *opsStats) net.PacketC
 // WriteTo sends toward the peer.
 func (c *relayConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 	ap := addrPortOf(addr)
-	if !ap.IsValid() || !c.live.load().AllowedAddrPort(ap) {
-		c.ops.relayRefused.Add(1)
-		return 0, ErrPeerRefused
+	pol := c.live.load()
+	if v := c.last.Load(); v == nil || v.pol != pol || v.to != ap {
+		if !ap.IsValid() || !pol.AllowedAddrPort(ap) {
+			c.ops.relayRefused.Add(1)
+			return 0, ErrPeerRefused
+		}
+		c.last.Store(&relayVerdict{pol: pol, to: ap})
 	}
 	n, err := c.PacketConn.WriteTo(b, addr)
 	if err == nil {

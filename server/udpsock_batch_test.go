@@ -1,7 +1,10 @@
 package server
 
 import (
+	"errors"
 	"net"
+	"net/netip"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -108,4 +111,63 @@ func BenchmarkBindingHandle(b *testing.B) {
 			b.Fatal("no reply")
 		}
 	}
+}
+
+// TestRelayConnVerdictCache: the relay's cached "allowed" verdict for a
+// peer holds only under the policy that gave it; after a reload that
+// denies the peer the very next packet is refused, and a refused peer is
+// never cached.
+func TestRelayConnVerdictCache(t *testing.T) {
+	peer := udpSocket(t)
+	relay := udpSocket(t)
+	peerAddr := peer.LocalAddr().(*net.UDPAddr)
+	var live livePolicy
+	live.cur.Store(NewPeerPolicy([]netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}, nil, nil))
+	var ops opsStats
+	rc := newRelayConn(relay, &live, &ops)
+	for i := 0; i < 3; i++ {
+		if _, err := rc.WriteTo([]byte("x"), peerAddr); err != nil {
+			t.Fatalf("write %d to an allowed peer: %v", i, err)
+		}
+	}
+	live.swap(NewPeerPolicy(nil, []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}, nil))
+	for i := 0; i < 2; i++ {
+		if _, err := rc.WriteTo([]byte("x"), peerAddr); !errors.Is(err, ErrPeerRefused) {
+			t.Fatalf("write %d after the reload denied the peer: %v", i, err)
+		}
+	}
+	if got := ops.relayPktsOut.Load(); got != 3 {
+		t.Errorf("relayed %d packets, want 3", got)
+	}
+	if got := ops.relayRefused.Load(); got != 2 {
+		t.Errorf("refused %d packets, want 2", got)
+	}
+}
+
+// BenchmarkRelayPolicyCheck: the per-packet peer check toward a peer,
+// walked in full (Uncached) and as relayConn.WriteTo does it with the
+// verdict cached (Cached, without the sendto).
+func BenchmarkRelayPolicyCheck(b *testing.B) {
+	pol := NewPeerPolicy([]netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}, nil, nil)
+	ap := netip.MustParseAddrPort("127.0.0.1:40000")
+	b.Run("Uncached", func(b *testing.B) {
+		b.ReportAllocs()
+		for i := 0; i < b.N; i++ {
+			if !pol.AllowedAddrPort(ap) {
+				b.Fatal("refused")
+			}
+		}
+	})
+	b.Run("Cached", func(b *testing.B) {
+		var live livePolicy
+		live.cur.Store(pol)
+		var last atomic.Pointer[relayVerdict]
+		last.Store(&relayVerdict{pol: pol, to: ap})
+		b.ReportAllocs()
+		for i := 0; i < b.N; i++ {
+			if v := last.Load(); v == nil || v.pol != live.load() || v.to != ap {
+				b.Fatal("miss")
+			}
+		}
+	})
 }
