@@ -12,7 +12,9 @@ package server
 import (
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/netip"
+	"strings"
 	"sync/atomic"
 
 	"github.com/pion/stun/v4"
@@ -248,6 +250,11 @@ func (s *Server) newRegistry() *prometheus.Registry {
 type Admin struct {
 	srv     atomic.Pointer[Server]
 	metrics atomic.Pointer[http.Handler]
+	// Pprof serves Go's profiler under /debug/pprof/ (cmd/stund
+	// --pprof). Off by default: a profile reveals internals and costs
+	// CPU while it is taken, so only an operator asks for it. Set it
+	// before the listener serves.
+	Pprof bool
 }
 
 // SetServer attaches the running server.
@@ -284,6 +291,27 @@ func (a *Admin) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		(*h).ServeHTTP(w, r)
 	default:
+		if a.Pprof && strings.HasPrefix(r.URL.Path, "/debug/pprof/") {
+			servePprof(w, r)
+			return
+		}
 		http.NotFound(w, r)
+	}
+}
+
+// servePprof routes /debug/pprof/ as net/http/pprof does on
+// http.DefaultServeMux (which stund never serves).
+func servePprof(w http.ResponseWriter, r *http.Request) {
+	switch strings.TrimPrefix(r.URL.Path, "/debug/pprof/") {
+	case "cmdline":
+		pprof.Cmdline(w, r)
+	case "profile":
+		pprof.Profile(w, r)
+	case "symbol":
+		pprof.Symbol(w, r)
+	case "trace":
+		pprof.Trace(w, r)
+	default: // the index, and heap, goroutine, allocs, block, mutex, threadcreate
+		pprof.Index(w, r)
 	}
 }

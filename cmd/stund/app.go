@@ -71,6 +71,7 @@ const (
 	fLogLevel    = "log-level"
 	fLogFormat   = "log-format"
 	fMetrics     = "metrics"
+	fPprof       = "pprof"
 )
 
 // Embedded defaults: stund with no flags runs on any Linux box, where the
@@ -114,6 +115,7 @@ func flags() []cli.Flag {
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fLogLevel, EnvVars: envName(fLogLevel), Value: "info", Usage: "`LEVEL`: debug, info, warn or error"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fLogFormat, EnvVars: envName(fLogFormat), Value: "text", Usage: "log `FORMAT`: text or json"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fMetrics, EnvVars: envName(fMetrics), Usage: "admin listener `ADDR` (host:port, e.g. 127.0.0.1:9641) serving /metrics (Prometheus), /healthz and /readyz; off when empty"}),
+		altsrc.NewBoolFlag(&cli.BoolFlag{Name: fPprof, EnvVars: envName(fPprof), Usage: "also serve Go's profiler under /debug/pprof/ on the --metrics listener (keep that listener private: profiles show internals and cost CPU while taken)"}),
 	}
 }
 

@@ -74,7 +74,10 @@ func serve(c *cli.Context, stdout io.Writer) error {
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 
-	var admin server.Admin
+	if c.Bool(fPprof) && admAddr == "" {
+		return configError{fmt.Errorf("%s needs --%s: the profiler is served on the admin listener%s", fPprof, fMetrics, keys.where(fPprof))}
+	}
+	admin := server.Admin{Pprof: c.Bool(fPprof)}
 	if admAddr != "" {
 		ln, err := net.Listen("tcp", admAddr)
 		if err != nil {
@@ -87,7 +90,11 @@ func serve(c *cli.Context, stdout io.Writer) error {
 			defer cancel()
 			_ = hs.Shutdown(ctx)
 		}()
-		fmt.Fprintf(stdout, "stund: admin on http://%s (/metrics /healthz /readyz)\n", ln.Addr())
+		paths := "/metrics /healthz /readyz"
+		if admin.Pprof {
+			paths += " /debug/pprof/"
+		}
+		fmt.Fprintf(stdout, "stund: admin on http://%s (%s)\n", ln.Addr(), paths)
 	}
 
 	srv, err := server.New(cfg)
