@@ -10,11 +10,14 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
@@ -36,6 +39,8 @@ type opts struct {
 	relaySizes    []int
 	stund, coturn string
 	base          string // a second stund binary (A/B of a change), "" = none
+	profDir       string // CPU profiles of stund (--pprof) per workload go here; "" = none
+	round         int    // the round being run (profile file names)
 	only          string
 	work          map[string]bool // workloads to run: alloc, bind, relay
 	smoke         bool
@@ -70,6 +75,7 @@ func main() {
 	flag.StringVar(&o.coturn, "turnserver", "turnserver", "coturn binary")
 	flag.StringVar(&o.base, "base", "", "also run this stund binary as server \"base\" (before/after a change, same run)")
 	flag.StringVar(&o.only, "only", "", "run only this server (stund, coturn or base)")
+	flag.StringVar(&o.profDir, "profile", "", "`DIR` for CPU profiles of stund (its --pprof) during Binding and each relay kind")
 	var work string
 	flag.StringVar(&work, "work", "alloc,bind,relay", "workloads to run (alloc, bind, relay)")
 	flag.BoolVar(&o.smoke, "smoke", false, "seconds-long check that the harness works end to end (no speed assertion)")
@@ -152,6 +158,7 @@ func run(ctx context.Context, o opts) error {
 				return ctx.Err()
 			}
 			fmt.Fprintf(os.Stderr, "round %d/%d: %s (%.0fs elapsed)\n", r+1, o.rounds, name, time.Since(start).Seconds())
+			o.round = r + 1
 			if err := round(o, name, figs); err != nil {
 				return fmt.Errorf("round %d, %s: %w", r+1, name, err)
 			}
@@ -292,7 +299,9 @@ func binding(o opts, name string, figs figures, target netip.AddrPort, pid int) 
 	figs.add(name, "bind.p50.low", us(res.Pct(50)))
 	figs.add(name, "bind.p99.low", us(res.Pct(99)))
 	b0, _ := loadgen.ReadProc(pid)
+	done := profile(o, name, "bind", o.dur)
 	res = loadgen.Run(fs, o.bindWindow, o.dur, 16)
+	done()
 	b1, _ := loadgen.ReadProc(pid)
 	if res.Recv == 0 {
 		return errors.New("no Binding replies")
@@ -329,6 +338,7 @@ func relay(o opts, name string, figs figures, target netip.AddrPort, pid int, pe
 	figs.add(name, "relay.p50.low", us(res.Pct(50)))
 	figs.add(name, "relay.p99.low", us(res.Pct(99)))
 	for _, kind := range []string{"cd", "send"} {
+		done := profile(o, name, "relay-"+kind, time.Duration(len(o.relaySizes)*len(o.relayCounts))*o.relayDur)
 		for _, size := range o.relaySizes {
 			for _, n := range o.relayCounts {
 				var flows []loadgen.Flow
@@ -356,6 +366,7 @@ func relay(o opts, name string, figs figures, target netip.AddrPort, pid int, pe
 				figs.add(name, k+".p99", us(res.Pct(99)))
 			}
 		}
+		done() // one CPU profile at a time
 	}
 	return nil
 }
@@ -503,6 +514,42 @@ func killAll() {
 	}
 }
 
+// pprofPort: stund's admin listener when -profile is given.
+const pprofPort = 35799
+
+// profile takes a CPU profile of stund (not coturn, not base) for d from
+// its /debug/pprof/ into o.profDir; the returned func waits for it.
+func profile(o opts, name, what string, d time.Duration) func() {
+	if o.profDir == "" || name != "stund" {
+		return func() {}
+	}
+	secs := int(d.Seconds())
+	if secs < 1 {
+		secs = 1
+	}
+	path := filepath.Join(o.profDir, fmt.Sprintf("stund-%s-r%d.pprof", what, o.round))
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c := &http.Client{Timeout: time.Duration(secs+10) * time.Second}
+		resp, err := c.Get(fmt.Sprintf("http://127.0.0.1:%d/debug/pprof/profile?seconds=%d", pprofPort, secs))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "profile:", err)
+			return
+		}
+		defer resp.Body.Close()
+		f, err := os.Create(path)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "profile:", err)
+			return
+		}
+		defer f.Close()
+		_, _ = io.Copy(f, resp.Body)
+	}()
+	var once sync.Once
+	return func() { once.Do(func() { <-done }) }
+}
+
 // stundArgs: stund on loopback, one IP, UDP only, every quota and
 // per-source limit off (as coturn runs here).
 func stundArgs(port int) []string {
@@ -524,6 +571,9 @@ func startServer(o opts, name string, peer netip.AddrPort) (*server, error) {
 	case "stund":
 		bin, port = o.stund, stundPort
 		args = stundArgs(port)
+		if o.profDir != "" {
+			args = append(args, "--metrics", fmt.Sprintf("127.0.0.1:%d", pprofPort), "--pprof")
+		}
 	case "base":
 		bin, port = o.base, basePort
 		args = stundArgs(port)
