@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stund/stund/internal/testutil"
 	"github.com/stund/stund/server"
 )
 
@@ -19,7 +20,7 @@ import (
 // relay to relay, the relayed addresses) are 127.0.0.1 in tests.
 func startStund(t *testing.T, mods ...func(*server.Config)) (*server.Server, Config) {
 	t.Helper()
-	cert, pool := selfSigned(t)
+	cert, pool := testutil.SelfSigned(t)
 	sc := server.Config{
 		PrimaryIP:   netip.MustParseAddr("127.0.0.1"),
 		AlternateIP: netip.MustParseAddr("127.0.0.2"),

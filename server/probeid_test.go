@@ -1,40 +1,22 @@
 package server
 
 import (
-	"bytes"
 	"log/slog"
 	"net"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/pion/stun/v4"
+
+	"github.com/stund/stund/internal/testutil"
 )
-
-// syncBuffer is a bytes.Buffer safe for the server's goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // TestProbeIDLoggedOnce: twenty Binding requests of one natprobe run give
 // one log line naming the probe ID and the client; other SOFTWARE values and
 // bare requests give none.
 func TestProbeIDLoggedOnce(t *testing.T) {
-	var logs syncBuffer
+	var logs testutil.SyncBuffer
 	s := startTURNServer(t, func(c *Config) {
 		c.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	})

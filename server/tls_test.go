@@ -1,14 +1,8 @@
 package server
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"io"
-	"math/big"
 	"net"
 	"net/netip"
 	"testing"
@@ -18,54 +12,23 @@ import (
 	"github.com/pion/stun/v4"
 	"github.com/pion/turn/v5"
 	"github.com/stund/stund/internal/stunwire"
+	"github.com/stund/stund/internal/testutil"
 )
 
 // STUN and TURN over TLS (RFC 8489 §6.2.2, RFC 8656 §3.1) on the TLS
 // listeners, with a self-signed certificate made here.
 
-// selfSigned returns a server config and a client config that trusts it.
-func selfSigned(t *testing.T) (srv, cli *tls.Config) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1),
-		Subject:      pkix.Name{CommonName: "stund.test"},
-		DNSNames:     []string{"stund.test"},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1), net.IPv4(127, 0, 0, 2)},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(leaf)
-	srv = &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}}, MinVersion: tls.VersionTLS12}
-	cli = &tls.Config{RootCAs: pool, ServerName: "stund.test", MinVersion: tls.VersionTLS12}
-	return srv, cli
-}
-
 func startTLSServer(t *testing.T) (*Server, *tls.Config) {
 	t.Helper()
-	srvCfg, cliCfg := selfSigned(t)
+	cert, pool := testutil.SelfSigned(t)
 	s := startTURNServer(t, func(c *Config) {
-		c.TLSConfig = srvCfg
+		c.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 		c.AllowPeers = mustPrefixes(t, "127.0.0.0/8")
 	})
 	if len(s.TLSAddrs()) != 2 {
 		t.Fatalf("TLS listeners %v, want one per IP", s.TLSAddrs())
 	}
-	return s, cliCfg
+	return s, &tls.Config{RootCAs: pool, ServerName: testutil.CertName, MinVersion: tls.VersionTLS12}
 }
 
 func dialTLS(t *testing.T, addr netip.AddrPort, cfg *tls.Config) *tls.Conn {

@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/stund/stund/classifier"
+	"github.com/stund/stund/internal/testutil"
 	"github.com/stund/stund/server"
 )
 
@@ -174,30 +175,10 @@ func TestMarkdownEscapesPipes(t *testing.T) {
 	}
 }
 
-// syncBuffer collects a server's log lines from its goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-
-	return s.b.String()
-}
-
 // startStundLogged is startStund with stund's log captured (JSON lines).
-func startStundLogged(t *testing.T) (string, *syncBuffer) {
+func startStundLogged(t *testing.T) (string, *testutil.SyncBuffer) {
 	t.Helper()
-	logs := &syncBuffer{}
+	logs := &testutil.SyncBuffer{}
 	s, err := server.New(server.Config{
 		PrimaryIP:   netip.MustParseAddr("127.0.0.1"),
 		AlternateIP: netip.MustParseAddr("127.0.0.2"),

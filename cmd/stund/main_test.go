@@ -13,34 +13,17 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/pion/logging"
 	"github.com/pion/turn/v5"
+	"github.com/stund/stund/internal/testutil"
 )
 
 // testTimeout bounds every wait: loopback answers in microseconds.
 const testTimeout = 10 * time.Second
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 func runArgs(t *testing.T, args ...string) (code int, stdout, stderr string) {
 	t.Helper()
@@ -121,12 +104,12 @@ var adminRE = regexp.MustCompile(`admin on (http://[0-9.:]+)`)
 
 // startStund runs stund in-process until the test ends; it returns the
 // admin URL and the primary UDP address.
-func startStund(t *testing.T, args ...string) (admin string, primary string, out *syncBuffer) {
+func startStund(t *testing.T, args ...string) (admin string, primary string, out *testutil.SyncBuffer) {
 	t.Helper()
 	for try := 0; try < 5; try++ {
 		p, q := freeUDPPorts(t)
-		out = &syncBuffer{}
-		errOut := &syncBuffer{}
+		out = &testutil.SyncBuffer{}
+		errOut := &testutil.SyncBuffer{}
 		ctx, cancel := context.WithCancel(context.Background())
 		done := make(chan int, 1)
 		full := append([]string{"stund", "--no-tcp", "--port", strconv.Itoa(p), "--alt-port", strconv.Itoa(q), "--metrics", "127.0.0.1:0"}, args...)

@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/stund/stund/internal/testutil"
 )
 
 // childEnv makes the test binary run stund's main instead of the tests, so
@@ -78,7 +80,7 @@ func waitFor(cond func() bool) bool {
 func TestSIGTERMProcess(t *testing.T) {
 	for try := 0; try < 5; try++ {
 		p, q := freeUDPPorts(t)
-		out, errOut := &syncBuffer{}, &syncBuffer{}
+		out, errOut := &testutil.SyncBuffer{}, &testutil.SyncBuffer{}
 		cmd := exec.Command(os.Args[0], stundArgs(p, q)...)
 		cmd.Env = append(os.Environ(), childEnv+"=1")
 		cmd.Stdout, cmd.Stderr = out, errOut
@@ -144,7 +146,7 @@ func TestSIGTERMProcess(t *testing.T) {
 func TestSIGINTInProcess(t *testing.T) {
 	for try := 0; try < 5; try++ {
 		p, q := freeUDPPorts(t)
-		out, errOut := &syncBuffer{}, &syncBuffer{}
+		out, errOut := &testutil.SyncBuffer{}, &testutil.SyncBuffer{}
 		done := make(chan int, 1)
 		go func() { done <- run(context.Background(), append([]string{"stund"}, stundArgs(p, q)...), out, errOut) }()
 		var code = -1
