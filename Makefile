@@ -43,6 +43,9 @@ demo: build
 clean:
 	rm -rf $(BIN)
 
+# natlab (root): natprobe, stund, coturn and two third-party clients on
+# either side of real kernel NATs (nftables in network namespaces), one line
+# per profile, exit 1 on any FAIL; about a minute on 2 cores (lab/README.md).
 # PROFILE=name[,name] runs only those profiles (go run ./lab/natlab -list).
 PROFILE ?=
 # NATLAB_FLAGS passes more flags, e.g. NATLAB_FLAGS='-checks lab -j 2'.
