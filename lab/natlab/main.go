@@ -118,13 +118,17 @@ func main() {
 
 	if *keep != "" {
 		i := run[0]
+		// A kept lab outlives this process, so its names carry no pid
+		// for cleanLeftovers to find dead: another run must not reap it.
 		l := newLab(os.Getpid(), i)
+		l.client, l.router, l.server = keepPrefix+l.client[len(nsPrefix):], keepPrefix+l.router[len(nsPrefix):], keepPrefix+l.server[len(nsPrefix):]
 		if err := l.setup(context.Background(), profiles[i]); err != nil {
 			_ = l.teardown()
 			fmt.Fprintln(os.Stderr, "natlab:", err)
 			os.Exit(1)
 		}
 		fmt.Println(l.client, l.router, l.server)
+		fmt.Fprintf(os.Stderr, "natlab: kept; remove with: for n in %s %s %s; do ip netns pids $n | xargs -r kill; ip netns del $n; done\n", l.client, l.router, l.server)
 		return
 	}
 

@@ -20,6 +20,10 @@ import (
 // (pid gone) from a run still in progress.
 const nsPrefix = "natlab-"
 
+// keepPrefix names the labs -keep leaves for debugging: no pid follows it, so
+// cleanLeftovers never reaps them while someone is still using them.
+const keepPrefix = "natlab-keep-"
+
 var nsName = regexp.MustCompile(`^` + nsPrefix + `(\d+)-`)
 
 // lab is one profile's three namespaces.
