@@ -9,9 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pion/logging"
 	"github.com/pion/stun/v4"
-	"github.com/pion/turn/v5"
 	"github.com/stund/stund/internal/stunwire"
 )
 
@@ -43,13 +41,18 @@ func dialFront(t *testing.T, s *Server, tcp bool, user, pass string) *frontClien
 		t.Cleanup(func() { conn.Close() })
 		return c
 	}
-	conn, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.MustParseAddrPort("127.0.0.1:0")))
+	return rawClientOn(t, s, netip.MustParseAddr("127.0.0.1"), user, pass)
+}
+
+// rawClientOn is a frontClient over UDP from ip to s's primary address.
+func rawClientOn(t *testing.T, s *Server, ip netip.Addr, user, pass string) *frontClient {
+	t.Helper()
+	conn, err := net.ListenUDP(udpNetwork(ip), net.UDPAddrFromAddrPort(netip.AddrPortFrom(ip, 0)))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	c.udp, c.srv = conn, serverAddr(s)
-	return c
+	return &frontClient{t: t, udp: conn, srv: serverAddr(s), user: user, pass: pass}
 }
 
 func (c *frontClient) local() netip.AddrPort {
@@ -600,27 +603,7 @@ func TestFrontPionNonceRefresh(t *testing.T) {
 // front (the UDP happy path is TestTURNRelayBothWays).
 func TestFrontTCPHappyPath(t *testing.T) {
 	s := startTURNServer(t, func(c *Config) { c.DisableTCP = false; c.AllowPeers = mustPrefixes(t, "127.0.0.0/8") })
-	conn, err := net.DialTimeout("tcp", s.TCPAddrs()[0].String(), e2eTimeout)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	lf := logging.NewDefaultLoggerFactory()
-	lf.DefaultLogLevel = logging.LogLevelDisabled
-	cl, err := turn.NewClient(&turn.ClientConfig{
-		STUNServerAddr: s.TCPAddrs()[0].String(),
-		TURNServerAddr: s.TCPAddrs()[0].String(),
-		Username:       "alice", Password: "alice-pw",
-		Conn:          turn.NewSTUNConn(conn),
-		LoggerFactory: lf,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	if err := cl.Listen(); err != nil {
-		t.Fatal(err)
-	}
+	cl := newTCPTURNClient(t, s.TCPAddrs()[0], "alice", "alice-pw")
 	relay, err := cl.Allocate()
 	if err != nil {
 		t.Fatalf("Allocate over TCP: %v", err)

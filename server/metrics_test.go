@@ -104,32 +104,9 @@ func TestMetrics(t *testing.T) {
 		t.Fatalf("Allocate: %v", err)
 	}
 	defer relay.Close()
-	peer, err := net.ListenPacket("udp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer peer.Close()
-	buf := make([]byte, 1500)
-	var relayed net.Addr
-	for i := 0; i < 100 && relayed == nil; i++ {
-		if _, err := relay.WriteTo([]byte("to-peer"), peer.LocalAddr()); err != nil {
-			t.Fatal(err)
-		}
-		_ = peer.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
-		if _, from, err := peer.ReadFrom(buf); err == nil {
-			relayed = from
-		}
-	}
-	if relayed == nil {
-		t.Fatal("peer received nothing")
-	}
-	if _, err := peer.WriteTo([]byte("to-client!"), relayed); err != nil {
-		t.Fatal(err)
-	}
-	_ = relay.SetReadDeadline(time.Now().Add(e2eTimeout))
-	if _, _, err := relay.ReadFrom(buf); err != nil {
-		t.Fatalf("client read: %v", err)
-	}
+	peer := udpPeer(t, "udp4")
+	relayed := relayToPeer(t, relay, peer, "to-peer")
+	peerToClient(t, peer, relay, relayed, "to-client!")
 
 	// Auth failures: a wrong password (integrity) and an unknown user.
 	bad, _ := newTURNClient(t, s, "alice", "wrong")

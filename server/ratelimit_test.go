@@ -7,9 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pion/logging"
 	"github.com/pion/stun/v4"
-	"github.com/pion/turn/v5"
 )
 
 func newClock() *fakeClock { return &fakeClock{t: time.Unix(1_800_000_000, 0)} }
@@ -168,42 +166,6 @@ func TestUnauthRateOverUDP(t *testing.T) {
 	// Time passes: the limited IP gets a token back.
 	clk.Add(time.Second)
 	exchange(t, socks[0], dst)
-}
-
-// allocClient is a pion TURN client over UDP or TCP to s's primary address.
-func allocClient(t *testing.T, s *Server, network, user string) *turn.Client {
-	t.Helper()
-	lf := logging.NewDefaultLoggerFactory()
-	lf.DefaultLogLevel = logging.LogLevelDisabled
-	var conn net.PacketConn
-	addr := s.Grid()[0][0].String()
-	if network == "tcp" {
-		tc, err := net.DialTimeout("tcp4", s.TCPAddrs()[0].String(), e2eTimeout)
-		if err != nil {
-			t.Fatal(err)
-		}
-		conn = turn.NewSTUNConn(tc)
-		addr = s.TCPAddrs()[0].String()
-	} else {
-		pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		conn = pc
-	}
-	c, err := turn.NewClient(&turn.ClientConfig{
-		STUNServerAddr: addr, TURNServerAddr: addr,
-		Username: user, Password: user + "-pw",
-		Conn: conn, LoggerFactory: lf, RTO: 100 * time.Millisecond,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.Listen(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close(); conn.Close() })
-	return c
 }
 
 // TestAllocRatePerUser: one user's Allocates beyond the rate get 486 and

@@ -1,13 +1,10 @@
 package server
 
 import (
-	"net"
 	"testing"
 	"time"
 
-	"github.com/pion/logging"
 	"github.com/pion/stun/v4"
-	"github.com/pion/turn/v5"
 )
 
 // historicalCrashers are inputs that crashed STUN/TURN servers, each sent
@@ -58,53 +55,8 @@ func TestHistoricalCrashers(t *testing.T) {
 				c.DisableTCP = false
 				c.AllowPeers = mustPrefixes(t, "127.0.0.0/8")
 			})
-			peer, err := net.ListenPacket("udp4", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer peer.Close()
-
-			var conn net.PacketConn
-			var inject func([]byte)
-			addr := s.Grid()[0][0].String()
-			if network == "tcp" {
-				addr = s.TCPAddrs()[0].String()
-				tc, err := net.DialTimeout("tcp4", addr, e2eTimeout)
-				if err != nil {
-					t.Fatal(err)
-				}
-				conn = turn.NewSTUNConn(tc)
-				inject = func(b []byte) {
-					if _, err := tc.Write(b); err != nil {
-						t.Fatal(err)
-					}
-				}
-			} else {
-				pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
-				if err != nil {
-					t.Fatal(err)
-				}
-				conn = pc
-				inject = func(b []byte) {
-					if _, err := pc.WriteTo(b, serverAddr(s)); err != nil {
-						t.Fatal(err)
-					}
-				}
-			}
-			defer conn.Close()
-			lf := logging.NewDefaultLoggerFactory()
-			lf.DefaultLogLevel = logging.LogLevelDisabled
-			c, err := turn.NewClient(&turn.ClientConfig{
-				STUNServerAddr: addr, TURNServerAddr: addr, Username: "alice", Password: "alice-pw",
-				Conn: conn, LoggerFactory: lf, RTO: 100 * time.Millisecond,
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
-			if err := c.Listen(); err != nil {
-				t.Fatal(err)
-			}
+			peer := udpPeer(t, "udp4")
+			c, inject := injectingClient(t, s, network, "alice")
 			relay, err := c.Allocate()
 			if err != nil {
 				t.Fatalf("Allocate: %v", err)

@@ -1,40 +1,12 @@
 package server
 
 import (
-	"net"
 	"slices"
 	"testing"
 	"time"
 
 	"github.com/pion/turn/v5"
 )
-
-// relayRoundTrip sends through relay to a fresh peer and back; it reports
-// whether the peer got the packet.
-func relayToPeer(t *testing.T, relay net.PacketConn, peer net.PacketConn) bool {
-	t.Helper()
-	buf := make([]byte, 1500)
-	for i := 0; i < 40; i++ {
-		if _, err := relay.WriteTo([]byte("ping"), peer.LocalAddr()); err != nil {
-			t.Fatalf("relay write: %v", err)
-		}
-		_ = peer.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
-		if n, _, err := peer.ReadFrom(buf); err == nil && string(buf[:n]) == "ping" {
-			return true
-		}
-	}
-	return false
-}
-
-func newPeer(t *testing.T) net.PacketConn {
-	t.Helper()
-	p, err := net.ListenPacket("udp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { p.Close() })
-	return p
-}
 
 // TestReload: a live allocation survives a reload; a removed user can no
 // longer allocate; a changed REST secret takes effect; quotas and the peer
@@ -53,13 +25,13 @@ func TestReload(t *testing.T) {
 		t.Fatalf("Allocate: %v", err)
 	}
 	defer relay.Close()
-	peer := newPeer(t)
+	peer := udpPeer(t, "udp4")
 	// Until pion's client has its channel bound, it sends ChannelBind with
 	// alice's credentials; after the reload that would fail (as it should)
 	// and pion's client closes its allocation itself. So wait for the
 	// channel to carry data before removing alice.
 	for i := 0; i < 250 && aliceConn.chanOut.Load() == 0; i++ {
-		if !relayToPeer(t, relay, peer) {
+		if reachPeer(t, relay, peer, "ping", 40) == nil {
 			t.Fatal("relay carries nothing before the reload")
 		}
 		time.Sleep(20 * time.Millisecond)
@@ -81,7 +53,7 @@ func TestReload(t *testing.T) {
 	if s.AllocationCount() != 1 {
 		t.Fatalf("allocations after reload: %d, want 1", s.AllocationCount())
 	}
-	if !relayToPeer(t, relay, peer) {
+	if reachPeer(t, relay, peer, "ping", 40) == nil {
 		t.Fatal("the live allocation stopped relaying after the reload")
 	}
 
@@ -125,12 +97,12 @@ func TestReload(t *testing.T) {
 	if err := s.Reload(closed); err != nil {
 		t.Fatal(err)
 	}
-	if relayToPeer(t, relay, peer) {
+	if reachPeer(t, relay, peer, "ping", 40) != nil {
 		t.Error("a peer closed by the reload still receives relayed packets")
 	}
 	// (alice was removed, so her CreatePermission would fail on auth;
 	// bob's fails on the policy alone.)
-	if err := bob.CreatePermission(newPeer(t).LocalAddr()); err == nil {
+	if err := bob.CreatePermission(udpPeer(t, "udp4").LocalAddr()); err == nil {
 		t.Error("a permission toward a peer closed by the reload was granted")
 	}
 	if s.AllocationCount() < 2 {

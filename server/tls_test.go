@@ -8,9 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pion/logging"
 	"github.com/pion/stun/v4"
-	"github.com/pion/turn/v5"
 	"github.com/stund/stund/internal/stunwire"
 	"github.com/stund/stund/internal/testutil"
 )
@@ -87,21 +85,7 @@ func TestTLSBinding(t *testing.T) {
 func TestTLSAllocate(t *testing.T) {
 	s, cli := startTLSServer(t)
 	addr := s.TLSAddrs()[0]
-	conn := dialTLS(t, addr, cli)
-	lf := logging.NewDefaultLoggerFactory()
-	lf.DefaultLogLevel = logging.LogLevelDisabled
-	c, err := turn.NewClient(&turn.ClientConfig{
-		STUNServerAddr: addr.String(), TURNServerAddr: addr.String(),
-		Username: "alice", Password: "alice-pw",
-		Conn: turn.NewSTUNConn(conn), LoggerFactory: lf,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := c.Listen(); err != nil {
-		t.Fatal(err)
-	}
+	c := newStreamTURNClient(t, dialTLS(t, addr, cli), addr, "alice", "alice-pw")
 	relay, err := c.Allocate()
 	if err != nil {
 		t.Fatalf("Allocate over TLS: %v", err)
@@ -111,34 +95,10 @@ func TestTLSAllocate(t *testing.T) {
 		t.Fatalf("allocations %d, want 1", s.AllocationCount())
 	}
 
-	peer, err := net.ListenPacket("udp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer peer.Close()
-	buf := make([]byte, 1500)
-	var from net.Addr
-	for i := 0; i < 50 && from == nil; i++ { // bounded: the permission comes first
-		if _, err := relay.WriteTo([]byte("over-tls"), peer.LocalAddr()); err != nil {
-			t.Fatal(err)
-		}
-		_ = peer.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
-		if n, a, err := peer.ReadFrom(buf); err == nil && string(buf[:n]) == "over-tls" {
-			from = a
-		}
-	}
-	if from == nil {
-		t.Fatal("peer received nothing through the TLS allocation")
-	}
+	peer := udpPeer(t, "udp4")
+	from := relayToPeer(t, relay, peer, "over-tls")
 	// More than 4 bytes: pion's stream framing (proto.STUNConn, on both
 	// ends) waits for 9 bytes before it frames anything, so an 8-byte
 	// ChannelData frame would sit until the next one.
-	if _, err := peer.WriteTo([]byte("back-to-client"), from); err != nil {
-		t.Fatal(err)
-	}
-	_ = relay.SetReadDeadline(time.Now().Add(e2eTimeout))
-	n, _, err := relay.ReadFrom(buf)
-	if err != nil || string(buf[:n]) != "back-to-client" {
-		t.Fatalf("client read %q: %v", buf[:n], err)
-	}
+	peerToClient(t, peer, relay, from, "back-to-client")
 }

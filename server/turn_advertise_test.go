@@ -1,10 +1,8 @@
 package server
 
 import (
-	"net"
 	"net/netip"
 	"testing"
-	"time"
 
 	"github.com/pion/stun/v4"
 )
@@ -75,36 +73,12 @@ func TestAdvertiseRelayedAddress(t *testing.T) {
 		t.Fatalf("XOR-RELAYED-ADDRESS %v, want IP %v", announced, advPublic)
 	}
 
-	peer, err := net.ListenPacket("udp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer peer.Close()
-	buf := make([]byte, 1500)
-	var from net.Addr
-	for i := 0; i < 50 && from == nil; i++ { // bounded: pion installs the permission first
-		if _, err := relay.WriteTo([]byte("to-peer"), peer.LocalAddr()); err != nil {
-			t.Fatal(err)
-		}
-		_ = peer.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
-		if n, a, err := peer.ReadFrom(buf); err == nil && string(buf[:n]) == "to-peer" {
-			from = a
-		}
-	}
-	if from == nil {
-		t.Fatal("peer received nothing through the relay")
-	}
+	peer := udpPeer(t, "udp4")
+	from := relayToPeer(t, relay, peer, "to-peer")
 	if got, want := addrPortOf(from), netip.AddrPortFrom(advPrivate, announced.Port()); got != want {
 		t.Fatalf("peer sees the relay at %v, want %v (private IP, announced port)", got, want)
 	}
-	if _, err := peer.WriteTo([]byte("to-client"), from); err != nil {
-		t.Fatal(err)
-	}
-	_ = relay.SetReadDeadline(time.Now().Add(e2eTimeout))
-	n, _, err := relay.ReadFrom(buf)
-	if err != nil || string(buf[:n]) != "to-client" {
-		t.Fatalf("client read %q, %v", buf[:n], err)
-	}
+	peerToClient(t, peer, relay, from, "to-client")
 }
 
 // TestAdvertiseTCPRelay: a TCP allocation announces the public IP too, and
@@ -113,11 +87,7 @@ func TestAdvertiseRelayedAddress(t *testing.T) {
 // §5.2).
 func TestAdvertiseTCPRelay(t *testing.T) {
 	s := startAdvertised(t)
-	peerLn, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer peerLn.Close()
+	peerLn := tcpPeer(t)
 	c := newTCPTURNClient(t, s.TCPAddrs()[0], "alice", "alice-pw")
 	alloc, err := c.AllocateTCP()
 	if err != nil {
@@ -128,29 +98,7 @@ func TestAdvertiseTCPRelay(t *testing.T) {
 	if announced.Addr() != advPublic {
 		t.Fatalf("XOR-RELAYED-ADDRESS %v, want IP %v", announced, advPublic)
 	}
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		pc, err := peerLn.Accept()
-		if err != nil {
-			close(accepted)
-			return
-		}
-		accepted <- pc
-	}()
-	dc, err := alloc.Dial("tcp4", peerLn.Addr().String())
-	if err != nil {
-		t.Fatalf("Connect: %v", err)
-	}
-	defer dc.Close()
-	var pc net.Conn
-	select {
-	case pc = <-accepted:
-	case <-time.After(e2eTimeout):
-	}
-	if pc == nil {
-		t.Fatal("the peer saw no connection")
-	}
-	defer pc.Close()
+	dc, pc := dialPeer(t, alloc, peerLn)
 	if got, want := addrPortOf(pc.RemoteAddr()), netip.AddrPortFrom(advPrivate, announced.Port()); got != want {
 		t.Errorf("peer sees the connection from %v, want %v", got, want)
 	}

@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pion/logging"
 	"github.com/pion/stun/v4"
 	"github.com/pion/turn/v5"
 )
@@ -76,24 +75,14 @@ func newTURNClient(t *testing.T, s *Server, user, pass string) (*turn.Client, *c
 		t.Fatal(err)
 	}
 	cc := &countingConn{PacketConn: pc}
-	lf := logging.NewDefaultLoggerFactory()
-	lf.DefaultLogLevel = logging.LogLevelDisabled
-	c, err := turn.NewClient(&turn.ClientConfig{
+	c := newPionClient(t, &turn.ClientConfig{
 		STUNServerAddr: serverAddr(s).String(),
 		TURNServerAddr: serverAddr(s).String(),
 		Username:       user,
 		Password:       pass,
 		Conn:           cc,
-		LoggerFactory:  lf,
 		RTO:            100 * time.Millisecond,
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.Listen(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close(); pc.Close() })
 
 	return c, cc
 }

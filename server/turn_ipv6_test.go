@@ -6,7 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pion/logging"
 	"github.com/pion/stun/v4"
 	"github.com/pion/turn/v5"
 )
@@ -34,18 +33,6 @@ func startIPServer(t *testing.T, ip netip.Addr, mod func(*Config)) *Server {
 	})
 }
 
-// rawClientOn is a frontClient over UDP from ip (the helpers in
-// guard_test.go bind 127.0.0.1).
-func rawClientOn(t *testing.T, s *Server, ip netip.Addr, user, pass string) *frontClient {
-	t.Helper()
-	conn, err := net.ListenUDP(udpNetwork(ip), net.UDPAddrFromAddrPort(netip.AddrPortFrom(ip, 0)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	return &frontClient{t: t, udp: conn, srv: serverAddr(s), user: user, pass: pass}
-}
-
 // requestedFamily is REQUESTED-ADDRESS-FAMILY (RFC 6156 §4.1.1): 0x01
 // IPv4, 0x02 IPv6.
 func requestedFamily(f byte) stun.Setter {
@@ -61,22 +48,12 @@ func TestTURNIPv6Relay(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer pc.Close()
-	lf := logging.NewDefaultLoggerFactory()
-	lf.DefaultLogLevel = logging.LogLevelDisabled
-	c, err := turn.NewClient(&turn.ClientConfig{
+	c := newPionClient(t, &turn.ClientConfig{
 		STUNServerAddr: serverAddr(s).String(), TURNServerAddr: serverAddr(s).String(),
 		Username: "alice", Password: "alice-pw",
-		Conn: pc, LoggerFactory: lf, RTO: 100 * time.Millisecond,
+		Conn: pc, RTO: 100 * time.Millisecond,
 		RequestedAddressFamily: turn.RequestedAddressFamilyIPv6,
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.Listen(); err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
 	relay, err := c.Allocate()
 	if err != nil {
 		t.Fatalf("Allocate IPv6: %v", err)
@@ -87,37 +64,13 @@ func TestTURNIPv6Relay(t *testing.T) {
 		t.Fatalf("XOR-RELAYED-ADDRESS %v, want ::1", ra)
 	}
 
-	peer, err := net.ListenPacket("udp6", "[::1]:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer peer.Close()
-	buf := make([]byte, 1500)
-	var from net.Addr
-	for i := 0; i < 50 && from == nil; i++ { // bounded: pion installs the permission first
-		if _, err := relay.WriteTo([]byte("to-peer"), peer.LocalAddr()); err != nil {
-			t.Fatal(err)
-		}
-		_ = peer.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
-		if n, a, err := peer.ReadFrom(buf); err == nil && string(buf[:n]) == "to-peer" {
-			from = a
-		}
-	}
-	if from == nil {
-		t.Fatal("the IPv6 peer received nothing through the relay")
-	}
+	peer := udpPeer(t, "udp6")
+	from := relayToPeer(t, relay, peer, "to-peer")
 	if addrPortOf(from) != ra {
 		t.Errorf("peer sees %v, the relayed address is %v", from, ra)
 	}
 	for range 3 {
-		if _, err := peer.WriteTo([]byte("to-client"), from); err != nil {
-			t.Fatal(err)
-		}
-		_ = relay.SetReadDeadline(time.Now().Add(e2eTimeout))
-		n, src, err := relay.ReadFrom(buf)
-		if err != nil || string(buf[:n]) != "to-client" || addrPortOf(src) != addrPortOf(peer.LocalAddr()) {
-			t.Fatalf("client read %q from %v: %v", buf[:n], src, err)
-		}
+		peerToClient(t, peer, relay, from, "to-client")
 	}
 }
 
