@@ -306,29 +306,10 @@ func exchange(ctx context.Context, a *Relay, pr *peer, p *Proof) {
 	// port; the permission covers it because it is per IP (RFC 8656 §9).
 	relayed := a.PacketConn()
 	wg.Go(func() {
-		buf := make([]byte, maxDatagram)
-		for {
-			select {
-			case <-done:
-				return
-			default:
-			}
-			_ = relayed.SetReadDeadline(time.Now().Add(pollInterval))
-			k, from, err := relayed.ReadFrom(buf)
-			if err != nil {
-				var ne net.Error
-				if errors.As(err, &ne) && ne.Timeout() {
-					continue
-				}
-
-				return
-			}
-			if !isProbe(buf[:k], token[:]) {
-				continue
-			}
+		readProbes(relayed, done, token[:], func(pkt []byte, from net.Addr) {
 			reached.Add(1)
-			_, _ = relayed.WriteTo(buf[:k], from)
-		}
+			_, _ = relayed.WriteTo(pkt, from)
+		})
 	})
 
 	// The peer's side: collect echoes.
@@ -338,27 +319,8 @@ func exchange(ctx context.Context, a *Relay, pr *peer, p *Proof) {
 	seen := make([]bool, probeCount)
 	all := make(chan struct{})
 	wg.Go(func() {
-		buf := make([]byte, maxDatagram)
-		for {
-			select {
-			case <-done:
-				return
-			default:
-			}
-			_ = pr.conn.SetReadDeadline(time.Now().Add(pollInterval))
-			k, _, err := pr.conn.ReadFrom(buf)
-			if err != nil {
-				var ne net.Error
-				if errors.As(err, &ne) && ne.Timeout() {
-					continue
-				}
-
-				return
-			}
-			if !isProbe(buf[:k], token[:]) {
-				continue
-			}
-			seq := binary.BigEndian.Uint32(buf[len(probeMagic)+8:])
+		readProbes(pr.conn, done, token[:], func(pkt []byte, _ net.Addr) {
+			seq := binary.BigEndian.Uint32(pkt[len(probeMagic)+8:])
 			mu.Lock()
 			if int(seq) < probeCount && !seen[seq] && !sentAt[seq].IsZero() {
 				seen[seq] = true
@@ -368,7 +330,7 @@ func exchange(ctx context.Context, a *Relay, pr *peer, p *Proof) {
 				}
 			}
 			mu.Unlock()
-		}
+		})
 	})
 
 	dst := net.UDPAddrFromAddrPort(a.RelayedAddr())
@@ -430,4 +392,32 @@ func median(d []time.Duration) time.Duration {
 	}
 
 	return (d[len(d)/2-1] + d[len(d)/2]) / 2
+}
+
+// readProbes reads conn until done is closed or conn fails, waking every
+// pollInterval to look at done, and hands handle each datagram that is one
+// of this proof's probes (token); everything else is ignored. handle must
+// not keep pkt.
+func readProbes(conn net.PacketConn, done <-chan struct{}, token []byte, handle func(pkt []byte, from net.Addr)) {
+	buf := make([]byte, maxDatagram)
+	for {
+		select {
+		case <-done:
+			return
+		default:
+		}
+		_ = conn.SetReadDeadline(time.Now().Add(pollInterval))
+		k, from, err := conn.ReadFrom(buf)
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+
+			return
+		}
+		if isProbe(buf[:k], token) {
+			handle(buf[:k], from)
+		}
+	}
 }
