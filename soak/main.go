@@ -270,24 +270,34 @@ func client(network string) (*turn.Client, net.PacketConn, error) {
 	return c, conn, nil
 }
 
-// churnOnce: allocate, relay a few datagrams through the echo peer, close.
-func churnOnce(peer net.Addr, network string) {
+// withAllocation opens a client over network, allocates, runs use on the
+// relay and closes everything, counting the allocation or its failure. It
+// returns the client's own error (stund unreachable) so that the caller can
+// back off; a refused Allocate is only counted.
+func withAllocation(network string, use func(relay net.PacketConn)) error {
 	c, conn, err := client(network)
 	if err != nil {
 		allocErrs.Add(1)
-		time.Sleep(100 * time.Millisecond)
-		return
+		return err
 	}
 	defer conn.Close()
 	defer c.Close()
 	relay, err := c.Allocate()
 	if err != nil {
 		allocErrs.Add(1)
-		return
+		return nil
 	}
 	allocs.Add(1)
 	defer relay.Close()
-	pingPong(relay, peer, 10)
+	use(relay)
+	return nil
+}
+
+// churnOnce: allocate, relay a few datagrams through the echo peer, close.
+func churnOnce(peer net.Addr, network string) {
+	if err := withAllocation(network, func(relay net.PacketConn) { pingPong(relay, peer, 10) }); err != nil {
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 func pingPong(relay net.PacketConn, peer net.Addr, n int) {
@@ -312,24 +322,12 @@ func steadyRelay(peer net.Addr, deadline time.Time) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			c, conn, err := client(network)
-			if err != nil {
-				allocErrs.Add(1)
-				return
-			}
-			defer conn.Close()
-			defer c.Close()
-			relay, err := c.Allocate()
-			if err != nil {
-				allocErrs.Add(1)
-				return
-			}
-			allocs.Add(1)
-			defer relay.Close()
-			for time.Now().Before(deadline) {
-				pingPong(relay, peer, 100)
-				time.Sleep(20 * time.Millisecond)
-			}
+			_ = withAllocation(network, func(relay net.PacketConn) {
+				for time.Now().Before(deadline) {
+					pingPong(relay, peer, 100)
+					time.Sleep(20 * time.Millisecond)
+				}
+			})
 		}()
 	}
 	wg.Wait()
