@@ -198,7 +198,8 @@ type turnFront struct {
 	mu     sync.Mutex
 	allocs map[fiveTuple]*frontAlloc
 
-	stats frontStats
+	stats        frontStats
+	budgetWarned atomic.Int64 // unix nanos of the last warnBudget line
 }
 
 // frontSentinel is the source address of the synthetic request on UDP:
@@ -652,14 +653,41 @@ func (f *turnFront) unauth(fc *frontConn, pkt []byte, h *stunwire.Header, typ ui
 	}
 	out = stunwire.Finish(out, 0)
 	fc.out = out
+	if tcp {
+		// A stream's source has completed a handshake and cannot be
+		// spoofed, so an answer there reflects nothing at a victim: no
+		// budget and no per-IP bucket (dropping a 401 over TCP would
+		// only leave a real client waiting, e.g. with a long realm).
+		return frontReply, out
+	}
 	if len(out) > 2*len(pkt) {
 		f.stats.amplification.Add(1)
+		f.warnBudget(len(out), len(pkt))
 		return frontDrop, nil
 	}
 	if !f.s.allowUnauth(src.Addr()) {
 		return frontDrop, nil // per-source-IP token bucket, counted there (ratelimit.go)
 	}
 	return frontReply, out
+}
+
+// budgetWarnEvery spaces the log lines about answers dropped for the
+// amplification budget: the operator must learn why clients get no 401
+// (usually a long realm against minimal Allocate requests), but an
+// attacker must not be able to flood the log.
+const budgetWarnEvery = time.Minute
+
+// warnBudget logs, at most once per budgetWarnEvery, that an
+// unauthenticated answer was dropped for being over twice its request.
+func (f *turnFront) warnBudget(answer, request int) {
+	now := time.Now().UnixNano()
+	last := f.budgetWarned.Load()
+	if now-last < int64(budgetWarnEvery) || !f.budgetWarned.CompareAndSwap(last, now) {
+		return
+	}
+	f.s.log.Warn("unauthenticated UDP answer dropped: over twice the request (issue 6 amplification budget); a shorter realm lets minimal Allocate requests be answered",
+		"answer_bytes", answer, "request_bytes", request, "realm_bytes", len(f.s.cfg.Realm),
+		"dropped_total", f.stats.amplification.Load())
 }
 
 // appendNonceAttr appends a NONCE attribute minted for src.

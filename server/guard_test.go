@@ -555,6 +555,17 @@ func TestFrontAmplification(t *testing.T) {
 	forBoth(t, nil, func(t *testing.T, s *Server, tcp bool) {
 		c := dialFront(t, s, tcp, "alice", "alice-pw")
 		bare := c.build(stun.TransactionID, stun.NewType(stun.MethodAllocate, stun.ClassRequest))
+		if tcp {
+			// A stream source cannot be spoofed: nothing is amplified at
+			// a victim, so the 401 is sent whatever its size.
+			if r := c.exchange(bare.Raw, true); r == nil || errorCode(r) != 401 {
+				t.Fatalf("TCP: bare Allocate not challenged: %v", r)
+			}
+			if s.Front().Amplification != 0 {
+				t.Fatal("TCP answer counted as an amplification drop")
+			}
+			return
+		}
 		if r := c.exchange(bare.Raw, false); r != nil {
 			t.Fatalf("%d-byte answer to a %d-byte request", len(r.Raw), len(bare.Raw))
 		}
@@ -574,6 +585,37 @@ func TestFrontAmplification(t *testing.T) {
 			if len(r.Raw) > 2*len(req.Raw) {
 				t.Errorf("%v: %d bytes for %d", r.Type, len(r.Raw), len(req.Raw))
 			}
+		}
+	})
+}
+
+// TestFrontLongRealm: a realm too long for a 401 to a minimal 28-byte
+// Allocate to fit in twice the request: dropped and counted over UDP
+// (issue 6), answered over TCP, and a request carrying SOFTWARE (as
+// natprobe's does) makes room over UDP too.
+func TestFrontLongRealm(t *testing.T) {
+	const realm = "voip.telecom-provider.example.net"
+	forBoth(t, func(c *Config) { c.Realm = realm }, func(t *testing.T, s *Server, tcp bool) {
+		c := dialFront(t, s, tcp, "alice", "alice-pw")
+		minimal := c.build(stun.TransactionID, stun.NewType(stun.MethodAllocate, stun.ClassRequest), requestedTransportUDP)
+		r := c.exchange(minimal.Raw, tcp)
+		switch {
+		case tcp && (r == nil || errorCode(r) != 401):
+			t.Fatalf("TCP: no 401 to a %d-byte Allocate: %v", len(minimal.Raw), r)
+		case tcp:
+			var got stun.Realm
+			if err := got.GetFrom(r); err != nil || got.String() != realm {
+				t.Errorf("TCP: REALM %q (%v)", got, err)
+			}
+		case r != nil:
+			t.Fatalf("UDP: %d-byte answer to a %d-byte request", len(r.Raw), len(minimal.Raw))
+		case s.Front().Amplification == 0:
+			t.Fatal("UDP: drop not counted")
+		}
+		roomy := c.build(stun.TransactionID, stun.NewType(stun.MethodAllocate, stun.ClassRequest), requestedTransportUDP,
+			stun.NewSoftware("natprobe/dev probe-id=0123abcd"))
+		if r := c.exchange(roomy.Raw, true); r == nil || errorCode(r) != 401 || len(r.Raw) > 2*len(roomy.Raw) {
+			t.Fatalf("%d-byte Allocate with SOFTWARE: %v", len(roomy.Raw), r)
 		}
 	})
 }

@@ -26,6 +26,11 @@ import (
 // lose a race or two, never twenty.
 const portPickTries = 20
 
+// maxBudgetRealm is the longest realm whose 401 (header 20, ERROR-CODE 8,
+// NONCE 12, REALM 4+realm) still fits twice a minimal 28-byte Allocate
+// (header + REQUESTED-TRANSPORT): 44 + 12 = 56.
+const maxBudgetRealm = 12
+
 // Server is a running stund instance.
 type Server struct {
 	cfg Config
@@ -97,6 +102,10 @@ func New(cfg Config) (*Server, error) {
 	if err := s.startTURN(); err != nil {
 		s.closeSockets()
 		return nil, err
+	}
+	if n := len(cfg.Realm); n > maxBudgetRealm {
+		s.log.Warn("realm is long: over UDP a 401 to a minimal 28-byte Allocate would be more than twice the request and is dropped (amplification budget); clients that send SOFTWARE or other attributes are unaffected, TCP/TLS always",
+			"realm_bytes", n, "fits_bytes", maxBudgetRealm)
 	}
 	s.log.Info("stund listening",
 		"primary", s.gridAddr[0][0], "alternate", s.gridAddr[1][1],
