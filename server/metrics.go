@@ -176,9 +176,11 @@ func (s *Server) newRegistry() *prometheus.Registry {
 	gauge("stund_allocations_active", "Live TURN allocations.", func() float64 { return float64(s.turn.AllocationCount()) })
 	counter("stund_allocations_created_total", "TURN allocations created.", nil, o.allocCreated.Load)
 	counter("stund_allocations_deleted_total", "TURN allocations deleted (expired, refreshed to 0, or server closing).", nil, o.allocDeleted.Load)
-	const refusedHelp = "Allocate requests refused, by reason: auth (unknown/expired credentials or wrong MESSAGE-INTEGRITY, 401), quota (486)."
+	const refusedHelp = "TURN requests refused, by reason: auth (Allocates with unknown/expired credentials or wrong MESSAGE-INTEGRITY, 401), quota (Allocates over a quota, 486), alloc_rate (Allocates over the per-user rate, 486), peer_policy (CreatePermission/ChannelBind/Connect refused with 403, and Send/ChannelData packets dropped, by the peer policy: the sum of stund_peer_refused_total)."
 	counter("stund_allocations_refused_total", refusedHelp, l("reason", "auth"), func() uint64 { return o.allocAuthUnknown.Load() + o.allocAuthIntegrity.Load() })
 	counter("stund_allocations_refused_total", refusedHelp, l("reason", "quota"), s.quotas.Refused)
+	counter("stund_allocations_refused_total", refusedHelp, l("reason", "alloc_rate"), func() uint64 { return s.Limits().AllocRateRefused })
+	counter("stund_allocations_refused_total", refusedHelp, l("reason", "peer_policy"), func() uint64 { return s.live.refused() + o.relayRefused.Load() })
 	const authHelp = "Authenticated TURN requests (any method) that failed authentication: unknown_user (unknown, expired REST or foreign-realm username) or bad_integrity (wrong password or secret)."
 	counter("stund_auth_failures_total", authHelp, l("reason", "unknown_user"), o.authUnknown.Load)
 	counter("stund_auth_failures_total", authHelp, l("reason", "bad_integrity"), o.authIntegrity.Load)
@@ -222,12 +224,37 @@ func (s *Server) newRegistry() *prometheus.Registry {
 	counter("stund_binding_responses_total", respHelp, l("result", "420"), bs.err420.Load)
 	counter("stund_binding_over_budget_total", "Binding replies whose mandatory core exceeded the 2x amplification budget.", nil, bs.overBudget.Load)
 
+	// TURN requests the front (guard.go) answered itself, RFC 8489 §9.2.4
+	// and RFC 8656 §7-§12. Unauthenticated answers (400, 401, 438) are
+	// counted when decided; the amplification budget or the rate limit may
+	// then suppress them (stund_dropped_packets_total).
+	const turnErrHelp = "TURN error responses decided by stund in front of pion, by code: 400 (also 440), 401 (challenge or failed authentication), 403 (peer policy), 420, 437, 438, 441, 508 (permission limit)."
+	turnErr := func(code string, f func(*FrontStats) uint64) {
+		counter("stund_turn_error_responses_total", turnErrHelp, l("code", code), func() uint64 { st := s.Front(); return f(&st) })
+	}
+	turnErr("400", func(st *FrontStats) uint64 { return st.BadRequest })
+	turnErr("401", func(st *FrontStats) uint64 { return st.Challenged + st.AuthFailed })
+	turnErr("403", func(st *FrontStats) uint64 { return st.Forbidden })
+	turnErr("420", func(st *FrontStats) uint64 { return st.UnknownAttr })
+	turnErr("437", func(st *FrontStats) uint64 { return st.NoAllocation })
+	turnErr("438", func(st *FrontStats) uint64 { return st.StaleNonce })
+	turnErr("441", func(st *FrontStats) uint64 { return st.WrongCreds })
+	turnErr("508", func(st *FrontStats) uint64 { return st.Capacity })
+
 	// Dropped before or instead of a reply.
-	const dropHelp = "Packets dropped and counted, by reason: malformed (bad STUN framing, attribute or FINGERPRINT), not_stun (neither STUN nor ChannelData), stream_unframeable (TCP/TLS connections closed on junk), send_error (replies the kernel refused)."
-	counter("stund_dropped_packets_total", dropHelp, l("reason", "malformed"), bs.malformed.Load)
+	const dropHelp = "Packets dropped and counted, by reason: malformed (bad STUN framing, attribute or FINGERPRINT, Binding or TURN), not_stun (neither STUN nor ChannelData), stream_unframeable (TCP/TLS connections closed on junk), send_error (replies the kernel refused), rate_limited (unauthenticated replies over the per-source-IP rate), amplification (unauthenticated TURN answers over 2x their request), bandwidth (relayed datagrams over the per-user --max-bps cap)."
+	counter("stund_dropped_packets_total", dropHelp, l("reason", "malformed"), func() uint64 { return bs.malformed.Load() + s.Front().Malformed })
 	counter("stund_dropped_packets_total", dropHelp, l("reason", "not_stun"), dm.junk.Load)
 	counter("stund_dropped_packets_total", dropHelp, l("reason", "stream_unframeable"), dm.streamJunk.Load)
 	counter("stund_dropped_packets_total", dropHelp, l("reason", "send_error"), dm.sendErrors.Load)
+	counter("stund_dropped_packets_total", dropHelp, l("reason", "rate_limited"), func() uint64 { return s.Limits().UnauthDropped })
+	counter("stund_dropped_packets_total", dropHelp, l("reason", "amplification"), func() uint64 { return s.Front().Amplification })
+	counter("stund_dropped_packets_total", dropHelp, l("reason", "bandwidth"), func() uint64 { return s.Limits().BandwidthDroppedPackets })
+	counter("stund_dropped_bytes_total", "Payload bytes of dropped packets, by reason: bandwidth (relayed datagrams over the per-user --max-bps cap).", l("reason", "bandwidth"), func() uint64 { return s.Limits().BandwidthDroppedBytes })
+	counter("stund_rate_limit_evictions_total", "Per-source-IP rate-limit buckets replaced while still holding state (more active sources than the table's slots).", nil, func() uint64 { return s.Limits().UnauthEvicted })
+	const streamHelp = "TCP/TLS connections closed by stund, by reason: per_ip_limit (at accept: the source IP had --max-conns-per-ip open), idle (silent, or half a frame, past its read deadline)."
+	counter("stund_stream_connections_closed_total", streamHelp, l("reason", "per_ip_limit"), func() uint64 { return s.Limits().StreamRefused })
+	counter("stund_stream_connections_closed_total", streamHelp, l("reason", "idle"), func() uint64 { return s.Limits().StreamIdle })
 
 	// Operations.
 	const reloadHelp = "Configuration reloads (SIGHUP), by result: ok or error (the old settings were kept)."

@@ -145,6 +145,8 @@ func TestMetrics(t *testing.T) {
 	waitMetric(t, s, 1, "stund_binding_responses_total", "result=success")
 	waitMetric(t, s, 1, "stund_dropped_packets_total", "reason=not_stun")
 	waitMetric(t, s, 1, "stund_dropped_packets_total", "reason=malformed")
+	// Every Allocate above began with the front's 401 challenge.
+	waitMetric(t, s, 3, "stund_turn_error_responses_total", "code=401")
 	if v := metricValue(t, s, "stund_binding_rfc5780_total", "feature=change_ip"); v != 0 {
 		t.Errorf("change_ip = %v, want 0 (only change-port was asked)", v)
 	}
@@ -202,6 +204,87 @@ func TestMetricsQuotaAndPolicy(t *testing.T) {
 		t.Fatal("permission toward loopback granted")
 	}
 	waitMetric(t, s, 1, "stund_peer_refused_total", "stage=permission")
+	waitMetric(t, s, 1, "stund_allocations_refused_total", "reason=peer_policy")
+	waitMetric(t, s, 1, "stund_turn_error_responses_total", "code=403")
+}
+
+// TestMetricsRateLimitedBindings is the audit's repro: with --unauth-rate 1
+// (burst 8, the clock standing still) 20 bare Bindings from one socket get 8
+// replies, and the 12 suppressed ones show in /metrics.
+func TestMetricsRateLimitedBindings(t *testing.T) {
+	clk := newClock()
+	cfg := twoIPConfig()
+	cfg.UnauthRate = 1
+	cfg.abuse = &abuseHooks{now: clk.Now, firstTimeout: time.Minute, idleTimeout: time.Minute, authedTimeout: time.Minute}
+	s := startServer(t, cfg)
+	c := udpSocket(t)
+	const sent = 20
+	for range sent {
+		req := stun.MustBuild(stun.TransactionID, stun.BindingRequest)
+		if _, err := c.WriteToUDPAddrPort(req.Raw, s.Grid()[0][0]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := 0; i < 500; i++ {
+		if st := s.Limits(); st.UnauthAllowed+st.UnauthDropped >= sent {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if v := metricValue(t, s, "stund_dropped_packets_total", "reason=rate_limited"); v != sent-minBurst {
+		t.Errorf(`stund_dropped_packets_total{reason="rate_limited"} = %v, want %d`, v, sent-minBurst)
+	}
+}
+
+// TestMetricsAbuseCounters: each abuse counter the limits, the bandwidth
+// cap and the TURN front keep is exported, under its own series. The
+// atomics are set to distinct values (no traffic runs), so a series
+// wired to the wrong counter shows.
+func TestMetricsAbuseCounters(t *testing.T) {
+	s := startTURNServer(t, func(c *Config) { c.MaxBPS = 1 << 20 })
+	if s.limits.unauth == nil || s.limits.alloc == nil || s.limits.bw == nil {
+		t.Fatal("a limiter is off in the default configuration")
+	}
+	n := uint64(100)
+	next := func(a interface{ Add(uint64) uint64 }) float64 {
+		n++
+		a.Add(n)
+		return float64(n)
+	}
+	// The peer-policy reason is the sum of both stages.
+	perm, relay := next(&s.live.load().refused), next(&s.ops.relayRefused)
+	bindMal, frontMal := next(&s.binder.stats.malformed), next(&s.front.stats.malformed)
+	fs := &s.front.stats
+	chal, authFailed := next(&fs.challenged), next(&fs.authFailed)
+	for _, c := range []struct {
+		want   float64
+		name   string
+		labels []string
+	}{
+		{next(&s.limits.unauth.dropped), "stund_dropped_packets_total", []string{"reason=rate_limited"}},
+		{next(&s.limits.unauth.evicted), "stund_rate_limit_evictions_total", nil},
+		{next(&s.limits.alloc.dropped), "stund_allocations_refused_total", []string{"reason=alloc_rate"}},
+		{perm + relay, "stund_allocations_refused_total", []string{"reason=peer_policy"}},
+		{next(&s.limits.bw.droppedPkts), "stund_dropped_packets_total", []string{"reason=bandwidth"}},
+		{next(&s.limits.bw.droppedBytes), "stund_dropped_bytes_total", []string{"reason=bandwidth"}},
+		{next(&s.limits.streamRefused), "stund_stream_connections_closed_total", []string{"reason=per_ip_limit"}},
+		{next(&s.limits.streamIdleClosed), "stund_stream_connections_closed_total", []string{"reason=idle"}},
+		{next(&fs.amplification), "stund_dropped_packets_total", []string{"reason=amplification"}},
+		{bindMal + frontMal, "stund_dropped_packets_total", []string{"reason=malformed"}},
+		{next(&s.demux.junk), "stund_dropped_packets_total", []string{"reason=not_stun"}},
+		{chal + authFailed, "stund_turn_error_responses_total", []string{"code=401"}},
+		{next(&fs.badRequest), "stund_turn_error_responses_total", []string{"code=400"}},
+		{next(&fs.forbidden), "stund_turn_error_responses_total", []string{"code=403"}},
+		{next(&fs.unknownAttr), "stund_turn_error_responses_total", []string{"code=420"}},
+		{next(&fs.noAlloc), "stund_turn_error_responses_total", []string{"code=437"}},
+		{next(&fs.stale), "stund_turn_error_responses_total", []string{"code=438"}},
+		{next(&fs.wrongCreds), "stund_turn_error_responses_total", []string{"code=441"}},
+		{next(&fs.capacity), "stund_turn_error_responses_total", []string{"code=508"}},
+	} {
+		if got := metricValue(t, s, c.name, c.labels...); got != c.want {
+			t.Errorf("%s%v = %v, want %v", c.name, c.labels, got, c.want)
+		}
+	}
 }
 
 // TestHealthReady: /healthz answers while the process lives; /readyz only

@@ -100,9 +100,32 @@ func TestOperatorDoc(t *testing.T) {
 			if !strings.Contains(doc, "`"+name+"`") {
 				t.Errorf("metric %s is not in %s", name, path)
 			}
+			// Its row lists every label value (build_info's are the
+			// running build's, not a fixed set).
+			if name == "stund_build_info" {
+				continue
+			}
+			row := metricRow(doc, name)
+			for _, m := range mf.GetMetric() {
+				for _, lp := range m.GetLabel() {
+					if !strings.Contains(row, "`"+lp.GetValue()+"`") {
+						t.Errorf("%s: %s=%q is not in its row of %s", name, lp.GetName(), lp.GetValue(), path)
+					}
+				}
+			}
 		}
 	}
 	if n < 15 {
 		t.Errorf("only %d stund_* metrics registered", n)
 	}
+}
+
+// metricRow is the metrics table's row for name ("" if none).
+func metricRow(doc, name string) string {
+	for _, line := range strings.Split(doc, "\n") {
+		if strings.HasPrefix(line, "| `"+name+"` |") {
+			return line
+		}
+	}
+	return ""
 }
