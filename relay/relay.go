@@ -56,6 +56,10 @@ const (
 	// so an operator can tell natprobe's allocations apart in the logs.
 	restUser = "natprobe"
 
+	// defaultSoftware is the SOFTWARE of our requests when Config names
+	// none: every request should carry one (see softwareConn).
+	defaultSoftware = "stund-relay"
+
 	// maxDatagram bounds one read from the server. TURN messages fit in a
 	// path MTU; 64 KiB takes even a jumbo-frame or TCP-framed message whole.
 	maxDatagram = 64 * 1024
@@ -84,7 +88,10 @@ type Config struct {
 	// TLSConfig is used for "tls"; nil verifies the server against the
 	// system roots with the host name from TLSServer/Server.
 	TLSConfig *tls.Config
-	// Software goes into the SOFTWARE attribute of our requests.
+	// Software goes into the SOFTWARE attribute (RFC 8489 §14.14) of every
+	// request we send before authenticating; empty means "stund-relay".
+	// It also makes the first Allocate big enough for a 401 with a long
+	// realm from a server with an amplification budget (see softwareConn).
 	Software string
 	// Net is the network to use; nil is the host's network. Tests pass a
 	// pion vnet.
@@ -192,6 +199,11 @@ func Dial(ctx context.Context, cfg Config) (*Relay, error) {
 	if err != nil {
 		return nil, err
 	}
+	sw := cfg.Software
+	if sw == "" {
+		sw = defaultSoftware
+	}
+	base = &softwareConn{PacketConn: base, sw: stun.NewSoftware(sw)}
 	r := &Relay{transport: transportName, server: server, base: base, loopDone: make(chan struct{})}
 
 	r.client, err = turn.NewClient(&turn.ClientConfig{
@@ -299,6 +311,70 @@ func dialBase(ctx context.Context, n transport.Net, transportName, addr string, 
 	default:
 		return nil, netip.AddrPort{}, fmt.Errorf("relay: unknown transport %q (want udp, tcp or tls)", transportName)
 	}
+}
+
+// softwareConn adds SOFTWARE (RFC 8489 §14.14: a client SHOULD include it)
+// to each STUN request that goes out without MESSAGE-INTEGRITY and without
+// SOFTWARE. pion's turn.Client puts its Software only on Binding requests,
+// so its first, unauthenticated Allocate is a bare 36 bytes; a server that
+// answers unauthenticated UDP requests with at most twice their size (as
+// stund does against reflection attacks, issue 6) then drops the 401
+// whenever the realm is longer than about 28 bytes, and the relay never
+// starts. With natprobe's SOFTWARE (~30 bytes) the request is about 72
+// bytes and a 401 with a realm of up to ~60 bytes fits. Requests with
+// MESSAGE-INTEGRITY are left alone: an attribute inserted before it would
+// break the integrity check, and their answers are authenticated anyway.
+type softwareConn struct {
+	net.PacketConn
+	sw stun.Software
+}
+
+// WriteTo sends p, with SOFTWARE added when it is such a request. It
+// reports len(p) written on success, as the caller expects.
+func (c *softwareConn) WriteTo(p []byte, addr net.Addr) (int, error) {
+	q, ok := withSoftware(p, c.sw)
+	if !ok {
+		return c.PacketConn.WriteTo(p, addr)
+	}
+	if _, err := c.PacketConn.WriteTo(q, addr); err != nil {
+		return 0, err
+	}
+
+	return len(p), nil
+}
+
+// withSoftware returns p re-encoded with sw before its FINGERPRINT (which
+// is recomputed), or false when p is not a request that needs it.
+func withSoftware(p []byte, sw stun.Software) ([]byte, bool) {
+	if len(sw) == 0 || !stun.IsMessage(p) {
+		return nil, false
+	}
+	m := &stun.Message{Raw: append([]byte(nil), p...)}
+	if m.Decode() != nil || m.Type.Class != stun.ClassRequest ||
+		m.Contains(stun.AttrMessageIntegrity) || m.Contains(stun.AttrMessageIntegritySHA256) ||
+		m.Contains(stun.AttrSoftware) {
+		return nil, false
+	}
+	out := stun.New()
+	out.Type, out.TransactionID = m.Type, m.TransactionID
+	out.WriteHeader()
+	fingerprint := false
+	for _, a := range m.Attributes {
+		if a.Type == stun.AttrFingerprint {
+			fingerprint = true // must stay last (RFC 8489 §14.7)
+
+			continue
+		}
+		out.Add(a.Type, a.Value)
+	}
+	if sw.AddTo(out) != nil {
+		return nil, false // over the attribute's limit: send p as it is
+	}
+	if fingerprint && stun.Fingerprint.AddTo(out) != nil {
+		return nil, false
+	}
+
+	return out.Raw, true
 }
 
 // readLoop feeds everything the server sends into the TURN client. Unlike

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pion/stun/v4"
 	"github.com/pion/turn/v5"
 	"github.com/stund/stund/internal/testutil"
 )
@@ -323,4 +324,37 @@ func hmacSHA1B64(secret, msg string) string {
 	m.Write([]byte(msg))
 
 	return base64.StdEncoding.EncodeToString(m.Sum(nil))
+}
+
+// withSoftware adds SOFTWARE to a bare request, keeping FINGERPRINT last
+// and valid; it leaves signed requests, answers and non-STUN data alone.
+func TestWithSoftware(t *testing.T) {
+	sw := stun.NewSoftware("natprobe/dev probe-id=0123abcd")
+	bare := stun.MustBuild(stun.TransactionID, stun.NewType(stun.MethodAllocate, stun.ClassRequest), stun.Fingerprint)
+	q, ok := withSoftware(bare.Raw, sw)
+	if !ok {
+		t.Fatal("bare Allocate not rewritten")
+	}
+	m := &stun.Message{Raw: q}
+	if err := m.Decode(); err != nil {
+		t.Fatal(err)
+	}
+	var got stun.Software
+	if err := got.GetFrom(m); err != nil || got.String() != sw.String() {
+		t.Errorf("SOFTWARE %q (%v)", got, err)
+	}
+	if err := stun.Fingerprint.Check(m); err != nil || m.Attributes[len(m.Attributes)-1].Type != stun.AttrFingerprint {
+		t.Errorf("FINGERPRINT not last or invalid: %v %v", err, m.Attributes)
+	}
+	if m.TransactionID != bare.TransactionID || m.Type != bare.Type {
+		t.Errorf("header changed: %v", m)
+	}
+	signed := stun.MustBuild(stun.TransactionID, stun.NewType(stun.MethodAllocate, stun.ClassRequest),
+		stun.NewUsername("u"), stun.NewShortTermIntegrity("p"), stun.Fingerprint)
+	answer := stun.MustBuild(stun.TransactionID, stun.BindingSuccess)
+	for name, p := range map[string][]byte{"signed": signed.Raw, "answer": answer.Raw, "channeldata": {0x40, 0, 0, 4, 1, 2, 3, 4}, "software already": q} {
+		if _, ok := withSoftware(p, sw); ok {
+			t.Errorf("%s rewritten", name)
+		}
+	}
 }

@@ -162,3 +162,24 @@ func TestStundQuotaRefusal(t *testing.T) {
 	}
 	t.Logf("%v", err)
 }
+
+// longRealm is a realm an operator might well choose. Its 401 (20-byte
+// header, ERROR-CODE, REALM, NONCE, FINGERPRINT) is 80 bytes: over twice
+// a bare 36-byte Allocate, so stund's amplification budget (issue 6)
+// drops it over UDP unless the request carries SOFTWARE.
+const longRealm = "voip.telecom-provider.example.net"
+
+// TestStundLongRealm: with a long realm the relay still works over UDP,
+// because our requests carry SOFTWARE and so earn a 401 big enough for it.
+func TestStundLongRealm(t *testing.T) {
+	_, cfg := startStund(t, func(c *server.Config) { c.Realm = longRealm })
+	for _, sw := range []string{"natprobe/dev probe-id=0123abcd", ""} {
+		t.Run("software="+sw, func(t *testing.T) {
+			cfg := cfg
+			cfg.Software = sw
+			cfg.AttemptTimeout = 2 * time.Second
+			p, err := Prove(testCtx(t), cfg, UDP)
+			checkProof(t, p, err, UDP, UDP)
+		})
+	}
+}
