@@ -206,8 +206,6 @@ func TestSystemdUnit(t *testing.T) {
 		"Service.ProtectHome":             "yes",
 		"Service.PrivateTmp":              "yes",
 		"Service.RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
-		"Service.AmbientCapabilities":     "CAP_NET_BIND_SERVICE",
-		"Service.CapabilityBoundingSet":   "CAP_NET_BIND_SERVICE",
 		"Service.ExecReload":              "/bin/kill -HUP $MAINPID",
 		"Install.WantedBy":                "multi-user.target",
 		"Service.Type":                    "simple",
@@ -246,9 +244,37 @@ func TestSystemdUnit(t *testing.T) {
 			t.Errorf("SystemCallFilter %v lacks %s", kv["Service.SystemCallFilter"], v)
 		}
 	}
-	// The capability line must say when it is needed.
+	// No capability by default (issue 7: "only if a port below 1024 is
+	// configured", and every default port is above 1024): the bounding
+	// set is assigned empty, no ambient capability is granted, and no
+	// active line names a capability.
+	for _, p := range []int{server.DefaultPort, server.DefaultAltPort, server.DefaultTLSPort, server.DefaultRelayPortMin} {
+		if p < 1024 {
+			t.Fatalf("default port %d is below 1024: the unit would need CAP_NET_BIND_SERVICE", p)
+		}
+	}
+	if got := kv["Service.CapabilityBoundingSet"]; !slices.Equal(got, []string{""}) {
+		t.Errorf("CapabilityBoundingSet = %q, want exactly one empty assignment (no capability)", got)
+	}
+	if got := kv["Service.AmbientCapabilities"]; got != nil && !slices.Equal(got, []string{""}) {
+		t.Errorf("AmbientCapabilities = %q, want absent or empty", got)
+	}
+	for k, vs := range kv {
+		for _, v := range vs {
+			if strings.Contains(v, "CAP_") {
+				t.Errorf("%s=%s grants a capability by default", k, v)
+			}
+		}
+	}
+	// The comment says when and how to grant CAP_NET_BIND_SERVICE: a
+	// drop-in with both lines.
 	if !regexp.MustCompile(`(?i)only when a configured port is below 1024`).Match(b) {
-		t.Error("AmbientCapabilities lacks the comment saying it is needed only for ports below 1024")
+		t.Error("the unit lacks the comment saying CAP_NET_BIND_SERVICE is needed only for ports below 1024")
+	}
+	for _, l := range []string{"AmbientCapabilities=CAP_NET_BIND_SERVICE", "CapabilityBoundingSet=CAP_NET_BIND_SERVICE"} {
+		if !regexp.MustCompile(`(?m)^#\s*` + l + `$`).Match(b) {
+			t.Errorf("the commented drop-in lacks %s", l)
+		}
 	}
 	// LimitNOFILE leaves room for the default total quota of relays.
 	if n, _ := strconv.Atoi(kv["Service.LimitNOFILE"][0]); n < server.DefaultTotalQuota*2 {
