@@ -34,6 +34,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 
 	app := newApp(stdout, stderr)
 	app.Metadata = map[string]any{"args": args} // SIGHUP parses them again
+	app.BashComplete = completer(args, stdout)
 	err := app.RunContext(ctx, args)
 	if err == nil {
 		return 0

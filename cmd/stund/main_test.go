@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -41,15 +42,35 @@ func TestVersion(t *testing.T) {
 	}
 }
 
-// TestCompletion: urfave/cli's bash completion lists the flags.
+// TestCompletion: --generate-bash-completion (what urfave/cli's
+// bash_autocomplete script runs) lists every flag for "stund <TAB>", the
+// flags matching a prefix, and the values of --log-level/--log-format. It
+// reads run's args, not os.Args.
 func TestCompletion(t *testing.T) {
-	// urfave/cli v2 reads the word being completed from os.Args.
-	saved := os.Args
-	os.Args = []string{"stund", "--met", "--generate-bash-completion"}
-	defer func() { os.Args = saved }()
-	code, out, _ := runArgs(t, "--met", "--generate-bash-completion")
-	if code != 0 || !strings.Contains(out, "--metrics") {
-		t.Fatalf("completion: code %d, output %q", code, out)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{nil, "--config\n--primary-ip\n"}, // a prefix of the full list, checked below
+		{[]string{"--met"}, "--metrics\n"},
+		{[]string{"--max"}, "--max-bps\n--max-conns-per-ip\n"},
+		{[]string{"--log-level"}, "debug\ninfo\nwarn\nerror\n"},
+		{[]string{"--log-level", "w"}, "warn\n"},
+		{[]string{"--log-format", ""}, "text\njson\n"},
+	} {
+		code, out, _ := runArgs(t, append(tc.args, "--generate-bash-completion")...)
+		if code != 0 || !strings.HasPrefix(out, tc.want) || (tc.args != nil && out != tc.want) {
+			t.Errorf("%q: code %d, completions %q, want %q", tc.args, code, out, tc.want)
+		}
+		if tc.args != nil {
+			continue
+		}
+		got := strings.Split(strings.TrimSpace(out), "\n")
+		for _, f := range flags() {
+			if !slices.Contains(got, "--"+f.Names()[0]) {
+				t.Errorf("all flags: %q lacks --%s", out, f.Names()[0])
+			}
+		}
 	}
 }
 
