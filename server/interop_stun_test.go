@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -165,7 +166,9 @@ func TestInteropStunClient(t *testing.T) {
 	// stun-client 0.97 sends RFC 3489 requests (no cookie) with
 	// CHANGE-REQUEST, follows CHANGED-ADDRESS, and prints its verdict; on
 	// loopback there is no NAT, which it calls "Open".
-	out, code := runTool(t, bin, fmt.Sprintf("127.0.0.1:%d", g[0][0].Port()), "-v")
+	// Its default source port is fixed (and it also uses the next few),
+	// so parallel test runs on one machine collide; give it free ones.
+	out, code := runTool(t, bin, fmt.Sprintf("127.0.0.1:%d", g[0][0].Port()), "-v", "-p", fmt.Sprint(freeUDPPorts(t, 4)))
 	if !strings.Contains(out, "Primary: Open") {
 		t.Errorf("verdict is not \"Primary: Open\" (exit %d)", code)
 	}
@@ -178,4 +181,35 @@ func TestInteropStunClient(t *testing.T) {
 	if st := s.binder.stats.snapshot(); st.RFC3489 == 0 || st.ChangeIP == 0 {
 		t.Errorf("expected RFC 3489 requests with change-IP: %+v", st)
 	}
+}
+
+// freeUDPPorts returns a port P such that P..P+n-1 were all free on
+// 127.0.0.1 a moment ago, for tools that pick their own source ports.
+func freeUDPPorts(t *testing.T, n int) int {
+	t.Helper()
+	for try := 0; try < 20; try++ {
+		first, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := first.LocalAddr().(*net.UDPAddr).Port
+		held := []*net.UDPConn{first}
+		ok := p+n-1 <= 65535
+		for k := 1; ok && k < n; k++ {
+			c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: p + k})
+			if err != nil {
+				ok = false
+				break
+			}
+			held = append(held, c)
+		}
+		for _, c := range held {
+			_ = c.Close()
+		}
+		if ok {
+			return p
+		}
+	}
+	t.Fatalf("no %d consecutive free UDP ports", n)
+	return 0
 }
