@@ -5,8 +5,9 @@
 // Usage: natprobe [flags] HOST[:PORT]
 //
 // Exit status: 0 classified, 1 some field inconclusive, 2 usage error,
-// 3 server unreachable or not RFC 5780 capable. The JSON output is
-// documented in docs/natprobe-json.md.
+// 3 server unreachable or not RFC 5780 capable. No UDP reply while the server
+// answers over TCP/TLS is a classification (udp-blocked, 0). The JSON output
+// and the exit statuses are documented in docs/natprobe-json.md.
 package main
 
 import (
@@ -20,6 +21,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -37,7 +39,7 @@ const (
 	exitClassified   = 0 // every measured field settled
 	exitInconclusive = 1 // a report, but some field is inconclusive
 	exitUsage        = 2 // bad command line; usage printed
-	exitServer       = 3 // server unreachable / not RFC 5780 capable / probe could not run
+	exitServer       = 3 // nothing answered / not RFC 5780 capable / probe could not run
 )
 
 const (
@@ -121,7 +123,8 @@ func newApp(stdout, stderr io.Writer, code *int) *cli.App {
 		ArgsUsage: "HOST[:PORT]",
 		Description: "Probes a stund (RFC 5780) server, default port " + strconv.Itoa(defaultPort) + ".\n" +
 			"Exit status: 0 classified, 1 some field inconclusive, 2 usage error,\n" +
-			"3 server unreachable or not RFC 5780 capable.",
+			"3 server unreachable or not RFC 5780 capable (UDP blocked while the\n" +
+			"server answers over TCP/TLS is classified: udp-blocked, 0).",
 		Version:              appVersion(),
 		Writer:               stdout,
 		ErrWriter:            stderr,
@@ -357,6 +360,9 @@ func newProbeID() string {
 // runMeta is what a printed report says about the run itself.
 type runMeta struct {
 	time time.Time // when the run started
+	// udpBlocked is set when no UDP request got a reply (the report is
+	// udp-blocked): why, as the message says it.
+	udpBlocked error
 }
 
 // probe runs the classifier, then the relay proof when it is needed, and
@@ -408,9 +414,21 @@ func measure(parent context.Context, o *options, id string, stderr io.Writer) (r
 	switch {
 	case err == nil:
 	case errors.Is(err, classifier.ErrNotRFC5780):
-		fail = serverError{fmt.Sprintf("%s answers STUN but is not RFC 5780 capable (no usable OTHER-ADDRESS): only the results one address can give are reported", o.server)}
+		why := strings.TrimPrefix(strings.TrimPrefix(err.Error(), classifier.ErrNotRFC5780.Error()), ": ")
+		if why == "" {
+			why = "no usable OTHER-ADDRESS"
+		}
+		fail = serverError{fmt.Sprintf("%s answers STUN but is not RFC 5780 capable (%s): only the results one address can give are reported", o.server, why)}
+	case errors.Is(err, classifier.ErrUnreachable) && rep != nil:
+		// Requests went out and nothing came back: UDP is blocked or the
+		// server is down. The report says so (legacy type udp-blocked),
+		// and the relay over TCP/TLS below tells the two apart.
+		fail = serverError{fmt.Sprintf("%s: no reply over UDP (blocked, or server down): %v", o.server, err)}
+		meta.udpBlocked = fail
+		udpBlockedReport(rep)
 	case errors.Is(err, classifier.ErrUnreachable):
-		return nil, meta, exitServer, serverError{fmt.Sprintf("%s is unreachable: no STUN answer over UDP (server down, wrong address, or UDP blocked): %v", o.server, err)}
+		// Nothing was sent (name does not resolve, no route).
+		return nil, meta, exitServer, serverError{fmt.Sprintf("%s is unreachable: %v", o.server, err)}
 	default:
 		return nil, meta, exitServer, serverError{fmt.Sprintf("probing %s: %v", o.server, err)}
 	}
@@ -433,14 +451,33 @@ func measure(parent context.Context, o *options, id string, stderr io.Writer) (r
 		rep.Reasons["hairpinning"] = "skipped (--no-hairpin)"
 	}
 
-	needRelay := rep.Mapping == classifier.MappingAddressDependent || rep.Mapping == classifier.MappingAddressPortDependent
+	// A relay is needed when the mapping differs per peer, and above all
+	// when UDP does not get through at all (issue 3 item 11).
+	needRelay := meta.udpBlocked != nil || rep.Mapping == classifier.MappingAddressDependent || rep.Mapping == classifier.MappingAddressPortDependent
+	answered := false // the server gave a STUN answer over TCP or TLS
 	switch {
 	case !needRelay && !o.relay:
+	case !o.haveTURNCredentials() && meta.udpBlocked != nil:
+		rep.Reasons["relay"] = "not tried: UDP gets no reply, so media needs a TURN relay over TCP or TLS, but no TURN credentials were given (--turn-user/--turn-pass or --turn-secret)"
 	case !o.haveTURNCredentials():
 		rep.Reasons["relay"] = fmt.Sprintf("not tried: the %s mapping needs a relay for media, but no TURN credentials were given (--turn-user/--turn-pass or --turn-secret)", rep.Mapping)
 	default:
 		progress.update("proving the TURN relay")
-		rep.Relay = proveRelay(ctx, o, cfg.Software)
+		transports := o.transports
+		if meta.udpBlocked != nil && len(transports) == 0 {
+			// UDP just went unanswered for seconds: go straight to the
+			// stream transports (RFC 8656 §3.1).
+			transports = []string{relay.TCP, relay.TLS}
+		}
+		rep.Relay, answered = proveRelay(ctx, o, cfg.Software, transports)
+	}
+	if meta.udpBlocked != nil && answered {
+		// The server is up: UDP, and only UDP, is blocked on this path.
+		// That is a classification (udp-blocked), not a failure to reach
+		// the server, and the relay says whether a working path exists.
+		why := fmt.Sprintf("no reply over UDP, while the server answers over %s: UDP is blocked on this path", rep.Relay.Transport)
+		rep.Reasons["legacy_type"] = why + " (" + rep.Reasons["legacy_type"] + ")"
+		fail = nil
 	}
 	rep.DurationMS = time.Since(start).Milliseconds()
 
@@ -454,6 +491,40 @@ func measure(parent context.Context, o *options, id string, stderr io.Writer) (r
 	}
 }
 
+// udpBlockedReport turns the classifier's report of a run without a single
+// UDP reply into what natprobe prints: the legacy type udp-blocked, and the
+// UDP behaviours (mapping, filtering) not measured rather than
+// inconclusive, each with the reason. "Inconclusive" is for replies that
+// did not settle a behaviour, which a rerun may settle; with no UDP path at
+// all there is no NAT mapping to observe, and rerunning changes nothing.
+// This keeps inconclusive_fields non-empty exactly when natprobe exits 1
+// (docs/natprobe-json.md).
+func udpBlockedReport(rep *classifier.Report) {
+	if rep.Reasons == nil {
+		rep.Reasons = map[string]string{}
+	}
+	why := rep.Reasons["legacy_type"]
+	if why == "" {
+		why = fmt.Sprintf("no reply to %d requests", rep.Stats.Sent)
+	}
+	rep.LegacyType = classifier.LegacyUDPBlocked
+	rep.Reasons["legacy_type"] = why
+	if rep.Mapping == classifier.MappingInconclusive || rep.Mapping == "" {
+		rep.Mapping = ""
+		rep.Reasons["mapping"] = "no UDP path to measure: " + why
+	}
+	if rep.Filtering == classifier.FilteringInconclusive || rep.Filtering == "" {
+		rep.Filtering = ""
+		rep.Reasons["filtering"] = "no UDP path to measure: " + why
+	}
+	rep.InconclusiveFields = slices.DeleteFunc(rep.InconclusiveFields, func(f string) bool {
+		return f == "mapping" || f == "filtering"
+	})
+	if rep.InconclusiveFields == nil {
+		rep.InconclusiveFields = []string{}
+	}
+}
+
 // software is the SOFTWARE attribute (RFC 8489 §14.14) of every request
 // natprobe sends: stund logs the probe ID once per run (server/probeid.go),
 // so an operator can find a customer's run in the server's log.
@@ -461,8 +532,11 @@ func software(id string) string {
 	return "natprobe/" + appVersion() + " probe-id=" + id
 }
 
-// proveRelay runs relay.Prove and turns its Proof into the report's field.
-func proveRelay(ctx context.Context, o *options, software string) *classifier.RelayReport {
+// proveRelay runs relay.Prove over transports (nil: relay's default order)
+// and turns its Proof into the report's field. answered says whether the
+// server gave a STUN answer on the way (the relay works, or the server
+// refused a request): the server is then up on that transport.
+func proveRelay(ctx context.Context, o *options, software string, transports []string) (rr *classifier.RelayReport, answered bool) {
 	cfg := relay.Config{
 		Server:   o.server,
 		Username: o.turnUser,
@@ -471,8 +545,8 @@ func proveRelay(ctx context.Context, o *options, software string) *classifier.Re
 		Software: software,
 		Net:      o.net,
 	}
-	p, err := relay.Prove(ctx, cfg, o.transports...)
-	rr := &classifier.RelayReport{
+	p, err := relay.Prove(ctx, cfg, transports...)
+	rr = &classifier.RelayReport{
 		OK:        p.OK,
 		Transport: p.Transport,
 		Loss:      p.Loss,
@@ -481,11 +555,14 @@ func proveRelay(ctx context.Context, o *options, software string) *classifier.Re
 	if p.RelayedAddr.IsValid() {
 		rr.RelayedAddress = p.RelayedAddr.String()
 	}
+	var refused *relay.RefusedError
 	if err != nil {
 		rr.Error = err.Error()
 	}
 
-	return rr
+	// Prove moves to the next transport only when one got no answer, so
+	// the last attempt's allocation or refusal is the server's answer.
+	return rr, p.OK || p.RelayedAddr.IsValid() || errors.As(err, &refused)
 }
 
 func contains(list []string, s string) bool {

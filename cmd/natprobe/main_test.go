@@ -7,8 +7,8 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -24,7 +24,16 @@ const (
 // two addresses), or on 127.0.0.1 alone when singleIP.
 func startStund(t *testing.T, singleIP bool) string {
 	t.Helper()
+
+	return startStundServer(t, singleIP, "").Grid()[0][0].String()
+}
+
+// startStundServer is startStund with a realm ("" = the server's default),
+// returning the server.
+func startStundServer(t *testing.T, singleIP bool, realm string) *server.Server {
+	t.Helper()
 	cfg := server.Config{
+		Realm:       realm,
 		PrimaryIP:   netip.MustParseAddr("127.0.0.1"),
 		AlternateIP: netip.MustParseAddr("127.0.0.2"),
 		Users:       map[string]string{testUser: testPass},
@@ -39,7 +48,7 @@ func startStund(t *testing.T, singleIP bool) string {
 	}
 	t.Cleanup(func() { _ = s.Close() })
 
-	return s.Grid()[0][0].String()
+	return s
 }
 
 type result struct {
@@ -305,23 +314,161 @@ func TestVersion(t *testing.T) {
 	}
 }
 
-func TestUnreachable(t *testing.T) {
-	// A port nobody listens on: bind it, note it, close it.
-	c, err := net.ListenPacket("udp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+// udpBlackHole returns 127.0.0.1:PORT where UDP is bound but never read (a
+// firewall dropping UDP, as far as the client can tell), and TCP on the same
+// port is proxied to tcpTarget; with no tcpTarget nothing listens on TCP.
+func udpBlackHole(t *testing.T, tcpTarget string) string {
+	t.Helper()
+	var wg sync.WaitGroup
+	t.Cleanup(wg.Wait) // runs last: after the listener is closed
+	for range 20 {     // a port free for both TCP and UDP, bounded tries
+		l, err := net.Listen("tcp4", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		u, err := net.ListenPacket("udp4", l.Addr().String())
+		if err != nil {
+			_ = l.Close()
+
+			continue
+		}
+		t.Cleanup(func() { _ = u.Close() })
+		if tcpTarget == "" {
+			_ = l.Close() // TCP refused
+
+			return l.Addr().String()
+		}
+		t.Cleanup(func() { _ = l.Close() })
+		wg.Go(func() {
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				wg.Go(func() { splice(c, tcpTarget) })
+			}
+		})
+
+		return l.Addr().String()
 	}
-	port := c.LocalAddr().(*net.UDPAddr).Port
-	_ = c.Close()
-	r := natprobe(t, "--json", "127.0.0.1:"+strconv.Itoa(port))
+	t.Fatal("no port free for both UDP and TCP")
+
+	return ""
+}
+
+// splice copies between c and a new connection to target until one closes.
+func splice(c net.Conn, target string) {
+	defer c.Close()
+	u, err := net.DialTimeout("tcp", target, 5*time.Second)
+	if err != nil {
+		return
+	}
+	defer u.Close()
+	done := make(chan struct{}, 2)
+	go func() { _, _ = io.Copy(u, c); done <- struct{}{} }()
+	go func() { _, _ = io.Copy(c, u); done <- struct{}{} }()
+	<-done
+}
+
+// checkUDPBlocked checks the report of a run in which no UDP request got a
+// reply: one JSON object, udp-blocked, mapping and filtering not measured
+// with the reason, nothing inconclusive.
+func checkUDPBlocked(t *testing.T, r result) map[string]any {
+	t.Helper()
+	m := decodeOne(t, r.stdout)
+	checkSchema(t, m)
+	if m["legacy_type"] != "udp-blocked" {
+		t.Errorf("legacy_type %v", m["legacy_type"])
+	}
+	reasons, _ := m["reasons"].(map[string]any)
+	for _, f := range []string{"mapping", "filtering"} {
+		if m[f] != "" {
+			t.Errorf("%s = %v, want \"\" (not measured)", f, m[f])
+		}
+		if why, _ := reasons[f].(string); !strings.Contains(why, "no reply to") {
+			t.Errorf("reasons.%s = %q, want the number of unanswered requests", f, why)
+		}
+	}
+	if n, _ := m["inconclusive_fields"].([]any); len(n) != 0 {
+		t.Errorf("inconclusive_fields %v", n)
+	}
+	if m["nat_detected"] != nil || m["mapped_address"] != "" {
+		t.Errorf("nat_detected %v, mapped_address %v: nothing was measured", m["nat_detected"], m["mapped_address"])
+	}
+
+	return m
+}
+
+// TestUnreachable: nothing answers over UDP and no relay is tried. The
+// report still comes (udp-blocked), with exit 3 and the message saying it
+// cannot tell a blocked UDP from a server that is down.
+func TestUnreachable(t *testing.T) {
+	addr := udpBlackHole(t, "")
+	t.Setenv("NATPROBE_TURN_USER", "")
+	t.Setenv("NATPROBE_TURN_PASS", "")
+	t.Setenv("NATPROBE_TURN_SECRET", "")
+	r := natprobe(t, "--json", addr)
 	if r.code != exitServer {
 		t.Fatalf("exit %d, want %d; stderr %q", r.code, exitServer, r.stderr)
 	}
-	if !strings.Contains(r.stderr, "unreachable") {
-		t.Errorf("message does not say unreachable: %q", r.stderr)
+	if !strings.Contains(r.stderr, "no reply over UDP (blocked, or server down)") {
+		t.Errorf("message does not say no reply over UDP: %q", r.stderr)
 	}
-	if r.stdout != "" {
-		t.Errorf("stdout %q", r.stdout)
+	m := checkUDPBlocked(t, r)
+	if m["relay"] != nil {
+		t.Errorf("relay %v without credentials", m["relay"])
+	}
+	if why, _ := m["reasons"].(map[string]any)["relay"].(string); !strings.Contains(why, "no TURN credentials") {
+		t.Errorf("reasons.relay %q", why)
+	}
+
+	// Text: the report too, not only the message.
+	r = natprobe(t, addr)
+	if r.code != exitServer || !strings.Contains(r.stdout, "udp-blocked") {
+		t.Errorf("text: exit %d, stdout:\n%s", r.code, r.stdout)
+	}
+}
+
+// TestUDPBlockedNothingAnswers: credentials given, but neither UDP nor TCP
+// nor TLS answers: exit 3, and the relay field says what was tried.
+func TestUDPBlockedNothingAnswers(t *testing.T) {
+	addr := udpBlackHole(t, "")
+	r := natprobe(t, "--json", "--turn-user", testUser, "--turn-pass", testPass, addr)
+	if r.code != exitServer {
+		t.Fatalf("exit %d, want %d; stderr %q", r.code, exitServer, r.stderr)
+	}
+	if !strings.Contains(r.stderr, "no reply over UDP (blocked, or server down)") {
+		t.Errorf("message: %q", r.stderr)
+	}
+	m := checkUDPBlocked(t, r)
+	rel, _ := m["relay"].(map[string]any)
+	if rel == nil || rel["ok"] != false || !strings.Contains(rel["error"].(string), "tcp:") {
+		t.Errorf("relay %v, want a failed attempt over tcp (then tls)", rel)
+	}
+}
+
+// TestUDPBlockedRelayOverTCP is the audit's case: UDP to the server is
+// dropped, TCP on the same port reaches stund. natprobe must print the
+// udp-blocked report and, UDP being blocked, prove the relay over TCP
+// without being asked (no --relay): a classified network with a working
+// path, exit 0.
+func TestUDPBlockedRelayOverTCP(t *testing.T) {
+	s := startStundServer(t, false, "")
+	addr := udpBlackHole(t, s.TCPAddrs()[0].String())
+	r := natprobe(t, "--json", "--turn-user", testUser, "--turn-pass", testPass, addr)
+	if r.code != exitClassified {
+		t.Fatalf("exit %d, want %d; stderr %q\n%s", r.code, exitClassified, r.stderr, r.stdout)
+	}
+	m := checkUDPBlocked(t, r)
+	rel, _ := m["relay"].(map[string]any)
+	if rel == nil || rel["ok"] != true || rel["transport"] != "tcp" {
+		t.Fatalf("relay %v, want ok over tcp", rel)
+	}
+	if _, err := netip.ParseAddrPort(rel["relayed_address"].(string)); err != nil {
+		t.Errorf("relayed_address: %v", err)
+	}
+	if why, _ := m["reasons"].(map[string]any)["legacy_type"].(string); !strings.Contains(why, "answers over tcp") {
+		t.Errorf("reasons.legacy_type %q", why)
 	}
 }
 
@@ -342,6 +489,43 @@ func TestNotRFC5780(t *testing.T) {
 	}
 	if m["nat_detected"] != false {
 		t.Errorf("nat_detected %v", m["nat_detected"])
+	}
+	// What one address can tell is there; what it cannot is said exactly.
+	if la, err := netip.ParseAddrPort(m["local_address"].(string)); err != nil || la.String() != m["mapped_address"] {
+		t.Errorf("local_address %v, mapped_address %v: equal without a NAT", m["local_address"], m["mapped_address"])
+	}
+	for _, f := range []string{"port_preservation", "port_parity", "port_contiguity", "alg_detected"} {
+		if _, ok := m[f].(bool); !ok {
+			t.Errorf("%s = %v: measurable on one address", f, m[f])
+		}
+	}
+	reasons, _ := m["reasons"].(map[string]any)
+	for _, f := range []string{"mapping", "filtering"} {
+		if m[f] != "inconclusive" {
+			t.Errorf("%s = %v", f, m[f])
+		}
+		if why, _ := reasons[f].(string); !strings.Contains(why, "RFC 5780 §6") {
+			t.Errorf("reasons.%s = %q, want why (RFC 5780 §6)", f, why)
+		}
+	}
+	if !strings.Contains(r.stderr, "OTHER-ADDRESS") || !strings.Contains(r.stderr, "420") {
+		t.Errorf("message does not say why: %q", r.stderr)
+	}
+}
+
+// TestRelayLongRealm: a realm too long for a 401 to a bare Allocate under
+// stund's UDP amplification budget (issue 6); natprobe's SOFTWARE makes the
+// request big enough, so the relay works over UDP.
+func TestRelayLongRealm(t *testing.T) {
+	s := startStundServer(t, false, "voip.telecom-provider.example.net")
+	r := natprobe(t, "--json", "--no-hairpin", "--relay", "--turn-transport", "udp",
+		"--turn-user", testUser, "--turn-pass", testPass, s.Grid()[0][0].String())
+	if r.code != exitClassified {
+		t.Fatalf("exit %d, stderr %q", r.code, r.stderr)
+	}
+	rel, _ := decodeOne(t, r.stdout)["relay"].(map[string]any)
+	if rel == nil || rel["ok"] != true || rel["transport"] != "udp" {
+		t.Fatalf("relay %v, want ok over udp", rel)
 	}
 }
 

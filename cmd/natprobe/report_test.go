@@ -288,6 +288,16 @@ func (f *fakeProbe) probe(_ context.Context, cfg classifier.Config) (*classifier
 	rep.LocalAddress = netip.AddrPortFrom(rep.LocalAddress.Addr(), port)
 	rep.MappedAddress = netip.AddrPortFrom(rep.MappedAddress.Addr(), port)
 	if err := f.script(f.runs, rep); err != nil {
+		if errors.Is(err, classifier.ErrUnreachable) {
+			// As the classifier does: a udp-blocked report with the error.
+			return &classifier.Report{
+				Schema: classifier.Schema, Server: cfg.Server, LegacyType: classifier.LegacyUDPBlocked,
+				Mapping: classifier.MappingInconclusive, Filtering: classifier.FilteringInconclusive,
+				Reasons:            map[string]string{"legacy_type": "no reply to 90 requests in 3s"},
+				InconclusiveFields: []string{"filtering", "mapping"},
+			}, err
+		}
+
 		return nil, err
 	}
 
@@ -390,7 +400,7 @@ func TestWatchUnreachable(t *testing.T) {
 	}
 	tail := out.String()[strings.Index(out.String(), "changes follow\n")+len("changes follow\n"):]
 	lines := strings.Split(strings.TrimSpace(tail), "\n")
-	if len(lines) != 2 || !strings.Contains(lines[0], "reachable  yes → no (") || !strings.Contains(lines[0], "unreachable") ||
+	if len(lines) != 2 || !strings.Contains(lines[0], "reachable  yes → no (") || !strings.Contains(lines[0], "no reply over UDP") ||
 		!strings.HasSuffix(lines[1], "reachable  no → yes") {
 		t.Errorf("change lines %q", lines)
 	}

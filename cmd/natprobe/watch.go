@@ -198,6 +198,15 @@ func watch(ctx context.Context, o *options, id string, stdout, stderr io.Writer)
 			break
 		}
 		code, runErr = c, err
+		if meta.udpBlocked != nil {
+			// --watch follows the UDP path: a run without a UDP reply is
+			// "reachable": false (even when a relay over TCP/TLS works), and
+			// the other fields keep their last values.
+			rep, err = nil, meta.udpBlocked
+			if runErr == nil {
+				runErr = err
+			}
+		}
 		switch {
 		case last == nil && rep == nil:
 			// No first report yet: say so once per run on stderr and retry.
