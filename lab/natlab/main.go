@@ -437,6 +437,16 @@ func runProfile(ctx context.Context, idx int, p profile, want map[string]bool, s
 			mark("stun", nil)
 		}
 	}
+	// The router itself must not have lost packets to NAT tuple clashes:
+	// such drops are the ruleset's doing, and would make natprobe's honest
+	// "inconclusive" look like its own failure (profiles.go, xorChains).
+	if n, err := clashDrops(ctx, l.router); err != nil {
+		mark("lab-ct", []string{err.Error()})
+	} else if n > 0 {
+		mark("lab-ct", []string{fmt.Sprintf("the router's conntrack dropped %d packets on NAT tuple clashes (insert_failed): a ruleset defect", n)})
+	} else {
+		mark("lab-ct", nil)
+	}
 	if ctx.Err() != nil {
 		fail("run", "interrupted: "+context.Cause(ctx).Error())
 	}

@@ -226,3 +226,35 @@ func preflight() error {
 	}
 	return nil
 }
+
+// clashDrops reads the router namespace's conntrack statistics (per network
+// namespace, one line per CPU, hexadecimal) and sums insert_failed: packets
+// dropped because their NAT tuple clashed with an existing entry.
+func clashDrops(ctx context.Context, router string) (int64, error) {
+	out, err := exec.CommandContext(ctx, "ip", "netns", "exec", router, "cat", "/proc/net/stat/nf_conntrack").Output()
+	if err != nil {
+		return 0, fmt.Errorf("reading the router's conntrack statistics: %w", err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	col := -1
+	for i, h := range strings.Fields(lines[0]) {
+		if h == "insert_failed" {
+			col = i
+		}
+	}
+	if col < 0 {
+		return 0, fmt.Errorf("no insert_failed column in /proc/net/stat/nf_conntrack: %q", lines[0])
+	}
+	var sum int64
+	for _, l := range lines[1:] {
+		f := strings.Fields(l)
+		if col < len(f) {
+			v, err := strconv.ParseInt(f[col], 16, 64)
+			if err != nil {
+				return 0, fmt.Errorf("conntrack statistics: %w", err)
+			}
+			sum += v
+		}
+	}
+	return sum, nil
+}
