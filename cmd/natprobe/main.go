@@ -447,6 +447,16 @@ func measure(parent context.Context, o *options, id string, stderr io.Writer) (r
 	if rep.Reasons == nil {
 		rep.Reasons = map[string]string{}
 	}
+	// issue 3's schema: mapping and filtering are a verdict or
+	// "inconclusive", never empty.
+	if rep.Mapping == "" {
+		rep.Mapping = classifier.MappingInconclusive
+		markInconclusive(rep, "mapping", "not measured")
+	}
+	if rep.Filtering == "" {
+		rep.Filtering = classifier.FilteringInconclusive
+		markInconclusive(rep, "filtering", "not measured")
+	}
 	if !o.hairpin && rep.Hairpinning == nil && rep.Reasons["hairpinning"] == "" {
 		rep.Reasons["hairpinning"] = "skipped (--no-hairpin)"
 	}
@@ -491,14 +501,25 @@ func measure(parent context.Context, o *options, id string, stderr io.Writer) (r
 	}
 }
 
+// markInconclusive lists field as inconclusive, with why unless a reason
+// is already given.
+func markInconclusive(rep *classifier.Report, field, why string) {
+	if rep.Reasons[field] == "" {
+		rep.Reasons[field] = why
+	}
+	if !slices.Contains(rep.InconclusiveFields, field) {
+		rep.InconclusiveFields = append(rep.InconclusiveFields, field)
+		slices.Sort(rep.InconclusiveFields)
+	}
+}
+
 // udpBlockedReport turns the classifier's report of a run without a single
 // UDP reply into what natprobe prints: the legacy type udp-blocked, and the
-// UDP behaviours (mapping, filtering) not measured rather than
-// inconclusive, each with the reason. "Inconclusive" is for replies that
-// did not settle a behaviour, which a rerun may settle; with no UDP path at
-// all there is no NAT mapping to observe, and rerunning changes nothing.
-// This keeps inconclusive_fields non-empty exactly when natprobe exits 1
-// (docs/natprobe-json.md).
+// UDP behaviours (mapping, filtering) inconclusive, each with the reason.
+// The schema allows only a verdict or "inconclusive" there (issue 3), and
+// with no UDP reply the NAT's behaviour is exactly what the evidence could
+// not settle; so such a run exits 1 when the server answers over TCP/TLS
+// (the network is diagnosed: UDP is blocked) and 3 when nothing answers.
 func udpBlockedReport(rep *classifier.Report) {
 	if rep.Reasons == nil {
 		rep.Reasons = map[string]string{}
@@ -509,20 +530,11 @@ func udpBlockedReport(rep *classifier.Report) {
 	}
 	rep.LegacyType = classifier.LegacyUDPBlocked
 	rep.Reasons["legacy_type"] = why
-	if rep.Mapping == classifier.MappingInconclusive || rep.Mapping == "" {
-		rep.Mapping = ""
-		rep.Reasons["mapping"] = "no UDP path to measure: " + why
-	}
-	if rep.Filtering == classifier.FilteringInconclusive || rep.Filtering == "" {
-		rep.Filtering = ""
-		rep.Reasons["filtering"] = "no UDP path to measure: " + why
-	}
-	rep.InconclusiveFields = slices.DeleteFunc(rep.InconclusiveFields, func(f string) bool {
-		return f == "mapping" || f == "filtering"
-	})
-	if rep.InconclusiveFields == nil {
-		rep.InconclusiveFields = []string{}
-	}
+	rep.Mapping, rep.Filtering = classifier.MappingInconclusive, classifier.FilteringInconclusive
+	rep.Reasons["mapping"] = "no UDP path to measure: " + why
+	rep.Reasons["filtering"] = "no UDP path to measure: " + why
+	markInconclusive(rep, "mapping", "")
+	markInconclusive(rep, "filtering", "")
 }
 
 // software is the SOFTWARE attribute (RFC 8489 §14.14) of every request

@@ -372,7 +372,7 @@ func splice(c net.Conn, target string) {
 
 // checkUDPBlocked checks the report of a run in which no UDP request got a
 // reply: one JSON object, udp-blocked, mapping and filtering not measured
-// with the reason, nothing inconclusive.
+// inconclusive with the reason.
 func checkUDPBlocked(t *testing.T, r result) map[string]any {
 	t.Helper()
 	m := decodeOne(t, r.stdout)
@@ -382,15 +382,15 @@ func checkUDPBlocked(t *testing.T, r result) map[string]any {
 	}
 	reasons, _ := m["reasons"].(map[string]any)
 	for _, f := range []string{"mapping", "filtering"} {
-		if m[f] != "" {
-			t.Errorf("%s = %v, want \"\" (not measured)", f, m[f])
+		if m[f] != "inconclusive" {
+			t.Errorf("%s = %v, want inconclusive (the schema's only non-verdict)", f, m[f])
 		}
 		if why, _ := reasons[f].(string); !strings.Contains(why, "no reply to") {
 			t.Errorf("reasons.%s = %q, want the number of unanswered requests", f, why)
 		}
 	}
-	if n, _ := m["inconclusive_fields"].([]any); len(n) != 0 {
-		t.Errorf("inconclusive_fields %v", n)
+	if n, _ := m["inconclusive_fields"].([]any); len(n) != 2 {
+		t.Errorf("inconclusive_fields %v, want filtering and mapping", n)
 	}
 	if m["nat_detected"] != nil || m["mapped_address"] != "" {
 		t.Errorf("nat_detected %v, mapped_address %v: nothing was measured", m["nat_detected"], m["mapped_address"])
@@ -450,14 +450,14 @@ func TestUDPBlockedNothingAnswers(t *testing.T) {
 // TestUDPBlockedRelayOverTCP is the audit's case: UDP to the server is
 // dropped, TCP on the same port reaches stund. natprobe must print the
 // udp-blocked report and, UDP being blocked, prove the relay over TCP
-// without being asked (no --relay): a classified network with a working
-// path, exit 0.
+// without being asked (no --relay): a diagnosed network with a working
+// path, whose UDP behaviours stay inconclusive: exit 1, not 3.
 func TestUDPBlockedRelayOverTCP(t *testing.T) {
 	s := startStundServer(t, false, "")
 	addr := udpBlackHole(t, s.TCPAddrs()[0].String())
 	r := natprobe(t, "--json", "--turn-user", testUser, "--turn-pass", testPass, addr)
-	if r.code != exitClassified {
-		t.Fatalf("exit %d, want %d; stderr %q\n%s", r.code, exitClassified, r.stderr, r.stdout)
+	if r.code != exitInconclusive {
+		t.Fatalf("exit %d, want %d; stderr %q\n%s", r.code, exitInconclusive, r.stderr, r.stdout)
 	}
 	m := checkUDPBlocked(t, r)
 	rel, _ := m["relay"].(map[string]any)
