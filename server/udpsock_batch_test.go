@@ -171,3 +171,44 @@ func BenchmarkRelayPolicyCheck(b *testing.B) {
 		}
 	})
 }
+
+// TestRelayConnReadFromPeers: the relay's allocation-free read names each
+// datagram's real sender, also when peers alternate, and reuses one
+// address value only while the sender stays the same.
+func TestRelayConnReadFromPeers(t *testing.T) {
+	relay := udpSocket(t)
+	p1, p2 := udpSocket(t), udpSocket(t)
+	var live livePolicy
+	live.cur.Store(NewPeerPolicy(nil, nil, nil))
+	var ops opsStats
+	rc := newRelayConn(relay, &live, &ops)
+	to := relay.LocalAddr().(*net.UDPAddr).AddrPort()
+	order := []*net.UDPConn{p1, p1, p2, p1, p2, p2}
+	for _, p := range order {
+		if _, err := p.WriteToUDPAddrPort([]byte("hi"), to); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_ = relay.SetReadDeadline(time.Now().Add(ioTimeout))
+	buf := make([]byte, 64)
+	var prev net.Addr
+	var prevAP netip.AddrPort
+	for i, p := range order {
+		n, from, err := rc.ReadFrom(buf)
+		if err != nil || n != 2 {
+			t.Fatalf("read %d: %d bytes, %v", i, n, err)
+		}
+		want := p.LocalAddr().(*net.UDPAddr).AddrPort()
+		got := from.(*net.UDPAddr).AddrPort()
+		if got != want {
+			t.Fatalf("read %d: from %v, want %v", i, got, want)
+		}
+		if prev != nil && (prev == from) != (prevAP == got) {
+			t.Errorf("read %d: address value reused %v for a sender change %v", i, prev == from, prevAP != got)
+		}
+		prev, prevAP = from, got
+	}
+	if ops.relayPktsIn.Load() != uint64(len(order)) || ops.relayBytesIn.Load() != uint64(2*len(order)) {
+		t.Errorf("counted %d packets %d bytes", ops.relayPktsIn.Load(), ops.relayBytesIn.Load())
+	}
+}
