@@ -177,8 +177,11 @@ func cleanLeftovers() (int, error) {
 			continue
 		}
 		pid, _ := strconv.Atoi(m[1])
-		if pid == os.Getpid() || syscall.Kill(pid, 0) == nil {
-			continue // a run still in progress
+		// Only a run whose process is certainly gone (ESRCH) left
+		// leftovers; EPERM, or a PID from another PID namespace, is a
+		// run we cannot see into, and its namespaces are not ours.
+		if pid == os.Getpid() || !errors.Is(syscall.Kill(pid, 0), syscall.ESRCH) {
+			continue
 		}
 		killNSProcs(f[0])
 		if err := run(context.Background(), "ip", "netns", "del", f[0]); err == nil {
