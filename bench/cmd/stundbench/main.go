@@ -64,7 +64,7 @@ const (
 func main() {
 	var o opts
 	var allocs string
-	flag.IntVar(&o.rounds, "rounds", 3, "rounds (each: a fresh stund and a fresh coturn, order alternating)")
+	flag.IntVar(&o.rounds, "rounds", 5, "rounds (each: a fresh stund and a fresh coturn, order alternating)")
 	flag.DurationVar(&o.dur, "dur", 3*time.Second, "duration of the Binding throughput run")
 	flag.DurationVar(&o.lowDur, "low", time.Second, "duration of each low-load latency run")
 	flag.DurationVar(&o.relayDur, "relay", 1500*time.Millisecond, "duration of each relay run")
