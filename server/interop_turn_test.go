@@ -112,7 +112,7 @@ func TestInteropTURNUClient(t *testing.T) {
 			recv, _ := strconv.Atoi(string(m[2]))
 			if sent != msgs || recv != msgs || string(lost[1]) != "0" {
 				t.Fatalf("sent %d, received %d, lost %s; want %d/%d/0; demux %+v, policy refused %d\n%s",
-					sent, recv, lost[1], msgs, msgs, s.Demux(), s.policy.Refused(), out)
+					sent, recv, lost[1], msgs, msgs, s.Demux(), s.live.refused(), out)
 			}
 		})
 	}

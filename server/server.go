@@ -44,7 +44,6 @@ type Server struct {
 	streamAt  map[net.Listener]int // listener -> ip index
 	binder    *binder
 	turn      *turn.Server
-	policy    *PeerPolicy
 	auth      *Authenticator
 	quotas    *Quotas
 	front     *turnFront // auth and RFC 8656 checks in front of pion (guard.go)
@@ -57,7 +56,7 @@ type Server struct {
 	gridSocks [2][2][]net.PacketConn
 
 	// Operations (metrics.go, reload.go, probeid.go).
-	live        livePolicy // the peer policy in force; policy above is the one at start
+	live        livePolicy // the peer policy in force (Reload swaps it)
 	ops         opsStats
 	probes      probeLog
 	closing     atomic.Bool
@@ -213,8 +212,7 @@ func (s *Server) startTURN() error {
 		RFC5780Always: cfg.RFC5780Always,
 	})
 
-	s.policy = s.buildPolicy(cfg)
-	s.live.swap(s.policy) // Reload swaps it
+	s.live.swap(s.buildPolicy(cfg)) // Reload swaps it
 
 	s.auth = NewAuthenticator(Credentials{Realm: cfg.Realm, Users: cfg.Users, Secrets: cfg.AuthSecrets})
 	s.quotas = NewQuotas(cfg.UserQuota, cfg.TotalQuota)

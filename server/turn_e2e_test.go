@@ -322,7 +322,7 @@ func TestTURNDefaultPolicyRefusesLoopback(t *testing.T) {
 	if n, from, err := peer.ReadFrom(make([]byte, 100)); err == nil {
 		t.Fatalf("refused peer received %d bytes from %v", n, from)
 	}
-	if s.policy.Refused() == 0 {
+	if s.live.refused() == 0 {
 		t.Error("refusals not counted")
 	}
 }
