@@ -4,10 +4,11 @@
 //
 // Usage: natprobe [flags] HOST[:PORT]
 //
-// Exit status: 0 classified, 1 some field inconclusive, 2 usage error,
-// 3 server unreachable or not RFC 5780 capable. No UDP reply while the server
-// answers over TCP/TLS is a classification (udp-blocked, 0). The JSON output
-// and the exit statuses are documented in docs/natprobe-json.md.
+// Exit status: 0 classified, 1 some field inconclusive (also: no UDP reply
+// while the server answers over TCP/TLS, udp-blocked with mapping and
+// filtering inconclusive), 2 usage error, 3 server unreachable (or the name
+// does not resolve) or not RFC 5780 capable. The JSON output and the exit
+// statuses are documented in docs/natprobe-json.md.
 package main
 
 import (
@@ -112,19 +113,28 @@ type options struct {
 	probeFn func(context.Context, classifier.Config) (*classifier.Report, error)
 }
 
+// exitStatusHelp is the exit-status part of --help, one line per status,
+// written from the constants so that it cannot drift from them
+// (docs/natprobe-json.md#exit-status has the details).
+var exitStatusHelp = fmt.Sprintf("Exit status:\n"+
+	"  %d  classified: every measured field settled\n"+
+	"  %d  some field inconclusive; also UDP blocked while the server answers\n"+
+	"     over TCP/TLS (udp-blocked: mapping and filtering inconclusive)\n"+
+	"  %d  usage error (bad flag or value, bad HOST[:PORT])\n"+
+	"  %d  server unreachable (no reply over UDP, TCP or TLS; the name does not\n"+
+	"     resolve), or not RFC 5780 capable",
+	exitClassified, exitInconclusive, exitUsage, exitServer)
+
 // formats natprobe can print.
 var formats = []string{"text", "json", "markdown"}
 
 func newApp(stdout, stderr io.Writer, code *int) *cli.App {
 	app := &cli.App{
-		Name:      "natprobe",
-		Usage:     "classify the NAT in front of this host (RFC 4787) and tell what it means for SIP/RTP",
-		UsageText: "natprobe [flags] HOST[:PORT]",
-		ArgsUsage: "HOST[:PORT]",
-		Description: "Probes a stund (RFC 5780) server, default port " + strconv.Itoa(defaultPort) + ".\n" +
-			"Exit status: 0 classified, 1 some field inconclusive, 2 usage error,\n" +
-			"3 server unreachable or not RFC 5780 capable (UDP blocked while the\n" +
-			"server answers over TCP/TLS is classified: udp-blocked, 0).",
+		Name:                 "natprobe",
+		Usage:                "classify the NAT in front of this host (RFC 4787) and tell what it means for SIP/RTP",
+		UsageText:            "natprobe [flags] HOST[:PORT]",
+		ArgsUsage:            "HOST[:PORT]",
+		Description:          "Probes a stund (RFC 5780) server, default port " + strconv.Itoa(defaultPort) + ".\n" + exitStatusHelp,
 		Version:              appVersion(),
 		Writer:               stdout,
 		ErrWriter:            stderr,

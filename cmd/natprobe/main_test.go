@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -545,6 +546,81 @@ func TestHostPort(t *testing.T) {
 	for _, bad := range []string{"", ":3478", "h:0", "h:x", "a b"} {
 		if got, err := hostPort(bad); err == nil {
 			t.Errorf("%q accepted as %q", bad, got)
+		}
+	}
+}
+
+// helpExitStatuses parses the "Exit status:" block of --help: status →
+// its text, continuation lines joined.
+func helpExitStatuses(t *testing.T, help string) map[int]string {
+	t.Helper()
+	_, block, ok := strings.Cut(help, "Exit status:\n")
+	if !ok {
+		t.Fatalf("--help has no exit status block:\n%s", help)
+	}
+	out := map[int]string{}
+	last := -1
+	for _, line := range strings.Split(block, "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 {
+			break
+		}
+		if n, err := strconv.Atoi(f[0]); err == nil {
+			last = n
+			out[n] = strings.Join(f[1:], " ")
+		} else if last >= 0 {
+			out[last] += " " + strings.Join(f, " ")
+		}
+	}
+
+	return out
+}
+
+// TestHelpExitStatus: what --help says each case exits with is what natprobe
+// really returns in that case (the audit found "udp-blocked, 0" while the
+// run exits 1).
+func TestHelpExitStatus(t *testing.T) {
+	h := natprobe(t, "--help")
+	if h.code != 0 {
+		t.Fatalf("--help exit %d", h.code)
+	}
+	statuses := helpExitStatuses(t, h.stdout)
+	// statusFor returns the status whose line holds phrase.
+	statusFor := func(phrase string) int {
+		t.Helper()
+		found := -1
+		for n, text := range statuses {
+			if strings.Contains(text, phrase) {
+				if found >= 0 {
+					t.Fatalf("%q is under both %d and %d: %v", phrase, found, n, statuses)
+				}
+				found = n
+			}
+		}
+		if found < 0 {
+			t.Fatalf("--help does not say the status for %q: %v", phrase, statuses)
+		}
+
+		return found
+	}
+
+	s := startStundServer(t, false, "")
+	single := startStund(t, true)
+	blocked := udpBlackHole(t, s.TCPAddrs()[0].String())
+	t.Setenv("NATPROBE_TURN_USER", testUser)
+	t.Setenv("NATPROBE_TURN_PASS", testPass)
+	for _, c := range []struct {
+		phrase string
+		args   []string
+	}{
+		{"classified", []string{"--no-hairpin", s.Grid()[0][0].String()}},
+		{"UDP blocked while the server answers over TCP/TLS", []string{blocked}},
+		{"usage error", []string{"--bogus", "127.0.0.1"}},
+		{"not RFC 5780 capable", []string{"--no-hairpin", single}},
+	} {
+		want := statusFor(c.phrase)
+		if r := natprobe(t, c.args...); r.code != want {
+			t.Errorf("%s: --help says %d, natprobe exits %d (stderr %q)", c.phrase, want, r.code, r.stderr)
 		}
 	}
 }
