@@ -12,10 +12,12 @@ package server
 //
 //  1. the core, always sent even if it exceeds the budget:
 //     XOR-MAPPED-ADDRESS (cookie requests, RFC 8489 §14.2) or MAPPED-ADDRESS
-//     (RFC 3489 requests, §11.2.1); for an RFC 5780 reply (see below) also
-//     OTHER-ADDRESS (cookie) or CHANGED-ADDRESS (RFC 3489), because a
-//     discovery client cannot go on without it; FINGERPRINT iff the request
-//     carried one (the request paid the same 8 bytes).
+//     (RFC 3489 requests, §11.2.1); FINGERPRINT iff the request carried one
+//     (the request paid the same 8 bytes). For an RFC 5780 reply (see below)
+//     OTHER-ADDRESS (cookie) or CHANGED-ADDRESS (RFC 3489) comes next: core
+//     with RFC5780Always, else only within the budget (an IPv4 request with
+//     CHANGE-REQUEST always has room; an IPv6 one needs the client to pad
+//     its request, e.g. with SOFTWARE, as natprobe does).
 //  2. RESPONSE-ORIGIN (cookie) or SOURCE-ADDRESS (RFC 3489), RFC 5780 replies
 //     only.
 //  3. MAPPED-ADDRESS in cookie-form RFC 5780 replies (RFC 5780 §6.1 asks for
@@ -50,11 +52,14 @@ package server
 //     RFC 5780 feature and get MAPPED + CHANGED + SOURCE-ADDRESS = 56 bytes
 //     = 2× exactly, without RFC5780Always.
 //
-// So the default of binderConfig (RFC5780Always false) keeps every reply
-// within 2× except the unavoidable core of an IPv6 bare request (44/20 =
-// 2.2×); with RFC5780Always the only overshoot is the 24-48 bytes of
-// OTHER-ADDRESS and RESPONSE-ORIGIN on bare requests. Error replies follow the same budget: the
-// reason phrase is dropped when it does not fit.
+// So the default of binderConfig (RFC5780Always false) keeps every UDP
+// reply within 2× except the one answer no server can shrink: the mapped
+// address of an IPv6 bare request (44/20 = 2.2×; dropping it would break
+// every IPv6 STUN client, ICE's bare Binding first). With RFC5780Always the
+// overshoot is the 24-48 bytes of OTHER-ADDRESS and RESPONSE-ORIGIN on bare
+// requests. Error replies follow the same budget: the reason phrase is
+// dropped when it does not fit. Over TCP/TLS there is no budget: a stream's
+// source cannot be spoofed, so nothing is reflected.
 //
 // # Streams (TCP/TLS)
 //
@@ -290,6 +295,12 @@ func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok 
 
 	src := netip.AddrPortFrom(req.Src.Addr().Unmap(), req.Src.Port())
 	budget := amplificationFactor * len(req.Raw)
+	if req.Stream {
+		// A stream's source completed a handshake and cannot be spoofed:
+		// a reply there amplifies nothing at a victim (issue 6 is about
+		// reflection), so every attribute fits.
+		budget = maxStreamFrame
+	}
 	errReply := func(code int, reason string, unknown []uint16) (bindingReply, bool) {
 		return b.errorReply(buf, &h, req, src, &p, budget, code, reason, unknown)
 	}
@@ -372,17 +383,25 @@ func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok 
 	} else {
 		m = stunwire.AppendAddress(m, stunwire.AttrMappedAddress, src) // RFC 3489 §11.2.1
 	}
-	if rfc5780 {
+	fits := func(n int) bool { return len(m)-start+n+fp <= budget }
+	// 1b. OTHER-ADDRESS (RFC 5780 §7.4) / CHANGED-ADDRESS (RFC 3489
+	// §11.2.3): core when the operator chose RFC 5780 attributes in every
+	// reply (RFC5780Always); otherwise only within the budget, which a
+	// 28-byte IPv4 request with CHANGE-REQUEST always leaves room for, and
+	// an IPv6 one only when the client pads its request (natprobe's
+	// SOFTWARE does): 20+24+24 = 68 bytes would be 2.4x a 28-byte request.
+	if rfc5780 && (b.cfg.RFC5780Always || fits(stunwire.AddressAttrSize(other))) {
 		if h.Cookie {
-			m = stunwire.AppendAddress(m, stunwire.AttrOtherAddress, other) // RFC 5780 §7.4
+			m = stunwire.AppendAddress(m, stunwire.AttrOtherAddress, other)
 		} else {
-			m = stunwire.AppendAddress(m, stunwire.AttrChangedAddress, other) // RFC 3489 §11.2.3
+			m = stunwire.AppendAddress(m, stunwire.AttrChangedAddress, other)
 		}
+	} else if rfc5780 {
+		b.stats.overBudget.Add(1) // OTHER-ADDRESS withheld: the request was too small
 	}
 	if len(m)-start+fp > budget {
 		b.stats.overBudget.Add(1)
 	}
-	fits := func(n int) bool { return len(m)-start+n+fp <= budget }
 	if rfc5780 {
 		// 2. RESPONSE-ORIGIN (RFC 5780 §7.3) / SOURCE-ADDRESS (RFC 3489 §11.2.2).
 		// With RFC5780Always the operator chose RFC 5780 attributes in every

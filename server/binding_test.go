@@ -363,6 +363,38 @@ func TestIPv6Grid(t *testing.T) {
 	}
 }
 
+// TestIPv6Budget: over UDP an IPv6 reply stays within 2x: a minimal
+// 28-byte CHANGE-REQUEST gets its mapped address but no OTHER-ADDRESS
+// (20+24+24 = 68 > 56); a padded request, RFC5780Always, or a stream gets
+// it. The mapped address of a bare 20-byte request (44 bytes) is the one
+// documented overshoot.
+func TestIPv6Budget(t *testing.T) {
+	strict := newBinder(binderConfig{Grid: gridV6})
+	minimal := request(t, false, changeReq(0))
+	reply, d := mustHandle(t, strict, bindingRequest{Raw: minimal, Src: clientV6})
+	if len(reply.Msg) > 2*len(minimal) || d.hasOther || d.xor != clientV6 {
+		t.Errorf("minimal: %d bytes for %d, other %v", len(reply.Msg), len(minimal), d.hasOther)
+	}
+	padded := request(t, false, changeReq(0), rawAttr{stun.AttrSoftware, []byte("natprobe/dev probe-id=0123abcd")})
+	reply, d = mustHandle(t, strict, bindingRequest{Raw: padded, Src: clientV6})
+	if len(reply.Msg) > 2*len(padded) || !d.hasOther || d.other != gridV6[1][1] {
+		t.Errorf("padded: %d bytes for %d, other %v", len(reply.Msg), len(padded), d.other)
+	}
+	_, d = mustHandle(t, strict, bindingRequest{Raw: minimal, Src: clientV6, Stream: true})
+	if !d.hasOther || !d.hasOrigin {
+		t.Errorf("stream: a reply over TCP has no budget: %+v", d)
+	}
+	_, d = mustHandle(t, newBinder(binderConfig{Grid: gridV6, RFC5780Always: true}), bindingRequest{Raw: minimal, Src: clientV6})
+	if !d.hasOther || !d.hasOrigin {
+		t.Errorf("RFC5780Always: OTHER-ADDRESS and RESPONSE-ORIGIN are core: %+v", d)
+	}
+	bare := request(t, false)
+	reply, _ = mustHandle(t, strict, bindingRequest{Raw: bare, Src: clientV6})
+	if len(reply.Msg) != 44 {
+		t.Errorf("bare IPv6: %d bytes, want the 44-byte mapped address only", len(reply.Msg))
+	}
+}
+
 func TestUnknownAttributes(t *testing.T) {
 	b := newBinder(binderConfig{Grid: gridV4})
 	// RESPONSE-ADDRESS (RFC 3489) is refused, not honoured; 0x7fff unknown.
@@ -495,13 +527,14 @@ func FuzzBindingHandle(f *testing.F) {
 		if !bytes.Equal(reply.Msg[4:20], raw[4:20]) {
 			t.Fatal("ID not echoed")
 		}
-		// Core bound: header + two IPv6 addresses + FINGERPRINT; with
-		// RFC5780Always RESPONSE-ORIGIN is core too (a third address).
-		core := 20 + 24 + 24 + 8
+		// Over UDP the core is the header, the IPv6 mapped address and
+		// FINGERPRINT; RFC5780Always adds OTHER-ADDRESS and
+		// RESPONSE-ORIGIN. A stream has no budget.
+		core := 20 + 24 + 8
 		if always {
-			core += 24
+			core += 24 + 24
 		}
-		if len(reply.Msg) > max(2*len(raw), core) {
+		if !stream && len(reply.Msg) > max(2*len(raw), core) {
 			t.Fatalf("reply %d bytes for a %d-byte request", len(reply.Msg), len(raw))
 		}
 	})
