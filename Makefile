@@ -19,7 +19,9 @@ deps:
 	DEBIAN_FRONTEND=noninteractive apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 		nftables iproute2 coturn stun-client chromium ca-certificates >/dev/null
-	-pkill -x turnserver 2>/dev/null || true
+	@# Debian may enable coturn's own service on 3478; stop that unit only,
+	@# never other turnserver processes (a concurrent lab or bench run's).
+	-command -v systemctl >/dev/null 2>&1 && systemctl disable --now coturn >/dev/null 2>&1 || true
 
 # unit: the Go tests (in-process, loopback and vnet), with the interop
 # tests required rather than skipped when their tools are missing.

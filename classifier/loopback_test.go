@@ -8,6 +8,8 @@ import (
 
 	"github.com/pion/transport/v5/vnet"
 	"github.com/stund/stund/server"
+
+	"github.com/stund/stund/internal/testutil"
 )
 
 // startLoopbackStund runs the real stund on the host's own sockets, on
@@ -19,7 +21,7 @@ func startLoopbackStund(tb testing.TB) netip.AddrPort {
 		DisableTCP: true, LoggerFactory: quietLogger(),
 	})
 	if err != nil {
-		tb.Skipf("cannot bind stund on 127.0.0.1/127.0.0.2: %v", err)
+		testutil.SkipUnlessRequired(tb, "cannot bind stund on 127.0.0.1/127.0.0.2: %v", err)
 	}
 	tb.Cleanup(func() { _ = srv.Close() })
 	return srv.Grid()[0][0]

@@ -8,6 +8,8 @@ import (
 
 	"github.com/pion/stun/v4"
 	"github.com/pion/turn/v5"
+
+	"github.com/stund/stund/internal/testutil"
 )
 
 // IPv6 relays (RFC 6156, RFC 8656 §7.2) on a single-IP server on ::1 (the
@@ -21,7 +23,7 @@ var (
 func startIPServer(t *testing.T, ip netip.Addr, mod func(*Config)) *Server {
 	t.Helper()
 	if c, err := net.ListenPacket("udp6", "[::1]:0"); err != nil {
-		t.Skipf("no IPv6 loopback: %v", err)
+		testutil.SkipUnlessRequired(t, "no IPv6 loopback: %v", err)
 	} else {
 		c.Close()
 	}

@@ -12,6 +12,7 @@ import (
 	"os/signal"
 	"runtime"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -106,8 +107,15 @@ func serve(c *cli.Context, stdout io.Writer) error {
 	if demoPass != "" {
 		fmt.Fprintf(stdout, "stund: demo TURN user %q password %q realm %q\n", demoUser, demoPass, cfg.Realm)
 	}
-	g := srv.Grid()
-	fmt.Fprintf(stdout, "stund: listening on %s %s %s %s\n", g[0][0], g[0][1], g[1][0], g[1][1])
+	var bound []string
+	for _, row := range srv.Grid() {
+		for _, a := range row {
+			if a.IsValid() { // single-IP mode has no alternate row
+				bound = append(bound, a.String())
+			}
+		}
+	}
+	fmt.Fprintf(stdout, "stund: listening on udp %s\n", strings.Join(bound, " "))
 
 	args, _ := c.App.Metadata["args"].([]string)
 	for {

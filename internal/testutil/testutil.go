@@ -11,6 +11,7 @@ import (
 	"crypto/x509/pkix"
 	"math/big"
 	"net"
+	"os"
 	"sync"
 	"testing"
 	"time"
@@ -71,4 +72,19 @@ func SelfSigned(t testing.TB) (tls.Certificate, *x509.CertPool) {
 	pool := x509.NewCertPool()
 	pool.AddCert(leaf)
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, pool
+}
+
+// RequireEnv is the variable CI sets so that a test missing something it
+// needs (an interop tool, IPv6 loopback, a second loopback address) fails
+// instead of skipping: a green CI run must not hide untested code.
+const RequireEnv = "STUND_REQUIRE_INTEROP"
+
+// SkipUnlessRequired skips the test with the message, or fails it when
+// RequireEnv is set to 1.
+func SkipUnlessRequired(tb testing.TB, format string, args ...any) {
+	tb.Helper()
+	if os.Getenv(RequireEnv) == "1" {
+		tb.Fatalf(format+" ("+RequireEnv+"=1: required here)", args...)
+	}
+	tb.Skipf(format, args...)
 }
