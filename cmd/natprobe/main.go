@@ -14,6 +14,8 @@ package main
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -104,6 +106,8 @@ type options struct {
 	turnPass    string
 	turnSecret  string
 	transports  []string
+	turnTLSPort int         // TLS port of the TURN server (its host is the server's)
+	turnTLS     *tls.Config // nil: verify against the system roots
 	timeout     time.Duration
 	watch       time.Duration // 0: one run; else repeat every watch and print changes
 	watchCount  int           // with watch: stop after this many runs; 0 = until Ctrl-C
@@ -152,6 +156,8 @@ func newApp(stdout, stderr io.Writer, code *int) *cli.App {
 			&cli.StringFlag{Name: "turn-pass", EnvVars: []string{"NATPROBE_TURN_PASS"}, Usage: "TURN password"},
 			&cli.StringFlag{Name: "turn-secret", EnvVars: []string{"NATPROBE_TURN_SECRET"}, Usage: "TURN REST shared secret (derives a short-lived username and password)"},
 			&cli.StringFlag{Name: "turn-transport", Usage: "TURN transport: udp, tcp or tls (default: udp, then tcp, then tls if UDP is blocked)"},
+			&cli.IntFlag{Name: "turn-tls-port", Value: relay.DefaultTLSPort, EnvVars: []string{"NATPROBE_TURN_TLS_PORT"}, Usage: "`PORT` of TURN over TLS on the server's host (RFC 8656 §4: 5349)"},
+			&cli.StringFlag{Name: "turn-ca", EnvVars: []string{"NATPROBE_TURN_CA"}, Usage: "verify the TURN server's TLS certificate against the PEM certificates in `FILE` instead of the system roots (a private or self-signed CA)"},
 			&cli.DurationFlag{Name: "timeout", Usage: "bound on the whole run (on each run with --watch)", DefaultText: defaultTimeout.String() + ", plus --lifetime-max with --lifetime"},
 			&cli.DurationFlag{Name: "watch", Usage: "repeat the probe every `DURATION` (at least " + minWatch.String() + ") and print only what changes; Ctrl-C stops"},
 			&cli.IntFlag{Name: "watch-count", Usage: "with --watch: stop after `N` runs (default: until Ctrl-C)"},
@@ -323,6 +329,17 @@ func parseOptions(c *cli.Context) (*options, error) {
 		}
 		o.transports = []string{t}
 	}
+	o.turnTLSPort = c.Int("turn-tls-port")
+	if o.turnTLSPort < 1 || o.turnTLSPort > 65535 {
+		return nil, usageError{fmt.Sprintf("--turn-tls-port %d: want 1 to 65535", o.turnTLSPort)}
+	}
+	if f := c.String("turn-ca"); f != "" {
+		pool, err := loadCA(f)
+		if err != nil {
+			return nil, usageError{"--turn-ca: " + err.Error()}
+		}
+		o.turnTLS = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	}
 	if (o.turnUser == "") != (o.turnPass == "") && o.turnSecret == "" {
 		return nil, usageError{"--turn-user and --turn-pass go together"}
 	}
@@ -331,6 +348,22 @@ func parseOptions(c *cli.Context) (*options, error) {
 	}
 
 	return o, nil
+}
+
+// loadCA reads the PEM certificates natprobe trusts for TURN over TLS.
+// Verification stays on: a private CA is trusted by naming it, never by
+// skipping the check.
+func loadCA(file string) (*x509.CertPool, error) {
+	pemData, err := os.ReadFile(file)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pemData) {
+		return nil, fmt.Errorf("%s: no PEM certificate in it", file)
+	}
+
+	return pool, nil
 }
 
 func (o *options) haveTURNCredentials() bool {
@@ -560,12 +593,14 @@ func software(id string) string {
 // refused a request): the server is then up on that transport.
 func proveRelay(ctx context.Context, o *options, software string, transports []string) (rr *classifier.RelayReport, answered bool) {
 	cfg := relay.Config{
-		Server:   o.server,
-		Username: o.turnUser,
-		Password: o.turnPass,
-		Secret:   o.turnSecret,
-		Software: software,
-		Net:      o.net,
+		Server:    o.server,
+		TLSServer: tlsServer(o),
+		Username:  o.turnUser,
+		Password:  o.turnPass,
+		Secret:    o.turnSecret,
+		TLSConfig: o.turnTLS,
+		Software:  software,
+		Net:       o.net,
 	}
 	p, err := relay.Prove(ctx, cfg, transports...)
 	rr = &classifier.RelayReport{
@@ -585,6 +620,17 @@ func proveRelay(ctx context.Context, o *options, software string, transports []s
 	// Prove moves to the next transport only when one got no answer, so
 	// the last attempt's allocation or refusal is the server's answer.
 	return rr, p.OK || p.RelayedAddr.IsValid() || errors.As(err, &refused)
+}
+
+// tlsServer is where TURN over TLS is: the server's host on --turn-tls-port
+// (relay's default, 5349, when the options name none).
+func tlsServer(o *options) string {
+	host, _, err := net.SplitHostPort(o.server)
+	if err != nil || o.turnTLSPort == 0 {
+		return ""
+	}
+
+	return net.JoinHostPort(host, strconv.Itoa(o.turnTLSPort))
 }
 
 func contains(list []string, s string) bool {

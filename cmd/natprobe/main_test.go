@@ -3,16 +3,21 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
+	"encoding/pem"
 	"io"
 	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/stund/stund/internal/testutil"
 	"github.com/stund/stund/server"
 )
 
@@ -621,6 +626,91 @@ func TestHelpExitStatus(t *testing.T) {
 		want := statusFor(c.phrase)
 		if r := natprobe(t, c.args...); r.code != want {
 			t.Errorf("%s: --help says %d, natprobe exits %d (stderr %q)", c.phrase, want, r.code, r.stderr)
+		}
+	}
+}
+
+// startStundTLS runs stund with TURN over TLS on a free port (never 5349),
+// with a self-signed certificate for 127.0.0.1; it returns the server and a
+// PEM file holding that certificate.
+func startStundTLS(t *testing.T) (*server.Server, string) {
+	t.Helper()
+	cert, _ := testutil.SelfSigned(t)
+	s, err := server.New(server.Config{
+		PrimaryIP:   netip.MustParseAddr("127.0.0.1"),
+		AlternateIP: netip.MustParseAddr("127.0.0.2"),
+		Users:       map[string]string{testUser: testPass},
+		AllowPeers:  []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")},
+		TLSConfig:   &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12},
+	})
+	if err != nil {
+		t.Fatalf("server.New: %v", err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Leaf.Raw}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	return s, ca
+}
+
+// TestRelayTLSPortAndCA: TURN over TLS on a port other than 5349, with a
+// self-signed certificate. --turn-tls-port finds it, --turn-ca verifies it
+// (flags or environment); without --turn-ca verification fails: there is no
+// insecure default.
+func TestRelayTLSPortAndCA(t *testing.T) {
+	s, ca := startStundTLS(t)
+	addr := s.Grid()[0][0].String()
+	tlsPort := strconv.Itoa(int(s.TLSAddrs()[0].Port()))
+	if tlsPort == "5349" {
+		t.Skip("the free port picked is the default one")
+	}
+	creds := []string{"--turn-user", testUser, "--turn-pass", testPass}
+	base := append([]string{"--json", "--no-hairpin", "--relay", "--turn-transport", "tls"}, creds...)
+
+	check := func(name string, r result, wantOK bool, wantErr string) {
+		t.Helper()
+		if r.code != exitClassified {
+			t.Fatalf("%s: exit %d, stderr %q", name, r.code, r.stderr)
+		}
+		rel, _ := decodeOne(t, r.stdout)["relay"].(map[string]any)
+		if rel == nil || rel["ok"] != wantOK || rel["transport"] != "tls" {
+			t.Fatalf("%s: relay %v, want ok=%v over tls", name, rel, wantOK)
+		}
+		if e, _ := rel["error"].(string); !strings.Contains(e, wantErr) {
+			t.Errorf("%s: relay error %q, want %q in it", name, e, wantErr)
+		}
+	}
+	check("flags", natprobe(t, append(base, "--turn-tls-port", tlsPort, "--turn-ca", ca, addr)...), true, "")
+
+	t.Setenv("NATPROBE_TURN_TLS_PORT", tlsPort)
+	t.Setenv("NATPROBE_TURN_CA", ca)
+	check("environment", natprobe(t, append(base, addr)...), true, "")
+
+	// The right port, but nothing to trust the self-signed certificate.
+	t.Setenv("NATPROBE_TURN_CA", "")
+	check("no CA", natprobe(t, append(base, addr)...), false, "certificate")
+}
+
+func TestTURNTLSUsageErrors(t *testing.T) {
+	notPEM := filepath.Join(t.TempDir(), "not.pem")
+	if err := os.WriteFile(notPEM, []byte("hello\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		args []string
+		msg  string
+	}{
+		{[]string{"--turn-tls-port", "0", "127.0.0.1"}, "--turn-tls-port 0"},
+		{[]string{"--turn-tls-port", "65536", "127.0.0.1"}, "--turn-tls-port 65536"},
+		{[]string{"--turn-tls-port", "tls", "127.0.0.1"}, "turn-tls-port"},
+		{[]string{"--turn-ca", filepath.Join(t.TempDir(), "missing.pem"), "127.0.0.1"}, "missing.pem"},
+		{[]string{"--turn-ca", notPEM, "127.0.0.1"}, "no PEM certificate"},
+	} {
+		r := natprobe(t, c.args...)
+		if r.code != exitUsage || r.stdout != "" || !strings.Contains(r.stderr, c.msg) {
+			t.Errorf("%v: exit %d, stdout %q, stderr %q; want exit %d and %q", c.args, r.code, r.stdout, r.stderr, exitUsage, c.msg)
 		}
 	}
 }
