@@ -70,11 +70,11 @@ type Lifetime struct {
 // RelayReport is what the TURN fallback proved (see package relay).
 type RelayReport struct {
 	OK             bool    `json:"ok"`
-	Transport      string  `json:"transport"`                 // udp, tcp or tls: how natprobe reached the TURN server
-	RelayedAddress string  `json:"relayed_address,omitempty"` // XOR-RELAYED-ADDRESS the server gave
-	RTTMS          float64 `json:"rtt_ms"`                    // median round trip through the relay
-	Loss           float64 `json:"loss"`                      // fraction of probe packets not echoed, 0..1
-	Error          string  `json:"error,omitempty"`           // why OK is false
+	Transport      string  `json:"transport"`       // udp, tcp or tls: how natprobe reached the TURN server
+	RelayedAddress string  `json:"relayed_address"` // XOR-RELAYED-ADDRESS the server gave; "" when none (always present: issue 3)
+	RTTMS          float64 `json:"rtt_ms"`          // median round trip through the relay
+	Loss           float64 `json:"loss"`            // fraction of probe packets not echoed, 0..1
+	Error          string  `json:"error,omitempty"` // why OK is false
 }
 
 // Report is everything one natprobe run measured. Every pointer or empty

@@ -203,6 +203,7 @@ func TestRelayForced(t *testing.T) {
 	if rel["ok"] != true || rel["transport"] != "udp" {
 		t.Fatalf("relay %v", rel)
 	}
+	checkRelayKeys(t, rel)
 	if _, err := netip.ParseAddrPort(rel["relayed_address"].(string)); err != nil {
 		t.Errorf("relayed_address: %v", err)
 	}
@@ -226,6 +227,21 @@ func TestRelayWrongPassword(t *testing.T) {
 	rel, _ := decodeOne(t, r.stdout)["relay"].(map[string]any)
 	if rel == nil || rel["ok"] != false || !strings.Contains(rel["error"].(string), "password") {
 		t.Fatalf("relay %v, want ok=false with a credentials error", rel)
+	}
+	checkRelayKeys(t, rel)
+	if rel["relayed_address"] != "" {
+		t.Errorf("relayed_address %v after a refused allocation, want \"\"", rel["relayed_address"])
+	}
+}
+
+// checkRelayKeys: the relay object always has issue 3's keys, failed or
+// not, so that a script can read them without testing for their presence.
+func checkRelayKeys(t *testing.T, rel map[string]any) {
+	t.Helper()
+	for k, kinds := range map[string]string{"ok": "bool", "transport": "string", "relayed_address": "string", "rtt_ms": "number", "loss": "number"} {
+		if v, ok := rel[k]; !ok || kind(v) != kinds {
+			t.Errorf("relay.%s = %v (present %v), want a %s", k, v, ok, kinds)
+		}
 	}
 }
 
@@ -449,8 +465,9 @@ func TestUDPBlockedNothingAnswers(t *testing.T) {
 	m := checkUDPBlocked(t, r)
 	rel, _ := m["relay"].(map[string]any)
 	if rel == nil || rel["ok"] != false || !strings.Contains(rel["error"].(string), "tcp:") {
-		t.Errorf("relay %v, want a failed attempt over tcp (then tls)", rel)
+		t.Fatalf("relay %v, want a failed attempt over tcp (then tls)", rel)
 	}
+	checkRelayKeys(t, rel)
 }
 
 // TestUDPBlockedRelayOverTCP is the audit's case: UDP to the server is
