@@ -21,6 +21,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -370,21 +371,62 @@ func (o *options) haveTURNCredentials() bool {
 	return o.turnSecret != "" || (o.turnUser != "" && o.turnPass != "")
 }
 
-// hostPort validates HOST[:PORT] and fills in the default port.
+// hostPort validates HOST[:PORT] and fills in the default port. HOST is a
+// name, an IPv4 address, or an IPv6 address, bare ("2001:db8::1", no port
+// then) or in brackets ("[2001:db8::1]:3479", RFC 3986 §3.2.2). Anything it
+// cannot read as one of those is an error that says what is wrong, never a
+// guess: "[::1" is not "[::1]". Whether a name resolves is not checked
+// here: that is the probe's (exit 3, unreachable).
 func hostPort(arg string) (string, error) {
+	bad := func(why string) error { return fmt.Errorf("bad HOST[:PORT] %q: %s", arg, why) }
 	if arg == "" {
 		return "", errors.New("empty HOST")
 	}
-	host, port, err := net.SplitHostPort(arg)
-	if err != nil {
-		// No port: a name, an IPv4 address, or a bare or bracketed IPv6 one.
-		host, port = strings.TrimSuffix(strings.TrimPrefix(arg, "["), "]"), strconv.Itoa(defaultPort)
+	host, port := arg, ""
+	switch {
+	case strings.HasPrefix(arg, "["):
+		end := strings.Index(arg, "]")
+		if end < 0 {
+			return "", bad(`"[" without a closing "]"`)
+		}
+		host, port = arg[1:end], arg[end+1:]
+		if port != "" {
+			if port[0] != ':' {
+				return "", bad(`after "]" only ":PORT" may follow`)
+			}
+			port = port[1:]
+			if port == "" {
+				return "", bad(`empty port after ":"`)
+			}
+		}
+		if a, err := netip.ParseAddr(host); err != nil || !a.Is6() {
+			return "", bad(fmt.Sprintf("%q in brackets is not an IPv6 address", host))
+		}
+	case strings.Count(arg, ":") > 1:
+		// A bare IPv6 address; a port needs the brackets.
+		if _, err := netip.ParseAddr(arg); err != nil {
+			return "", bad("not an IPv6 address (write [ADDRESS]:PORT for a port)")
+		}
+	case strings.Contains(arg, ":"):
+		host, port, _ = strings.Cut(arg, ":")
+		if port == "" {
+			return "", bad(`empty port after ":"`)
+		}
 	}
-	if host == "" || strings.ContainsAny(host, " /[]") {
-		return "", fmt.Errorf("bad HOST %q", arg)
+	if host == "" {
+		return "", bad("empty host")
 	}
-	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
-		return "", fmt.Errorf("bad port in %q", arg)
+	if i := strings.IndexFunc(host, func(r rune) bool {
+		return r <= ' ' || r == 0x7f || strings.ContainsRune("/\\[]@?#,;\"'", r)
+	}); i >= 0 {
+		return "", bad(fmt.Sprintf("%q is not allowed in a host", host[i:i+1]))
+	}
+	if port == "" {
+		port = strconv.Itoa(defaultPort)
+	} else if n, err := strconv.Atoi(port); err != nil || strings.ContainsAny(port[:1], "+-") {
+		return "", bad(fmt.Sprintf("port %q is not a number", port))
+	} else if n < 1 || n > 65535 {
+		return "", bad(fmt.Sprintf("port %d is out of range (1 to 65535)", n))
 	}
 
 	return net.JoinHostPort(host, port), nil

@@ -308,6 +308,10 @@ func TestUsageErrors(t *testing.T) {
 		{"--relay", "127.0.0.1"}, // no credentials
 		{"127.0.0.1:0"},
 		{"127.0.0.1:99999"},
+		{"[::1"},     // unclosed bracket: not [::1]:3478
+		{"[::1]:0"},  // port out of range
+		{":3478"},    // empty host
+		{"[::1]foo"}, // junk after the bracket
 		{"a", "b"},
 		{"127.0.0.1", "--json"}, // flag after HOST
 	} {
@@ -560,14 +564,45 @@ func TestHostPort(t *testing.T) {
 		"2001:db8::1":        "[2001:db8::1]:3478",
 		"[2001:db8::1]":      "[2001:db8::1]:3478",
 		"[2001:db8::1]:3479": "[2001:db8::1]:3479",
+		"[::1]":              "[::1]:3478",
+		"[fe80::1%eth0]:1":   "[fe80::1%eth0]:1",
+		"127.0.0.1:65535":    "127.0.0.1:65535",
+		"stun.example.net:1": "stun.example.net:1",
 	} {
 		if got, err := hostPort(in); err != nil || got != want {
 			t.Errorf("%q: %q %v, want %q", in, got, err, want)
 		}
 	}
-	for _, bad := range []string{"", ":3478", "h:0", "h:x", "a b"} {
-		if got, err := hostPort(bad); err == nil {
+	// Each bad input, and what the message must say about it.
+	for bad, why := range map[string]string{
+		"":                   "empty HOST",
+		":3478":              "empty host",
+		"[]:3478":            "not an IPv6 address",
+		"[]":                 "not an IPv6 address",
+		"h:0":                "out of range",
+		"h:65536":            "out of range",
+		"[::1]:99999":        "out of range",
+		"h:-1":               "not a number",
+		"h:+3478":            "not a number",
+		"h:x":                "not a number",
+		"h:":                 "empty port",
+		"[::1]:":             "empty port",
+		"a b":                "not allowed",
+		"a/b":                "not allowed",
+		"[::1":               `without a closing "]"`,
+		"[::1]x":             `only ":PORT"`,
+		"::1]":               "not an IPv6 address",
+		"[example.net]":      "not an IPv6 address",
+		"[127.0.0.1]:80":     "not an IPv6 address",
+		"a:b:c":              "not an IPv6 address",
+		"2001:db8::1:3478:x": "not an IPv6 address",
+		"h]:3478":            "not allowed",
+	} {
+		got, err := hostPort(bad)
+		if err == nil {
 			t.Errorf("%q accepted as %q", bad, got)
+		} else if !strings.Contains(err.Error(), why) {
+			t.Errorf("%q: %v, want it to say %q", bad, err, why)
 		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -105,4 +106,45 @@ func TestSymmetricNATFallsBackToRelay(t *testing.T) {
 	if rep.Relay != nil || rep.Reasons["relay"] == "" {
 		t.Errorf("relay %+v, reason %q: want null with a reason", rep.Relay, rep.Reasons["relay"])
 	}
+}
+
+// An unresolvable name is not a usage error: HOST[:PORT] is well-formed,
+// the network says no. natprobe exits 3, "unreachable", and prints no
+// report. The name is looked up in a pion vnet, so no DNS query leaves the
+// test.
+func TestUnresolvableName(t *testing.T) {
+	lf := logging.NewDefaultLoggerFactory()
+	lf.DefaultLogLevel = logging.LogLevelDisabled
+	wan, err := vnet.NewRouter(&vnet.RouterConfig{CIDR: "1.2.3.0/24", LoggerFactory: lf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	client, err := vnet.NewNet(&vnet.NetConfig{StaticIPs: []string{"1.2.3.4"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := wan.AddNet(client); err != nil {
+		t.Fatal(err)
+	}
+	if err := wan.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = wan.Stop() })
+
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second) // safety net
+	defer cancel()
+	server, err := hostPort("stun.example.invalid")
+	if err != nil {
+		t.Fatalf("a well-formed name refused: %v", err)
+	}
+	o := &options{server: server, format: "json", lifetimeMax: defaultLifetimeMax, timeout: 10 * time.Second, net: client}
+	var out, errb bytes.Buffer
+	code, err := probe(ctx, o, &out, &errb)
+	if code != exitServer || err == nil || !strings.Contains(err.Error(), "is unreachable") || !strings.Contains(err.Error(), "resolving") {
+		t.Fatalf("exit %d, err %v; want %d, unreachable (resolving)", code, err, exitServer)
+	}
+	if out.Len() != 0 {
+		t.Errorf("a report for a name that does not resolve: %q", out.String())
+	}
+	t.Logf("%v", err)
 }
