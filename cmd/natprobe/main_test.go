@@ -11,12 +11,15 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/stund/stund/classifier"
 	"github.com/stund/stund/internal/testutil"
 	"github.com/stund/stund/server"
 )
@@ -277,6 +280,7 @@ func TestNoColor(t *testing.T) {
 	defer func(f func(io.Writer) bool) { isTerminal = f }(isTerminal)
 	isTerminal = func(io.Writer) bool { return true }
 
+	t.Setenv("TERM", "xterm") // a colour terminal, whatever runs the tests
 	t.Setenv("NO_COLOR", "")
 	r := natprobe(t, "--no-hairpin", addr)
 	if !strings.Contains(r.stdout, "\x1b[32m") {
@@ -764,5 +768,90 @@ func TestTURNTLSUsageErrors(t *testing.T) {
 		if r.code != exitUsage || r.stdout != "" || !strings.Contains(r.stderr, c.msg) {
 			t.Errorf("%v: exit %d, stdout %q, stderr %q; want exit %d and %q", c.args, r.code, r.stdout, r.stderr, exitUsage, c.msg)
 		}
+	}
+}
+
+// ansi matches the SGR escapes natprobe colours with.
+var ansi = regexp.MustCompile("\x1b\\[[0-9;]*m")
+
+// TestColourKeepsAlignment: colour must not move a column. The same report
+// printed with and without colour is the same text once the escapes are
+// taken out (the audit found the header row shifted: the padding counted
+// the escape bytes), and in it every row of the behaviour table starts its
+// result and meaning where the header does.
+func TestColourKeepsAlignment(t *testing.T) {
+	addr := startStund(t, false)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second) // safety net
+	defer cancel()
+	o := &options{server: addr, format: "text", lifetimeMax: defaultLifetimeMax, timeout: 20 * time.Second}
+	rep, meta, _, err := measure(ctx, o, newProbeID(), io.Discard)
+	if err != nil || rep == nil {
+		t.Fatalf("measure: %v", err)
+	}
+	// Some tones besides the loopback's greens: warn, bad and none.
+	rep.Filtering = classifier.FilteringAddressPortDependent
+	rep.Relay = &classifier.RelayReport{Transport: "udp", Error: "relay: allocate: refused"}
+	rep.Hairpinning = nil
+	delete(rep.Reasons, "hairpinning") // a row with no meaning: no trailing pad
+
+	var plain, colour bytes.Buffer
+	if err := render(&plain, "text", rep, meta, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := render(&colour, "text", rep, meta, true); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(colour.String(), "\x1b[1m") || !strings.Contains(colour.String(), "\x1b[33m") {
+		t.Fatalf("no colour to test:\n%q", colour.String())
+	}
+	if got := ansi.ReplaceAllString(colour.String(), ""); got != plain.String() {
+		t.Errorf("colour changes the layout:\n--- without colour\n%s\n--- with colour, escapes removed\n%s", plain.String(), got)
+	}
+
+	lines := strings.Split(plain.String(), "\n")
+	h := slices.IndexFunc(lines, func(l string) bool { return strings.HasPrefix(l, "behaviour ") })
+	if h < 0 {
+		t.Fatalf("no header row:\n%s", plain.String())
+	}
+	res, mean := strings.Index(lines[h], "result"), strings.Index(lines[h], "meaning")
+	n := 0
+	for _, l := range lines[h+1:] {
+		if l == "" {
+			break
+		}
+		n++
+		if strings.HasSuffix(l, " ") {
+			t.Errorf("trailing spaces: %q", l)
+		}
+		if strings.HasPrefix(l, "hairpinning ") {
+			continue // no meaning to align
+		}
+		if len(l) <= mean || l[res-1] != ' ' || l[res] == ' ' || l[mean-1] != ' ' || l[mean] == ' ' {
+			t.Errorf("row not aligned with the header (result at %d, meaning at %d):\n%s\n%s", res, mean, lines[h], l)
+		}
+	}
+	if n < len(behaviourRows)-2 {
+		t.Errorf("%d rows under the header, want the behaviour table", n)
+	}
+}
+
+// TestDumbTerminal: TERM=dumb cannot show colour or rewrite a line, so it
+// gets plain output, as with NO_COLOR.
+func TestDumbTerminal(t *testing.T) {
+	addr := startStund(t, false)
+	defer func(f func(io.Writer) bool) { isTerminal = f }(isTerminal)
+	isTerminal = func(io.Writer) bool { return true }
+	t.Setenv("NO_COLOR", "")
+
+	t.Setenv("TERM", "dumb")
+	r := natprobe(t, "--no-hairpin", addr)
+	if r.code != exitClassified || strings.Contains(r.stdout, "\x1b[") || strings.Contains(r.stderr, "\x1b[") {
+		t.Errorf("TERM=dumb: exit %d, stdout:\n%q\nstderr %q", r.code, r.stdout, r.stderr)
+	}
+
+	t.Setenv("TERM", "xterm-256color")
+	r = natprobe(t, "--no-hairpin", addr)
+	if !strings.Contains(r.stdout, "\x1b[32m") {
+		t.Errorf("TERM=xterm-256color: no colour:\n%q", r.stdout)
 	}
 }

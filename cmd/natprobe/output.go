@@ -8,8 +8,8 @@ import (
 	"sort"
 	"strings"
 	"sync"
-	"text/tabwriter"
 	"time"
+	"unicode/utf8"
 
 	"github.com/stund/stund/classifier"
 )
@@ -26,14 +26,22 @@ var isTerminal = func(w io.Writer) bool {
 	return err == nil && st.Mode()&os.ModeCharDevice != 0
 }
 
-// colorFor says whether to colour output to w: only on a terminal, and never
-// when NO_COLOR is set to anything (https://no-color.org).
+// dumbTerminal says whether TERM names a terminal that understands no
+// escape sequences at all ("dumb": Emacs shell buffers, some CI logs).
+func dumbTerminal() bool {
+	return os.Getenv("TERM") == "dumb"
+}
+
+// colorFor says whether to colour output to w: only on a terminal, never on
+// a dumb one, and never when NO_COLOR is set to anything
+// (https://no-color.org).
 func colorFor(w io.Writer) bool {
-	return os.Getenv("NO_COLOR") == "" && isTerminal(w)
+	return os.Getenv("NO_COLOR") == "" && !dumbTerminal() && isTerminal(w)
 }
 
 // progress shows what the probe is doing on one rewritten stderr line, and
-// only when stderr is a terminal: a log or a pipe gets nothing.
+// only when stderr is a terminal that can erase a line: a log, a pipe or a
+// dumb terminal gets nothing.
 type progress struct {
 	mu    sync.Mutex
 	w     io.Writer
@@ -41,7 +49,7 @@ type progress struct {
 }
 
 func newProgress(stderr io.Writer) *progress {
-	if !isTerminal(stderr) {
+	if !isTerminal(stderr) || dumbTerminal() {
 		return &progress{}
 	}
 
@@ -334,7 +342,7 @@ func renderText(w io.Writer, rep *classifier.Report, meta runMeta, color bool) e
 		return "\x1b[" + toneSGR[t] + "m" + s + "\x1b[0m"
 	}
 	bold := func(s string) string {
-		if !color {
+		if !color || s == "" {
 			return s
 		}
 
@@ -342,15 +350,15 @@ func renderText(w io.Writer, rep *classifier.Report, meta runMeta, color bool) e
 	}
 	fmt.Fprintf(w, "natprobe %s: %s at %s (probe id %s)\n\n", appVersion(), rep.Server, rfc3339(meta.time), rep.ProbeID)
 
-	header := row{bold("behaviour"), "result", bold("meaning"), toneNeutral}
-	if err := table(w, append([]row{header}, rows(rep)...), "", paint); err != nil {
+	header := row{"behaviour", "result", "meaning", toneNeutral}
+	if err := table(w, &header, rows(rep), "", paint, bold); err != nil {
 		return err
 	}
 
 	props, needs := sipRows(rep.SIPRTP)
 	if len(props) > 0 || rep.SIPRTP.Summary != "" {
 		fmt.Fprintf(w, "\n%s %s\n", bold("SIP/RTP:"), rep.SIPRTP.Summary)
-		if err := table(w, props, "  ", paint); err != nil {
+		if err := table(w, nil, props, "  ", paint, bold); err != nil {
 			return err
 		}
 		if k := keepalive(rep.SIPRTP); k != "" {
@@ -359,7 +367,7 @@ func renderText(w io.Writer, rep *classifier.Report, meta runMeta, color bool) e
 	}
 	if len(needs) > 0 {
 		fmt.Fprintf(w, "\n%s\n", bold("SIP server side needs:"))
-		if err := table(w, needs, "  ", paint); err != nil {
+		if err := table(w, nil, needs, "  ", paint, bold); err != nil {
 			return err
 		}
 	}
@@ -380,23 +388,61 @@ func renderText(w io.Writer, rep *classifier.Report, meta runMeta, color bool) e
 	return err
 }
 
-// table prints rs as aligned columns. The result is padded before it is
-// coloured, so escape sequences do not upset the alignment.
-func table(w io.Writer, rs []row, indent string, paint func(tone, string) string) error {
-	width := 0
-	for _, r := range rs {
-		width = max(width, len([]rune(r.result)))
+// table prints rs, under header when there is one (in bold), as aligned
+// columns two spaces apart. Each cell is padded on its visible width before
+// it is coloured: the escape sequences take bytes but no columns, so they
+// must never count in the padding (text/tabwriter would count them).
+func table(w io.Writer, header *row, rs []row, indent string, paint func(tone, string) string, bold func(string) string) error {
+	all := rs
+	if header != nil {
+		all = append([]row{*header}, rs...)
 	}
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	for _, r := range rs {
-		fmt.Fprintf(tw, "%s%s\t%s\t%s\n", indent, r.behaviour, paint(r.tone, pad(r.result, width)), r.meaning)
+	wb, wr := 0, 0
+	for _, r := range all {
+		wb, wr = max(wb, visibleWidth(r.behaviour)), max(wr, visibleWidth(r.result))
+	}
+	// cells pads the first two cells of a row, and the second only when a
+	// third follows it: no line ends in spaces.
+	cells := func(r row) (string, string) {
+		res := r.result
+		if r.meaning != "" {
+			res = pad(res, wr)
+		}
+
+		return pad(r.behaviour, wb), res
+	}
+	line := func(b, r, m string) error {
+		if m != "" {
+			m = "  " + m
+		}
+		_, err := fmt.Fprintf(w, "%s%s  %s%s\n", indent, b, r, m)
+
+		return err
+	}
+	if header != nil {
+		b, r := cells(*header)
+		if err := line(bold(b), bold(r), bold(header.meaning)); err != nil {
+			return err
+		}
+	}
+	for _, row := range rs {
+		b, r := cells(row)
+		if err := line(b, paint(row.tone, r), row.meaning); err != nil {
+			return err
+		}
 	}
 
-	return tw.Flush()
+	return nil
+}
+
+// visibleWidth is how many columns s takes on a terminal: one per rune (the
+// table's cells are plain text; the colour is added after padding).
+func visibleWidth(s string) int {
+	return utf8.RuneCountInString(s)
 }
 
 func pad(s string, width int) string {
-	if n := len([]rune(s)); n < width {
+	if n := visibleWidth(s); n < width {
 		return s + strings.Repeat(" ", width-n)
 	}
 
