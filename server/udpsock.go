@@ -74,5 +74,13 @@ func (s *Server) listenUDP(ip netip.Addr, port int) ([]net.PacketConn, error) {
 		out = append(out, c)
 		port = int(addrPortOf(c.LocalAddr()).Port())
 	}
+	if n > 1 {
+		if err := steerBySourceIP(out[0], n, ip.Unmap().Is4()); err != nil {
+			for _, o := range out {
+				_ = o.Close()
+			}
+			return nil, err
+		}
+	}
 	return out, nil
 }

@@ -2,8 +2,13 @@
 
 package server
 
-import "syscall"
+import (
+	"net"
+	"syscall"
+)
 
 const reusePortSupported = false
 
 func controlUDP(bool) func(network, address string, c syscall.RawConn) error { return nil }
+
+func steerBySourceIP(net.PacketConn, int, bool) error { return nil }
