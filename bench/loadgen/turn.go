@@ -34,6 +34,26 @@ var errNoRealm = errors.New("401 without REALM/NONCE")
 // an unauthenticated Allocate, the 401 with REALM and NONCE, then the
 // authenticated Allocate.
 func Allocate(server netip.AddrPort, user, pass string) (*Alloc, error) {
+	// A server may refuse a first Allocate for a passing reason (coturn
+	// now and then answers a fresh 5-tuple with an error other than 401
+	// while it starts up); a few fresh sockets tell that from a broken
+	// harness without letting one such answer fail a whole run.
+	var err error
+	for try := 0; try < allocateTries; try++ {
+		var a *Alloc
+		if a, err = allocateOnce(server, user, pass); err == nil || !errors.Is(err, errFirstAllocate) {
+			return a, err
+		}
+	}
+	return nil, err
+}
+
+// allocateTries bounds the fresh sockets Allocate tries (see there).
+const allocateTries = 3
+
+var errFirstAllocate = errors.New("first allocate: want 401")
+
+func allocateOnce(server netip.AddrPort, user, pass string) (*Alloc, error) {
 	c, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(server))
 	if err != nil {
 		return nil, err
@@ -51,7 +71,7 @@ func Allocate(server netip.AddrPort, user, pass string) (*Alloc, error) {
 	var code stun.ErrorCodeAttribute
 	if res.Type.Class != stun.ClassErrorResponse || code.GetFrom(res) != nil || code.Code != stun.CodeUnauthorized {
 		c.Close()
-		return nil, fmt.Errorf("first allocate: want 401, got %s", res.Type)
+		return nil, fmt.Errorf("%w, got %s %d %s", errFirstAllocate, res.Type, code.Code, code.Reason)
 	}
 	var realm stun.Realm
 	var nonce stun.Nonce
