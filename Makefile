@@ -9,8 +9,12 @@ BIN ?= bin
 
 all: build
 
+# VERSION is what --version, natprobe's SOFTWARE attribute and stund's
+# build-info metric report: the git description when there is one.
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+
 build:
-	$(GO) build -o $(BIN)/ ./cmd/stund ./cmd/natprobe
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN)/ ./cmd/stund ./cmd/natprobe
 
 # deps: what the tests need beyond Go, from Debian's packages (root).
 # nftables + iproute2: the NAT lab; coturn + stun-client: interop with
