@@ -35,6 +35,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/stund/stund/classifier"
+	"github.com/stund/stund/internal/clicomplete"
 	"github.com/stund/stund/relay"
 )
 
@@ -210,57 +211,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 }
 
-// completer answers --generate-bash-completion (urfave/cli's protocol,
-// used by its bash_autocomplete script; docs/natprobe.md): the values of
-// --format and --turn-transport after those flags, otherwise the flags that
-// start with the word being completed. It reads the args given to run, not
-// os.Args as urfave's default does, so tests can drive it.
+// completer answers --generate-bash-completion (docs/natprobe.md): the
+// values of --format and --turn-transport after those flags, otherwise the
+// matching flags.
 func completer(args []string, w io.Writer) cli.BashCompleteFunc {
-	return func(c *cli.Context) {
-		words := []string{}
-		for _, a := range args[1:] {
-			if a != "--generate-bash-completion" {
-				words = append(words, a)
-			}
-		}
-		cur, prev := "", ""
-		if n := len(words); n > 0 {
-			cur = words[n-1]
-			if n > 1 {
-				prev = words[n-2]
-			}
-		}
-		values := map[string][]string{"--format": formats, "--turn-transport": {relay.UDP, relay.TCP, relay.TLS}}
-		if v, ok := values[cur]; ok {
-			// "natprobe --format <TAB>": the word is the flag itself.
-			fmt.Fprintln(w, strings.Join(v, "\n"))
-
-			return
-		}
-		if v, ok := values[prev]; ok && !strings.HasPrefix(cur, "-") {
-			for _, x := range v {
-				if strings.HasPrefix(x, cur) {
-					fmt.Fprintln(w, x)
-				}
-			}
-
-			return
-		}
-		if !strings.HasPrefix(cur, "-") {
-			cur = "--"
-		}
-		for _, f := range c.App.Flags {
-			for _, name := range f.Names() {
-				opt := "--" + name
-				if len(name) == 1 {
-					opt = "-" + name
-				}
-				if strings.HasPrefix(opt, cur) {
-					fmt.Fprintln(w, opt)
-				}
-			}
-		}
-	}
+	return clicomplete.Func(args, w, map[string][]string{
+		"--format":         formats,
+		"--turn-transport": {relay.UDP, relay.TCP, relay.TLS},
+	})
 }
 
 func parseOptions(c *cli.Context) (*options, error) {
