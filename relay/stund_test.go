@@ -3,11 +3,8 @@ package relay
 import (
 	"crypto/tls"
 	"errors"
-	"io"
-	"net"
 	"net/netip"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -89,58 +86,15 @@ func TestStundWrongPassword(t *testing.T) {
 // prove the relay, relay to relay since the peer cannot use UDP either.
 func TestStundFallbackWhenUDPBlocked(t *testing.T) {
 	s, cfg := startStund(t)
-	var wg sync.WaitGroup
-	t.Cleanup(wg.Wait) // runs last: after the listener is closed
-	var l net.Listener
-	for range 20 { // a port free for both TCP and UDP, bounded tries
-		tl, err := net.Listen("tcp4", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		u, err := net.ListenPacket("udp4", tl.Addr().String())
-		if err == nil {
-			l = tl
-			t.Cleanup(func() { _ = u.Close() }) // bound, never read: no answer
-			break
-		}
-		_ = tl.Close()
-	}
-	if l == nil {
-		t.Fatal("no port free for both UDP and TCP")
-	}
-	t.Cleanup(func() { _ = l.Close() })
-	target := s.TCPAddrs()[0].String()
-	wg.Go(func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() { proxy(c, target) })
-		}
-	})
+	addr := testutil.UDPBlackHole(t, s.TCPAddrs()[0].String())
 
-	cfg.Server = l.Addr().String()
+	cfg.Server = addr
 	cfg.AttemptTimeout = 500 * time.Millisecond
 	p, err := Prove(testCtx(t), cfg)
 	checkProof(t, p, err, TCP, "relay")
 	if p.Err == nil || !strings.Contains(p.Err.Error(), "udp:") {
 		t.Errorf("the failed UDP attempt is not reported: %v", p.Err)
 	}
-}
-
-// proxy splices c to target until either side closes.
-func proxy(c net.Conn, target string) {
-	defer c.Close()
-	u, err := net.DialTimeout("tcp", target, 5*time.Second)
-	if err != nil {
-		return
-	}
-	defer u.Close()
-	done := make(chan struct{}, 2)
-	go func() { _, _ = io.Copy(u, c); done <- struct{}{} }()
-	go func() { _, _ = io.Copy(c, u); done <- struct{}{} }()
-	<-done
 }
 
 // A refusal that is not about credentials (486 quota, RFC 8656 §7.2) is the

@@ -6,11 +6,12 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"os/exec"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/stund/stund/internal/testutil"
 )
 
 // Interop with STUN clients nobody here wrote: coturn's turnutils_stunclient
@@ -22,16 +23,14 @@ import (
 // all.
 const stunToolTimeout = 30 * time.Second
 
-// interopTool returns the path of a tool, skipping the test when it is not
-// installed unless STUND_REQUIRE_INTEROP=1 (CI) makes that a failure.
+// interopTool returns the path of a tool (Debian packages coturn and
+// stun-client), skipping the test when it is not installed unless
+// STUND_REQUIRE_INTEROP=1 (CI) makes that a failure.
 func interopTool(t *testing.T, name string) string {
 	t.Helper()
 	p, err := exec.LookPath(name)
 	if err != nil {
-		if os.Getenv("STUND_REQUIRE_INTEROP") == "1" {
-			t.Fatalf("%s not installed and STUND_REQUIRE_INTEROP=1: %v", name, err)
-		}
-		t.Skipf("%s not installed (set STUND_REQUIRE_INTEROP=1 to fail instead)", name)
+		testutil.SkipUnlessRequired(t, "%s not installed (Debian package coturn or stun-client): %v", name, err)
 	}
 	return p
 }

@@ -5,7 +5,6 @@ import (
 	"context"
 	"net"
 	"net/netip"
-	"os"
 	"os/exec"
 	"regexp"
 	"strconv"
@@ -16,21 +15,6 @@ import (
 // interopTimeout bounds each external tool; uclient sends a handful of
 // packets 20 ms apart, so a run takes about a second.
 const interopTimeout = 30 * time.Second
-
-// requireTool returns the path of an interop binary, skipping the test when
-// it is missing unless STUND_REQUIRE_INTEROP=1 (CI), which makes it fatal.
-func requireTool(t *testing.T, name string) string {
-	t.Helper()
-	p, err := exec.LookPath(name)
-	if err != nil {
-		if os.Getenv("STUND_REQUIRE_INTEROP") == "1" {
-			t.Fatalf("%s not installed (Debian package coturn) and STUND_REQUIRE_INTEROP=1", name)
-		}
-		t.Skipf("%s not installed (Debian package coturn); set STUND_REQUIRE_INTEROP=1 to fail instead", name)
-	}
-
-	return p
-}
 
 // freeUDPPort asks the kernel for a free loopback port for a tool that only
 // takes a port number. The port is released before the tool binds it; on a
@@ -55,8 +39,8 @@ var (
 // TestInteropTURNUClient relays coturn's turnutils_uclient through stund to
 // turnutils_peer (an echo server) and checks that every message came back.
 func TestInteropTURNUClient(t *testing.T) {
-	uclient := requireTool(t, "turnutils_uclient")
-	peerBin := requireTool(t, "turnutils_peer")
+	uclient := interopTool(t, "turnutils_uclient")
+	peerBin := interopTool(t, "turnutils_peer")
 
 	s := startTURNServer(t, func(c *Config) { c.AllowPeers = mustPrefixes(t, "127.0.0.0/8") })
 	srv := s.Grid()[0][0]

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"io"
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -15,7 +14,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -344,62 +342,6 @@ func TestVersion(t *testing.T) {
 	}
 }
 
-// udpBlackHole returns 127.0.0.1:PORT where UDP is bound but never read (a
-// firewall dropping UDP, as far as the client can tell), and TCP on the same
-// port is proxied to tcpTarget; with no tcpTarget nothing listens on TCP.
-func udpBlackHole(t *testing.T, tcpTarget string) string {
-	t.Helper()
-	var wg sync.WaitGroup
-	t.Cleanup(wg.Wait) // runs last: after the listener is closed
-	for range 20 {     // a port free for both TCP and UDP, bounded tries
-		l, err := net.Listen("tcp4", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		u, err := net.ListenPacket("udp4", l.Addr().String())
-		if err != nil {
-			_ = l.Close()
-
-			continue
-		}
-		t.Cleanup(func() { _ = u.Close() })
-		if tcpTarget == "" {
-			_ = l.Close() // TCP refused
-
-			return l.Addr().String()
-		}
-		t.Cleanup(func() { _ = l.Close() })
-		wg.Go(func() {
-			for {
-				c, err := l.Accept()
-				if err != nil {
-					return
-				}
-				wg.Go(func() { splice(c, tcpTarget) })
-			}
-		})
-
-		return l.Addr().String()
-	}
-	t.Fatal("no port free for both UDP and TCP")
-
-	return ""
-}
-
-// splice copies between c and a new connection to target until one closes.
-func splice(c net.Conn, target string) {
-	defer c.Close()
-	u, err := net.DialTimeout("tcp", target, 5*time.Second)
-	if err != nil {
-		return
-	}
-	defer u.Close()
-	done := make(chan struct{}, 2)
-	go func() { _, _ = io.Copy(u, c); done <- struct{}{} }()
-	go func() { _, _ = io.Copy(c, u); done <- struct{}{} }()
-	<-done
-}
-
 // checkUDPBlocked checks the report of a run in which no UDP request got a
 // reply: one JSON object, udp-blocked, mapping and filtering not measured
 // inconclusive with the reason.
@@ -433,7 +375,7 @@ func checkUDPBlocked(t *testing.T, r result) map[string]any {
 // report still comes (udp-blocked), with exit 3 and the message saying it
 // cannot tell a blocked UDP from a server that is down.
 func TestUnreachable(t *testing.T) {
-	addr := udpBlackHole(t, "")
+	addr := testutil.UDPBlackHole(t, "")
 	t.Setenv("NATPROBE_TURN_USER", "")
 	t.Setenv("NATPROBE_TURN_PASS", "")
 	t.Setenv("NATPROBE_TURN_SECRET", "")
@@ -462,7 +404,7 @@ func TestUnreachable(t *testing.T) {
 // TestUDPBlockedNothingAnswers: credentials given, but neither UDP nor TCP
 // nor TLS answers: exit 3, and the relay field says what was tried.
 func TestUDPBlockedNothingAnswers(t *testing.T) {
-	addr := udpBlackHole(t, "")
+	addr := testutil.UDPBlackHole(t, "")
 	r := natprobe(t, "--json", "--turn-user", testUser, "--turn-pass", testPass, addr)
 	if r.code != exitServer {
 		t.Fatalf("exit %d, want %d; stderr %q", r.code, exitServer, r.stderr)
@@ -485,7 +427,7 @@ func TestUDPBlockedNothingAnswers(t *testing.T) {
 // path, whose UDP behaviours stay inconclusive: exit 1, not 3.
 func TestUDPBlockedRelayOverTCP(t *testing.T) {
 	s := startStundServer(t, false, "")
-	addr := udpBlackHole(t, s.TCPAddrs()[0].String())
+	addr := testutil.UDPBlackHole(t, s.TCPAddrs()[0].String())
 	r := natprobe(t, "--json", "--turn-user", testUser, "--turn-pass", testPass, addr)
 	if r.code != exitInconclusive {
 		t.Fatalf("exit %d, want %d; stderr %q\n%s", r.code, exitInconclusive, r.stderr, r.stdout)
@@ -667,7 +609,7 @@ func TestHelpExitStatus(t *testing.T) {
 
 	s := startStundServer(t, false, "")
 	single := startStund(t, true)
-	blocked := udpBlackHole(t, s.TCPAddrs()[0].String())
+	blocked := testutil.UDPBlackHole(t, s.TCPAddrs()[0].String())
 	t.Setenv("NATPROBE_TURN_USER", testUser)
 	t.Setenv("NATPROBE_TURN_PASS", testPass)
 	for _, c := range []struct {

@@ -13,7 +13,6 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"os"
 	"os/exec"
 	"strings"
 	"syscall"
@@ -23,6 +22,8 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/stund/stund/server"
+
+	"github.com/stund/stund/internal/testutil"
 )
 
 //go:embed testdata/page.html
@@ -76,10 +77,7 @@ type pair struct {
 func TestChromiumDataChannelThroughRelay(t *testing.T) {
 	bin := chromium()
 	if bin == "" {
-		if os.Getenv("STUND_REQUIRE_INTEROP") == "1" {
-			t.Fatal("chromium not found; install Debian's chromium package (STUND_REQUIRE_INTEROP=1)")
-		}
-		t.Skip("chromium not installed (apt-get install chromium); set STUND_REQUIRE_INTEROP=1 to require it")
+		testutil.SkipUnlessRequired(t, "chromium not installed (apt-get install chromium)")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()

@@ -9,6 +9,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"io"
 	"math/big"
 	"net"
 	"os"
@@ -87,4 +88,57 @@ func SkipUnlessRequired(tb testing.TB, format string, args ...any) {
 		tb.Fatalf(format+" ("+RequireEnv+"=1: required here)", args...)
 	}
 	tb.Skipf(format, args...)
+}
+
+// UDPBlackHole returns a loopback address whose UDP port is bound but never
+// read (requests go unanswered, as when a firewall drops UDP) while TCP on
+// the same port is spliced to tcpTarget; with tcpTarget "" TCP is refused
+// too. Everything is closed when the test ends.
+func UDPBlackHole(tb testing.TB, tcpTarget string) string {
+	tb.Helper()
+	var wg sync.WaitGroup
+	tb.Cleanup(wg.Wait) // runs last: after the listener is closed
+	for range 20 {      // a port free for both TCP and UDP, bounded tries
+		l, err := net.Listen("tcp4", "127.0.0.1:0")
+		if err != nil {
+			tb.Fatal(err)
+		}
+		u, err := net.ListenPacket("udp4", l.Addr().String())
+		if err != nil {
+			_ = l.Close()
+			continue
+		}
+		tb.Cleanup(func() { _ = u.Close() })
+		if tcpTarget == "" {
+			_ = l.Close() // TCP refused
+			return l.Addr().String()
+		}
+		tb.Cleanup(func() { _ = l.Close() })
+		wg.Go(func() {
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				wg.Go(func() { splice(c, tcpTarget) })
+			}
+		})
+		return l.Addr().String()
+	}
+	tb.Fatal("no port free for both UDP and TCP")
+	return ""
+}
+
+// splice copies between c and a new connection to target until one closes.
+func splice(c net.Conn, target string) {
+	defer c.Close()
+	u, err := net.DialTimeout("tcp", target, 5*time.Second)
+	if err != nil {
+		return
+	}
+	defer u.Close()
+	done := make(chan struct{}, 2)
+	go func() { _, _ = io.Copy(u, c); done <- struct{}{} }()
+	go func() { _, _ = io.Copy(c, u); done <- struct{}{} }()
+	<-done
 }
