@@ -5,8 +5,8 @@ go 1.26.8
 require (
 	github.com/pion/logging v0.2.4
 	github.com/pion/stun/v4 v4.0.1
-	github.com/pion/transport/v5 v5.0.0
-	github.com/pion/turn/v5 v5.1.2
+	github.com/pion/transport/v5 v5.1.5
+	github.com/pion/turn/v5 v5.1.3
 	github.com/prometheus/client_golang v1.25.0
 	github.com/prometheus/client_model v0.6.3
 	github.com/urfave/cli/v2 v2.27.7

@@ -466,3 +466,9 @@ func (s *Server) allocRateThen(next turn.QuotaHandler) turn.QuotaHandler {
 		return next(userID, realm, src)
 	}
 }
+
+// AllowUnauth takes a token from src's per-IP budget of unauthenticated
+// answers. Other responders that a stranger can make stund send from the
+// same addresses (the SIP mirror) share this one budget, so a reflection
+// victim gets the same bound whichever protocol the spoofer uses.
+func (s *Server) AllowUnauth(src netip.Addr) bool { return s.allowUnauth(src) }
