@@ -2,7 +2,6 @@ package server
 
 import (
 	"errors"
-	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -126,47 +125,4 @@ func (b *bandwidth) dropped() (pkts, bytes uint64) {
 		return 0, 0
 	}
 	return b.droppedPkts.Load(), b.droppedBytes.Load()
-}
-
-// wrap puts the user's cap on a UDP relay socket; with no cap it returns
-// c itself.
-func (b *bandwidth) wrap(c net.PacketConn, userID string) net.PacketConn {
-	if b == nil {
-		return c
-	}
-	return &bwConn{PacketConn: c, b: b, user: userID, u: b.acquire(userID)}
-}
-
-// bwConn is a relay socket under a user's bandwidth cap (RFC 8656 §7.2
-// leaves the relaying policy to the server).
-type bwConn struct {
-	net.PacketConn
-	b     *bandwidth
-	user  string
-	u     *userBW
-	close sync.Once
-}
-
-// WriteTo sends toward a peer, or drops the datagram over the cap.
-func (c *bwConn) WriteTo(p []byte, addr net.Addr) (int, error) {
-	if !c.b.take(&c.u.out, len(p)) {
-		return 0, errBandwidth
-	}
-	return c.PacketConn.WriteTo(p, addr)
-}
-
-// ReadFrom returns the next datagram from a peer within the cap; those
-// over it are dropped here, before pion relays them to the client.
-func (c *bwConn) ReadFrom(p []byte) (int, net.Addr, error) {
-	for {
-		n, addr, err := c.PacketConn.ReadFrom(p)
-		if err != nil || c.b.take(&c.u.in, n) {
-			return n, addr, err
-		}
-	}
-}
-
-func (c *bwConn) Close() error {
-	c.close.Do(func() { c.b.release(c.user, c.u) })
-	return c.PacketConn.Close()
 }

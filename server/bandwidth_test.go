@@ -3,6 +3,7 @@ package server
 import (
 	"errors"
 	"net"
+	"net/netip"
 	"testing"
 	"time"
 )
@@ -77,8 +78,13 @@ func TestBandwidthConnBothDirections(t *testing.T) {
 		return c
 	}
 	peer := listen()
-	r1 := b.wrap(listen(), "alice")
-	r2 := b.wrap(listen(), "alice")
+	led := newLedger()
+	var live livePolicy
+	live.swap(NewPeerPolicy([]netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}, nil, nil))
+	var ops opsStats
+	lo := netip.MustParseAddr("127.0.0.1")
+	r1 := testRelaySocket(t, listen(), "alice", led, &live, &ops, b, lo)
+	r2 := testRelaySocket(t, listen(), "alice", led, &live, &ops, b, lo)
 	pkt := make([]byte, 1024)
 	ok := 0
 	for i := 0; i < 100; i++ {

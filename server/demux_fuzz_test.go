@@ -118,7 +118,7 @@ func FuzzDemuxUDP(f *testing.F) {
 			pkt = pkt[:1500]
 		}
 		fake := &fakePacketConn{in: pkt, from: &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 9}}
-		pc := &stunPacketConn{PacketConn: fake, s: s, at: endpoint{}, local: dst}
+		pc := &stunPacketConn{PacketConn: fake, deps: s.udp, at: endpoint{}, local: dst}
 		n, _, err := pc.ReadFrom(buf)
 		if err == nil {
 			got := buf[:n]
@@ -190,10 +190,10 @@ func (c *fakeStreamConn) SetDeadline(time.Time) error      { return nil }
 func (c *fakeStreamConn) SetReadDeadline(time.Time) error  { return nil }
 func (c *fakeStreamConn) SetWriteDeadline(time.Time) error { return nil }
 
-// FuzzDemuxStream: stunStreamConn.Read, over any byte stream cut into any
-// reads, passes pion only whole STUN or ChannelData frames (RFC 8656
-// §12.5 padding included), byte for byte as they came, and stops at the
-// first unframeable byte or the end.
+// FuzzDemuxStream: streamConn.Read, over any byte stream cut into any
+// reads, passes pion only whole STUN frames no larger than maxStreamSTUN,
+// never Binding and never ChannelData (the data plane's), each in one Read,
+// and stops at the first unframeable byte or the end.
 func FuzzDemuxStream(f *testing.F) {
 	for _, s := range fuzzSeeds() {
 		f.Add([]byte{3, 200, 0}, append(append([]byte{}, s...), s...))
@@ -204,30 +204,24 @@ func FuzzDemuxStream(f *testing.F) {
 			stream = stream[:1<<17]
 		}
 		fake := &fakeStreamConn{in: stream, chunks: chunks}
-		sc := &stunStreamConn{Conn: fake, s: s, local: netip.MustParseAddrPort("127.0.0.1:3478"), remote: netip.MustParseAddrPort("127.0.0.1:9")}
-		var passed []byte
-		p := make([]byte, 1600) // pion's read buffer size
+		sc := newStreamConn(fake, s.stream, endpoint{})
+		defer sc.Close()
+		p := make([]byte, pionInboundMTU) // pion's read buffer size
 		for i := 0; i <= len(stream)+1; i++ {
 			n, err := sc.Read(p)
-			passed = append(passed, p[:n]...)
 			if err != nil {
 				break
 			}
-			if n == 0 {
-				t.Fatal("Read returned 0 bytes and no error")
+			// Each Read is exactly one whole frame, none of them Binding
+			// or ChannelData.
+			got := p[:n]
+			fl, kind, ferr := stunwire.FrameLen(got)
+			if ferr != nil || fl != n || n > maxStreamSTUN {
+				t.Fatalf("pion got a partial, oversized or unframeable frame: %v len %d/%d (% x)", ferr, fl, n, got[:min(n, 32)])
 			}
-		}
-		// What pion got is a sequence of whole frames, none of them
-		// Binding, each a frame of the input stream.
-		for len(passed) > 0 {
-			n, _, err := stunwire.FrameLen(passed)
-			if err != nil || n > len(passed) {
-				t.Fatalf("pion got a partial or unframeable frame: %v (% x)", err, passed[:min(len(passed), 32)])
+			if kind == stunwire.KindChannelData || isBinding(got) {
+				t.Fatalf("pion got a %v frame", kind)
 			}
-			if isBinding(passed[:n]) {
-				t.Fatal("pion got a Binding frame")
-			}
-			passed = passed[n:]
 		}
 	})
 }

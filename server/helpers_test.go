@@ -225,3 +225,17 @@ func echoBothWays(t *testing.T, a, b net.Conn, what string) {
 		}
 	}
 }
+
+// testRelaySocket wraps relay as the generator does, records an allocation
+// of user for it in led (on a made-up 5-tuple) and gives the permitted
+// peers a permission, as pion's events would.
+func testRelaySocket(t *testing.T, relay net.PacketConn, user string, led *ledger, live *livePolicy, ops *opsStats, bw *bandwidth, permitted ...netip.Addr) *relaySocket {
+	t.Helper()
+	rs := newRelaySocket(relay, addrPortOf(relay.LocalAddr()), user, led, live, ops, bw)
+	tuple := fiveTuple{src: netip.AddrPortFrom(netip.MustParseAddr("192.0.2.1"), rs.addr.Port()), dst: netip.MustParseAddrPort("192.0.2.2:3478")}
+	led.created(tuple, user, "", rs.addr)
+	for _, p := range permitted {
+		led.permCreated(tuple, p)
+	}
+	return rs
+}

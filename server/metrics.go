@@ -10,10 +10,8 @@ package server
 // expiry, so their number is unbounded.
 
 import (
-	"net"
 	"net/http"
 	"net/http/pprof"
-	"net/netip"
 	"strings"
 	"sync/atomic"
 
@@ -74,81 +72,6 @@ func (s *Server) onAuth(method string, ok bool) {
 	if method == stun.MethodAllocate.String() {
 		s.ops.allocAuthIntegrity.Add(1)
 	}
-}
-
-// relayConn wraps every UDP relay socket (RFC 8656 §7.2): it applies the
-// current peer policy to each packet toward a peer (the backstop for the
-// port-level rules a permission cannot express, see PeerPolicy.RelayConn)
-// and counts relayed packets and bytes each way.
-type relayConn struct {
-	net.PacketConn
-	live *livePolicy
-	ops  *opsStats
-	// last is the most recent peer the policy allowed, and under which
-	// policy: a relay sends to one peer (or a few) at a time, so most
-	// packets skip the policy walk; a reload swaps the policy pointer
-	// and so invalidates it.
-	last atomic.Pointer[relayVerdict]
-	// lastFrom is the peer address ReadFrom last returned; only the
-	// allocation's read goroutine touches it.
-	lastFrom   *net.UDPAddr
-	lastFromAP netip.AddrPort
-}
-
-type relayVerdict struct {
-	pol *PeerPolicy
-	to  netip.AddrPort
-}
-
-func newRelayConn(c net.PacketConn, live *livePolicy, ops *opsStats) net.PacketConn {
-	return &relayConn{PacketConn: c, live: live, ops: ops}
-}
-
-// WriteTo sends toward the peer.
-func (c *relayConn) WriteTo(b []byte, addr net.Addr) (int, error) {
-	ap := addrPortOf(addr)
-	pol := c.live.load()
-	if v := c.last.Load(); v == nil || v.pol != pol || v.to != ap {
-		if !ap.IsValid() || !pol.AllowedAddrPort(ap) {
-			c.ops.relayRefused.Add(1)
-			return 0, ErrPeerRefused
-		}
-		c.last.Store(&relayVerdict{pol: pol, to: ap})
-	}
-	n, err := c.PacketConn.WriteTo(b, addr)
-	if err == nil {
-		c.ops.relayPktsOut.Add(1)
-		c.ops.relayBytesOut.Add(uint64(n))
-	}
-	return n, err
-}
-
-// ReadFrom receives from a peer. On a plain UDP socket it reads without
-// allocating the peer's address: it hands pion the same *net.UDPAddr
-// while the peer stays the same (pion only looks the address up, never
-// keeps or changes it), which was 13% of the bytes the server allocated
-// while relaying (bench/README.md).
-func (c *relayConn) ReadFrom(b []byte) (int, net.Addr, error) {
-	var n int
-	var addr net.Addr
-	var err error
-	if uc, ok := c.PacketConn.(*net.UDPConn); ok {
-		var ap netip.AddrPort
-		n, ap, err = uc.ReadFromUDPAddrPort(b)
-		if err == nil {
-			if c.lastFrom == nil || c.lastFromAP != ap {
-				c.lastFromAP, c.lastFrom = ap, net.UDPAddrFromAddrPort(ap)
-			}
-			addr = c.lastFrom
-		}
-	} else {
-		n, addr, err = c.PacketConn.ReadFrom(b)
-	}
-	if err == nil {
-		c.ops.relayPktsIn.Add(1)
-		c.ops.relayBytesIn.Add(uint64(n))
-	}
-	return n, addr, err
 }
 
 // Ready reports whether the server serves: New bound every socket (it binds

@@ -22,6 +22,7 @@ type relayGenerator struct {
 	live     *livePolicy // the peer policy in force (Reload swaps it)
 	ops      *opsStats   // relayed packet and byte counters
 	bw       *bandwidth  // per-user cap (bandwidth.go); nil: none
+	led      *ledger     // relay sockets are recorded there (ledger.go)
 	// local is the IP relays are bound on; the announced relayed address
 	// carries its public form (--advertise), which the host may not have.
 	local netip.Addr
@@ -45,8 +46,7 @@ func (g *relayGenerator) AllocatePacketConn(c turn.AllocateListenerConfig) (net.
 	if err != nil {
 		return nil, nil, err
 	}
-	// The cap sits under the counters, so they count what was relayed.
-	return newRelayConn(g.bw.wrap(conn, c.UserID), g.live, g.ops), addr, nil
+	return newRelaySocket(conn, addrPortOf(addr), c.UserID, g.led, g.live, g.ops, g.bw), addr, nil
 }
 
 // AllocateListener binds a TCP relay (RFC 6062 §5.1).

@@ -44,6 +44,12 @@ type Server struct {
 	streamAt  map[net.Listener]int // listener -> ip index
 	binder    *binder
 	turn      *turn.Server
+	led       *ledger     // the allocations (ledger.go)
+	data      *dataPlane  // ChannelData toward peers (dataplane.go)
+	authLog   *authLog    // failed authentications (authlog.go)
+	pionNonce *pionNonces // pion's nonces from its private port (piontap.go)
+	udp       *udpDeps    // what the grid sockets route to (demux.go)
+	stream    *streamDeps // what TCP/TLS connections route to (stream.go)
 	auth      *Authenticator
 	quotas    *Quotas
 	front     *turnFront // auth and RFC 8656 checks in front of pion (guard.go)
@@ -216,8 +222,20 @@ func (s *Server) startTURN() error {
 
 	s.auth = NewAuthenticator(Credentials{Realm: cfg.Realm, Users: cfg.Users, Secrets: cfg.AuthSecrets})
 	s.quotas = NewQuotas(cfg.UserQuota, cfg.TotalQuota)
-	s.front = newTurnFront(s, DefaultNonceLifetime)
 	s.initLimits(cfg.abuse)
+	s.led = newLedger()
+	s.data = &dataPlane{led: s.led}
+	s.authLog = newAuthLog(s.log, &s.ops)
+	s.pionNonce = newPionNonces()
+	s.front = newTurnFront(frontDeps{
+		auth: s.auth, policy: &s.live, led: s.led, pion: s.pionNonce,
+		allowUnauth: s.allowUnauth, authFailed: s.authLog.failed,
+		log: s.log, realmLen: len(cfg.Realm),
+	}, cfg.PrimaryIP.Unmap().Is4(), DefaultNonceLifetime)
+	binding := &bindingStage{binder: s.binder, noteProbe: s.noteProbe}
+	s.udp = &udpDeps{binding: binding, front: s.front, data: s.data, demux: &s.demux, allowUnauth: s.allowUnauth, grid: &s.grid}
+	s.stream = &streamDeps{binding: binding, front: s.front, data: s.data, limits: &s.limits, demux: &s.demux}
+	udp, stream := s.udp, s.stream
 
 	lf := cfg.LoggerFactory
 	if lf == nil {
@@ -227,8 +245,10 @@ func (s *Server) startTURN() error {
 	}
 
 	tc := turn.ServerConfig{
-		Realm:         cfg.Realm,
-		AuthHandler:   s.countAuth(s.auth.AuthHandler()),
+		Realm: cfg.Realm,
+		// The front has verified every request pion sees (front.go), so
+		// pion's own check only repeats ours under the key we re-signed with.
+		AuthHandler:   s.auth.AuthHandler(),
 		QuotaHandler:  s.allocRateThen(s.quotas.QuotaHandler()),
 		EventHandler:  s.eventHandler(),
 		LoggerFactory: lf,
@@ -237,13 +257,16 @@ func (s *Server) startTURN() error {
 		// values under an hour as they are and falls back to this for
 		// 3600, so this must be the maximum.
 		AllocationLifetime: maxLifetimeSec * time.Second,
+		InboundMTU:         pionInboundMTU,
+		// pion's private port for minting its nonces (piontap.go).
+		PacketConnConfigs: []turn.PacketConnConfig{{PacketConn: s.pionNonce.tap, RelayAddressGenerator: noRelay{}}},
 	}
 	for i := range s.grid {
 		for p := range s.grid[i] {
 			// One read loop per socket of the cell (udpsock.go).
 			for _, c := range s.gridSocks[i][p] {
 				tc.PacketConnConfigs = append(tc.PacketConnConfigs, turn.PacketConnConfig{
-					PacketConn:            &stunPacketConn{PacketConn: c, s: s, at: endpoint{ip: i, port: p}, local: s.gridAddr[i][p]},
+					PacketConn:            &stunPacketConn{PacketConn: c, deps: udp, at: endpoint{ip: i, port: p}, local: s.gridAddr[i][p]},
 					RelayAddressGenerator: s.relayGen(i),
 					PermissionHandler:     s.live.permissionHandler(),
 				})
@@ -253,7 +276,7 @@ func (s *Server) startTURN() error {
 	for _, l := range append(append([]net.Listener{}, s.tcp...), s.tls...) {
 		i := s.streamAt[l]
 		tc.ListenerConfigs = append(tc.ListenerConfigs, turn.ListenerConfig{
-			Listener:              &stunListener{Listener: l, s: s, ip: i},
+			Listener:              &stunListener{Listener: l, deps: stream, ip: i},
 			RelayAddressGenerator: s.relayGen(i),
 			PermissionHandler:     s.live.permissionHandler(),
 		})
@@ -263,6 +286,10 @@ func (s *Server) startTURN() error {
 		return fmt.Errorf("turn: %w", err)
 	}
 	s.turn = ts
+	if s.pionNonce.current() == nil {
+		_ = ts.Close()
+		return fmt.Errorf("turn: pion did not mint a nonce on its private port")
+	}
 	return nil
 }
 
@@ -288,47 +315,52 @@ func (s *Server) relayGen(i int) turn.RelayAddressGenerator {
 		live:  &s.live,
 		ops:   &s.ops,
 		bw:    s.limits.bw,
+		led:   s.led,
 		local: ip,
 	}
 }
 
-// eventHandler logs one line per allocation lifecycle event and keeps the
-// quota counts.
+// eventHandler keeps the ledger (ledger.go) and the quotas in step with
+// pion, and logs one line per allocation lifecycle event.
 func (s *Server) eventHandler() turn.EventHandler {
 	return turn.EventHandler{
 		OnAllocationCreated: func(src, dst net.Addr, proto, user, realm string, relay net.Addr, reqPort int) {
 			s.quotas.OnCreated(user)
-			s.front.allocCreated(src, dst, user)
+			s.led.created(tupleOf(src, dst), user, realm, addrPortOf(relay))
 			s.ops.allocCreated.Add(1)
 			s.log.Info("allocation created", "client", src.String(), "server", dst.String(), "proto", proto, "user", user, "relay", relay.String())
 		},
 		OnAllocationDeleted: func(src, dst net.Addr, proto, user, realm string) {
 			s.quotas.OnDeleted(user)
-			s.front.allocDeleted(src, dst)
+			s.led.deleted(tupleOf(src, dst))
 			s.ops.allocDeleted.Add(1)
 			s.log.Info("allocation deleted", "client", src.String(), "server", dst.String(), "proto", proto, "user", user)
 		},
 		OnAllocationError: func(src, dst net.Addr, proto, msg string) {
 			s.log.Debug("turn request failed", "client", src.String(), "server", dst.String(), "proto", proto, "error", msg)
 		},
-		OnAuth: func(src, dst net.Addr, proto, user, realm, method string, ok bool) {
-			s.onAuth(method, ok)
-			if !ok {
-				s.log.Info("authentication failed", "client", src.String(), "user", user, "method", method)
-			}
-		},
 		// Counted for metrics only: one line per permission or channel
 		// would be a line per peer, too many at info.
 		OnPermissionCreated: func(src, dst net.Addr, _, _, _ string, _ net.Addr, peer net.IP) {
 			s.ops.permCreated.Add(1)
-			s.front.permCreated(src, dst, peer) // permission count (guard.go)
+			if a, ok := netip.AddrFromSlice(peer); ok {
+				s.led.permCreated(tupleOf(src, dst), a.Unmap())
+			}
 		},
 		OnPermissionDeleted: func(src, dst net.Addr, _, _, _ string, _ net.Addr, peer net.IP) {
 			s.ops.permDeleted.Add(1)
-			s.front.permDeleted(src, dst, peer)
+			if a, ok := netip.AddrFromSlice(peer); ok {
+				s.led.permDeleted(tupleOf(src, dst), a.Unmap())
+			}
 		},
-		OnChannelCreated: func(_, _ net.Addr, _, _, _ string, _, _ net.Addr, _ uint16) { s.ops.chanCreated.Add(1) },
-		OnChannelDeleted: func(_, _ net.Addr, _, _, _ string, _, _ net.Addr, _ uint16) { s.ops.chanDeleted.Add(1) },
+		OnChannelCreated: func(src, dst net.Addr, _, _, _ string, _, peer net.Addr, number uint16) {
+			s.ops.chanCreated.Add(1)
+			s.led.chanCreated(tupleOf(src, dst), number, addrPortOf(peer))
+		},
+		OnChannelDeleted: func(src, dst net.Addr, _, _, _ string, _, _ net.Addr, number uint16) {
+			s.ops.chanDeleted.Add(1)
+			s.led.chanDeleted(tupleOf(src, dst), number)
+		},
 	}
 }
 
@@ -359,7 +391,7 @@ func (s *Server) Close() error {
 	s.closing.Store(true) // /readyz answers 503 from here on
 	s.closeOnce.Do(func() {
 		if s.turn != nil {
-			s.closeErr = s.turn.Close() // closes the wrapped grid and listeners, and the allocations
+			s.closeErr = s.turn.Close() // closes the wrapped grid and listeners, the tap, and the allocations
 		}
 		// Close only: the read loops may still be answering a Binding
 		// from the grid while they unwind, so the grid must not be

@@ -124,7 +124,7 @@ func TestRelayConnVerdictCache(t *testing.T) {
 	var live livePolicy
 	live.cur.Store(NewPeerPolicy([]netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}, nil, nil))
 	var ops opsStats
-	rc := newRelayConn(relay, &live, &ops)
+	rc := testRelaySocket(t, relay, "alice", newLedger(), &live, &ops, nil)
 	for i := 0; i < 3; i++ {
 		if _, err := rc.WriteTo([]byte("x"), peerAddr); err != nil {
 			t.Fatalf("write %d to an allowed peer: %v", i, err)
@@ -145,7 +145,7 @@ func TestRelayConnVerdictCache(t *testing.T) {
 }
 
 // BenchmarkRelayPolicyCheck: the per-packet peer check toward a peer,
-// walked in full (Uncached) and as relayConn.WriteTo does it with the
+// walked in full (Uncached) and as relaySocket.WriteTo does it with the
 // verdict cached (Cached, without the sendto).
 func BenchmarkRelayPolicyCheck(b *testing.B) {
 	pol := NewPeerPolicy([]netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}, nil, nil)
@@ -181,7 +181,7 @@ func TestRelayConnReadFromPeers(t *testing.T) {
 	var live livePolicy
 	live.cur.Store(NewPeerPolicy(nil, nil, nil))
 	var ops opsStats
-	rc := newRelayConn(relay, &live, &ops)
+	rc := testRelaySocket(t, relay, "alice", newLedger(), &live, &ops, nil, netip.MustParseAddr("127.0.0.1"))
 	to := relay.LocalAddr().(*net.UDPAddr).AddrPort()
 	order := []*net.UDPConn{p1, p1, p2, p1, p2, p2}
 	for _, p := range order {

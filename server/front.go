@@ -2,12 +2,10 @@ package server
 
 import (
 	"crypto/hmac"
-	"crypto/rand"
 	"crypto/sha1" //nolint:gosec // MESSAGE-INTEGRITY is HMAC-SHA1 (RFC 8489 §14.5)
 	"encoding/binary"
-	"net"
+	"log/slog"
 	"net/netip"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -41,20 +39,21 @@ import (
 //     (RFC 8489 §6.3.1), answered after authentication, with
 //     MESSAGE-INTEGRITY.
 //
-// pion still authenticates what it is given, with its own internal nonces.
-// So an accepted request is re-signed: NONCE replaced by a current pion
-// nonce and MESSAGE-INTEGRITY recomputed with the user's key (which the
-// front has just verified). The pion nonce is obtained by injecting a
-// synthetic unauthenticated Allocate into pion's read loop (from
-// frontSentinel on UDP, with frontSynthID on a stream) and capturing pion's
-// 401 in WriteTo/Write; it never reaches the wire. pion's nonces are valid
-// for 60 minutes; the front refreshes after pionNonceRefresh.
+// pion still authenticates what it is given, with its own nonces, which
+// cannot be configured. So an accepted request is re-signed: NONCE replaced
+// by a current pion nonce and MESSAGE-INTEGRITY recomputed with the user's
+// key (which the front has just verified). pion's nonces come from a
+// private, in-memory port of pion's (piontap.go) that no client reaches;
+// the wire only ever carries ours (nonce.go), which bind to the client's
+// address and transport and expire in minutes.
 //
 // Error responses to requests that passed the integrity check carry
 // MESSAGE-INTEGRITY (RFC 8489 §9.2.4, last paragraph), and FINGERPRINT when
 // the request had one. Unauthenticated answers (401, 400, 438) carry no
-// reason phrase and are never more than twice the request (issue 6), else
-// they are dropped and counted.
+// reason phrase and are never more than twice the request (at most twice over UDP), else
+// they are dropped and counted. Every unauthenticated answer, on UDP and
+// streams alike, takes a token from the source IP's budget (ratelimit.go).
+// Indications are never answered (RFC 8489 §6.3.2): only Send goes to pion.
 //
 // Per packet the front does one pass over the attributes, no goroutine and
 // no buffer of its own (it writes into the connection's scratch buffer);
@@ -65,12 +64,8 @@ const (
 	// "servers SHOULD NOT" grant more than 3600 s.
 	minLifetimeSec = 600
 	maxLifetimeSec = 3600
-	// maxPermissions bounds the permissions of one allocation (issue 6):
-	// each costs a timer and a map entry in pion; real clients use a few.
+	// maxPermissions bounds the permissions of one allocation: each costs a timer and a map entry in pion; real clients use a few.
 	maxPermissions = 1024
-	// pionNonceRefresh: pion's short nonces are valid 60 minutes (minute
-	// granularity); re-minting at 20 leaves 40 minutes of margin.
-	pionNonceRefresh = 20 * time.Minute
 	// maxUnknownReported bounds UNKNOWN-ATTRIBUTES; a client that sent more
 	// learns of the first ones, which is enough to fail fast.
 	maxUnknownReported = 16
@@ -130,32 +125,19 @@ func stunType(method, class uint16) uint16 {
 }
 
 const (
-	classRequest  = 0x0000
-	classSuccess  = 0x0100
-	classError    = 0x0110
-	classMask     = 0x0110
-	typeAllocErr  = 0x0113 // Allocate error response
-	stunCookieLen = 4
+	// protoTCP is REQUESTED-TRANSPORT's protocol number for TCP (RFC 6062 §6.2).
+	protoTCP = 6
+	// methodSend is the Send indication's method (RFC 8656 §18).
+	methodSend = 0x006
+
+	classRequest    = 0x0000
+	classIndication = 0x0010
+	classSuccess    = 0x0100
+	classError      = 0x0110
+	classMask       = 0x0110
+	typeAllocErr    = 0x0113 // Allocate error response
+	stunCookieLen   = 4
 )
-
-// fiveTuple identifies an allocation (RFC 8656 §2): client and server
-// transport addresses and the transport between them.
-type fiveTuple struct {
-	src, dst netip.AddrPort
-	tcp      bool
-}
-
-func tupleOf(src, dst net.Addr) fiveTuple {
-	_, tcp := src.(*net.TCPAddr)
-	return fiveTuple{src: addrPortOf(src), dst: addrPortOf(dst), tcp: tcp}
-}
-
-// frontAlloc is what the front knows of a live allocation, fed by pion's
-// EventHandler (server.go).
-type frontAlloc struct {
-	user  string
-	perms map[netip.Addr]struct{}
-}
 
 // FrontStats counts the front's decisions.
 type FrontStats struct {
@@ -171,53 +153,44 @@ type FrontStats struct {
 	Amplification uint64 // unauthenticated answers not sent: over 2x the request
 	Malformed     uint64 // dropped: bad attributes or FINGERPRINT
 	Passed        uint64 // handed to pion, re-signed
-	PionNonces    uint64 // pion nonces captured
+	Indications   uint64 // dropped: indications other than Send
 }
 
 type frontStats struct {
 	challenged, authFailed, badRequest, stale, noAlloc, wrongCreds, forbidden,
-	capacity, unknownAttr, amplification, malformed, passed, pionNonces atomic.Uint64
+	capacity, unknownAttr, amplification, malformed, passed, indications atomic.Uint64
 }
 
-// pionNonce is a nonce pion minted, and when we got it.
-type pionNonce struct {
-	val []byte
-	at  time.Time
+// frontDeps is what the front consults; the server builds it once.
+type frontDeps struct {
+	auth   *Authenticator
+	policy *livePolicy
+	led    *ledger
+	pion   *pionNonces
+	// allowUnauth takes a token from the source IP's budget of
+	// unauthenticated answers (ratelimit.go).
+	allowUnauth func(netip.Addr) bool
+	// authFailed counts and logs one failed authentication (authlog.go).
+	authFailed func(f authFailure)
+	log        *slog.Logger
+	realmLen   int
 }
 
 // turnFront is the per-server front; frontConn is its per-read-loop state.
 type turnFront struct {
-	s       *Server
-	nonces  *nonceMinter
-	synthID [12]byte
-	synth   []byte // the synthetic Allocate (header only) injected for a pion nonce
-	family  byte   // the REQUESTED-ADDRESS-FAMILY the relays serve: 0x01 IPv4, 0x02 IPv6
-
-	pion atomic.Pointer[pionNonce]
-
-	mu     sync.Mutex
-	allocs map[fiveTuple]*frontAlloc
+	frontDeps
+	nonces *nonceMinter
+	family byte // the REQUESTED-ADDRESS-FAMILY the relays serve: 0x01 IPv4, 0x02 IPv6
 
 	stats        frontStats
 	budgetWarned atomic.Int64 // unix nanos of the last warnBudget line
 }
 
-// frontSentinel is the source address of the synthetic request on UDP:
-// stunPacketConn.WriteTo recognises pion's answer by this pointer.
-var frontSentinel net.Addr = &net.UDPAddr{IP: net.IPv4zero, Port: 0}
-
-func newTurnFront(s *Server, nonceLife time.Duration) *turnFront {
-	f := &turnFront{s: s, nonces: newNonceMinter(nonceLife, nil), allocs: map[fiveTuple]*frontAlloc{}, family: 0x01}
-	if !s.cfg.PrimaryIP.Unmap().Is4() {
+func newTurnFront(d frontDeps, ipv4 bool, nonceLife time.Duration) *turnFront {
+	f := &turnFront{frontDeps: d, nonces: newNonceMinter(nonceLife, nil), family: 0x01}
+	if !ipv4 {
 		f.family = 0x02
 	}
-	if _, err := rand.Read(f.synthID[:]); err != nil {
-		panic("front: " + err.Error())
-	}
-	var id [16]byte
-	binary.BigEndian.PutUint32(id[:4], stunwire.MagicCookie)
-	copy(id[4:], f.synthID[:])
-	f.synth = stunwire.Finish(stunwire.AppendHeader(nil, stunType(methodAllocate, classRequest), &id), 0)
 	return f
 }
 
@@ -229,67 +202,28 @@ func (f *turnFront) Stats() FrontStats {
 		StaleNonce: st.stale.Load(), NoAllocation: st.noAlloc.Load(), WrongCreds: st.wrongCreds.Load(),
 		Forbidden: st.forbidden.Load(), Capacity: st.capacity.Load(), UnknownAttr: st.unknownAttr.Load(),
 		Amplification: st.amplification.Load(), Malformed: st.malformed.Load(), Passed: st.passed.Load(),
-		PionNonces: st.pionNonces.Load(),
+		Indications: st.indications.Load(),
 	}
 }
 
 // Front returns the TURN front's counters.
 func (s *Server) Front() FrontStats { return s.front.Stats() }
 
-// EventHandler feeds (server.go).
-
-func (f *turnFront) allocCreated(src, dst net.Addr, user string) {
-	f.mu.Lock()
-	f.allocs[tupleOf(src, dst)] = &frontAlloc{user: user, perms: map[netip.Addr]struct{}{}}
-	f.mu.Unlock()
-}
-
-func (f *turnFront) allocDeleted(src, dst net.Addr) {
-	f.mu.Lock()
-	delete(f.allocs, tupleOf(src, dst))
-	f.mu.Unlock()
-}
-
-func (f *turnFront) permCreated(src, dst net.Addr, peer net.IP) {
-	a, ok := netip.AddrFromSlice(peer)
-	if !ok {
-		return
-	}
-	f.mu.Lock()
-	if al := f.allocs[tupleOf(src, dst)]; al != nil {
-		al.perms[a.Unmap()] = struct{}{}
-	}
-	f.mu.Unlock()
-}
-
-func (f *turnFront) permDeleted(src, dst net.Addr, peer net.IP) {
-	a, ok := netip.AddrFromSlice(peer)
-	if !ok {
-		return
-	}
-	f.mu.Lock()
-	if al := f.allocs[tupleOf(src, dst)]; al != nil {
-		delete(al.perms, a.Unmap())
-	}
-	f.mu.Unlock()
-}
-
-// frontConn is the front's state for one read loop (one UDP socket or one
-// TCP/TLS connection); only that loop's goroutine touches it.
+// frontConn is the front's scratch for one read loop (one UDP socket or
+// one TCP/TLS connection); only that loop's goroutine touches it.
 type frontConn struct {
-	out      []byte   // scratch: replies and re-signed requests
-	held     []byte   // a request held back while pion mints a nonce
-	heldAddr net.Addr // its source (UDP)
-	holding  bool
+	out []byte // replies and re-signed requests
+}
 
-	// The request last handed to pion, for signResponse: its transaction
-	// ID (with the cookie), the client's key, the key it was re-signed
-	// with for pion, and whether it had FINGERPRINT. pion answers it from
-	// this read loop's goroutine before the next read.
-	passID               [16]byte
-	passKey, passPionKey []byte
-	passFP               bool
-	wout                 []byte // scratch: re-signed responses
+// passedRequest is what the front remembers of the request it handed pion
+// last on a read loop, so that pion's answer can be signed for the client:
+// its transaction ID (with the cookie), the client's key, the key it was
+// re-signed with for pion, and whether it had FINGERPRINT.
+type passedRequest struct {
+	id           [16]byte
+	key, pionKey []byte
+	fp           bool
+	wout         []byte // scratch: re-signed responses
 }
 
 // frontVerdict says what the read loop does with a message.
@@ -302,8 +236,6 @@ const (
 	frontReply
 	// frontDrop: nothing to send, nothing for pion.
 	frontDrop
-	// frontInject: hold the request, hand pion f.synth first.
-	frontInject
 )
 
 // reqAttrs is what one pass over a request's attributes found.
@@ -315,27 +247,43 @@ type reqAttrs struct {
 	channel                    []byte
 	haveChannel                bool
 	family                     []byte // REQUESTED-ADDRESS-FAMILY, nil if absent
+	transport                  []byte // REQUESTED-TRANSPORT, nil if absent
 	fingerprint                bool
 	unknown                    [maxUnknownReported]uint16
 	nUnknown                   int
 }
 
 // inspect runs the front on one STUN message (already framed, cookie form)
-// from src to the server's dst. mayInject is false when the message is a
-// held request coming back after an injection (it must not loop).
-func (f *turnFront) inspect(fc *frontConn, pkt []byte, src, dst netip.AddrPort, tcp, mayInject bool) (frontVerdict, []byte) {
+// from src to the server's dst. For frontPass it also returns what
+// signResponse needs to sign pion's answer.
+func (f *turnFront) inspect(fc *frontConn, pkt []byte, src, dst netip.AddrPort, tcp bool) (frontVerdict, []byte, passedRequest) {
+	var none passedRequest
 	h, err := stunwire.ParseHeader(pkt)
 	if err != nil || !h.Cookie {
-		return frontPass, pkt // pion decides; the demux only lets framed STUN through
-	}
-	if h.Type&classMask != classRequest {
-		return frontPass, pkt // Send indications etc.: pion checks allocation and permission
+		f.stats.malformed.Add(1)
+		return frontDrop, nil, none // the demux lets only cookie STUN through
 	}
 	method := stunMethod(h.Type)
+	switch h.Type & classMask {
+	case classRequest:
+	case classIndication:
+		// RFC 8489 §6.3.2: an indication is never answered. Only Send
+		// means anything to a TURN server (RFC 8656 §10.2); pion checks
+		// its allocation and permission and answers nothing.
+		if method == methodSend {
+			return frontPass, pkt, none
+		}
+		f.stats.indications.Add(1)
+		return frontDrop, nil, none
+	default:
+		f.stats.malformed.Add(1) // responses are for clients, not for us
+		return frontDrop, nil, none
+	}
 	switch method {
 	case methodAllocate, methodRefresh, methodCreatePermission, methodChannelBind, methodConnect, methodConnectionBind:
 	default:
-		return frontPass, pkt // pion ignores methods it does not serve
+		f.stats.malformed.Add(1) // pion serves no other method, and answers nothing
+		return frontDrop, nil, none
 	}
 
 	var ra reqAttrs
@@ -350,7 +298,7 @@ func (f *turnFront) inspect(fc *frontConn, pkt []byte, src, dst netip.AddrPort, 
 			// RFC 8489 §7.3: a bad FINGERPRINT means "not STUN": drop.
 			if stunwire.CheckFingerprint(pkt, off, val) != nil {
 				f.stats.malformed.Add(1)
-				return frontDrop, nil
+				return frontDrop, nil, none
 			}
 			ra.fingerprint = true
 			continue
@@ -373,6 +321,8 @@ func (f *turnFront) inspect(fc *frontConn, pkt []byte, src, dst netip.AddrPort, 
 			ra.channel, ra.haveChannel = val, true
 		case attrRequestedFamily:
 			ra.family = val
+		case attrRequestedTrans:
+			ra.transport = val
 		default:
 			if typ < 0x8000 && !knownRequired(typ) && ra.nUnknown < maxUnknownReported {
 				ra.unknown[ra.nUnknown] = typ
@@ -382,39 +332,37 @@ func (f *turnFront) inspect(fc *frontConn, pkt []byte, src, dst netip.AddrPort, 
 	}
 	if it.Err() != nil {
 		f.stats.malformed.Add(1)
-		return frontDrop, nil
+		return frontDrop, nil, none
 	}
+	v, msg, pass := f.authenticate(fc, pkt, &h, method, &ra, src, dst, tcp)
+	return v, msg, pass
+}
 
-	realm := f.s.auth.Realm()
+// authenticate applies RFC 8489 §9.2.4 in its order, then the TURN checks;
+// it passes an accepted request on re-signed for pion.
+func (f *turnFront) authenticate(fc *frontConn, pkt []byte, h *stunwire.Header, method uint16, ra *reqAttrs, src, dst netip.AddrPort, tcp bool) (frontVerdict, []byte, passedRequest) {
+	var none passedRequest
+	realm := f.auth.Realm()
 	errType := stunType(method, classError)
 
 	// RFC 8489 §9.2.4, in its order.
 	if ra.miOff < 0 {
 		// No MESSAGE-INTEGRITY: 401 with REALM and NONCE, nothing kept.
 		f.stats.challenged.Add(1)
-		return f.unauth(fc, pkt, &h, errType, 401, realm, src, tcp)
+		return f.unauth(fc, pkt, h, errType, 401, realm, src, tcp)
 	}
 	if ra.username == nil || ra.realm == nil || ra.nonce == nil {
 		f.stats.badRequest.Add(1)
-		return f.unauth(fc, pkt, &h, errType, 400, "", src, tcp)
+		return f.unauth(fc, pkt, h, errType, 400, "", src, tcp)
 	}
 	// Every configured REST secret is tried (rotation, auth.go).
-	userID, key, pionKey, ok := f.s.auth.Verify(string(ra.username), string(ra.realm), func(k []byte) bool {
+	userID, key, pionKey, known := f.auth.Verify(string(ra.username), string(ra.realm), func(k []byte) bool {
 		return checkIntegrity(pkt, ra.miOff, ra.mi, k)
 	})
-	if !ok {
-		// The same counters pion's AuthHandler path feeds (metrics.go).
-		f.s.ops.authUnknown.Add(1)
-		if method == methodAllocate {
-			f.s.ops.allocAuthUnknown.Add(1)
-		}
-	} else if key == nil {
-		ok = false
-		f.s.onAuth(methodName(method), false)
-	}
-	if !ok {
+	if !known || key == nil {
 		f.stats.authFailed.Add(1)
-		return f.unauth(fc, pkt, &h, errType, 401, realm, src, tcp)
+		f.authFailed(authFailure{src: src, tcp: tcp, method: method, username: ra.username, realm: ra.realm, knownUser: known})
+		return f.unauth(fc, pkt, h, errType, 401, realm, src, tcp)
 	}
 	v := f.nonces.verify(ra.nonce, src, tcp)
 	if v == nonceBad && method == methodConnectionBind && tcp {
@@ -422,31 +370,32 @@ func (f *turnFront) inspect(fc *frontConn, pkt []byte, src, dst netip.AddrPort, 
 	}
 	if v != nonceOK {
 		f.stats.stale.Add(1)
-		return f.unauth(fc, pkt, &h, errType, 438, realm, src, tcp)
+		return f.unauth(fc, pkt, h, errType, 438, realm, src, tcp)
 	}
 
 	// Authenticated from here: every answer carries MESSAGE-INTEGRITY.
 	if ra.nUnknown > 0 {
 		f.stats.unknownAttr.Add(1)
-		return f.authReply(fc, &h, errType, 420, ra.unknown[:ra.nUnknown], key, ra.fingerprint)
+		v, msg := f.authReply(fc, h, errType, 420, ra.unknown[:ra.nUnknown], key, ra.fingerprint)
+		return v, msg, none
 	}
-	if code := f.check(pkt, &h, method, &ra, fiveTuple{src: src, dst: dst, tcp: tcp}, userID); code != 0 {
-		return f.authReply(fc, &h, errType, code, nil, key, ra.fingerprint)
+	if code := f.check(pkt, h, method, ra, fiveTuple{src: src, dst: dst, tcp: tcp}, userID); code != 0 {
+		v, msg := f.authReply(fc, h, errType, code, nil, key, ra.fingerprint)
+		return v, msg, none
 	}
-
-	pn := f.pion.Load()
-	if pn == nil || time.Since(pn.at) > pionNonceRefresh {
-		if mayInject {
-			return frontInject, nil
-		}
-		if pn == nil {
-			return frontDrop, nil // pion did not answer the injection; the client retransmits
-		}
+	pn := f.pion.current()
+	if pn == nil {
+		f.stats.malformed.Add(1)
+		return frontDrop, nil, none // pion did not mint a nonce; the client retransmits
+	}
+	msg := f.resign(fc, pkt, h, method, ra, pn, pionKey)
+	if len(msg) >= pionInboundMTU {
+		f.stats.malformed.Add(1)
+		return frontDrop, nil, none // pion would drop it as truncated
 	}
 	f.stats.passed.Add(1)
 	// pion answers this one (signResponse): remember whose it is.
-	fc.passID, fc.passKey, fc.passPionKey, fc.passFP = h.ID, key, pionKey, ra.fingerprint
-	return frontPass, f.resign(fc, pkt, &h, method, &ra, pn.val, pionKey)
+	return frontPass, msg, passedRequest{id: h.ID, key: key, pionKey: pionKey, fp: ra.fingerprint}
 }
 
 // maxControlConns bounds the control connections controlNonce tries: one
@@ -463,17 +412,7 @@ const maxControlConns = 16
 // minted for a connection of this user from this IP, and fresh.
 func (f *turnFront) controlNonce(nonce []byte, ip netip.Addr, userID string) nonceVerdict {
 	var cand [maxControlConns]netip.AddrPort
-	n := 0
-	f.mu.Lock()
-	for t, a := range f.allocs {
-		if t.tcp && t.src.Addr() == ip && a.user == userID {
-			cand[n] = t.src
-			if n++; n == len(cand) {
-				break
-			}
-		}
-	}
-	f.mu.Unlock()
+	n := f.led.controlTuples(cand[:], ip, userID)
 	v := nonceBad
 	for _, src := range cand[:n] {
 		switch f.nonces.verify(nonce, src, true) {
@@ -489,6 +428,15 @@ func (f *turnFront) controlNonce(nonce []byte, ip netip.Addr, userID string) non
 // check applies the allocation, lifetime, peer and channel rules; it
 // returns the error code to answer, or 0 to pass the request on.
 func (f *turnFront) check(pkt []byte, h *stunwire.Header, method uint16, ra *reqAttrs, tuple fiveTuple, userID string) int {
+	// RFC 6062 §5.1, §5.2, §5.4: TCP allocations, Connect and
+	// ConnectionBind exist only over a TCP or TLS control connection; over
+	// UDP they are 400 (and a Connect there would dial from the UDP read
+	// loop that every other client on the socket waits behind).
+	if !tuple.tcp && (method == methodConnect || method == methodConnectionBind ||
+		(method == methodAllocate && len(ra.transport) >= 1 && ra.transport[0] == protoTCP)) {
+		f.stats.badRequest.Add(1)
+		return 400
+	}
 	if method == methodConnectionBind {
 		return 0 // RFC 6062 §5.4: a new data connection, no allocation on its 5-tuple
 	}
@@ -508,9 +456,7 @@ func (f *turnFront) check(pkt []byte, h *stunwire.Header, method uint16, ra *req
 		return 400
 	}
 
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	a := f.allocs[tuple]
+	a := f.led.lookup(tuple)
 	if method == methodAllocate {
 		// RFC 8656 §7.2 step 2: a 5-tuple in use is 437. pion answers the
 		// same user's retransmission from its cache; another user is ours.
@@ -550,7 +496,7 @@ func (f *turnFront) check(pkt []byte, h *stunwire.Header, method uint16, ra *req
 	default:
 		return 0
 	}
-	policy := f.s.live.load()
+	policy := f.policy.load()
 	peers, fresh := 0, 0
 	it := stunwire.NewAttrs(pkt)
 	for {
@@ -575,7 +521,7 @@ func (f *turnFront) check(pkt []byte, h *stunwire.Header, method uint16, ra *req
 			f.stats.forbidden.Add(1)
 			return 403
 		}
-		if _, have := a.perms[addr]; !have {
+		if !a.permitted(addr) {
 			fresh++ // a duplicate in one request counts twice: conservative
 		}
 	}
@@ -585,7 +531,7 @@ func (f *turnFront) check(pkt []byte, h *stunwire.Header, method uint16, ra *req
 		f.stats.badRequest.Add(1)
 		return 400
 	}
-	if method != methodConnect && len(a.perms)+fresh > maxPermissions {
+	if method != methodConnect && a.permCount()+fresh > maxPermissions {
 		// RFC 8656 §9.2: "unable to fulfill the request due to some capacity limit".
 		f.stats.capacity.Add(1)
 		return 508
@@ -643,8 +589,9 @@ func (f *turnFront) resign(fc *frontConn, pkt []byte, h *stunwire.Header, method
 
 // unauth answers before authentication: ERROR-CODE without a reason phrase,
 // REALM and a fresh NONCE for 401/438 (RFC 8489 §9.2.4), nothing else; and
-// only when the answer is at most twice the request (issue 6).
-func (f *turnFront) unauth(fc *frontConn, pkt []byte, h *stunwire.Header, typ uint16, code int, realm string, src netip.AddrPort, tcp bool) (frontVerdict, []byte) {
+// over UDP only when the answer is at most twice the request.
+func (f *turnFront) unauth(fc *frontConn, pkt []byte, h *stunwire.Header, typ uint16, code int, realm string, src netip.AddrPort, tcp bool) (frontVerdict, []byte, passedRequest) {
+	var none passedRequest
 	out := stunwire.AppendHeader(fc.out[:0], typ, &h.ID)
 	out = stunwire.AppendErrorCode(out, code, "")
 	if code != 400 {
@@ -653,22 +600,21 @@ func (f *turnFront) unauth(fc *frontConn, pkt []byte, h *stunwire.Header, typ ui
 	}
 	out = stunwire.Finish(out, 0)
 	fc.out = out
-	if tcp {
-		// A stream's source has completed a handshake and cannot be
-		// spoofed, so an answer there reflects nothing at a victim: no
-		// budget and no per-IP bucket (dropping a 401 over TCP would
-		// only leave a real client waiting, e.g. with a long realm).
-		return frontReply, out
-	}
-	if len(out) > 2*len(pkt) {
+	// A stream's source has completed a handshake and cannot be spoofed,
+	// so an answer there reflects nothing at a victim: no size budget
+	// (dropping a 401 over TCP would only leave a real client waiting,
+	// e.g. with a long realm). Over UDP, at most twice the request.
+	if !tcp && len(out) > 2*len(pkt) {
 		f.stats.amplification.Add(1)
 		f.warnBudget(len(out), len(pkt))
-		return frontDrop, nil
+		return frontDrop, nil, none
 	}
-	if !f.s.allowUnauth(src.Addr()) {
-		return frontDrop, nil // per-source-IP token bucket, counted there (ratelimit.go)
+	// Every unauthenticated answer, any transport, spends the source's
+	// per-IP budget: a flood of junk requests earns a bounded answer rate.
+	if !f.allowUnauth(src.Addr()) {
+		return frontDrop, nil, none // counted there (ratelimit.go)
 	}
-	return frontReply, out
+	return frontReply, out, none
 }
 
 // budgetWarnEvery spaces the log lines about answers dropped for the
@@ -685,8 +631,8 @@ func (f *turnFront) warnBudget(answer, request int) {
 	if now-last < int64(budgetWarnEvery) || !f.budgetWarned.CompareAndSwap(last, now) {
 		return
 	}
-	f.s.log.Warn("unauthenticated UDP answer dropped: over twice the request (issue 6 amplification budget); a shorter realm lets minimal Allocate requests be answered",
-		"answer_bytes", answer, "request_bytes", request, "realm_bytes", len(f.s.cfg.Realm),
+	f.log.Warn("unauthenticated UDP answer dropped: over twice the request (the amplification budget); a shorter realm lets minimal Allocate requests be answered",
+		"answer_bytes", answer, "request_bytes", request, "realm_bytes", f.realmLen,
 		"dropped_total", f.stats.amplification.Load())
 }
 
@@ -767,17 +713,17 @@ func methodName(m uint16) string {
 // current secret's key, so pion's MESSAGE-INTEGRITY must be redone with
 // the client's. What is re-signed gets FINGERPRINT when the request had
 // one. Anything else (relayed data, indications, other transactions,
-// 401/438) is returned as is; so is a success already signed with the
-// client's key, without copying.
+// 401/438) is returned as is; so is an answer already signed with the
+// client's key to a request without FINGERPRINT, without copying.
 //
 // Only pion's read loop writes responses; relayed data and indications
 // come from other goroutines, so fc is touched only once b is a response.
-func (f *turnFront) signResponse(fc *frontConn, b []byte) ([]byte, bool) {
+func (f *turnFront) signResponse(fc *passedRequest, b []byte) ([]byte, bool) {
 	if len(b) < stunwire.HeaderSize || b[0]&0xC0 != 0 {
 		return b, false
 	}
 	class := binary.BigEndian.Uint16(b) & classMask
-	if (class != classSuccess && class != classError) || fc.passKey == nil || string(b[4:20]) != string(fc.passID[:]) {
+	if (class != classSuccess && class != classError) || fc.key == nil || string(b[4:20]) != string(fc.id[:]) {
 		return b, false
 	}
 	miOff, code := -1, 0
@@ -803,127 +749,18 @@ func (f *turnFront) signResponse(fc *frontConn, b []byte) ([]byte, bool) {
 	}
 	end := len(b)
 	if miOff >= 0 {
-		if string(fc.passKey) == string(fc.passPionKey) {
-			// Signed by pion with the client's key: the success path
-			// stays a compare, no copy (and so no FINGERPRINT).
+		if string(fc.key) == string(fc.pionKey) && !fc.fp {
+			// Signed by pion with the client's key: the common path
+			// stays a compare, no copy.
 			return b, false
 		}
 		end = miOff
 	}
 	out := append(fc.wout[:0], b[:end]...)
-	out = appendIntegrity(out, 0, fc.passKey)
-	if fc.passFP {
+	out = appendIntegrity(out, 0, fc.key)
+	if fc.fp {
 		out = stunwire.AppendFingerprint(out, 0)
 	}
 	fc.wout = out
 	return out, true
-}
-
-// capture takes pion's answer to the synthetic request: an Allocate error
-// carrying our transaction ID. It reports whether b was that answer (and
-// must not be sent).
-func (f *turnFront) capture(b []byte) bool {
-	if len(b) < stunwire.HeaderSize || binary.BigEndian.Uint16(b) != typeAllocErr ||
-		!hmac.Equal(b[8:20], f.synthID[:]) {
-		return false
-	}
-	it := stunwire.NewAttrs(b)
-	for {
-		typ, val, _, ok := it.Next()
-		if !ok {
-			break
-		}
-		if typ == stunwire.AttrNonce && len(val) > 0 {
-			f.pion.Store(&pionNonce{val: append([]byte(nil), val...), at: time.Now()})
-			f.stats.pionNonces.Add(1)
-			break
-		}
-	}
-	return true
-}
-
-// Hooks for demux.go.
-
-// frontDatagram runs the front on a UDP datagram in p[:n] from addr. It
-// returns how many bytes of p to hand pion (0: none) and from whom.
-func (c *stunPacketConn) frontDatagram(p []byte, n int, addr net.Addr, mayInject bool) (int, net.Addr) {
-	f := &c.fs
-	v, msg := c.s.front.inspect(f, p[:n], addrPortOf(addr), c.local, false, mayInject)
-	switch v {
-	case frontPass:
-		if len(msg) >= len(p) {
-			return 0, nil // grew past pion's buffer; pion would drop it as truncated
-		}
-		return copy(p, msg), addr
-	case frontReply:
-		if _, err := c.PacketConn.WriteTo(msg, addr); err != nil {
-			c.s.demux.sendErrors.Add(1)
-		}
-	case frontInject:
-		f.held = append(f.held[:0], p[:n]...)
-		f.heldAddr, f.holding = addr, true
-		return copy(p, c.s.front.synth), frontSentinel
-	}
-	return 0, nil
-}
-
-// frontResume hands pion the request held back by an injection, once pion
-// has answered it (pion handles one datagram at a time, so by the next
-// ReadFrom it has).
-func (c *stunPacketConn) frontResume(p []byte) (int, net.Addr) {
-	f := &c.fs
-	if !f.holding {
-		return 0, nil
-	}
-	f.holding = false
-	n := copy(p, f.held)
-	return c.frontDatagram(p, n, f.heldAddr, false)
-}
-
-// WriteTo is pion's way out on UDP (responses, and relayed data as Data
-// indications and ChannelData): pion's answer to the front's synthetic
-// request stops here.
-func (c *stunPacketConn) WriteTo(b []byte, addr net.Addr) (int, error) {
-	if addr == frontSentinel {
-		c.s.front.capture(b)
-		return len(b), nil
-	}
-	if out, resigned := c.s.front.signResponse(&c.fs, b); resigned {
-		if _, err := c.PacketConn.WriteTo(out, addr); err != nil {
-			return 0, err
-		}
-		return len(b), nil // what pion wrote
-	}
-	return c.PacketConn.WriteTo(b, addr)
-}
-
-// frontFrame runs the front on one STUN frame of a stream; it returns the
-// bytes to hand pion (nil: none).
-func (c *stunStreamConn) frontFrame(frame []byte, mayInject bool) []byte {
-	f := &c.fs
-	v, msg := c.s.front.inspect(f, frame, c.remote, c.local, true, mayInject)
-	switch v {
-	case frontPass:
-		return msg
-	case frontReply:
-		if _, err := c.Write(msg); err != nil {
-			c.s.demux.sendErrors.Add(1)
-		}
-	case frontInject:
-		f.held = append(f.held[:0], frame...)
-		f.holding = true
-		return c.s.front.synth
-	}
-	return nil
-}
-
-// frontResume returns the held frame, re-inspected, once pion has consumed
-// the synthetic one.
-func (c *stunStreamConn) frontResume() []byte {
-	f := &c.fs
-	if !f.holding {
-		return nil
-	}
-	f.holding = false
-	return c.frontFrame(f.held, false)
 }

@@ -239,13 +239,15 @@ func forBoth(t *testing.T, mod func(*Config), f func(t *testing.T, s *Server, tc
 	}
 }
 
+// frontAllocs is what the ledger the front reads holds: allocations and
+// permissions in all.
 func (s *Server) frontAllocs() (n, perms int) {
-	s.front.mu.Lock()
-	defer s.front.mu.Unlock()
-	for _, a := range s.front.allocs {
-		perms += len(a.perms)
+	s.led.mu.RLock()
+	defer s.led.mu.RUnlock()
+	for _, a := range s.led.byTuple {
+		perms += a.permCount()
 	}
-	return len(s.front.allocs), perms
+	return len(s.led.byTuple), perms
 }
 
 // TestFrontAuthentication: RFC 8489 §9.2.4 as issue 6 words it.
@@ -621,22 +623,26 @@ func TestFrontLongRealm(t *testing.T) {
 }
 
 // TestFrontPionNonceRefresh: when the pion nonce the front holds is old,
-// the next request injects a new synthetic request and still passes.
+// the next request mints a new one on pion's private port and still passes.
 func TestFrontPionNonceRefresh(t *testing.T) {
 	forBoth(t, nil, func(t *testing.T, s *Server, tcp bool) {
 		c := dialFront(t, s, tcp, "alice", "alice-pw")
 		c.allocate()
-		before := s.Front().PionNonces
+		pn := s.pionNonce
+		pn.mu.Lock()
+		before := pn.mints
+		pn.at = time.Now().Add(-pionNonceRefresh - time.Minute)
+		pn.mu.Unlock()
 		if before == 0 {
-			t.Fatal("no pion nonce captured")
+			t.Fatal("no pion nonce minted at start")
 		}
-		pn := s.front.pion.Load()
-		s.front.pion.Store(&pionNonce{val: pn.val, at: time.Now().Add(-pionNonceRefresh - time.Minute)})
 		if r := c.signed(stun.MethodRefresh, lifetime(600)); r.Type.Class != stun.ClassSuccessResponse {
 			t.Fatalf("Refresh: %v code %d", r.Type, errorCode(r))
 		}
-		if s.Front().PionNonces != before+1 {
-			t.Fatalf("pion nonces %d, want %d", s.Front().PionNonces, before+1)
+		pn.mu.Lock()
+		defer pn.mu.Unlock()
+		if pn.mints != before+1 {
+			t.Fatalf("pion nonces minted %d, want %d", pn.mints, before+1)
 		}
 	})
 }

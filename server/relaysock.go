@@ -1,0 +1,162 @@
+package server
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+)
+
+// errNoPermission is returned to pion for a datagram toward a peer whose
+// permission has gone (RFC 8656 §9); pion counts a failed relay write.
+var errNoPermission = errors.New("relay: peer holds no permission")
+
+// relaySocket is one UDP relay socket (RFC 8656 §7.2), the relay data
+// plane's only way to the peers. Every datagram in either direction passes
+// its checks in this order, cheapest refusal first:
+//
+//  1. toward a peer: the peer policy per packet (the backstop for the
+//     port-level rules a permission cannot express, PeerPolicy.AllowedAddrPort);
+//     from a peer: the allocation's permissions (RFC 8656 §9), so that a
+//     stranger's datagrams are dropped before anything is charged for them;
+//  2. the user's bandwidth cap (--max-bps), charged only for what is relayed;
+//  3. the counters (per server and per allocation).
+type relaySocket struct {
+	net.PacketConn
+	uc   *net.UDPConn   // the same socket when it is a kernel one (allocation-free reads)
+	addr netip.AddrPort // the announced relayed address (the ledger's key)
+
+	live *livePolicy
+	ops  *opsStats
+	bw   *bandwidth // nil: no cap
+	bwu  *userBW
+	user string
+	led  *ledger
+
+	// alloc is set when pion reports the allocation created (ledger.created);
+	// until then nothing from a peer is relayed, as no permission exists.
+	alloc atomic.Pointer[allocation]
+
+	// last is the most recent peer the policy allowed, under which policy:
+	// a relay sends to one peer (or a few) at a time, so most packets skip
+	// the policy walk; a reload swaps the policy pointer and so invalidates it.
+	last atomic.Pointer[relayVerdict]
+	// lastFrom is the peer address ReadFrom last returned; only the
+	// allocation's read goroutine touches it.
+	lastFrom   *net.UDPAddr
+	lastFromAP netip.AddrPort
+
+	// Per-allocation usage, each way ("out": toward the peer).
+	pktsOut, bytesOut, pktsIn, bytesIn atomic.Uint64
+	strangers                          atomic.Uint64 // datagrams from peers without a permission
+
+	closeOnce sync.Once
+}
+
+type relayVerdict struct {
+	pol *PeerPolicy
+	to  netip.AddrPort
+}
+
+// newRelaySocket wraps a freshly bound relay socket and records it in the
+// ledger under its announced address.
+func newRelaySocket(c net.PacketConn, announced netip.AddrPort, user string, led *ledger, live *livePolicy, ops *opsStats, bw *bandwidth) *relaySocket {
+	s := &relaySocket{PacketConn: c, addr: announced, live: live, ops: ops, bw: bw, user: user, led: led}
+	s.uc, _ = c.(*net.UDPConn)
+	if bw != nil {
+		s.bwu = bw.acquire(user)
+	}
+	led.addSocket(s)
+	return s
+}
+
+// WriteTo sends toward the peer (pion's Send indications and our
+// ChannelData fast path alike).
+func (s *relaySocket) WriteTo(b []byte, addr net.Addr) (int, error) {
+	return s.send(b, addrPortOf(addr))
+}
+
+// send is WriteTo for callers that hold a netip.AddrPort already.
+func (s *relaySocket) send(b []byte, to netip.AddrPort) (int, error) {
+	pol := s.live.load()
+	if v := s.last.Load(); v == nil || v.pol != pol || v.to != to {
+		if !to.IsValid() || !pol.AllowedAddrPort(to) {
+			s.ops.relayRefused.Add(1)
+			return 0, ErrPeerRefused
+		}
+		s.last.Store(&relayVerdict{pol: pol, to: to})
+	}
+	if s.bwu != nil && !s.bw.take(&s.bwu.out, len(b)) {
+		return 0, errBandwidth
+	}
+	var n int
+	var err error
+	if s.uc != nil {
+		n, err = s.uc.WriteToUDPAddrPort(b, to)
+	} else {
+		n, err = s.PacketConn.WriteTo(b, net.UDPAddrFromAddrPort(to))
+	}
+	if err == nil {
+		s.ops.relayPktsOut.Add(1)
+		s.ops.relayBytesOut.Add(uint64(n))
+		s.pktsOut.Add(1)
+		s.bytesOut.Add(uint64(n))
+	}
+	return n, err
+}
+
+// ReadFrom returns the next datagram from a permitted peer, within the
+// user's cap. On a kernel socket it reads without allocating the peer's
+// address: it hands pion the same *net.UDPAddr while the peer stays the
+// same (pion only looks the address up, never keeps or changes it).
+func (s *relaySocket) ReadFrom(b []byte) (int, net.Addr, error) {
+	for {
+		n, ap, addr, err := s.read(b)
+		if err != nil {
+			return n, addr, err
+		}
+		// RFC 8656 §9: no permission, no relay; dropped before the cap
+		// is charged, so strangers cannot spend a user's bandwidth.
+		a := s.alloc.Load()
+		if a == nil || !a.permitted(ap.Addr()) {
+			s.strangers.Add(1)
+			continue
+		}
+		if s.bwu != nil && !s.bw.take(&s.bwu.in, n) {
+			continue
+		}
+		s.ops.relayPktsIn.Add(1)
+		s.ops.relayBytesIn.Add(uint64(n))
+		s.pktsIn.Add(1)
+		s.bytesIn.Add(uint64(n))
+		return n, addr, nil
+	}
+}
+
+func (s *relaySocket) read(b []byte) (int, netip.AddrPort, net.Addr, error) {
+	if s.uc == nil {
+		n, addr, err := s.PacketConn.ReadFrom(b)
+		return n, addrPortOf(addr), addr, err
+	}
+	n, ap, err := s.uc.ReadFromUDPAddrPort(b)
+	if err != nil {
+		return n, ap, nil, err
+	}
+	ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	if s.lastFrom == nil || s.lastFromAP != ap {
+		s.lastFromAP, s.lastFrom = ap, net.UDPAddrFromAddrPort(ap)
+	}
+	return n, ap, s.lastFrom, nil
+}
+
+// Close releases the socket, its bandwidth buckets and its ledger entry.
+func (s *relaySocket) Close() error {
+	s.closeOnce.Do(func() {
+		s.led.removeSocket(s)
+		if s.bwu != nil {
+			s.bw.release(s.user, s.bwu)
+		}
+	})
+	return s.PacketConn.Close()
+}

@@ -1,0 +1,392 @@
+package server
+
+import (
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/stund/stund/internal/stunwire"
+)
+
+// TCP and TLS: one framer per connection, and the only one.
+//
+// A stream carries STUN messages framed by their own length (RFC 8489
+// §6.2.2) and ChannelData padded to a multiple of 4 (RFC 8656 §12.5).
+// streamConn.frameLoop cuts the stream into frames exactly once, in its own
+// goroutine, and routes each whole frame:
+//
+//	Binding          -> the RFC 5780 responder, answered on this connection
+//	ChannelData      -> the relay data plane (dataplane.go), never pion
+//	other STUN       -> the TURN front (guard.go), then pion, one whole
+//	                    frame per Read so pion's own STUNConn finds exactly
+//	                    the frame the front saw and nothing else
+//
+// pion never frames bytes the front has not seen: it is handed at most one
+// whole, bounded STUN message per Read, and ChannelData (whose short frames
+// pion's reader holds back waiting for more bytes) does not go to pion at
+// all. The framer keeps reading while pion is busy with a request (a
+// Connect's dial, say), so Binding and relayed data on the connection go on.
+
+// Stream framing bounds.
+const (
+	// streamBufInit is the first read buffer of a connection: one
+	// typical STUN/ChannelData frame plus slack.
+	streamBufInit = 2048
+	// maxStreamSTUN bounds a STUN message on a stream. TURN control
+	// messages and Send indications of one media packet are far below it;
+	// pion reads into a buffer of pionInboundMTU and drops anything that
+	// fills it, so a larger message could never be served: the
+	// connection is closed instead of buffering it.
+	maxStreamSTUN = pionInboundMTU - 1
+	// maxStreamChannelData is the largest ChannelData frame: header plus
+	// the 16-bit length padded to 4 (RFC 8656 §12.4, §12.5).
+	maxStreamChannelData = stunwire.ChannelDataHeaderSize + 65536
+	// maxStreamFrame is the largest frame a stream can carry at all
+	// (binding.go sizes stream answers by it).
+	maxStreamFrame = maxStreamChannelData
+	// pionQueue bounds the STUN frames that wait for pion on one
+	// connection (pion serves them one at a time); beyond it the framer
+	// waits, which only slows the connection that sent them.
+	pionQueue = 8
+	// connectionBindWait bounds how long the framer waits for pion's
+	// answer to a ConnectionBind before reading on: pion answers at once
+	// unless the connection is already gone.
+	connectionBindWait = 10 * time.Second
+)
+
+// pionInboundMTU is pion's read buffer (turn.ServerConfig.InboundMTU): a
+// Send indication with a 1500-byte datagram, with room to spare.
+const pionInboundMTU = 4096
+
+// errFrameTooLarge closes a connection that announces a frame no message
+// of ours can be.
+var errFrameTooLarge = errors.New("stream: frame larger than the server accepts")
+
+// streamDeps is what a stream connection needs from the server: the stages
+// a frame is routed to and the limits it obeys.
+type streamDeps struct {
+	binding *bindingStage
+	front   *turnFront
+	data    *dataPlane
+	limits  *limits
+	demux   *demuxStats
+}
+
+// stunListener wraps a TCP or TLS listener so that each connection is
+// framed and routed like the UDP sockets.
+type stunListener struct {
+	net.Listener
+	deps *streamDeps
+	ip   int
+}
+
+func (l *stunListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		// Connections per source IP (ratelimit.go); an error here would
+		// end pion's accept loop, so refuse by closing.
+		if !l.deps.limits.conns.acquire(addrPortOf(c.RemoteAddr()).Addr()) {
+			l.deps.limits.streamRefused.Add(1)
+			_ = c.Close()
+			continue
+		}
+		return newStreamConn(c, l.deps, endpoint{ip: l.ip}), nil
+	}
+}
+
+// newStreamConn starts framing c; the caller has counted it against its
+// source IP (Close uncounts it).
+func newStreamConn(c net.Conn, deps *streamDeps, at endpoint) *streamConn {
+	sc := &streamConn{
+		Conn:   c,
+		deps:   deps,
+		at:     at,
+		local:  addrPortOf(c.LocalAddr()),
+		remote: addrPortOf(c.RemoteAddr()),
+		frames: make(chan pionFrame, pionQueue),
+		bound:  make(chan bool, 1),
+		done:   make(chan struct{}),
+	}
+	go sc.frameLoop()
+	return sc
+}
+
+// pionFrame is one STUN message for pion, with what the front must know
+// to sign pion's answer to it.
+type pionFrame struct {
+	msg  []byte
+	pass passedRequest
+}
+
+// streamConn is one TCP/TLS connection: net.Conn for pion (which wraps it
+// in its STUNConn), fed by frameLoop.
+type streamConn struct {
+	net.Conn
+	deps          *streamDeps
+	at            endpoint
+	local, remote netip.AddrPort
+
+	frames  chan pionFrame // frameLoop -> Read
+	readErr error          // why frameLoop stopped; read after frames is closed
+	bound   chan bool      // Write -> frameLoop: pion's ConnectionBind verdict
+	done    chan struct{}  // closed when frameLoop has returned
+
+	// Read's goroutine (pion's read loop) only.
+	pass passedRequest
+	// frameLoop's goroutine only: the buffers answers are built in.
+	out []byte
+	fc  frontConn
+
+	// raw: pion answered a ConnectionBind with success, so from here on the
+	// connection is an RFC 6062 data connection carrying the peer's bytes
+	// unframed (§4.3, §5.4), which pion copies itself; rest holds what
+	// frameLoop had read past the ConnectionBind.
+	raw  atomic.Bool
+	rest []byte
+
+	wmu       sync.Mutex // pion's writes, relayed data and our answers share the stream
+	authed    atomic.Bool
+	closeOnce sync.Once
+}
+
+// Read hands pion the next STUN frame, whole (pion's buffer is
+// pionInboundMTU, larger than maxStreamSTUN).
+func (c *streamConn) Read(p []byte) (int, error) {
+	if c.raw.Load() {
+		return c.readRaw(p)
+	}
+	f, ok := <-c.frames
+	if !ok {
+		if c.raw.Load() {
+			return c.readRaw(p)
+		}
+		if c.readErr == nil {
+			return 0, io.EOF
+		}
+		return 0, c.readErr
+	}
+	c.pass = f.pass
+	return copy(p, f.msg), nil
+}
+
+// readRaw reads an RFC 6062 data connection: what frameLoop read past the
+// ConnectionBind first, then the stream as it comes, with the idle bound
+// of an authenticated connection.
+func (c *streamConn) readRaw(p []byte) (int, error) {
+	<-c.done // frameLoop has stopped reading and left c.rest
+	if len(c.rest) > 0 {
+		n := copy(p, c.rest)
+		c.rest = c.rest[n:]
+		return n, nil
+	}
+	_ = c.Conn.SetReadDeadline(time.Now().Add(c.deps.limits.authedTimeout))
+	return c.Conn.Read(p)
+}
+
+// framer is the read side of one stream: buf[r:w] is read but not yet
+// consumed.
+type framer struct {
+	buf  []byte
+	r, w int
+}
+
+// frameLoop reads frames until the connection ends, routing each; it is
+// the only reader of the connection until it returns.
+func (c *streamConn) frameLoop() {
+	defer close(c.done)
+	defer close(c.frames)
+	fr := framer{buf: make([]byte, streamBufInit)}
+	started := false
+	for {
+		frame, kind, err := c.next(&fr, started)
+		if err != nil {
+			c.readErr = err
+			return
+		}
+		started = true
+		switch {
+		case kind == stunwire.KindChannelData:
+			c.deps.data.fromClient(fiveTuple{src: c.remote, dst: c.local, tcp: true}, frame, true)
+		case isBinding(frame):
+			c.answerBinding(frame)
+		case kind == stunwire.KindSTUN:
+			if !c.toFront(frame) {
+				continue
+			}
+			// RFC 6062 §5.4: after a successful ConnectionBind the rest of
+			// the stream is the peer's data, not frames.
+			if isConnectionBind(frame) && c.awaitBind() {
+				c.rest = append([]byte(nil), fr.buf[fr.r:fr.w]...)
+				return
+			}
+		default:
+			// RFC 3489 messages other than Binding mean nothing here.
+			c.deps.demux.streamJunk.Add(1)
+		}
+	}
+}
+
+// next returns the next whole frame. Between frames the connection may be
+// idle for the timeout of its state; once a frame's first byte has
+// arrived, the whole frame must follow within firstTimeout of it, however
+// the bytes dribble in (no read extends that deadline).
+func (c *streamConn) next(fr *framer, started bool) ([]byte, stunwire.Kind, error) {
+	var frameDeadline time.Time
+	for {
+		avail := fr.buf[fr.r:fr.w]
+		n, kind, err := stunwire.FrameLen(avail)
+		switch {
+		case err != nil && !errors.Is(err, stunwire.ErrNeedMore):
+			c.deps.demux.streamJunk.Add(1)
+			return nil, 0, err
+		case err == nil && kind != stunwire.KindChannelData && n > maxStreamSTUN,
+			err == nil && n > maxStreamChannelData:
+			c.deps.demux.streamJunk.Add(1)
+			return nil, 0, errFrameTooLarge
+		case err == nil && len(avail) >= n:
+			frame := avail[:n]
+			fr.r += n
+			if kind != stunwire.KindChannelData {
+				kind = stunwire.Classify(frame)
+			}
+			return frame, kind, nil
+		}
+		if fr.r > 0 { // make room at the front
+			fr.w = copy(fr.buf, avail)
+			fr.r = 0
+		}
+		if n > len(fr.buf) {
+			nb := make([]byte, n)
+			copy(nb, fr.buf[:fr.w])
+			fr.buf = nb
+		}
+		// Slowloris bounds: see the doc comment.
+		if fr.w > 0 && frameDeadline.IsZero() {
+			frameDeadline = time.Now().Add(c.deps.limits.firstTimeout)
+		}
+		dl := frameDeadline
+		if dl.IsZero() {
+			dl = time.Now().Add(c.deps.limits.readTimeout(false, started, c.authed.Load()))
+		}
+		_ = c.Conn.SetReadDeadline(dl)
+		m, err := c.Conn.Read(fr.buf[fr.w:])
+		fr.w += m
+		if err != nil && m == 0 {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				c.deps.limits.streamIdleClosed.Add(1)
+			}
+			return nil, 0, err
+		}
+	}
+}
+
+// toFront runs the TURN front on one STUN frame: it answers the frame
+// itself or queues it for pion (true).
+func (c *streamConn) toFront(frame []byte) bool {
+	v, msg, pass := c.deps.front.inspect(&c.fc, frame, c.remote, c.local, true)
+	switch v {
+	case frontPass:
+		c.frames <- pionFrame{msg: append([]byte(nil), msg...), pass: pass}
+		return true
+	case frontReply:
+		c.writeOwn(msg)
+	}
+	return false
+}
+
+// awaitBind waits for pion's verdict on the ConnectionBind just queued.
+func (c *streamConn) awaitBind() bool {
+	t := time.NewTimer(connectionBindWait)
+	defer t.Stop()
+	select {
+	case ok := <-c.bound:
+		return ok
+	case <-t.C:
+		return false
+	}
+}
+
+func (c *streamConn) answerBinding(frame []byte) {
+	reply, ok := c.deps.binding.answer(c.out[:0], frame, c.remote, c.local, c.at, true)
+	if ok {
+		c.writeOwn(reply)
+		c.out = reply[:0]
+	}
+}
+
+// writeOwn sends an answer stund made (Binding, front errors).
+func (c *streamConn) writeOwn(b []byte) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	_ = c.Conn.SetWriteDeadline(time.Now().Add(streamWriteTimeout))
+	if _, err := c.Conn.Write(b); err != nil {
+		c.deps.demux.sendErrors.Add(1)
+	}
+}
+
+// streamWriteTimeout bounds a write to a client that stopped reading, so
+// a stuck peer cannot hold the connection's writers forever.
+const streamWriteTimeout = 10 * time.Second
+
+// Write is pion's way out: its answers (signed for the client by the
+// front), and relayed data toward the client.
+func (c *streamConn) Write(b []byte) (int, error) {
+	if c.raw.Load() { // an RFC 6062 data connection: the peer's bytes
+		c.wmu.Lock()
+		defer c.wmu.Unlock()
+		_ = c.Conn.SetWriteDeadline(time.Now().Add(streamWriteTimeout))
+		return c.Conn.Write(b)
+	}
+	n := len(b)
+	out, resigned := c.deps.front.signResponse(&c.pass, b)
+	if isConnectionBindAnswer(out) {
+		ok := isTURNSuccess(out)
+		if ok {
+			c.raw.Store(true)
+		}
+		select {
+		case c.bound <- ok:
+		default:
+		}
+	}
+	if isTURNSuccess(out) {
+		c.authed.Store(true)
+	}
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	_ = c.Conn.SetWriteDeadline(time.Now().Add(streamWriteTimeout))
+	m, err := c.Conn.Write(out)
+	if resigned && err == nil {
+		m = n // what pion wrote
+	}
+	return m, err
+}
+
+// Close closes the connection and uncounts it from its source IP.
+func (c *streamConn) Close() error {
+	c.closeOnce.Do(func() { c.deps.limits.conns.release(c.remote.Addr()) })
+	return c.Conn.Close()
+}
+
+// isConnectionBind reports whether a STUN frame is a ConnectionBind
+// request (RFC 6062 §6.1).
+func isConnectionBind(b []byte) bool {
+	return len(b) >= 2 && uint16(b[0])<<8|uint16(b[1]) == stunType(methodConnectionBind, classRequest)
+}
+
+// isConnectionBindAnswer reports whether b answers a ConnectionBind.
+func isConnectionBindAnswer(b []byte) bool {
+	if len(b) < 2 || b[0]&0xC0 != 0 {
+		return false
+	}
+	t := uint16(b[0])<<8 | uint16(b[1])
+	return t == stunType(methodConnectionBind, classSuccess) || t == stunType(methodConnectionBind, classError)
+}
