@@ -3,7 +3,6 @@ package server
 import (
 	"log/slog"
 	"net/netip"
-	"strconv"
 	"sync"
 	"time"
 	"unicode/utf8"
@@ -80,7 +79,7 @@ func (l *authLog) failed(f authFailure) {
 	}
 	attrs := []any{
 		"client_ip", f.src.Addr().String(), "client_port", f.src.Port(), "transport", transport,
-		"method", methodName(f.method), "user", quoteUser(f.username), "realm", quoteUser(f.realm), "reason", reason,
+		"method", methodName(f.method), "user", truncUser(f.username), "realm", truncUser(f.realm), "reason", reason,
 	}
 	if held > 0 {
 		attrs = append(attrs, "suppressed", held)
@@ -107,15 +106,16 @@ func (l *authLog) take(now time.Time) (uint64, bool) {
 	return held, true
 }
 
-// quoteUser renders a username or realm as received for a log line: Go
-// quoting escapes control bytes and invalid UTF-8 (so a crafted name cannot
-// forge a line or a field), cut at maxLoggedUsername bytes.
-func quoteUser(b []byte) string {
+// truncUser cuts a username or realm as received to maxLoggedUsername
+// bytes for a log line. slog's text and JSON handlers quote and escape
+// control bytes and invalid UTF-8, so a crafted name cannot forge a line
+// or a field.
+func truncUser(b []byte) string {
 	if len(b) > maxLoggedUsername {
 		b = b[:maxLoggedUsername]
 		for len(b) > 0 && !utf8.Valid(b) {
 			b = b[:len(b)-1]
 		}
 	}
-	return strconv.Quote(string(b))
+	return string(b)
 }
