@@ -3,6 +3,7 @@ package server
 import (
 	"crypto/tls"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/netip"
 	"time"
@@ -103,6 +104,19 @@ type Config struct {
 	// each direction, summed over all the user's allocations; datagrams
 	// over it are dropped and counted (bandwidth.go). 0 means no cap.
 	MaxBPS int64
+	// AlternateServers are named, round robin, in 300 Try Alternate
+	// answers to new Allocates while the node drains or is full (RFC 8489
+	// §10, RFC 8656 §7.2): --alternate-server.
+	AlternateServers []netip.AddrPort
+	// UsageLog receives one JSON line per ended allocation (--usage-log);
+	// nil: usage records go to the log only.
+	UsageLog io.Writer
+	// ProxyProtocolFrom lists the sources allowed to send a PROXY protocol
+	// (v1 or v2) header on the TCP and TLS listeners
+	// (--proxy-protocol-from). From them a header is required; from others
+	// it is never honoured.
+	ProxyProtocolFrom []netip.Prefix
+
 	// MaxConnsPerIP bounds concurrent TCP/TLS connections from one source
 	// IP, or IPv6 /64; more are closed at accept. 0 means
 	// DefaultMaxConnsPerIP; negative means unlimited.

@@ -33,7 +33,7 @@ func (d *dataPlane) stats() DataPlaneStats {
 // fromClient relays one ChannelData message that arrived on 5-tuple t.
 // Over a stream the frame is padded to 4 (RFC 8656 §12.5); over UDP the
 // padding is optional and the Length field says how much is data.
-func (d *dataPlane) fromClient(t fiveTuple, frame []byte, stream bool) {
+func (d *dataPlane) fromClient(t fiveTuple, frame []byte) {
 	if len(frame) < stunwire.ChannelDataHeaderSize {
 		d.malformed.Add(1)
 		return

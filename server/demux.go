@@ -65,6 +65,8 @@ type udpDeps struct {
 	allowUnauth func(netip.Addr) bool
 	// grid is every cell's first socket, for CHANGE-REQUEST replies.
 	grid *[2][2]net.PacketConn
+	// requests counts requests by transport and kind (metrics.go).
+	requests *[numTransports][2]atomic.Uint64
 }
 
 // stunPacketConn wraps one UDP socket of the grid.
@@ -95,13 +97,15 @@ func (c *stunPacketConn) ReadFrom(p []byte) (int, net.Addr, error) {
 			return 0, addr, err
 		}
 		if isBinding(pkt) {
+			c.deps.requests[trUDP][0].Add(1)
 			c.answer(pkt, addr)
 			continue
 		}
 		switch stunwire.Classify(pkt) {
 		case stunwire.KindChannelData:
-			c.deps.data.fromClient(fiveTuple{src: addrPortOf(addr), dst: c.local}, pkt, false)
+			c.deps.data.fromClient(fiveTuple{src: addrPortOf(addr), dst: c.local}, pkt)
 		case stunwire.KindSTUN:
+			c.deps.requests[trUDP][1].Add(1)
 			if n := c.toFront(p, pkt, addr); n > 0 {
 				return n, addr, nil
 			}

@@ -87,6 +87,7 @@ const (
 	attrDontFragment      = 0x001A
 	attrReservationToken  = 0x0022
 	attrConnectionID      = 0x002A
+	attrAlternateServer   = 0x8023
 )
 
 // TURN methods (RFC 8656 §18, RFC 6062 §6.1).
@@ -172,8 +173,11 @@ type frontDeps struct {
 	allowUnauth func(netip.Addr) bool
 	// authFailed counts and logs one failed authentication (authlog.go).
 	authFailed func(f authFailure)
-	log        *slog.Logger
-	realmLen   int
+	// admitAllocate decides a new Allocate while draining or full
+	// (fleet.go): 0, or 300 with an alternate, or 508.
+	admitAllocate func() (int, netip.AddrPort)
+	log           *slog.Logger
+	realmLen      int
 }
 
 // turnFront is the per-server front; frontConn is its per-read-loop state.
@@ -379,9 +383,18 @@ func (f *turnFront) authenticate(fc *frontConn, pkt []byte, h *stunwire.Header, 
 		v, msg := f.authReply(fc, h, errType, 420, ra.unknown[:ra.nUnknown], key, ra.fingerprint)
 		return v, msg, none
 	}
-	if code := f.check(pkt, h, method, ra, fiveTuple{src: src, dst: dst, tcp: tcp}, userID); code != 0 {
+	tuple := fiveTuple{src: src, dst: dst, tcp: tcp}
+	if code := f.check(pkt, h, method, ra, tuple, userID); code != 0 {
 		v, msg := f.authReply(fc, h, errType, code, nil, key, ra.fingerprint)
 		return v, msg, none
+	}
+	// A new allocation on a draining or full node: elsewhere (fleet.go).
+	// Answered like any error to an authenticated request, signed.
+	if method == methodAllocate && f.admitAllocate != nil && f.led.lookup(tuple) == nil {
+		if code, alt := f.admitAllocate(); code != 0 {
+			v, msg := f.authReplyAlt(fc, h, errType, code, nil, alt, key, ra.fingerprint)
+			return v, msg, none
+		}
 	}
 	pn := f.pion.current()
 	if pn == nil {
@@ -646,10 +659,19 @@ func appendNonceAttr(dst []byte, m *nonceMinter, src netip.AddrPort, tcp bool) [
 // authReply answers an authenticated request with an error, signed with
 // the user's key (RFC 8489 §9.2.4), FINGERPRINT when the request had one.
 func (f *turnFront) authReply(fc *frontConn, h *stunwire.Header, typ uint16, code int, unknown []uint16, key []byte, fp bool) (frontVerdict, []byte) {
+	return f.authReplyAlt(fc, h, typ, code, unknown, netip.AddrPort{}, key, fp)
+}
+
+// authReplyAlt is authReply with an ALTERNATE-SERVER (RFC 8489 §14.15)
+// when alt is valid: the 300 Try Alternate of a draining or full node.
+func (f *turnFront) authReplyAlt(fc *frontConn, h *stunwire.Header, typ uint16, code int, unknown []uint16, alt netip.AddrPort, key []byte, fp bool) (frontVerdict, []byte) {
 	out := stunwire.AppendHeader(fc.out[:0], typ, &h.ID)
 	out = stunwire.AppendErrorCode(out, code, "")
 	if len(unknown) > 0 {
 		out = stunwire.AppendUnknownAttributes(out, unknown)
+	}
+	if alt.IsValid() {
+		out = stunwire.AppendAddress(out, attrAlternateServer, alt)
 	}
 	out = appendIntegrity(out, 0, key)
 	if fp {

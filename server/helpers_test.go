@@ -233,7 +233,7 @@ func testRelaySocket(t *testing.T, relay net.PacketConn, user string, led *ledge
 	t.Helper()
 	rs := newRelaySocket(relay, addrPortOf(relay.LocalAddr()), user, led, live, ops, bw)
 	tuple := fiveTuple{src: netip.AddrPortFrom(netip.MustParseAddr("192.0.2.1"), rs.addr.Port()), dst: netip.MustParseAddrPort("192.0.2.2:3478")}
-	led.created(tuple, user, "", rs.addr)
+	led.created(tuple, "udp", user, "", rs.addr)
 	for _, p := range permitted {
 		led.permCreated(tuple, p)
 	}

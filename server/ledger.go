@@ -1,9 +1,13 @@
 package server
 
 import (
+	"crypto/rand"
+	"encoding/hex"
+	"io"
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -32,13 +36,28 @@ func tupleOf(src, dst net.Addr) fiveTuple {
 	return fiveTuple{src: addrPortOf(src), dst: addrPortOf(dst), tcp: tcp}
 }
 
+// Why an allocation ended, for its usage record.
+const (
+	endExpired = "expired" // its lifetime ran out (RFC 8656 §7.3)
+	endDeleted = "deleted" // the client refreshed it to 0 (RFC 8656 §7.3)
+	endClosed  = "closed"  // its TCP/TLS control connection closed (RFC 6062 §5.3)
+	endKilled  = "killed"  // the operator ended it (admin API)
+	endDrained = "drained" // the node stopped with it still running
+)
+
 // allocation is what the ledger knows of one live allocation.
 type allocation struct {
-	tuple   fiveTuple
-	user    string
-	realm   string
-	relay   netip.AddrPort // the relayed transport address as announced
-	created time.Time
+	id        string // opaque, for the admin API and usage records
+	tuple     fiveTuple
+	transport string // udp, tcp or tls: client to server
+	user      string
+	realm     string
+	relay     netip.AddrPort // the relayed transport address as announced
+	created   time.Time
+
+	// relayCloser ends an RFC 6062 TCP allocation's relay listener (kill);
+	// UDP allocations are ended through sock.
+	relayCloser io.Closer
 
 	// sock is the UDP relay socket (nil for RFC 6062 TCP allocations);
 	// set once when the allocation is recorded.
@@ -51,6 +70,41 @@ type allocation struct {
 	// chans maps a channel number to its peer (RFC 8656 §12), as pion
 	// binds and expires channels.
 	chans map[uint16]netip.AddrPort
+	// end is why the allocation is ending, when something other than
+	// expiry ends it; empty means expired.
+	end string
+}
+
+// ending records why the allocation is about to end (the first reason
+// given wins: a kill is not turned into "closed" by its own effects).
+func (a *allocation) ending(why string) {
+	a.mu.Lock()
+	if a.end == "" {
+		a.end = why
+	}
+	a.mu.Unlock()
+}
+
+// endReason is why the allocation ended.
+func (a *allocation) endReason() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.end == "" {
+		return endExpired
+	}
+	return a.end
+}
+
+// kill ends the allocation now: closing its relay makes pion's relay read
+// fail, and pion then deletes the allocation (and reports it, ledger.deleted).
+func (a *allocation) kill() {
+	a.ending(endKilled)
+	switch {
+	case a.sock != nil:
+		_ = a.sock.Close()
+	case a.relayCloser != nil:
+		_ = a.relayCloser.Close()
+	}
 }
 
 // permitted reports whether ip holds a permission (RFC 8656 §9: data to
@@ -87,13 +141,22 @@ func (a *allocation) permCount() int {
 type ledger struct {
 	mu      sync.RWMutex
 	byTuple map[fiveTuple]*allocation
+	byID    map[string]*allocation
 	// sockets are the UDP relay sockets by announced address: bound by the
 	// generator before pion reports the allocation, removed when closed.
 	sockets map[netip.AddrPort]*relaySocket
+	// listeners are the RFC 6062 TCP relay listeners by announced address.
+	listeners map[netip.AddrPort]io.Closer
+	// relayBytesBy are the server's relayed-byte counters by client
+	// transport (metrics.go); nil in tests that need none.
+	relayBytesBy *[numTransports][2]atomic.Uint64
 }
 
 func newLedger() *ledger {
-	return &ledger{byTuple: map[fiveTuple]*allocation{}, sockets: map[netip.AddrPort]*relaySocket{}}
+	return &ledger{
+		byTuple: map[fiveTuple]*allocation{}, byID: map[string]*allocation{},
+		sockets: map[netip.AddrPort]*relaySocket{}, listeners: map[netip.AddrPort]io.Closer{},
+	}
 }
 
 // lookup returns the allocation on a 5-tuple, or nil.
@@ -104,18 +167,29 @@ func (l *ledger) lookup(t fiveTuple) *allocation {
 	return a
 }
 
-// created records an allocation pion made, joining it to its relay socket.
-func (l *ledger) created(t fiveTuple, user, realm string, relay netip.AddrPort) *allocation {
+// created records an allocation pion made, joining it to its relay socket
+// (UDP) or listener (TCP).
+func (l *ledger) created(t fiveTuple, transport, user, realm string, relay netip.AddrPort) *allocation {
 	a := &allocation{
-		tuple: t, user: user, realm: realm, relay: relay, created: time.Now(),
+		id: newAllocID(), tuple: t, transport: transport, user: user, realm: realm, relay: relay, created: time.Now(),
 		perms: map[netip.Addr]struct{}{}, chans: map[uint16]netip.AddrPort{},
 	}
 	l.mu.Lock()
 	if s := l.sockets[relay]; s != nil {
 		a.sock = s
+		if l.relayBytesBy != nil {
+			s.by.Store(&l.relayBytesBy[transportIndex(transport)])
+		} else {
+			s.by.Store(new([2]atomic.Uint64))
+		}
 		s.alloc.Store(a)
 	}
+	a.relayCloser = l.listeners[relay]
+	if old := l.byTuple[t]; old != nil {
+		delete(l.byID, old.id)
+	}
 	l.byTuple[t] = a
+	l.byID[a.id] = a
 	l.mu.Unlock()
 	return a
 }
@@ -125,8 +199,39 @@ func (l *ledger) deleted(t fiveTuple) *allocation {
 	l.mu.Lock()
 	a := l.byTuple[t]
 	delete(l.byTuple, t)
+	if a != nil {
+		delete(l.byID, a.id)
+	}
 	l.mu.Unlock()
 	return a
+}
+
+// byIDLookup returns the allocation with id, or nil.
+func (l *ledger) byIDLookup(id string) *allocation {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.byID[id]
+}
+
+// all returns the live allocations, only user's when user != "".
+func (l *ledger) all(user string) []*allocation {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	out := make([]*allocation, 0, len(l.byTuple))
+	for _, a := range l.byTuple {
+		if user == "" || a.user == user {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// newAllocID is a random 64-bit ID in hex: unguessable, so that an ID seen
+// in a usage record does not name another user's allocation to the API.
+func newAllocID() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }
 
 func (l *ledger) permCreated(t fiveTuple, peer netip.Addr) {
@@ -190,6 +295,29 @@ func (l *ledger) addSocket(s *relaySocket) {
 	l.mu.Lock()
 	l.sockets[s.addr] = s
 	l.mu.Unlock()
+}
+
+// addListener records an RFC 6062 relay listener under its announced
+// address, so that the allocation made on it can be ended (kill).
+func (l *ledger) addListener(addr netip.AddrPort, c io.Closer) {
+	l.mu.Lock()
+	l.listeners[addr] = c
+	l.mu.Unlock()
+}
+
+func (l *ledger) removeListener(addr netip.AddrPort, c io.Closer) {
+	l.mu.Lock()
+	if l.listeners[addr] == c {
+		delete(l.listeners, addr)
+	}
+	l.mu.Unlock()
+}
+
+// relaysInUse is the number of relay sockets and listeners open.
+func (l *ledger) relaysInUse() (udp, tcp int) {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return len(l.sockets), len(l.listeners)
 }
 
 func (l *ledger) removeSocket(s *relaySocket) {

@@ -15,8 +15,6 @@ import (
 	"strings"
 	"sync/atomic"
 
-	"github.com/pion/stun/v4"
-	"github.com/pion/turn/v5"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -45,33 +43,37 @@ type opsStats struct {
 
 	reloads, reloadErrors atomic.Uint64
 
+	// By client transport (transportIndex): allocations made, requests
+	// seen (Binding, TURN) and relayed bytes each way (to peer, from peer).
+	allocCreatedBy [numTransports]atomic.Uint64
+	requestsBy     [numTransports][2]atomic.Uint64
+	relayBytesBy   [numTransports][2]atomic.Uint64
+
+	// allocDurations observes each ended allocation's lifetime (fleet.go);
+	// usageErrors counts usage records the sink refused.
+	allocDurations prometheus.Histogram
+	usageErrors    atomic.Uint64
+
 	probesLogged, probesSuppressed atomic.Uint64
 }
 
-// countAuth wraps the AuthHandler to count refusals by method.
-func (s *Server) countAuth(h turn.AuthHandler) turn.AuthHandler {
-	return func(ra *turn.RequestAttributes) (string, []byte, bool) {
-		id, key, ok := h(ra)
-		if !ok {
-			s.ops.authUnknown.Add(1)
-			if ra != nil && ra.Method == stun.MethodAllocate {
-				s.ops.allocAuthUnknown.Add(1)
-			}
-		}
-		return id, key, ok
-	}
-}
+// Client transports, as metrics label them.
+const (
+	trUDP = iota
+	trTCP
+	trTLS
+	numTransports
+)
 
-// onAuth is pion's verdict after MESSAGE-INTEGRITY (the AuthHandler only
-// returned the key).
-func (s *Server) onAuth(method string, ok bool) {
-	if ok {
-		return
+var transportNames = [numTransports]string{"udp", "tcp", "tls"}
+
+func transportIndex(name string) int {
+	for i, n := range transportNames {
+		if n == name {
+			return i
+		}
 	}
-	s.ops.authIntegrity.Add(1)
-	if method == stun.MethodAllocate.String() {
-		s.ops.allocAuthIntegrity.Add(1)
-	}
+	return trUDP
 }
 
 // Ready reports whether the server serves: New bound every socket (it binds
@@ -89,6 +91,7 @@ func (s *Server) Registry() *prometheus.Registry {
 func (s *Server) newRegistry() *prometheus.Registry {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(
+		s.ops.allocDurations,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
@@ -119,7 +122,15 @@ func (s *Server) newRegistry() *prometheus.Registry {
 
 	// TURN allocations (RFC 8656 §7).
 	gauge("stund_allocations_active", "Live TURN allocations.", func() float64 { return float64(s.turn.AllocationCount()) })
-	counter("stund_allocations_created_total", "TURN allocations created.", nil, o.allocCreated.Load)
+	for i, tr := range transportNames {
+		counter("stund_allocations_created_total", "TURN allocations created, by client transport.", l("transport", tr), o.allocCreatedBy[i].Load)
+		const reqHelp = "Requests received, by client transport and kind: binding (Binding requests) or turn (TURN requests and indications the front passed or answered)."
+		counter("stund_requests_total", reqHelp, prometheus.Labels{"transport": tr, "kind": "binding"}, o.requestsBy[i][0].Load)
+		counter("stund_requests_total", reqHelp, prometheus.Labels{"transport": tr, "kind": "turn"}, o.requestsBy[i][1].Load)
+		const trBytesHelp = "Payload bytes relayed over UDP relays, by the client's transport and direction (to_peer, from_peer)."
+		counter("stund_relayed_bytes_by_transport_total", trBytesHelp, prometheus.Labels{"transport": tr, "direction": "to_peer"}, o.relayBytesBy[i][0].Load)
+		counter("stund_relayed_bytes_by_transport_total", trBytesHelp, prometheus.Labels{"transport": tr, "direction": "from_peer"}, o.relayBytesBy[i][1].Load)
+	}
 	counter("stund_allocations_deleted_total", "TURN allocations deleted (expired, refreshed to 0, or server closing).", nil, o.allocDeleted.Load)
 	const refusedHelp = "TURN requests refused, by reason: auth (Allocates with unknown/expired credentials or wrong MESSAGE-INTEGRITY, 401), quota (Allocates over a quota, 486), alloc_rate (Allocates over the per-user rate, 486), peer_policy (CreatePermission/ChannelBind/Connect refused with 403, and Send/ChannelData packets dropped, by the peer policy: the sum of stund_peer_refused_total)."
 	counter("stund_allocations_refused_total", refusedHelp, l("reason", "auth"), func() uint64 { return o.allocAuthUnknown.Load() + o.allocAuthIntegrity.Load() })

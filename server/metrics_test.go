@@ -131,7 +131,8 @@ func TestMetrics(t *testing.T) {
 	if v := metricValue(t, s, "stund_allocations_active"); v != 1 {
 		t.Errorf("stund_allocations_active = %v, want 1", v)
 	}
-	waitMetric(t, s, 1, "stund_allocations_created_total")
+	waitMetric(t, s, 1, "stund_allocations_created_total", "transport=udp")
+	waitMetric(t, s, 1, "stund_requests_total", "transport=udp", "kind=turn")
 	waitMetric(t, s, 1, "stund_permissions_active")
 	waitMetric(t, s, 1, "stund_permissions_created_total")
 	waitMetric(t, s, 1, "stund_relay_packets_total", "direction=to_peer")

@@ -163,6 +163,14 @@ func (q *Quotas) ActiveFor(userID string) int {
 	return 0
 }
 
+// Full reports whether the total quota is reached: a new Allocate would
+// be refused whoever asks.
+func (q *Quotas) Full() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.total >= 0 && q.active+q.pending >= q.total
+}
+
 // Refused returns how many Allocates were refused with 486.
 func (q *Quotas) Refused() uint64 {
 	q.mu.Lock()

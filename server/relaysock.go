@@ -47,6 +47,10 @@ type relaySocket struct {
 	lastFrom   *net.UDPAddr
 	lastFromAP netip.AddrPort
 
+	// by is the client transport's relayed-bytes pair in the server's
+	// counters, set with alloc.
+	by atomic.Pointer[[2]atomic.Uint64]
+
 	// Per-allocation usage, each way ("out": toward the peer).
 	pktsOut, bytesOut, pktsIn, bytesIn atomic.Uint64
 	strangers                          atomic.Uint64 // datagrams from peers without a permission
@@ -102,6 +106,9 @@ func (s *relaySocket) send(b []byte, to netip.AddrPort) (int, error) {
 		s.ops.relayBytesOut.Add(uint64(n))
 		s.pktsOut.Add(1)
 		s.bytesOut.Add(uint64(n))
+		if by := s.by.Load(); by != nil {
+			by[0].Add(uint64(n))
+		}
 	}
 	return n, err
 }
@@ -130,6 +137,7 @@ func (s *relaySocket) ReadFrom(b []byte) (int, net.Addr, error) {
 		s.ops.relayBytesIn.Add(uint64(n))
 		s.pktsIn.Add(1)
 		s.bytesIn.Add(uint64(n))
+		s.by.Load()[1].Add(uint64(n)) // a is set, so by is
 		return n, addr, nil
 	}
 }

@@ -48,6 +48,9 @@ type Server struct {
 	data      *dataPlane  // ChannelData toward peers (dataplane.go)
 	authLog   *authLog    // failed authentications (authlog.go)
 	pionNonce *pionNonces // pion's nonces from its private port (piontap.go)
+	fleet     fleet       // drain and alternates (fleet.go)
+	usage     *usageSink  // usage records as JSON lines; nil: log only
+	tlsAt     map[netip.AddrPort]bool
 	udp       *udpDeps    // what the grid sockets route to (demux.go)
 	stream    *streamDeps // what TCP/TLS connections route to (stream.go)
 	auth      *Authenticator
@@ -224,17 +227,33 @@ func (s *Server) startTURN() error {
 	s.quotas = NewQuotas(cfg.UserQuota, cfg.TotalQuota)
 	s.initLimits(cfg.abuse)
 	s.led = newLedger()
+	s.led.relayBytesBy = &s.ops.relayBytesBy
+	// Allocation lifetimes run from seconds (a failed call) to hours (a
+	// long meeting, refreshed); the default lifetime is 10 minutes.
+	s.ops.allocDurations = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name:    "stund_allocation_duration_seconds",
+		Help:    "How long TURN allocations lived, observed when each ends.",
+		Buckets: []float64{1, 10, 60, 300, 600, 1800, 3600, 3 * 3600, 12 * 3600},
+	})
+	s.fleet.alts = cfg.AlternateServers
+	if cfg.UsageLog != nil {
+		s.usage = &usageSink{w: cfg.UsageLog}
+	}
+	s.tlsAt = map[netip.AddrPort]bool{}
+	for _, l := range s.tls {
+		s.tlsAt[addrPortOf(l.Addr())] = true
+	}
 	s.data = &dataPlane{led: s.led}
 	s.authLog = newAuthLog(s.log, &s.ops)
 	s.pionNonce = newPionNonces()
 	s.front = newTurnFront(frontDeps{
 		auth: s.auth, policy: &s.live, led: s.led, pion: s.pionNonce,
-		allowUnauth: s.allowUnauth, authFailed: s.authLog.failed,
+		allowUnauth: s.allowUnauth, authFailed: s.authLog.failed, admitAllocate: s.admitAllocate,
 		log: s.log, realmLen: len(cfg.Realm),
 	}, cfg.PrimaryIP.Unmap().Is4(), DefaultNonceLifetime)
 	binding := &bindingStage{binder: s.binder, noteProbe: s.noteProbe}
-	s.udp = &udpDeps{binding: binding, front: s.front, data: s.data, demux: &s.demux, allowUnauth: s.allowUnauth, grid: &s.grid}
-	s.stream = &streamDeps{binding: binding, front: s.front, data: s.data, limits: &s.limits, demux: &s.demux}
+	s.udp = &udpDeps{binding: binding, front: s.front, data: s.data, demux: &s.demux, allowUnauth: s.allowUnauth, grid: &s.grid, requests: &s.ops.requestsBy}
+	s.stream = &streamDeps{binding: binding, front: s.front, data: s.data, limits: &s.limits, demux: &s.demux, requests: &s.ops.requestsBy}
 	udp, stream := s.udp, s.stream
 
 	lf := cfg.LoggerFactory
@@ -273,10 +292,13 @@ func (s *Server) startTURN() error {
 			}
 		}
 	}
-	for _, l := range append(append([]net.Listener{}, s.tcp...), s.tls...) {
-		i := s.streamAt[l]
+	for n, l := range append(append([]net.Listener{}, s.tcp...), s.tls...) {
+		i, tr := s.streamAt[l], trTCP
+		if n >= len(s.tcp) {
+			tr = trTLS
+		}
 		tc.ListenerConfigs = append(tc.ListenerConfigs, turn.ListenerConfig{
-			Listener:              &stunListener{Listener: l, deps: stream, ip: i},
+			Listener:              &stunListener{Listener: l, deps: stream, ip: i, tr: tr},
 			RelayAddressGenerator: s.relayGen(i),
 			PermissionHandler:     s.live.permissionHandler(),
 		})
@@ -326,13 +348,18 @@ func (s *Server) eventHandler() turn.EventHandler {
 	return turn.EventHandler{
 		OnAllocationCreated: func(src, dst net.Addr, proto, user, realm string, relay net.Addr, reqPort int) {
 			s.quotas.OnCreated(user)
-			s.led.created(tupleOf(src, dst), user, realm, addrPortOf(relay))
+			t := tupleOf(src, dst)
+			tr := s.transportOf(t)
+			s.led.created(t, tr, user, realm, addrPortOf(relay))
+			s.ops.allocCreatedBy[transportIndex(tr)].Add(1)
 			s.ops.allocCreated.Add(1)
 			s.log.Info("allocation created", "client", src.String(), "server", dst.String(), "proto", proto, "user", user, "relay", relay.String())
 		},
 		OnAllocationDeleted: func(src, dst net.Addr, proto, user, realm string) {
 			s.quotas.OnDeleted(user)
-			s.led.deleted(tupleOf(src, dst))
+			if a := s.led.deleted(tupleOf(src, dst)); a != nil {
+				s.allocationEnded(a)
+			}
 			s.ops.allocDeleted.Add(1)
 			s.log.Info("allocation deleted", "client", src.String(), "server", dst.String(), "proto", proto, "user", user)
 		},
@@ -364,6 +391,18 @@ func (s *Server) eventHandler() turn.EventHandler {
 	}
 }
 
+// transportOf names the transport of a 5-tuple: TLS listeners have
+// their own addresses.
+func (s *Server) transportOf(t fiveTuple) string {
+	switch {
+	case !t.tcp:
+		return "udp"
+	case s.tlsAt[t.dst]:
+		return "tls"
+	}
+	return "tcp"
+}
+
 // Grid returns the bound addresses of the RFC 5780 grid,
 // Grid()[ip][port] with 0 = primary, 1 = alternate; absent cells are zero.
 func (s *Server) Grid() [2][2]netip.AddrPort { return s.gridAddr }
@@ -392,6 +431,7 @@ func (s *Server) Close() error {
 	s.closeOnce.Do(func() {
 		if s.turn != nil {
 			s.closeErr = s.turn.Close() // closes the wrapped grid and listeners, the tap, and the allocations
+			s.endAll()
 		}
 		// Close only: the read loops may still be answering a Binding
 		// from the grid while they unwind, so the grid must not be

@@ -75,6 +75,8 @@ type streamDeps struct {
 	data    *dataPlane
 	limits  *limits
 	demux   *demuxStats
+	// requests counts requests by transport and kind (metrics.go).
+	requests *[numTransports][2]atomic.Uint64
 }
 
 // stunListener wraps a TCP or TLS listener so that each connection is
@@ -83,6 +85,7 @@ type stunListener struct {
 	net.Listener
 	deps *streamDeps
 	ip   int
+	tr   int // trTCP or trTLS
 }
 
 func (l *stunListener) Accept() (net.Conn, error) {
@@ -98,17 +101,18 @@ func (l *stunListener) Accept() (net.Conn, error) {
 			_ = c.Close()
 			continue
 		}
-		return newStreamConn(c, l.deps, endpoint{ip: l.ip}), nil
+		return newStreamConn(c, l.deps, endpoint{ip: l.ip}, l.tr), nil
 	}
 }
 
 // newStreamConn starts framing c; the caller has counted it against its
 // source IP (Close uncounts it).
-func newStreamConn(c net.Conn, deps *streamDeps, at endpoint) *streamConn {
+func newStreamConn(c net.Conn, deps *streamDeps, at endpoint, tr int) *streamConn {
 	sc := &streamConn{
 		Conn:   c,
 		deps:   deps,
 		at:     at,
+		tr:     tr,
 		local:  addrPortOf(c.LocalAddr()),
 		remote: addrPortOf(c.RemoteAddr()),
 		frames: make(chan pionFrame, pionQueue),
@@ -132,6 +136,7 @@ type streamConn struct {
 	net.Conn
 	deps          *streamDeps
 	at            endpoint
+	tr            int // trTCP or trTLS
 	local, remote netip.AddrPort
 
 	frames  chan pionFrame // frameLoop -> Read
@@ -214,10 +219,12 @@ func (c *streamConn) frameLoop() {
 		started = true
 		switch {
 		case kind == stunwire.KindChannelData:
-			c.deps.data.fromClient(fiveTuple{src: c.remote, dst: c.local, tcp: true}, frame, true)
+			c.deps.data.fromClient(fiveTuple{src: c.remote, dst: c.local, tcp: true}, frame)
 		case isBinding(frame):
+			c.deps.requests[c.tr][0].Add(1)
 			c.answerBinding(frame)
 		case kind == stunwire.KindSTUN:
+			c.deps.requests[c.tr][1].Add(1)
 			if !c.toFront(frame) {
 				continue
 			}
