@@ -52,7 +52,8 @@ package server
 // What that gives a bare request (TestBareRequestSizes): 20 bytes get 56
 // over IPv4 (2.8x; the rule's ceiling is 64/20 = 3.2x) and 92 over IPv6
 // (4.6x); with FINGERPRINT, 28 bytes get 64 (2.3x) and 100 (3.6x). coturn
-// 4.6.1 answers a bare request with 3.3x to 4.6x. The follow-up requests of
+// 4.6.1 answers a bare request with 4.6x over IPv4 and 7.0x over IPv6
+// (docs/operator.md has the measurements). The follow-up requests of
 // the discovery clients (CHANGE-REQUEST, 28 bytes) get the same core. Error
 // answers stay within twice the request: the reason phrase is dropped when
 // it does not fit. Over TCP/TLS there is no budget: a stream's source
@@ -62,7 +63,7 @@ package server
 // turnutils_natdiscovery and turnutils_stunclient a bare 20-byte cookie
 // request, which they follow only if the answer has OTHER-ADDRESS; stun
 // (stun-client 0.97) a 28-byte RFC 3489 request with CHANGE-REQUEST (value 0
-// on its first test), answered with MAPPED + CHANGED + SOURCE-ADDRESS = 56
+// on its first test), answered over IPv4 with MAPPED + CHANGED + SOURCE = 56
 // bytes = 2x in either mode.
 //
 // # Streams (TCP/TLS)
