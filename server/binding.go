@@ -86,9 +86,9 @@ import (
 
 const (
 	// amplificationFactor caps an unauthenticated answer at this multiple
-	// of the request's size, unless the RFC 5780 answer itself is larger
-	// (below): a spoofed request then reflects at most twice its bytes at
-	// a victim.
+	// of the request's size, so that a spoofed request reflects at most
+	// twice its bytes at a victim; only the RFC 5780 answer itself (below)
+	// may be larger.
 	amplificationFactor = 2
 	// rfc5780AnswerV4 and rfc5780AnswerV6 are the RFC 5780 answer to a
 	// minimal Binding request that carries FINGERPRINT, the size an

@@ -423,7 +423,9 @@ func TestResponsePortAndPadding(t *testing.T) {
 // the RFC 3489 one too.
 func TestRFC3489Request(t *testing.T) {
 	for _, lean := range []bool{false, true} {
-		testRFC3489Request(t, newBinder(binderConfig{Grid: gridV4, RFC5780Lean: lean}))
+		t.Run(fmt.Sprintf("lean=%v", lean), func(t *testing.T) {
+			testRFC3489Request(t, newBinder(binderConfig{Grid: gridV4, RFC5780Lean: lean}))
+		})
 	}
 	// A bare RFC 3489 request (no CHANGE-REQUEST): the RFC 3489 answer
 	// (§11.1) by default, within the rule; the mapped address when lean.
@@ -439,7 +441,6 @@ func TestRFC3489Request(t *testing.T) {
 }
 
 func testRFC3489Request(t *testing.T, b *binder) {
-	t.Helper()
 	for _, tc := range []struct {
 		hex      string
 		wantFrom endpoint
