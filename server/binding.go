@@ -4,62 +4,67 @@ package server
 // §8/§11) on the fast path, without heap allocation per packet; everything
 // else on the sockets goes to pion/turn.
 //
-// # What goes in a reply, and the amplification budget (issue 6)
+// # What goes in an answer
 //
-// Every unauthenticated reply is held to a byte budget of 2× the request's
-// STUN message size. Attributes are added in this order, and only while the
-// reply stays within the budget:
+// With an alternate IP (two-IP mode) every Binding request gets the RFC 5780
+// answer (RFC 5780 §6): XOR-MAPPED-ADDRESS, RESPONSE-ORIGIN and
+// OTHER-ADDRESS; an RFC 3489 request (no magic cookie) gets MAPPED-ADDRESS,
+// SOURCE-ADDRESS and CHANGED-ADDRESS (RFC 3489 §11.1). That holds whether or
+// not the request used an RFC 5780 feature, because the NAT-discovery
+// clients (coturn's turnutils_natdiscovery, pion's stun-nat-behaviour,
+// NatTypeTester, stuntman) send a bare Binding request first and call a
+// server whose answer lacks OTHER-ADDRESS "not RFC 5780 capable". In
+// single-IP mode there is no alternate to name (RFC 5780 §6): the answer is
+// the mapped address.
 //
-//  1. the core, always sent even if it exceeds the budget:
-//     XOR-MAPPED-ADDRESS (cookie requests, RFC 8489 §14.2) or MAPPED-ADDRESS
-//     (RFC 3489 requests, §11.2.1); FINGERPRINT iff the request carried one
-//     (the request paid the same 8 bytes). For an RFC 5780 reply (see below)
-//     OTHER-ADDRESS (cookie) or CHANGED-ADDRESS (RFC 3489) comes next: core
-//     with RFC5780Always, else only within the budget (an IPv4 request with
-//     CHANGE-REQUEST always has room; an IPv6 one needs the client to pad
-//     its request, e.g. with SOFTWARE, as natprobe does).
-//  2. RESPONSE-ORIGIN (cookie) or SOURCE-ADDRESS (RFC 3489), RFC 5780 replies
-//     only.
-//  3. MAPPED-ADDRESS in cookie-form RFC 5780 replies (RFC 5780 §6.1 asks for
-//     both, so that a client can detect an ALG rewriting addresses; clients
-//     using the cookie all read XOR-MAPPED-ADDRESS, so it is the first thing
-//     dropped: +12 bytes, +0.6× on a 20-byte request).
-//  4. SOFTWARE, only when configured (issue 6: none by default).
-//  5. PADDING (RFC 5780 §7.6), up to the request's own PADDING length, the
-//     request's size, and what is left of the budget.
+// RFC5780Lean is the opt-in lean answer: RFC 5780 attributes only for a
+// request that uses an RFC 5780 feature (CHANGE-REQUEST, RESPONSE-PORT or
+// PADDING), and only while the answer stays within twice the request (an
+// IPv4 request with CHANGE-REQUEST always has room; an IPv6 one only when
+// the client pads its request, e.g. with SOFTWARE, as natprobe does).
 //
-// An "RFC 5780 reply" is one to a request that carried CHANGE-REQUEST,
-// RESPONSE-PORT or PADDING, or any request when RFC5780Always is set, and
-// only when the server has an alternate IP (RFC 5780 §6: no OTHER-ADDRESS
-// otherwise).
+// # The amplification rule
 //
-// What the two interop clients send first (captured on the wire, and read in
-// coturn's src/apps/natdiscovery/natdiscovery.c):
+// An unauthenticated answer over UDP is at most twice its request, or at
+// most the RFC 5780 answer to a minimal request of the same form
+// (rfc5780AnswerV4/V6: 64 bytes over IPv4, 100 over IPv6, 8 less without
+// FINGERPRINT), whichever is larger. Attributes go in in this order:
 //
-//   - turnutils_natdiscovery: a bare 20-byte cookie Binding request, no
-//     attributes at all. It only runs its mapping and filtering tests if
-//     that reply carries OTHER-ADDRESS (and XOR-MAPPED-ADDRESS); it never
-//     retries. The smallest such reply is 20+12+12 = 44 bytes over IPv4:
-//     2.2× the request. No stateless server can answer it within 2×, so
-//     natdiscovery works only when the operator sets RFC5780Always, and the
-//     cost of that is stated: with RESPONSE-ORIGIN, which RFC5780Always
-//     makes core (every reply names its real source), a bare request gets
-//     56/20 = 2.8× (IPv4) and 92/20 = 4.6× (IPv6); MAPPED-ADDRESS is left
-//     out of bare replies (budget). Its follow-ups (CHANGE-REQUEST, 28
-//     bytes) get XOR-MAPPED + OTHER + RESPONSE-ORIGIN = 56 bytes = 2×.
-//   - stun (stun-client 0.97): RFC 3489 form, 28 bytes, always with a
-//     CHANGE-REQUEST (value 0 on its first test), so its requests use an
-//     RFC 5780 feature and get MAPPED + CHANGED + SOURCE-ADDRESS = 56 bytes
-//     = 2× exactly, without RFC5780Always.
+//  1. the core: the mapped address (XOR-MAPPED-ADDRESS, RFC 8489 §14.2, or
+//     MAPPED-ADDRESS for RFC 3489, §11.2.1), then in two-IP mode
+//     OTHER-ADDRESS and RESPONSE-ORIGIN (CHANGED-ADDRESS and SOURCE-ADDRESS
+//     for RFC 3489); FINGERPRINT iff the request carried one (the request
+//     paid the same 8 bytes). The core is that RFC 5780 answer, so it always
+//     fits the rule. In lean mode only the mapped address is core.
+//  2. MAPPED-ADDRESS beside XOR-MAPPED-ADDRESS (RFC 5780 §6.1 asks for both,
+//     so that a client can detect an ALG rewriting addresses; clients using
+//     the cookie all read XOR-MAPPED-ADDRESS, so it is optional).
+//  3. SOFTWARE, only when configured (none by default: it tells an attacker
+//     the version).
+//  4. PADDING (RFC 5780 §7.6), up to the request's own PADDING length and
+//     the request's size.
 //
-// So the default of binderConfig (RFC5780Always false) keeps every UDP
-// reply within 2× except the one answer no server can shrink: the mapped
-// address of an IPv6 bare request (44/20 = 2.2×; dropping it would break
-// every IPv6 STUN client, ICE's bare Binding first). With RFC5780Always the
-// overshoot is the 24-48 bytes of OTHER-ADDRESS and RESPONSE-ORIGIN on bare
-// requests. Error replies follow the same budget: the reason phrase is
-// dropped when it does not fit. Over TCP/TLS there is no budget: a stream's
-// source cannot be spoofed, so nothing is reflected.
+// Items 2-4 go in only while the answer stays within twice the request:
+// the allowance above 2x pays for the answer a NAT-discovery client needs,
+// not for extras. So a 28-byte request with 4 bytes of PADDING gets the
+// 56-byte core and no PADDING, never 64 bytes (2.3x).
+//
+// What that gives a bare request (TestBareRequestSizes): 20 bytes get 56
+// over IPv4 (2.8x; the rule's ceiling is 64/20 = 3.2x) and 92 over IPv6
+// (4.6x); with FINGERPRINT, 28 bytes get 64 (2.3x) and 100 (3.6x). coturn
+// 4.6.1 answers a bare request with 4.6x over IPv4 and 7.0x over IPv6
+// (docs/operator.md has the measurements). The follow-up requests of
+// the discovery clients (CHANGE-REQUEST, 28 bytes) get the same core. Error
+// answers stay within twice the request: the reason phrase is dropped when
+// it does not fit. Over TCP/TLS there is no budget: a stream's source
+// completed a handshake and cannot be spoofed, so nothing is reflected.
+//
+// What the interop clients send first (captured on the wire):
+// turnutils_natdiscovery and turnutils_stunclient a bare 20-byte cookie
+// request, which they follow only if the answer has OTHER-ADDRESS; stun
+// (stun-client 0.97) a 28-byte RFC 3489 request with CHANGE-REQUEST (value 0
+// on its first test), answered over IPv4 with MAPPED + CHANGED + SOURCE = 56
+// bytes = 2x in either mode.
 //
 // # Streams (TCP/TLS)
 //
@@ -80,9 +85,23 @@ import (
 )
 
 const (
-	// amplificationFactor caps an unauthenticated reply at this multiple of
-	// the request's size (issue 6; coturn 4.6.1 measured 3.3-4.6×).
+	// amplificationFactor caps an unauthenticated answer at this multiple
+	// of the request's size, so that a spoofed request reflects at most
+	// twice its bytes at a victim; only the RFC 5780 answer itself (below)
+	// may be larger.
 	amplificationFactor = 2
+	// rfc5780AnswerV4 and rfc5780AnswerV6 are the RFC 5780 answer to a
+	// minimal Binding request that carries FINGERPRINT, the size an
+	// unauthenticated answer may always reach even when it is more than
+	// twice its request. The 20-byte header; XOR-MAPPED-ADDRESS,
+	// RESPONSE-ORIGIN and OTHER-ADDRESS, each 4 bytes of type and length,
+	// 4 of reserved, family and port, then the address (RFC 8489 §14.1,
+	// §14.2; RFC 5780 §7.3, §7.4): 4+4+4 = 12 bytes over IPv4, 4+4+16 = 24
+	// over IPv6; and FINGERPRINT, 4+4 = 8 bytes (RFC 8489 §14.7):
+	// 20 + 3×12 + 8 = 64 and 20 + 3×24 + 8 = 100. Without FINGERPRINT in
+	// the request the answer has none, and the allowance is 8 bytes less.
+	rfc5780AnswerV4 = stunwire.HeaderSize + 3*(4+4+4) + stunwire.FingerprintSize
+	rfc5780AnswerV6 = stunwire.HeaderSize + 3*(4+4+16) + stunwire.FingerprintSize
 	// maxUnknown bounds the UNKNOWN-ATTRIBUTES list we echo; a request with
 	// more unknown comprehension-required attributes still gets 420 with the
 	// first ones (RFC 8489 §14.9 does not require the full list), and a fixed
@@ -106,10 +125,13 @@ const (
 type endpoint struct{ ip, port int }
 
 type binderConfig struct {
-	Grid          [2][2]netip.AddrPort      // bound UDP sockets, Grid[ip][port]; Grid[1][*] is invalid (zero) in single-IP mode
-	Advertise     map[netip.Addr]netip.Addr // private -> public (cloud 1:1 NAT); nil = none
-	Software      string                    // "" = no SOFTWARE attribute (issue 6)
-	RFC5780Always bool                      // RFC 5780 attributes in replies to bare requests too (see file comment)
+	Grid        [2][2]netip.AddrPort      // bound UDP sockets, Grid[ip][port]; Grid[1][*] is invalid (zero) in single-IP mode
+	Advertise   map[netip.Addr]netip.Addr // private -> public (cloud 1:1 NAT); nil = none
+	Software    string                    // "" = no SOFTWARE attribute (it tells an attacker the version)
+	RFC5780Lean bool                      // RFC 5780 attributes only for requests that use an RFC 5780 feature, within 2x (see file comment)
+	// Deprecated: ignored; the RFC 5780 answer is the default and
+	// RFC5780Lean turns it off. Kept while server.go still sets it.
+	RFC5780Always bool
 }
 
 type bindingRequest struct {
@@ -137,7 +159,7 @@ type bindingStats struct {
 	changePort   atomic.Uint64 // successful replies honouring change-port
 	responsePort atomic.Uint64 // successful replies sent to RESPONSE-PORT
 	padding      atomic.Uint64 // successful replies carrying PADDING
-	overBudget   atomic.Uint64 // replies whose core alone exceeded 2× the request
+	overBudget   atomic.Uint64 // lean mode: OTHER-ADDRESS withheld, or the mapped address alone over 2× the request
 	success      atomic.Uint64 // success responses built
 	err400       atomic.Uint64 // 400 Bad Request replies
 	err420       atomic.Uint64 // 420 Unknown Attribute replies
@@ -297,8 +319,8 @@ func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok 
 	budget := amplificationFactor * len(req.Raw)
 	if req.Stream {
 		// A stream's source completed a handshake and cannot be spoofed:
-		// a reply there amplifies nothing at a victim (issue 6 is about
-		// reflection), so every attribute fits.
+		// a reply there reflects nothing at a victim, so every attribute
+		// fits.
 		budget = maxStreamFrame
 	}
 	errReply := func(code int, reason string, unknown []uint16) (bindingReply, bool) {
@@ -369,7 +391,11 @@ func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok 
 			other = b.public(b.cfg.Grid[1][1])
 		}
 	}
-	rfc5780 := b.dual && (p.hasChange || p.hasRespPort || p.hasPadding || b.cfg.RFC5780Always)
+	// full: the RFC 5780 answer to every request (file comment); lean
+	// mode answers with RFC 5780 attributes only a request that uses an
+	// RFC 5780 feature, and only within the budget.
+	full := b.dual && !b.cfg.RFC5780Lean
+	rfc5780 := full || (b.dual && (p.hasChange || p.hasRespPort || p.hasPadding))
 
 	start := len(buf)
 	m := stunwire.AppendHeader(buf, stunwire.TypeBindingSuccess, &h.ID)
@@ -377,54 +403,61 @@ func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok 
 	if p.hasFingerprint {
 		fp = stunwire.FingerprintSize
 	}
-	// 1. core.
+	// The rule's ceiling is 2× the request or the RFC 5780 answer to a
+	// minimal request, whichever is larger; only the core may use the part
+	// above 2× (file comment). Lean mode keeps to 2×.
+	ceiling := budget
+	if full && !req.Stream {
+		ceiling = max(budget, rfc5780Allowance(src, p.hasFingerprint))
+	}
+	fitsCore := func(n int) bool { return len(m)-start+n+fp <= ceiling }
+	fits := func(n int) bool { return len(m)-start+n+fp <= budget }
+	// 1. core: the mapped address, and OTHER-ADDRESS and RESPONSE-ORIGIN
+	// when the answer is an RFC 5780 one.
 	if h.Cookie {
 		m = stunwire.AppendXORAddress(m, stunwire.AttrXORMappedAddress, src, &h.ID) // RFC 8489 §14.2
 	} else {
 		m = stunwire.AppendAddress(m, stunwire.AttrMappedAddress, src) // RFC 3489 §11.2.1
 	}
-	fits := func(n int) bool { return len(m)-start+n+fp <= budget }
-	// 1b. OTHER-ADDRESS (RFC 5780 §7.4) / CHANGED-ADDRESS (RFC 3489
-	// §11.2.3): core when the operator chose RFC 5780 attributes in every
-	// reply (RFC5780Always); otherwise only within the budget, which a
-	// 28-byte IPv4 request with CHANGE-REQUEST always leaves room for, and
-	// an IPv6 one only when the client pads its request (natprobe's
-	// SOFTWARE does): 20+24+24 = 68 bytes would be 2.4x a 28-byte request.
-	if rfc5780 && (b.cfg.RFC5780Always || fits(stunwire.AddressAttrSize(other))) {
-		if h.Cookie {
-			m = stunwire.AppendAddress(m, stunwire.AttrOtherAddress, other)
-		} else {
-			m = stunwire.AppendAddress(m, stunwire.AttrChangedAddress, other)
-		}
-	} else if rfc5780 {
-		b.stats.overBudget.Add(1) // OTHER-ADDRESS withheld: the request was too small
-	}
-	if len(m)-start+fp > budget {
+	if !fitsCore(0) {
+		// Lean or single-IP: the IPv6 mapped address of a bare request
+		// (44 > 2×20) is sent all the same; no client works without it.
 		b.stats.overBudget.Add(1)
 	}
 	if rfc5780 {
-		// 2. RESPONSE-ORIGIN (RFC 5780 §7.3) / SOURCE-ADDRESS (RFC 3489 §11.2.2).
-		// With RFC5780Always the operator chose RFC 5780 attributes in every
-		// reply (issue 2: "every response carries RESPONSE-ORIGIN"), so it is
-		// core then, at the stated cost.
-		if n := stunwire.AddressAttrSize(origin); fits(n) || b.cfg.RFC5780Always {
+		// OTHER-ADDRESS (RFC 5780 §7.4) / CHANGED-ADDRESS (RFC 3489
+		// §11.2.3). Lean: a minimal IPv6 request with CHANGE-REQUEST has
+		// no room (20+24+24 = 68 > 2×28).
+		if fitsCore(stunwire.AddressAttrSize(other)) {
+			if h.Cookie {
+				m = stunwire.AppendAddress(m, stunwire.AttrOtherAddress, other)
+			} else {
+				m = stunwire.AppendAddress(m, stunwire.AttrChangedAddress, other)
+			}
+		} else {
+			b.stats.overBudget.Add(1) // OTHER-ADDRESS withheld: the request was too small
+		}
+		// RESPONSE-ORIGIN (RFC 5780 §7.3) / SOURCE-ADDRESS (RFC 3489 §11.2.2).
+		if fitsCore(stunwire.AddressAttrSize(origin)) {
 			if h.Cookie {
 				m = stunwire.AppendAddress(m, stunwire.AttrResponseOrigin, origin)
 			} else {
 				m = stunwire.AppendAddress(m, stunwire.AttrSourceAddress, origin)
 			}
 		}
-		// 3. MAPPED-ADDRESS beside XOR-MAPPED-ADDRESS (RFC 5780 §6.1).
-		if n := stunwire.AddressAttrSize(src); h.Cookie && fits(n) {
-			m = stunwire.AppendAddress(m, stunwire.AttrMappedAddress, src)
-		}
 	}
-	// 4. SOFTWARE only when configured (issue 6).
+	// Extras only within 2×.
+	// 2. MAPPED-ADDRESS beside XOR-MAPPED-ADDRESS (RFC 5780 §6.1).
+	if n := stunwire.AddressAttrSize(src); rfc5780 && h.Cookie && fits(n) {
+		m = stunwire.AppendAddress(m, stunwire.AttrMappedAddress, src)
+	}
+	// 3. SOFTWARE only when configured (RFC 8489 §14.14).
 	if s := b.cfg.Software; s != "" && fits(4+(len(s)+3)&^3) {
 		m = stunwire.AppendSoftware(m, s)
 	}
-	// 5. PADDING (RFC 5780 §6.1, §7.6): the RFC asks for the MTU; we give at
-	// most what the request itself carried, so padding never amplifies.
+	// 4. PADDING (RFC 5780 §6.1, §7.6): the RFC asks for the MTU; we give at
+	// most what the request itself carried, and only within 2×, so padding
+	// never amplifies.
 	if p.hasPadding {
 		n := min(p.padLen, len(req.Raw), budget-(len(m)-start)-fp-4) &^ 3
 		if n >= 0 {
@@ -449,6 +482,22 @@ func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok 
 		b.stats.responsePort.Add(1)
 	}
 	return bindingReply{Msg: m[start:], From: from, To: to}, true
+}
+
+// rfc5780Allowance is the RFC 5780 answer to a minimal request of the same
+// form as one from src (FINGERPRINT iff it carried one): the size the
+// amplification rule always allows. OTHER-ADDRESS and RESPONSE-ORIGIN are
+// of src's family: Config.Validate keeps both IPs and their advertised
+// addresses in one family.
+func rfc5780Allowance(src netip.AddrPort, fingerprint bool) int {
+	n := rfc5780AnswerV6
+	if src.Addr().Is4() {
+		n = rfc5780AnswerV4
+	}
+	if !fingerprint {
+		n -= stunwire.FingerprintSize
+	}
+	return n
 }
 
 // errorReply builds an error response (RFC 8489 §6.3.1.1) sent back to the

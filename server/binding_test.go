@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"encoding/hex"
+	"fmt"
 	"net"
 	"net/netip"
 	"testing"
@@ -181,7 +182,7 @@ func TestRFC5780Table(t *testing.T) {
 					if d.fpOK != fp {
 						t.Errorf("at %v change %s: FINGERPRINT present/valid = %v, request had %v", at, f.name, d.fpOK, fp)
 					}
-					if len(reply.Msg) > 2*len(raw) {
+					if len(reply.Msg) > ruleLimit(raw, false) {
 						t.Errorf("at %v change %s: reply %d bytes for a %d-byte request", at, f.name, len(reply.Msg), len(raw))
 					}
 				}
@@ -195,51 +196,153 @@ func TestRFC5780Table(t *testing.T) {
 	}
 }
 
-// TestBareRequest: issue 6's gate on RFC 5780 attributes and the 2× budget.
-func TestBareRequest(t *testing.T) {
-	raw := request(t, false)
-	strict := newBinder(binderConfig{Grid: gridV4})
-	_, d := mustHandle(t, strict, bindingRequest{Raw: raw, Src: clientV4, At: endpoint{}})
-	if d.hasOther || d.hasOrigin || d.hasMapped || d.xor != clientV4 {
-		t.Errorf("strict: %+v", d)
+// ruleLimit is the amplification rule for an unauthenticated answer: twice
+// the request, or the RFC 5780 answer to a minimal request with FINGERPRINT
+// (20 + 3×12 + 8 = 64 bytes over IPv4, 20 + 3×24 + 8 = 100 over IPv6),
+// whichever is larger. Literal numbers, not binding.go's constants, so that
+// a wrong constant fails here.
+func ruleLimit(raw []byte, v6 bool) int {
+	if v6 {
+		return max(2*len(raw), 100)
 	}
-	always := newBinder(binderConfig{Grid: gridV4, RFC5780Always: true})
-	reply, d := mustHandle(t, always, bindingRequest{Raw: raw, Src: clientV4, At: endpoint{}})
-	if !d.hasOther || d.other != gridV4[1][1] || d.xor != clientV4 {
-		t.Errorf("always: %+v", d)
+	return max(2*len(raw), 64)
+}
+
+// family is one address family's grid and client.
+type family struct {
+	name string
+	grid [2][2]netip.AddrPort
+	src  netip.AddrPort
+	v6   bool
+}
+
+var families = []family{{"v4", gridV4, clientV4, false}, {"v6", gridV6, clientV6, true}}
+
+// TestBareRequestSizes: in two-IP mode a bare request gets the RFC 5780
+// answer (XOR-MAPPED-ADDRESS, RESPONSE-ORIGIN, OTHER-ADDRESS) and nothing
+// else, of exactly the size the file comment of binding.go states.
+func TestBareRequestSizes(t *testing.T) {
+	for _, f := range families {
+		for _, fp := range []bool{false, true} {
+			b := newBinder(binderConfig{Grid: f.grid})
+			raw := request(t, fp)
+			reply, d := mustHandle(t, b, bindingRequest{Raw: raw, Src: f.src, At: endpoint{}})
+			// 20 + 3 addresses (12 or 24 bytes each) + FINGERPRINT iff asked.
+			want := map[[2]bool]int{{false, false}: 56, {false, true}: 64, {true, false}: 92, {true, true}: 100}[[2]bool{f.v6, fp}]
+			if len(reply.Msg) != want || len(reply.Msg) > ruleLimit(raw, f.v6) {
+				t.Errorf("%s fp=%v: %d bytes for %d, want %d", f.name, fp, len(reply.Msg), len(raw), want)
+			}
+			if d.xor != f.src || d.origin != f.grid[0][0] || d.other != f.grid[1][1] || d.fpOK != fp || d.hasMapped {
+				t.Errorf("%s fp=%v: %+v", f.name, fp, d)
+			}
+			if s := b.stats.snapshot(); s.OverBudget != 0 || s.Success != 1 {
+				t.Errorf("%s fp=%v: stats %+v", f.name, fp, s)
+			}
+		}
 	}
-	// The documented overshoot: 56 bytes for 20 (RESPONSE-ORIGIN is core
-	// with RFC5780Always, naming the real source), nothing optional.
-	if len(reply.Msg) != 56 || !d.hasOrigin || d.origin != gridV4[0][0] || d.hasMapped {
-		t.Errorf("always: %d bytes, origin %v mapped %v", len(reply.Msg), d.hasOrigin, d.hasMapped)
+	// The constants the rule is built on are these answers.
+	if rfc5780AnswerV4 != 64 || rfc5780AnswerV6 != 100 {
+		t.Errorf("rfc5780AnswerV4 %d, rfc5780AnswerV6 %d; want 64 and 100", rfc5780AnswerV4, rfc5780AnswerV6)
 	}
-	if always.stats.snapshot().OverBudget != 1 || strict.stats.snapshot().OverBudget != 0 {
-		t.Errorf("overBudget counts %+v %+v", always.stats.snapshot(), strict.stats.snapshot())
+}
+
+// TestBareRequestLean: RFC5780Lean keeps the lean answer: a bare request
+// gets its mapped address only; one with CHANGE-REQUEST gets OTHER-ADDRESS
+// and RESPONSE-ORIGIN within 2x (over IPv6 only when it is padded).
+func TestBareRequestLean(t *testing.T) {
+	for _, f := range families {
+		b := newBinder(binderConfig{Grid: f.grid, RFC5780Lean: true})
+		bare := request(t, false)
+		reply, d := mustHandle(t, b, bindingRequest{Raw: bare, Src: f.src, At: endpoint{}})
+		want := map[bool]int{false: 32, true: 44}[f.v6] // the mapped address only
+		if d.hasOther || d.hasOrigin || d.hasMapped || d.xor != f.src || len(reply.Msg) != want {
+			t.Errorf("%s lean bare: %d bytes %+v", f.name, len(reply.Msg), d)
+		}
+		change := request(t, false, changeReq(0))
+		reply, d = mustHandle(t, b, bindingRequest{Raw: change, Src: f.src, At: endpoint{}})
+		if len(reply.Msg) > 2*len(change) || d.hasOther == f.v6 || d.hasOrigin == f.v6 {
+			t.Errorf("%s lean CHANGE-REQUEST: %d bytes for %d, %+v", f.name, len(reply.Msg), len(change), d)
+		}
+		// Lean counts the answers it shrank: the IPv6 mapped address over
+		// 2x, and the IPv6 OTHER-ADDRESS withheld.
+		wantOver := map[bool]uint64{false: 0, true: 2}[f.v6]
+		if s := b.stats.snapshot(); s.OverBudget != wantOver {
+			t.Errorf("%s lean: overBudget %d, want %d", f.name, s.OverBudget, wantOver)
+		}
 	}
 	// With room (a request padded by an unknown optional attribute), the
-	// cookie reply also carries RESPONSE-ORIGIN then MAPPED-ADDRESS.
-	big := request(t, false, rawAttr{0x8050, make([]byte, 24)})
-	_, d = mustHandle(t, always, bindingRequest{Raw: big, Src: clientV4, At: endpoint{}})
-	if !d.hasOrigin || !d.hasMapped || d.mapped != clientV4 || d.origin != gridV4[0][0] {
-		t.Errorf("roomy: %+v", d)
+	// cookie answer also carries RESPONSE-ORIGIN, then MAPPED-ADDRESS.
+	big := request(t, false, changeReq(0), rawAttr{0x8050, make([]byte, 24)})
+	_, d := mustHandle(t, newBinder(binderConfig{Grid: gridV4, RFC5780Lean: true}), bindingRequest{Raw: big, Src: clientV4, At: endpoint{}})
+	if !d.hasOther || !d.hasOrigin || !d.hasMapped || d.mapped != clientV4 || d.origin != gridV4[0][0] {
+		t.Errorf("lean roomy: %+v", d)
 	}
-	// SOFTWARE only when configured, and within budget.
-	sw := newBinder(binderConfig{Grid: gridV4, Software: "stund"})
-	_, d = mustHandle(t, sw, bindingRequest{Raw: big, Src: clientV4, At: endpoint{}})
-	var soft stun.Software
-	if err := soft.GetFrom(d.msg); err != nil || soft.String() != "stund" {
-		t.Errorf("SOFTWARE %q %v", soft, err)
+}
+
+// TestSoftwareWithinRule: SOFTWARE only when configured, and only where it
+// fits within 2x: a bare request's answer is already over 2x.
+func TestSoftwareWithinRule(t *testing.T) {
+	for _, sw := range []string{"abcd", "stund"} {
+		b := newBinder(binderConfig{Grid: gridV4, Software: sw})
+		bare := request(t, false)
+		reply, d := mustHandle(t, b, bindingRequest{Raw: bare, Src: clientV4})
+		if _, err := d.msg.Get(stun.AttrSoftware); err == nil || len(reply.Msg) > ruleLimit(bare, false) {
+			t.Errorf("%q: SOFTWARE in the answer to a bare request (%d bytes)", sw, len(reply.Msg))
+		}
+		big := request(t, false, rawAttr{0x8050, make([]byte, 24)})
+		reply, d = mustHandle(t, b, bindingRequest{Raw: big, Src: clientV4})
+		var soft stun.Software
+		if err := soft.GetFrom(d.msg); err != nil || soft.String() != sw || len(reply.Msg) > 2*len(big) {
+			t.Errorf("%q: roomy request: SOFTWARE %q %v, %d bytes for %d", sw, soft, err, len(reply.Msg), len(big))
+		}
 	}
-	_, d = mustHandle(t, strict, bindingRequest{Raw: big, Src: clientV4, At: endpoint{}})
+	_, d := mustHandle(t, newBinder(binderConfig{Grid: gridV4}), bindingRequest{Raw: request(t, false, rawAttr{0x8050, make([]byte, 24)}), Src: clientV4})
 	if _, err := d.msg.Get(stun.AttrSoftware); err == nil {
 		t.Error("SOFTWARE sent though not configured")
+	}
+}
+
+// TestPaddingWithinRule: small paddings never take an answer past the
+// rule; PADDING only goes in within 2x, so it never pays for itself out of
+// the RFC 5780 allowance.
+func TestPaddingWithinRule(t *testing.T) {
+	for _, f := range families {
+		for _, lean := range []bool{false, true} {
+			for _, fp := range []bool{false, true} {
+				for _, n := range []int{4, 8, 16, 100} {
+					b := newBinder(binderConfig{Grid: f.grid, RFC5780Lean: lean})
+					raw := request(t, fp, padding(n))
+					reply, d := mustHandle(t, b, bindingRequest{Raw: raw, Src: f.src})
+					name := fmt.Sprintf("%s lean=%v fp=%v PADDING %d (%d bytes)", f.name, lean, fp, n, len(raw))
+					if len(reply.Msg) > ruleLimit(raw, f.v6) {
+						t.Errorf("%s: %d bytes, over the rule %d", name, len(reply.Msg), ruleLimit(raw, f.v6))
+					}
+					if d.padLen > n || (d.msg.Contains(stun.AttrPadding) && len(reply.Msg) > 2*len(raw)) {
+						t.Errorf("%s: PADDING %d in a %d-byte answer", name, d.padLen, len(reply.Msg))
+					}
+					if !lean && (!d.hasOther || !d.hasOrigin || d.xor != f.src) {
+						t.Errorf("%s: RFC 5780 attributes missing: %+v", name, d)
+					}
+					if n == 100 && d.padLen != 100 {
+						t.Errorf("%s: PADDING %d, the request's 100 fit", name, d.padLen)
+					}
+				}
+			}
+		}
+	}
+	// A 28-byte request with 4 bytes of PADDING gets the 56-byte core, not
+	// 64 bytes (2.3x).
+	raw := request(t, false, padding(4))
+	reply, d := mustHandle(t, newBinder(binderConfig{Grid: gridV4}), bindingRequest{Raw: raw, Src: clientV4})
+	if len(raw) != 28 || len(reply.Msg) != 56 || d.msg.Contains(stun.AttrPadding) {
+		t.Errorf("PADDING 4: %d bytes for %d, PADDING %v", len(reply.Msg), len(raw), d.msg.Contains(stun.AttrPadding))
 	}
 }
 
 func TestSingleIP(t *testing.T) {
 	grid := gridV4
 	grid[1] = [2]netip.AddrPort{}
-	b := newBinder(binderConfig{Grid: grid, RFC5780Always: true})
+	b := newBinder(binderConfig{Grid: grid})
 	for _, f := range []uint32{0, changePortFlag, changeIPFlag, changeIPFlag | changePortFlag} {
 		raw := request(t, false, changeReq(f))
 		reply, d := mustHandle(t, b, bindingRequest{Raw: raw, Src: clientV4, At: endpoint{0, 1}})
@@ -250,9 +353,20 @@ func TestSingleIP(t *testing.T) {
 			t.Errorf("flags %x: %v %v %d", f, reply.From, reply.To, len(reply.Msg))
 		}
 	}
-	_, d := mustHandle(t, b, bindingRequest{Raw: request(t, false), Src: clientV4, At: endpoint{0, 1}})
-	if d.code != 0 || d.hasOther || d.xor != clientV4 {
-		t.Errorf("plain request in single-IP mode: %+v", d)
+	// No OTHER-ADDRESS to give (RFC 5780 §6): bare requests get the
+	// mapped address only, over IPv4 and IPv6, with or without
+	// FINGERPRINT, within the rule.
+	for _, f := range families {
+		g := f.grid
+		g[1] = [2]netip.AddrPort{}
+		single := newBinder(binderConfig{Grid: g})
+		for _, fp := range []bool{false, true} {
+			raw := request(t, fp)
+			reply, d := mustHandle(t, single, bindingRequest{Raw: raw, Src: f.src, At: endpoint{0, 1}})
+			if d.code != 0 || d.hasOther || d.hasOrigin || d.changed.IsValid() || d.xor != f.src || len(reply.Msg) > ruleLimit(raw, f.v6) {
+				t.Errorf("%s fp=%v: plain request in single-IP mode: %d bytes %+v", f.name, fp, len(reply.Msg), d)
+			}
+		}
 	}
 	if s := b.stats.snapshot(); s.Err420 != 4 {
 		t.Errorf("stats %+v", s)
@@ -304,9 +418,29 @@ func TestResponsePortAndPadding(t *testing.T) {
 	}
 }
 
-// TestRFC3489Request replays the exact bytes the stun-client package sends.
+// TestRFC3489Request replays the exact bytes the stun-client package sends,
+// in both modes: each request carries CHANGE-REQUEST, so the lean answer is
+// the RFC 3489 one too.
 func TestRFC3489Request(t *testing.T) {
-	b := newBinder(binderConfig{Grid: gridV4})
+	for _, lean := range []bool{false, true} {
+		t.Run(fmt.Sprintf("lean=%v", lean), func(t *testing.T) {
+			testRFC3489Request(t, newBinder(binderConfig{Grid: gridV4, RFC5780Lean: lean}))
+		})
+	}
+	// A bare RFC 3489 request (no CHANGE-REQUEST): the RFC 3489 answer
+	// (§11.1) by default, within the rule; the mapped address when lean.
+	bare, _ := hex.DecodeString("000100000124e61da6f7da30a68640492c59d51e")
+	reply, d := mustHandle(t, newBinder(binderConfig{Grid: gridV4}), bindingRequest{Raw: bare, Src: clientV4})
+	if d.mapped != clientV4 || d.changed != gridV4[1][1] || d.source != gridV4[0][0] || d.hasXOR || d.hasOther || len(reply.Msg) > ruleLimit(bare, false) {
+		t.Errorf("bare RFC 3489: %d bytes %+v", len(reply.Msg), d)
+	}
+	_, d = mustHandle(t, newBinder(binderConfig{Grid: gridV4, RFC5780Lean: true}), bindingRequest{Raw: bare, Src: clientV4})
+	if d.mapped != clientV4 || d.changed.IsValid() || d.source.IsValid() {
+		t.Errorf("bare RFC 3489, lean: %+v", d)
+	}
+}
+
+func testRFC3489Request(t *testing.T, b *binder) {
 	for _, tc := range []struct {
 		hex      string
 		wantFrom endpoint
@@ -363,35 +497,34 @@ func TestIPv6Grid(t *testing.T) {
 	}
 }
 
-// TestIPv6Budget: over UDP an IPv6 reply stays within 2x: a minimal
-// 28-byte CHANGE-REQUEST gets its mapped address but no OTHER-ADDRESS
-// (20+24+24 = 68 > 56); a padded request, RFC5780Always, or a stream gets
-// it. The mapped address of a bare 20-byte request (44 bytes) is the one
-// documented overshoot.
+// TestIPv6Budget: over UDP an IPv6 answer keeps to the rule. By default a
+// minimal 28-byte CHANGE-REQUEST gets the 92-byte RFC 5780 answer; in lean
+// mode it gets its mapped address but no OTHER-ADDRESS (20+24+24 = 68 >
+// 56) unless it is padded; a stream gets everything.
 func TestIPv6Budget(t *testing.T) {
-	strict := newBinder(binderConfig{Grid: gridV6})
 	minimal := request(t, false, changeReq(0))
-	reply, d := mustHandle(t, strict, bindingRequest{Raw: minimal, Src: clientV6})
+	reply, d := mustHandle(t, newBinder(binderConfig{Grid: gridV6}), bindingRequest{Raw: minimal, Src: clientV6})
+	if len(reply.Msg) != 92 || !d.hasOther || !d.hasOrigin || d.xor != clientV6 {
+		t.Errorf("default: %d bytes for %d, %+v", len(reply.Msg), len(minimal), d)
+	}
+	lean := newBinder(binderConfig{Grid: gridV6, RFC5780Lean: true})
+	reply, d = mustHandle(t, lean, bindingRequest{Raw: minimal, Src: clientV6})
 	if len(reply.Msg) > 2*len(minimal) || d.hasOther || d.xor != clientV6 {
-		t.Errorf("minimal: %d bytes for %d, other %v", len(reply.Msg), len(minimal), d.hasOther)
+		t.Errorf("lean minimal: %d bytes for %d, other %v", len(reply.Msg), len(minimal), d.hasOther)
 	}
 	padded := request(t, false, changeReq(0), rawAttr{stun.AttrSoftware, []byte("natprobe/dev probe-id=0123abcd")})
-	reply, d = mustHandle(t, strict, bindingRequest{Raw: padded, Src: clientV6})
+	reply, d = mustHandle(t, lean, bindingRequest{Raw: padded, Src: clientV6})
 	if len(reply.Msg) > 2*len(padded) || !d.hasOther || d.other != gridV6[1][1] {
-		t.Errorf("padded: %d bytes for %d, other %v", len(reply.Msg), len(padded), d.other)
+		t.Errorf("lean padded: %d bytes for %d, other %v", len(reply.Msg), len(padded), d.other)
 	}
-	_, d = mustHandle(t, strict, bindingRequest{Raw: minimal, Src: clientV6, Stream: true})
+	_, d = mustHandle(t, lean, bindingRequest{Raw: minimal, Src: clientV6, Stream: true})
 	if !d.hasOther || !d.hasOrigin {
-		t.Errorf("stream: a reply over TCP has no budget: %+v", d)
-	}
-	_, d = mustHandle(t, newBinder(binderConfig{Grid: gridV6, RFC5780Always: true}), bindingRequest{Raw: minimal, Src: clientV6})
-	if !d.hasOther || !d.hasOrigin {
-		t.Errorf("RFC5780Always: OTHER-ADDRESS and RESPONSE-ORIGIN are core: %+v", d)
+		t.Errorf("stream: an answer over TCP has no budget: %+v", d)
 	}
 	bare := request(t, false)
-	reply, _ = mustHandle(t, strict, bindingRequest{Raw: bare, Src: clientV6})
+	reply, _ = mustHandle(t, lean, bindingRequest{Raw: bare, Src: clientV6})
 	if len(reply.Msg) != 44 {
-		t.Errorf("bare IPv6: %d bytes, want the 44-byte mapped address only", len(reply.Msg))
+		t.Errorf("lean bare IPv6: %d bytes, want the 44-byte mapped address only", len(reply.Msg))
 	}
 }
 
@@ -421,7 +554,7 @@ func TestUnknownAttributes(t *testing.T) {
 }
 
 func TestStream(t *testing.T) {
-	b := newBinder(binderConfig{Grid: gridV4, RFC5780Always: true})
+	b := newBinder(binderConfig{Grid: gridV4})
 	local := netip.MustParseAddrPort("10.0.0.2:5349") // TLS listener on the alternate IP
 	_, d := mustHandle(t, b, bindingRequest{Raw: request(t, false, changeReq(0)), Src: clientV4, Local: local, At: endpoint{1, 0}, Stream: true})
 	if d.origin != local || d.other != netip.MustParseAddrPort("10.0.0.1:5349") || d.xor != clientV4 {
@@ -508,15 +641,15 @@ func TestHandleZeroAlloc(t *testing.T) {
 }
 
 // FuzzBindingHandle: no panic, and every reply parses, echoes the
-// transaction ID and stays within 2× the request or the documented core.
+// transaction ID and keeps to the amplification rule.
 func FuzzBindingHandle(f *testing.F) {
 	f.Add(request(f, true, changeReq(6)), true, false)
 	f.Add(request(f, false, padding(30), respPort(1)), false, false)
 	f.Add(request(f, false, rawAttr{0x0002, nil}), false, true)
 	raw, _ := hex.DecodeString("000100080124e61da6f7da30a68640492c59d51e0003000400000000")
 	f.Add(raw, true, false)
-	f.Fuzz(func(t *testing.T, raw []byte, always, stream bool) {
-		b := newBinder(binderConfig{Grid: gridV6, RFC5780Always: always})
+	f.Fuzz(func(t *testing.T, raw []byte, lean, stream bool) {
+		b := newBinder(binderConfig{Grid: gridV6, RFC5780Lean: lean})
 		reply, ok := b.handle(make([]byte, 0, 64), bindingRequest{Raw: raw, Src: clientV6, Local: gridV6[0][0], Stream: stream})
 		if !ok {
 			return
@@ -527,14 +660,13 @@ func FuzzBindingHandle(f *testing.F) {
 		if !bytes.Equal(reply.Msg[4:20], raw[4:20]) {
 			t.Fatal("ID not echoed")
 		}
-		// Over UDP the core is the header, the IPv6 mapped address and
-		// FINGERPRINT; RFC5780Always adds OTHER-ADDRESS and
-		// RESPONSE-ORIGIN. A stream has no budget.
-		core := 20 + 24 + 8
-		if always {
-			core += 24 + 24
+		// Over UDP: the rule; lean mode keeps to 2x, or to the header,
+		// the IPv6 mapped address and FINGERPRINT. A stream has no budget.
+		limit := ruleLimit(raw, true)
+		if lean {
+			limit = max(2*len(raw), 20+24+8)
 		}
-		if !stream && len(reply.Msg) > max(2*len(raw), core) {
+		if !stream && len(reply.Msg) > limit {
 			t.Fatalf("reply %d bytes for a %d-byte request", len(reply.Msg), len(raw))
 		}
 	})

@@ -125,12 +125,20 @@ type Config struct {
 	// stream timeouts; nil means the real ones.
 	abuse *abuseHooks
 
-	// RFC5780Always puts OTHER-ADDRESS and RESPONSE-ORIGIN into every
-	// Binding reply, also to bare requests that used no RFC 5780 feature.
-	// Off by default: a bare 20-byte request would get 56 bytes back over
-	// IPv4 (2.8x; 92 bytes, 4.6x over IPv6), more than the 2x
-	// amplification budget of binding.go. Clients
-	// such as coturn's natdiscovery, whose first request is bare, need it.
+	// RFC5780Lean answers a Binding request with OTHER-ADDRESS and
+	// RESPONSE-ORIGIN only when it uses an RFC 5780 feature
+	// (CHANGE-REQUEST, RESPONSE-PORT, PADDING), and only within twice its
+	// size. Off by default: with an alternate IP every Binding request
+	// gets the RFC 5780 answer (RFC 5780 §6), because NAT-discovery
+	// clients (coturn's natdiscovery, pion's stun-nat-behaviour,
+	// NatTypeTester, stuntman) send a bare request first and need
+	// OTHER-ADDRESS in its answer. That answer costs 56 bytes for a bare
+	// 20-byte request over IPv4 (2.8x), 92 over IPv6 (4.6x); lean mode
+	// keeps every answer within 2x, except the IPv6 mapped address alone
+	// (44 bytes for 20). binding.go states the rule.
+	RFC5780Lean bool
+	// Deprecated: ignored. The RFC 5780 answer is the default;
+	// RFC5780Lean turns it off.
 	RFC5780Always bool
 
 	// Software, when set, is sent in the SOFTWARE attribute. Empty by

@@ -189,7 +189,7 @@ func restartNeeded(old, cur Config) []string {
 	add("advertise", !maps.Equal(old.Advertise, cur.Advertise))
 	add("realm", old.Realm != cur.Realm)
 	add("relay-ports", old.RelayPortMin != cur.RelayPortMin || old.RelayPortMax != cur.RelayPortMax)
-	add("rfc5780-always", old.RFC5780Always != cur.RFC5780Always)
+	add("rfc5780-lean", old.RFC5780Lean != cur.RFC5780Lean)
 	add("software", old.Software != cur.Software)
 	return slices.Clip(out)
 }

@@ -151,13 +151,13 @@ func TestReloadRestartNeeded(t *testing.T) {
 	s := startTURNServer(t, func(c *Config) { base = *c })
 	next := base
 	next.Realm = "other.realm"
-	next.RFC5780Always = true
+	next.RFC5780Lean = true
 	next.Users = map[string]string{"erin": "erin-pw"}
 	rep, err := s.ReloadWithReport(next)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"realm", "rfc5780-always"} {
+	for _, want := range []string{"realm", "rfc5780-lean"} {
 		if !slices.Contains(rep.RestartNeeded, want) {
 			t.Errorf("RestartNeeded %v lacks %q", rep.RestartNeeded, want)
 		}

@@ -67,11 +67,14 @@ const (
 	fMaxBPS      = "max-bps"
 	fMaxConnsIP  = "max-conns-per-ip"
 	fSoftware    = "software"
-	fRFC5780All  = "rfc5780-always"
-	fLogLevel    = "log-level"
-	fLogFormat   = "log-format"
-	fMetrics     = "metrics"
-	fPprof       = "pprof"
+	fRFC5780Lean = "rfc5780-lean"
+	// fRFC5780All is deprecated and has no effect (the RFC 5780 answer is
+	// the default); still accepted so that old configurations start.
+	fRFC5780All = "rfc5780-always"
+	fLogLevel   = "log-level"
+	fLogFormat  = "log-format"
+	fMetrics    = "metrics"
+	fPprof      = "pprof"
 )
 
 // Embedded defaults: stund with no flags runs on any Linux box, where the
@@ -110,7 +113,8 @@ func flags() []cli.Flag {
 		altsrc.NewFloat64Flag(&cli.Float64Flag{Name: fAllocRate, EnvVars: envName(fAllocRate), Value: server.DefaultAllocRate, Usage: "Allocates per second per user, burst 4 s' worth (486 beyond; -1 unlimited)"}),
 		altsrc.NewInt64Flag(&cli.Int64Flag{Name: fMaxBPS, EnvVars: envName(fMaxBPS), Usage: "cap on each user's relayed UDP traffic in `BITS` per second, each direction, over all the user's allocations; datagrams over it are dropped and counted (0: no cap)"}),
 		altsrc.NewIntFlag(&cli.IntFlag{Name: fMaxConnsIP, EnvVars: envName(fMaxConnsIP), Value: server.DefaultMaxConnsPerIP, Usage: "concurrent TCP/TLS connections per source IP or IPv6 /64; more are closed at accept (-1 unlimited)"}),
-		altsrc.NewBoolFlag(&cli.BoolFlag{Name: fRFC5780All, EnvVars: envName(fRFC5780All), Usage: "OTHER-ADDRESS and RESPONSE-ORIGIN in every Binding reply, also to bare requests (needed by coturn's natdiscovery; costs 2.8x amplification)"}),
+		altsrc.NewBoolFlag(&cli.BoolFlag{Name: fRFC5780Lean, EnvVars: envName(fRFC5780Lean), Usage: "OTHER-ADDRESS and RESPONSE-ORIGIN only for Binding requests that use an RFC 5780 feature, within 2x the request (off: every request gets them, as NAT-discovery clients need; 2.8x for a bare request over IPv4, 4.6x over IPv6)"}),
+		altsrc.NewBoolFlag(&cli.BoolFlag{Name: fRFC5780All, EnvVars: envName(fRFC5780All), Hidden: true, Usage: "deprecated, no effect: every Binding request gets the RFC 5780 answer unless --rfc5780-lean"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fSoftware, EnvVars: envName(fSoftware), Usage: "SOFTWARE attribute `TEXT` (default: none, it only helps attackers)"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fLogLevel, EnvVars: envName(fLogLevel), Value: "info", Usage: "`LEVEL`: debug, info, warn or error"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fLogFormat, EnvVars: envName(fLogFormat), Value: "text", Usage: "log `FORMAT`: text or json"}),

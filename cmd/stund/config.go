@@ -229,7 +229,10 @@ func buildConfig(c *cli.Context, keys *yamlKeys) (cfg server.Config, demoPass st
 		return cfg, "", bad(fTotalQuota, "%d: give a positive number, or -1 for unlimited", cfg.TotalQuota)
 	}
 	cfg.Software = c.String(fSoftware)
-	cfg.RFC5780Always = c.Bool(fRFC5780All)
+	cfg.RFC5780Lean = c.Bool(fRFC5780Lean)
+	if cfg.RFC5780Lean && c.Bool(fRFC5780All) {
+		return cfg, "", bad(fRFC5780All, "contradicts %s (%s is deprecated: the RFC 5780 answer is the default; drop it)", fRFC5780Lean, fRFC5780All)
+	}
 	rate := func(flag string) (float64, error) {
 		r := c.Float64(flag)
 		if r == 0 || (r < 0 && r != -1) || r != r {
@@ -255,6 +258,10 @@ func buildConfig(c *cli.Context, keys *yamlKeys) (cfg server.Config, demoPass st
 		return cfg, "", fmt.Errorf("%v%s", err, keys.where(strings.SplitN(err.Error(), ":", 2)[0]))
 	}
 	cfg.Logger = logger
+	if c.IsSet(fRFC5780All) {
+		logger.Warn("deprecated setting has no effect: every Binding request gets the RFC 5780 answer unless "+fRFC5780Lean+" is set",
+			"setting", fRFC5780All+keys.where(fRFC5780All))
+	}
 	pf := logging.NewDefaultLoggerFactory()
 	pf.Writer = c.App.ErrWriter
 	pf.DefaultLogLevel = pionLevel(lv)

@@ -22,16 +22,11 @@ import (
 const (
 	stundPort    = 3478
 	stundAltPort = 3479
-	// A second stund with --rfc5780-always for coturn's natdiscovery,
-	// whose bare first request needs OTHER-ADDRESS; natprobe and the
-	// classic stun client are judged against stund's default config.
-	stund5780Port    = 4478
-	stund5780AltPort = 4479
-	coturnPort       = 5478
-	coturnAlt        = 5479
-	turnUser         = "lab"
-	turnPass         = "labpass"
-	turnRealm        = "natlab"
+	coturnPort   = 5478
+	coturnAlt    = 5479
+	turnUser     = "lab"
+	turnPass     = "labpass"
+	turnRealm    = "natlab"
 )
 
 // server is a daemon running in the lab's server namespace.

@@ -195,7 +195,7 @@ var (
 	apdmKeys = func() []string {
 		var k []string
 		for _, ip := range []string{serverIP, serverAltIP} {
-			for _, port := range []int{stundPort, stundAltPort, stund5780Port, stund5780AltPort, coturnPort, coturnAlt} {
+			for _, port := range []int{stundPort, stundAltPort, coturnPort, coturnAlt} {
 				k = append(k, fmt.Sprintf("%s . %d", ip, port))
 			}
 		}
