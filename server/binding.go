@@ -129,9 +129,6 @@ type binderConfig struct {
 	Advertise   map[netip.Addr]netip.Addr // private -> public (cloud 1:1 NAT); nil = none
 	Software    string                    // "" = no SOFTWARE attribute (it tells an attacker the version)
 	RFC5780Lean bool                      // RFC 5780 attributes only for requests that use an RFC 5780 feature, within 2x (see file comment)
-	// Deprecated: ignored; the RFC 5780 answer is the default and
-	// RFC5780Lean turns it off. Kept while server.go still sets it.
-	RFC5780Always bool
 }
 
 type bindingRequest struct {

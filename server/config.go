@@ -137,9 +137,6 @@ type Config struct {
 	// keeps every answer within 2x, except the IPv6 mapped address alone
 	// (44 bytes for 20). binding.go states the rule.
 	RFC5780Lean bool
-	// Deprecated: ignored. The RFC 5780 answer is the default;
-	// RFC5780Lean turns it off.
-	RFC5780Always bool
 
 	// Software, when set, is sent in the SOFTWARE attribute. Empty by
 	// default: it tells an attacker the version for free.

@@ -102,7 +102,7 @@ var ErrClosed = errors.New("server is closed")
 // not cut.
 //
 // Settings that need new sockets or a new pion server (addresses, ports,
-// TLS, advertise, realm, relay ports, RFC5780Always, Software) are not
+// TLS, advertise, realm, relay ports, RFC5780Lean, Software) are not
 // reloaded: when they differ from the running ones, Reload logs them at warn
 // and returns their names in RestartNeeded; the rest is applied.
 func (s *Server) Reload(cfg Config) error {

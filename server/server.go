@@ -215,10 +215,10 @@ func (s *Server) closeSockets() {
 func (s *Server) startTURN() error {
 	cfg := s.cfg
 	s.binder = newBinder(binderConfig{
-		Grid:          s.gridAddr,
-		Advertise:     cfg.Advertise,
-		Software:      cfg.Software,
-		RFC5780Always: cfg.RFC5780Always,
+		Grid:        s.gridAddr,
+		Advertise:   cfg.Advertise,
+		Software:    cfg.Software,
+		RFC5780Lean: cfg.RFC5780Lean,
 	})
 
 	s.live.swap(s.buildPolicy(cfg)) // Reload swaps it
