@@ -43,7 +43,11 @@ type opsStats struct {
 	// (relay socket WriteTo), "in" is from the peer (ReadFrom).
 	relayPktsOut, relayBytesOut atomic.Uint64
 	relayPktsIn, relayBytesIn   atomic.Uint64
-	relayRefused                atomic.Uint64 // relayed packets the peer policy refused
+	relayRefused                atomic.Uint64 // relayed packets and peer dials the peer policy refused
+
+	// RFC 6062 peer connections refused at the per-allocation or per-user
+	// bound (relaygen.go): Connect (out) and accepted on a relay (in).
+	peerConnRefusedOut, peerConnRefusedIn atomic.Uint64
 
 	reloads, reloadErrors atomic.Uint64
 
@@ -78,7 +82,7 @@ func (s *Server) onAuth(method string, ok bool) {
 
 // relayConn wraps every UDP relay socket (RFC 8656 §7.2): it applies the
 // current peer policy to each packet toward a peer (the backstop for the
-// port-level rules a permission cannot express, see PeerPolicy.RelayConn)
+// port-level rules a permission cannot express, PeerPolicy.AllowedAddrPort)
 // and counts relayed packets and bytes each way.
 type relayConn struct {
 	net.PacketConn
@@ -223,6 +227,9 @@ func (s *Server) newRegistry() *prometheus.Registry {
 	counter("stund_relay_packets_total", pktHelp, l("direction", "from_peer"), o.relayPktsIn.Load)
 	counter("stund_relay_bytes_total", byteHelp, l("direction", "to_peer"), o.relayBytesOut.Load)
 	counter("stund_relay_bytes_total", byteHelp, l("direction", "from_peer"), o.relayBytesIn.Load)
+	const peerConnHelp = "RFC 6062 peer connections refused at the per-allocation or per-user bound: connect (Connect answered 447) or accept (a peer's connection to a relayed address closed at once)."
+	counter("stund_peer_connections_refused_total", peerConnHelp, l("direction", "connect"), o.peerConnRefusedOut.Load)
+	counter("stund_peer_connections_refused_total", peerConnHelp, l("direction", "accept"), o.peerConnRefusedIn.Load)
 
 	// Binding (RFC 8489 §7, RFC 5780 §6/§7).
 	const bindHelp = "Binding requests that parsed, by form: rfc8489 (magic cookie) or rfc3489 (classic)."
