@@ -117,13 +117,19 @@ func (g *relayGenerator) listenAddr(port uint16) string {
 	return net.JoinHostPort(g.inner.Address, strconv.Itoa(int(port)))
 }
 
+// take checks a requested port and takes a port for the relay c asks
+// for from the ledger, bound with bind.
+func (g *relayGenerator) take(tcp bool, c turn.AllocateListenerConfig, bind func(port uint16) error) (portKey, error) {
+	if err := g.checkPort(c.RequestedPort); err != nil {
+		return portKey{}, err
+	}
+	return relays.take(g.key(tcp, 0), g.live, c.UserID, uint16(c.RequestedPort), g.min, g.max, bind)
+}
+
 // AllocatePacketConn binds a UDP relay (RFC 8656 §7.2).
 func (g *relayGenerator) AllocatePacketConn(c turn.AllocateListenerConfig) (net.PacketConn, net.Addr, error) {
-	if err := g.checkPort(c.RequestedPort); err != nil {
-		return nil, nil, err
-	}
 	var conn net.PacketConn
-	k, err := relays.take(g.key(false, 0), g.live, c.UserID, uint16(c.RequestedPort), g.min, g.max, func(port uint16) error {
+	k, err := g.take(false, c, func(port uint16) error {
 		var err error
 		conn, err = g.inner.Net.ListenPacket(c.Network, g.listenAddr(port)) //nolint:noctx // transport.Net has no context form
 		return err
@@ -131,30 +137,21 @@ func (g *relayGenerator) AllocatePacketConn(c turn.AllocateListenerConfig) (net.
 	if err != nil {
 		return nil, nil, err
 	}
-	addr, ok := conn.LocalAddr().(*net.UDPAddr)
-	if !ok {
-		_ = conn.Close()
-		relays.release(k, false)
-		return nil, nil, fmt.Errorf("relay socket has address %v", conn.LocalAddr())
-	}
-	relayed := &net.UDPAddr{IP: g.inner.RelayAddress, Port: addr.Port}
 	// The cap sits under the counters, so they count what was relayed;
 	// the ledger entry goes with the socket, outermost, so that the
 	// counters' allocation-free read path still sees the *net.UDPConn.
 	rc := newRelayConn(g.bw.wrap(conn, c.UserID), g.live, g.ops)
-	return &ledgerPacketConn{PacketConn: rc, key: k}, relayed, nil
+	relayed := &net.UDPAddr{IP: g.inner.RelayAddress, Port: int(k.port)}
+	return &ledgerPacketConn{PacketConn: rc, portHold: portHold{key: k}}, relayed, nil
 }
 
 // AllocateListener binds a TCP relay (RFC 6062 §5.1) with SO_REUSEPORT,
 // which outgoing connections from the relayed address need (AllocateConn);
 // the ledger keeps the port to this one allocation.
 func (g *relayGenerator) AllocateListener(c turn.AllocateListenerConfig) (net.Listener, net.Addr, error) {
-	if err := g.checkPort(c.RequestedPort); err != nil {
-		return nil, nil, err
-	}
 	lc := g.inner.Net.CreateListenConfig(&net.ListenConfig{Control: reuseport.Control})
 	var ln net.Listener
-	k, err := relays.take(g.key(true, 0), g.live, c.UserID, uint16(c.RequestedPort), g.min, g.max, func(port uint16) error {
+	k, err := g.take(true, c, func(port uint16) error {
 		var err error
 		ln, err = lc.Listen(context.Background(), c.Network, g.listenAddr(port))
 		return err
@@ -162,14 +159,8 @@ func (g *relayGenerator) AllocateListener(c turn.AllocateListenerConfig) (net.Li
 	if err != nil {
 		return nil, nil, err
 	}
-	addr, ok := ln.Addr().(*net.TCPAddr)
-	if !ok {
-		_ = ln.Close()
-		relays.release(k, false)
-		return nil, nil, fmt.Errorf("relay listener has address %v", ln.Addr())
-	}
-	relayed := &net.TCPAddr{IP: g.inner.RelayAddress, Port: addr.Port}
-	return &relayListener{Listener: ln, key: k, ops: g.ops}, relayed, nil
+	relayed := &net.TCPAddr{IP: g.inner.RelayAddress, Port: int(k.port)}
+	return &relayListener{Listener: ln, portHold: portHold{key: k}, ops: g.ops}, relayed, nil
 }
 
 // AllocateConn opens an outgoing TCP connection to a peer (RFC 6062 §5.2)
@@ -377,18 +368,25 @@ func (l *portLedger) stats(owner *livePolicy) RelayStats {
 	return st
 }
 
-// ledgerPacketConn is a UDP relay socket whose port returns to the ledger
-// when it closes.
-type ledgerPacketConn struct {
-	net.PacketConn
+// portHold is a relay socket's or listener's hold on its ledger entry,
+// given back once however often the socket is closed.
+type portHold struct {
 	key  portKey
 	once sync.Once
 }
 
+func (h *portHold) free() { h.once.Do(func() { relays.release(h.key, false) }) }
+
+// ledgerPacketConn is a UDP relay socket whose port returns to the ledger
+// when it closes.
+type ledgerPacketConn struct {
+	net.PacketConn
+	portHold
+}
+
 func (c *ledgerPacketConn) Close() error {
-	err := c.PacketConn.Close()
-	c.once.Do(func() { relays.release(c.key, false) })
-	return err
+	defer c.free()
+	return c.PacketConn.Close()
 }
 
 // relayListener is a TCP relay listener (RFC 6062 §5.3): every accepted
@@ -397,9 +395,8 @@ func (c *ledgerPacketConn) Close() error {
 // ledger when it and every connection from it are closed.
 type relayListener struct {
 	net.Listener
-	key  portKey
-	ops  *opsStats
-	once sync.Once
+	portHold
+	ops *opsStats
 }
 
 // Accept never returns a refused connection, nor an error for one: pion
@@ -422,9 +419,8 @@ func (l *relayListener) Accept() (net.Conn, error) {
 }
 
 func (l *relayListener) Close() error {
-	err := l.Listener.Close()
-	l.once.Do(func() { relays.release(l.key, false) })
-	return err
+	defer l.free()
+	return l.Listener.Close()
 }
 
 // peerConn is an RFC 6062 peer data connection; closing it frees its slot

@@ -5,7 +5,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/pion/logging"
 	"github.com/pion/turn/v5"
 )
 
@@ -22,20 +21,7 @@ func TestRelayCannotReachAdmin(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lf := logging.NewDefaultLoggerFactory()
-	lf.DefaultLogLevel = logging.LogLevelDisabled
-	c, err := turn.NewClient(&turn.ClientConfig{
-		STUNServerAddr: primary, TURNServerAddr: primary,
-		Username: "alice", Password: "alice-pw",
-		Conn: turn.NewSTUNConn(conn), LoggerFactory: lf,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := c.Listen(); err != nil {
-		t.Fatal(err)
-	}
+	c := turnClient(t, primary, "alice", "alice-pw", turn.NewSTUNConn(conn))
 	alloc, err := c.AllocateTCP()
 	if err != nil {
 		t.Fatalf("AllocateTCP: %v", err)
