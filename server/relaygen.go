@@ -93,6 +93,8 @@ type relayGenerator struct {
 	// local is the IP relays are bound on; the announced relayed address
 	// carries its public form (--advertise), which the host may not have.
 	local netip.Addr
+	// dialTimeout: tests only, a shorter peerDialTimeout; 0 means that.
+	dialTimeout time.Duration
 }
 
 func (g *relayGenerator) Validate() error { return g.inner.Validate() }
@@ -188,7 +190,11 @@ func (g *relayGenerator) AllocateConn(c turn.AllocateConnConfig) (net.Conn, erro
 		}
 		return nil, err
 	}
-	d := g.inner.Net.CreateDialer(&net.Dialer{LocalAddr: local, Control: reuseport.Control, Timeout: peerDialTimeout})
+	timeout := peerDialTimeout
+	if g.dialTimeout != 0 {
+		timeout = g.dialTimeout
+	}
+	d := g.inner.Net.CreateDialer(&net.Dialer{LocalAddr: local, Control: reuseport.Control, Timeout: timeout})
 	conn, err := d.Dial(c.Network, c.RemoteAddr.String())
 	if err != nil {
 		relays.release(k, true)
@@ -204,9 +210,10 @@ type RelayStats struct {
 	// range, the most each IP and transport can hold.
 	UDPPortsInUse, TCPPortsInUse, PortsPerIP int
 	// PeerConnections counts the open and pending RFC 6062 peer data
-	// connections; PeerConnectionsRefused counts those refused at the
-	// per-allocation or per-user bound: Connect answered 447 (Out) or an
-	// incoming connection to a relayed address closed at once (In).
+	// connections; PeerConnectionsRefusedOut and ...In count those refused
+	// at the per-allocation or per-user bound: a Connect answered 447
+	// (Out), or a peer's connection to a relayed address closed at once
+	// (In).
 	PeerConnections                                     int
 	PeerConnectionsRefusedOut, PeerConnectionsRefusedIn uint64
 }
