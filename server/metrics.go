@@ -216,7 +216,7 @@ func (s *Server) newRegistry() *prometheus.Registry {
 	counter("stund_permissions_created_total", "TURN permissions created.", nil, o.permCreated.Load)
 	gauge("stund_channels_active", "Live TURN channel bindings.", live(&o.chanCreated, &o.chanDeleted))
 	counter("stund_channels_created_total", "TURN channel bindings created.", nil, o.chanCreated.Load)
-	const peerHelp = "Peers refused by the peer policy (403): permission (CreatePermission, ChannelBind, Connect) or relay (a relayed packet toward a refused address or port)."
+	const peerHelp = "Peers refused by the peer policy (403): permission (CreatePermission, ChannelBind, Connect) or relay (a relayed packet, or a Connect's dial, toward a refused address or port: the host's own listeners)."
 	counter("stund_peer_refused_total", peerHelp, l("stage", "permission"), s.live.refused)
 	counter("stund_peer_refused_total", peerHelp, l("stage", "relay"), o.relayRefused.Load)
 

@@ -29,12 +29,17 @@ import (
 //  3. the default table (special): refused.
 //  4. own addresses (and their embedded forms): refused, unless relay ports
 //     are known (WithRelayPorts): then a global own IP is allowed and
-//     AllowedAddrPort lets through only the relay port range, so two clients of
-//     this server can relay to each other's relayed addresses while the
-//     host's other services stay out of reach. Own addresses that are
-//     special (loopback, private) never get this exception: other
+//     AllowedAddrPort lets through only the relay port range, so two
+//     clients of this server can relay to each other's relayed addresses
+//     while the host's other services stay out of reach. Own addresses
+//     that are special (loopback, private) never get this exception: other
 //     processes may listen on them in the relay range.
 //  5. anything else: allowed.
+//
+// Above all of these, in the data path (AllowedAddrPort: relayed packets
+// and outgoing peer connections), the port of every listener of the
+// process (WithListeners) is refused on every address of the host
+// (WithHostAddrs, loopback, the unspecified address, own addresses).
 //
 // A PeerPolicy is immutable after construction and safe for concurrent use.
 type PeerPolicy struct {

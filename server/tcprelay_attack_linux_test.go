@@ -17,8 +17,8 @@ import (
 
 // blackHolePeer is a TCP listener on 127.0.0.1 that drops further SYNs:
 // its accept queue (backlog 0) is held full by one connection nobody
-// accepts, so a connect to it neither succeeds nor fails (the peer of
-// item "one Connect freezes UDP", on loopback).
+// accepts, so a connect to it neither succeeds nor fails: a peer that
+// drops SYNs, on loopback.
 func blackHolePeer(t *testing.T) netip.AddrPort {
 	t.Helper()
 	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
