@@ -86,6 +86,13 @@ type Config struct {
 	// private deployments); DenyPeers refuses more.
 	AllowPeers, DenyPeers []netip.Prefix
 
+	// ProtectedListeners are the process's other listeners (cmd/stund:
+	// the --metrics admin listener, which serves pprof too) as bound. Like
+	// the server's own STUN/TURN/TLS sockets, their ports are never a
+	// relay destination on any address of the host, whatever AllowPeers
+	// says (RFC 8656 §17). Taken at New; Reload keeps the ones of New.
+	ProtectedListeners []netip.AddrPort
+
 	// UserQuota and TotalQuota bound allocations (486 when reached,
 	// RFC 8656 §7.2). Negative means unlimited.
 	UserQuota, TotalQuota int
@@ -221,6 +228,11 @@ func (c Config) Validate() error {
 	}
 	if (c.RelayPortMin == 0) != (c.RelayPortMax == 0) {
 		return fmt.Errorf("relay-ports: give both ends of the range")
+	}
+	for _, l := range c.ProtectedListeners {
+		if !l.IsValid() || l.Port() == 0 {
+			return fmt.Errorf("metrics: protected listener %s: give the bound address and port", l)
+		}
 	}
 	for priv, pub := range c.Advertise {
 		if !priv.IsValid() || !pub.IsValid() {

@@ -39,7 +39,11 @@ type opsStats struct {
 	// (relay socket WriteTo), "in" is from the peer (ReadFrom).
 	relayPktsOut, relayBytesOut atomic.Uint64
 	relayPktsIn, relayBytesIn   atomic.Uint64
-	relayRefused                atomic.Uint64 // relayed packets the peer policy refused
+	relayRefused                atomic.Uint64 // relayed packets and peer dials the peer policy refused
+
+	// RFC 6062 peer connections refused at the per-allocation or per-user
+	// bound (relaygen.go): Connect (out) and accepted on a relay (in).
+	peerConnRefusedOut, peerConnRefusedIn atomic.Uint64
 
 	reloads, reloadErrors atomic.Uint64
 
@@ -146,7 +150,7 @@ func (s *Server) newRegistry() *prometheus.Registry {
 	counter("stund_permissions_created_total", "TURN permissions created.", nil, o.permCreated.Load)
 	gauge("stund_channels_active", "Live TURN channel bindings.", live(&o.chanCreated, &o.chanDeleted))
 	counter("stund_channels_created_total", "TURN channel bindings created.", nil, o.chanCreated.Load)
-	const peerHelp = "Peers refused by the peer policy (403): permission (CreatePermission, ChannelBind, Connect) or relay (a relayed packet toward a refused address or port)."
+	const peerHelp = "Peers refused by the peer policy (403): permission (CreatePermission, ChannelBind, Connect) or relay (a relayed packet, or a Connect's dial, toward a refused address or port: the host's own listeners)."
 	counter("stund_peer_refused_total", peerHelp, l("stage", "permission"), s.live.refused)
 	counter("stund_peer_refused_total", peerHelp, l("stage", "relay"), o.relayRefused.Load)
 
@@ -157,6 +161,9 @@ func (s *Server) newRegistry() *prometheus.Registry {
 	counter("stund_relay_packets_total", pktHelp, l("direction", "from_peer"), o.relayPktsIn.Load)
 	counter("stund_relay_bytes_total", byteHelp, l("direction", "to_peer"), o.relayBytesOut.Load)
 	counter("stund_relay_bytes_total", byteHelp, l("direction", "from_peer"), o.relayBytesIn.Load)
+	const peerConnHelp = "RFC 6062 peer connections refused at the per-allocation or per-user bound: connect (Connect answered 447) or accept (a peer's connection to a relayed address closed at once)."
+	counter("stund_peer_connections_refused_total", peerConnHelp, l("direction", "connect"), o.peerConnRefusedOut.Load)
+	counter("stund_peer_connections_refused_total", peerConnHelp, l("direction", "accept"), o.peerConnRefusedIn.Load)
 
 	// Binding (RFC 8489 §7, RFC 5780 §6/§7).
 	const bindHelp = "Binding requests that parsed, by form: rfc8489 (magic cookie) or rfc3489 (classic)."

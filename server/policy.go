@@ -2,11 +2,9 @@ package server
 
 import (
 	"errors"
-	"net"
+	"maps"
 	"net/netip"
 	"sync/atomic"
-
-	"github.com/pion/turn/v5"
 )
 
 // PeerPolicy decides which peer addresses a TURN client may reach.
@@ -27,16 +25,21 @@ import (
 //     allowing 127.0.0.0/8 opens 127.0.0.1 and ::ffff:127.0.0.1 but not the
 //     6to4 form 2002:7f00:1::; opening an embedded form takes an explicit
 //     IPv6 prefix. An allow also opens an own address at the IP level; the
-//     listener sockets themselves stay closed in the data path (RelayConn).
+//     listener ports stay closed in the data path (AllowedAddrPort).
 //  3. the default table (special): refused.
 //  4. own addresses (and their embedded forms): refused, unless relay ports
 //     are known (WithRelayPorts): then a global own IP is allowed and
-//     RelayConn lets through only the relay port range, so two clients of
-//     this server can relay to each other's relayed addresses while the
-//     host's other services stay out of reach. Own addresses that are
-//     special (loopback, private) never get this exception: other
+//     AllowedAddrPort lets through only the relay port range, so two
+//     clients of this server can relay to each other's relayed addresses
+//     while the host's other services stay out of reach. Own addresses
+//     that are special (loopback, private) never get this exception: other
 //     processes may listen on them in the relay range.
 //  5. anything else: allowed.
+//
+// Above all of these, in the data path (AllowedAddrPort: relayed packets
+// and outgoing peer connections), the port of every listener of the
+// process (WithListeners) is refused on every address of the host
+// (WithHostAddrs, loopback, the unspecified address, own addresses).
 //
 // A PeerPolicy is immutable after construction and safe for concurrent use.
 type PeerPolicy struct {
@@ -44,11 +47,18 @@ type PeerPolicy struct {
 	deny  []netip.Prefix
 	own   map[netip.Addr]bool
 
-	// listeners are the server's own STUN/TURN sockets: never a relay
-	// destination, whatever allow says (a relayed packet to our own listener
-	// arrives from an address the server owns: a loop, and the class of bug
-	// behind coturn's CVE-2020-26262 loopback bypass).
-	listeners map[netip.AddrPort]bool
+	// protected are the ports of the process's own listeners (STUN, TURN,
+	// TLS, the admin listener with /metrics and pprof): never a relay
+	// destination on any address of the host, whatever allow says
+	// (RFC 8656 §17: the relay must not become a way into the server's own
+	// services; coturn's CVE-2020-26262 is this class). A listener bound to
+	// the wildcard answers on every address of the host, a loopback one
+	// on all of 127.0.0.0/8, so the port is refused on all of them.
+	protected map[uint16]bool
+	// host are the addresses of this host (interfaces, the server's own
+	// addresses and their advertised public forms, which a 1:1 NAT sends
+	// back to the host); loopback and unspecified addresses always count.
+	host map[netip.Addr]bool
 	// relayLo..relayHi is the relay port range; 0,0 when unknown.
 	relayLo, relayHi uint16
 
@@ -63,11 +73,13 @@ func NewPeerPolicy(allow, deny []netip.Prefix, own []netip.Addr) *PeerPolicy {
 		allow:     canonicalPrefixes(allow),
 		deny:      canonicalPrefixes(deny),
 		own:       make(map[netip.Addr]bool, len(own)),
-		listeners: map[netip.AddrPort]bool{},
+		protected: map[uint16]bool{},
+		host:      map[netip.Addr]bool{},
 	}
 	for _, a := range own {
 		if a.IsValid() {
 			p.own[canonical(a)] = true
+			p.host[canonical(a)] = true
 		}
 	}
 
@@ -75,11 +87,28 @@ func NewPeerPolicy(allow, deny []netip.Prefix, own []netip.Addr) *PeerPolicy {
 }
 
 // WithListeners returns a copy of p that refuses, in the data path, every
-// relayed packet to one of the server's own listening sockets.
+// relayed packet and peer connection to the port of one of the process's
+// own listeners on any address of the host (WithHostAddrs).
 func (p *PeerPolicy) WithListeners(l []netip.AddrPort) *PeerPolicy {
 	q := p.clone()
 	for _, ap := range l {
-		q.listeners[netip.AddrPortFrom(canonical(ap.Addr()), ap.Port())] = true
+		q.protected[ap.Port()] = true
+		if a := ap.Addr(); a.IsValid() {
+			q.host[canonical(a)] = true
+		}
+	}
+
+	return q
+}
+
+// WithHostAddrs returns a copy of p that counts addrs as the host's own
+// (the listener ports are refused on them).
+func (p *PeerPolicy) WithHostAddrs(addrs []netip.Addr) *PeerPolicy {
+	q := p.clone()
+	for _, a := range addrs {
+		if a.IsValid() {
+			q.host[canonical(a)] = true
+		}
 	}
 
 	return q
@@ -96,19 +125,15 @@ func (p *PeerPolicy) WithRelayPorts(lo, hi uint16) *PeerPolicy {
 }
 
 func (p *PeerPolicy) clone() *PeerPolicy {
-	q := &PeerPolicy{
+	return &PeerPolicy{
 		allow:     p.allow,
 		deny:      p.deny,
 		own:       p.own,
-		listeners: make(map[netip.AddrPort]bool, len(p.listeners)),
+		protected: maps.Clone(p.protected),
+		host:      maps.Clone(p.host),
 		relayLo:   p.relayLo,
 		relayHi:   p.relayHi,
 	}
-	for k := range p.listeners {
-		q.listeners[k] = true
-	}
-
-	return q
 }
 
 // Allowed reports whether a client may install a permission (and so send)
@@ -156,16 +181,22 @@ func (p *PeerPolicy) Explain(ip netip.Addr) (ok bool, reason string) {
 	return true, "global unicast"
 }
 
-// AllowedAddrPort is the data-path verdict for one relayed packet: Allowed
-// for the IP, and for the server's own addresses only the relay port range
-// (when known) and never a listener socket.
+// AllowedAddrPort is the data-path verdict for one relayed packet or
+// outgoing peer connection: Allowed for the IP, never a listener port on
+// an address of the host, and for the server's own addresses only the
+// relay port range (when known).
 func (p *PeerPolicy) AllowedAddrPort(ap netip.AddrPort) bool {
 	a := canonical(ap.Addr())
 	if !p.Allowed(a) {
 		return false
 	}
-	if p.listeners[netip.AddrPortFrom(a, ap.Port())] {
-		return false
+	if p.protected[ap.Port()] {
+		if p.isHost(a) {
+			return false
+		}
+		if v4, ok := embeddedIPv4(a); ok && p.isHost(v4) {
+			return false // a NAT64 or 6to4 gateway on this host would deliver it here
+		}
 	}
 	if p.own[a] && p.relayHi != 0 {
 		allowedExplicitly := false
@@ -184,61 +215,18 @@ func (p *PeerPolicy) AllowedAddrPort(ap netip.AddrPort) bool {
 	return true
 }
 
-// Refused counts peer addresses refused so far (permissions and relayed
-// packets).
+// Refused counts peer addresses refused so far at the permission level
+// (livePolicy.permissionHandler).
 func (p *PeerPolicy) Refused() uint64 { return p.refused.Load() }
 
-// PermissionHandler adapts the policy to pion. pion consults it for
-// CreatePermission, ChannelBind and Connect, after the TURN front
-// (guard.go) has already answered 403 for refused peers (pion alone
-// answers a refused ChannelBind with 401); Send indications and
-// ChannelData only reach peers that already hold a permission, so they are
-// covered by the same check.
-func (p *PeerPolicy) PermissionHandler() turn.PermissionHandler {
-	return func(_ net.Addr, peerIP net.IP) bool {
-		a, ok := netip.AddrFromSlice(peerIP) // 16-byte IPv4 becomes ::ffff:a.b.c.d, canonical unmaps it
-		if ok && p.Allowed(a) {
-			return true
-		}
-		p.refused.Add(1)
-
-		return false
-	}
-}
-
-// ErrPeerRefused is returned by a RelayConn for a packet the policy refuses.
+// ErrPeerRefused is returned by a relay socket (relayConn) or an outgoing
+// peer dial (relayGenerator.AllocateConn) for a destination the policy
+// refuses.
 var ErrPeerRefused = errors.New("peer address refused by policy")
 
-// RelayConn wraps a relay socket so that WriteTo refuses destinations the
-// policy refuses (AllowedAddrPort): the backstop for the port-level rules a
-// TURN permission cannot express. The lead's RelayAddressGenerator returns
-// it from AllocatePacketConn.
-func (p *PeerPolicy) RelayConn(c net.PacketConn) net.PacketConn {
-	return &policyConn{PacketConn: c, p: p}
-}
-
-type policyConn struct {
-	net.PacketConn
-	p *PeerPolicy
-}
-
-func (c *policyConn) WriteTo(b []byte, addr net.Addr) (int, error) {
-	var ap netip.AddrPort
-	switch a := addr.(type) {
-	case *net.UDPAddr:
-		ap = a.AddrPort()
-	default:
-		if parsed, err := netip.ParseAddrPort(addr.String()); err == nil {
-			ap = parsed
-		}
-	}
-	if !ap.IsValid() || !c.p.AllowedAddrPort(ap) {
-		c.p.refused.Add(1)
-
-		return 0, ErrPeerRefused
-	}
-
-	return c.PacketConn.WriteTo(b, addr)
+// isHost reports whether a (canonical) address reaches this host.
+func (p *PeerPolicy) isHost(a netip.Addr) bool {
+	return p.host[a] || a.IsLoopback() || a.IsUnspecified()
 }
 
 // canonical strips the zone and unmaps IPv4-mapped IPv6 addresses: an

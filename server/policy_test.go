@@ -1,6 +1,7 @@
 package server
 
 import (
+	"errors"
 	"net"
 	"net/netip"
 	"strings"
@@ -123,6 +124,10 @@ func TestPeerPolicyDefault(t *testing.T) {
 		{"2002:808:404::1", false},
 		{"64:ff9b::808:404", false},
 	}
+	// The handler pion is given (startTURN), over the policy in force.
+	var live livePolicy
+	live.swap(p)
+	handler := live.permissionHandler()
 	for _, c := range cases {
 		ip := netip.MustParseAddr(c.ip)
 		got, why := p.Explain(ip)
@@ -130,11 +135,11 @@ func TestPeerPolicyDefault(t *testing.T) {
 			t.Errorf("Allowed(%s) = %v (%s), want %v", c.ip, got, why, c.want)
 		}
 		// pion hands the handler a net.IP; IPv4 arrives in 16-byte form.
-		if h := p.PermissionHandler()(nil, net.IP(ip.AsSlice())); h != c.want {
+		if h := handler(nil, net.IP(ip.AsSlice())); h != c.want {
 			t.Errorf("PermissionHandler(%s) = %v, want %v", c.ip, h, c.want)
 		}
 		if ip.Is4() {
-			if h := p.PermissionHandler()(nil, net.ParseIP(c.ip).To16()); h != c.want {
+			if h := handler(nil, net.ParseIP(c.ip).To16()); h != c.want {
 				t.Errorf("PermissionHandler(16-byte %s) = %v, want %v", c.ip, h, c.want)
 			}
 		}
@@ -209,7 +214,11 @@ func TestPeerPolicyDataPath(t *testing.T) {
 		{"127.0.0.1:3478", false}, // own listener: never, whatever allow says
 		{"[::ffff:127.0.0.1]:3478", false},
 		{"127.0.0.1:40000", true}, // an explicitly allowed own IP, other port
-		{"127.0.0.2:3478", true},  // not a listener
+		{"127.0.0.2:3478", false}, // loopback: a wildcard listener answers there too
+		{"[::1]:3478", false},     // the same, IPv6
+		{"0.0.0.0:3478", false},   // connecting to the unspecified address reaches the host
+		{"127.0.0.2:40000", true}, // allowed, not a listener port
+		{"[::ffff:127.0.0.2]:3478", false},
 		{"10.0.0.1:9", false},
 	} {
 		if got := rig.AllowedAddrPort(netip.MustParseAddrPort(c.ap)); got != c.want {
@@ -245,6 +254,9 @@ func TestPeerPolicyDataPath(t *testing.T) {
 	}
 }
 
+// TestPolicyRelayConnRefuses: the relay socket the server hands pion
+// (newRelayConn) refuses a write to the server's own listener and counts
+// it, and lets a write to another allowed peer through.
 func TestPolicyRelayConnRefuses(t *testing.T) {
 	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
 	if err != nil {
@@ -258,13 +270,15 @@ func TestPolicyRelayConnRefuses(t *testing.T) {
 	defer dst.Close()
 	lst := netip.MustParseAddrPort(dst.LocalAddr().String())
 
-	p := NewPeerPolicy(mustPrefixes(t, "127.0.0.0/8"), nil, []netip.Addr{lst.Addr()}).WithListeners([]netip.AddrPort{lst})
-	rc := p.RelayConn(pc)
-	if _, err := rc.WriteTo([]byte("x"), dst.LocalAddr()); err == nil {
-		t.Fatal("write to the server's own listener went through")
+	var live livePolicy
+	live.swap(NewPeerPolicy(mustPrefixes(t, "127.0.0.0/8"), nil, []netip.Addr{lst.Addr()}).WithListeners([]netip.AddrPort{lst}))
+	var ops opsStats
+	rc := testRelaySocket(t, pc, "alice", newLedger(), &live, &ops, nil)
+	if _, err := rc.WriteTo([]byte("x"), dst.LocalAddr()); !errors.Is(err, ErrPeerRefused) {
+		t.Fatalf("write to the server's own listener: %v, want ErrPeerRefused", err)
 	}
-	if p.Refused() != 1 {
-		t.Fatalf("Refused() = %d, want 1", p.Refused())
+	if got := ops.relayRefused.Load(); got != 1 {
+		t.Fatalf("relayRefused = %d, want 1", got)
 	}
 	other, err := net.ListenPacket("udp4", "127.0.0.1:0")
 	if err != nil {
@@ -285,7 +299,12 @@ func TestPeerPolicyReasonsNameTheRange(t *testing.T) {
 	if p.Allowed(netip.Addr{}) {
 		t.Error("the zero Addr was allowed")
 	}
-	if p.PermissionHandler()(nil, net.IP{1, 2, 3}) {
+	var live livePolicy
+	live.swap(p)
+	if live.permissionHandler()(nil, net.IP{1, 2, 3}) {
 		t.Error("a 3-byte net.IP was allowed")
+	}
+	if live.refused() != 1 {
+		t.Errorf("refused() = %d after one refusal, want 1", live.refused())
 	}
 }

@@ -56,6 +56,8 @@ type relaySocket struct {
 	strangers                          atomic.Uint64 // datagrams from peers without a permission
 
 	closeOnce sync.Once
+	// onClose gives the port back to the relay port ledger (relaygen.go).
+	onClose func()
 }
 
 type relayVerdict struct {
@@ -164,6 +166,9 @@ func (s *relaySocket) Close() error {
 		s.led.removeSocket(s)
 		if s.bwu != nil {
 			s.bw.release(s.user, s.bwu)
+		}
+		if s.onClose != nil {
+			s.onClose()
 		}
 	})
 	return s.PacketConn.Close()

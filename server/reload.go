@@ -49,12 +49,16 @@ func (l *livePolicy) refused() uint64 {
 	return l.retired + l.cur.Load().Refused()
 }
 
-// permissionHandler is PeerPolicy.PermissionHandler against the current
-// policy (CreatePermission, ChannelBind, Connect; RFC 8656 §9).
+// permissionHandler adapts the current policy to pion, which consults it
+// for CreatePermission, ChannelBind and Connect (RFC 8656 §9), after the
+// TURN front (guard.go) has already answered 403 for refused peers (pion
+// alone answers a refused ChannelBind with 401). Send indications and
+// ChannelData only reach peers that hold a permission; the port-level
+// rules are the relay sockets' and the peer dials' (AllowedAddrPort).
 func (l *livePolicy) permissionHandler() turn.PermissionHandler {
 	return func(_ net.Addr, peerIP net.IP) bool {
 		p := l.cur.Load()
-		a, ok := netip.AddrFromSlice(peerIP)
+		a, ok := netip.AddrFromSlice(peerIP) // 16-byte IPv4 becomes ::ffff:a.b.c.d, canonical unmaps it
 		if ok && p.Allowed(a) {
 			return true
 		}
@@ -64,7 +68,10 @@ func (l *livePolicy) permissionHandler() turn.PermissionHandler {
 }
 
 // buildPolicy is the peer policy for cfg on the sockets this server bound:
-// its own addresses and listeners are never peers (see PeerPolicy).
+// its own addresses and listeners are never peers (see PeerPolicy). The
+// listeners are those of the start (s.cfg.ProtectedListeners: a reload
+// does not rebind the admin listener), their ports refused on every
+// address the host has when the policy is built (start, and each reload).
 func (s *Server) buildPolicy(cfg Config) *PeerPolicy {
 	var own []netip.Addr
 	for _, ip := range s.ips() {
@@ -82,9 +89,45 @@ func (s *Server) buildPolicy(cfg Config) *PeerPolicy {
 		a := addrPortOf(l.Addr())
 		listeners = append(listeners, a, netip.AddrPortFrom(cfg.public(a.Addr()), a.Port()))
 	}
+	listeners = append(listeners, s.cfg.ProtectedListeners...)
 	return NewPeerPolicy(cfg.AllowPeers, cfg.DenyPeers, own).
 		WithListeners(listeners).
+		WithHostAddrs(s.hostAddrs()).
 		WithRelayPorts(cfg.RelayPortMin, cfg.RelayPortMax)
+}
+
+// hostAddrs lists the addresses of the host's interfaces, and of the
+// emulated network's when the server runs in one (Config.Net). An
+// interface address added later is covered from the next reload on.
+func (s *Server) hostAddrs() []netip.Addr {
+	var out []netip.Addr
+	add := func(addrs []net.Addr) {
+		for _, a := range addrs {
+			var ip net.IP
+			switch v := a.(type) {
+			case *net.IPNet:
+				ip = v.IP
+			case *net.IPAddr:
+				ip = v.IP
+			}
+			if na, ok := netip.AddrFromSlice(ip); ok {
+				out = append(out, na)
+			}
+		}
+	}
+	if addrs, err := net.InterfaceAddrs(); err == nil {
+		add(addrs)
+	} else {
+		s.log.Warn("cannot list the host's addresses; the listener ports are refused on the server's own and loopback addresses only", "error", err)
+	}
+	if ifs, err := s.net.Interfaces(); err == nil {
+		for _, ifc := range ifs {
+			if addrs, err := ifc.Addrs(); err == nil {
+				add(addrs)
+			}
+		}
+	}
+	return out
 }
 
 // ErrClosed is returned by Reload on a server that is closing.

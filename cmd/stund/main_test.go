@@ -213,12 +213,20 @@ func allocate(t *testing.T, server, user, pass string) (net.PacketConn, error) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return turnClient(t, server, user, pass, pc).Allocate()
+}
+
+// turnClient is pion's TURN client on conn (UDP, or TCP through
+// turn.NewSTUNConn) with its logging off; it and conn are closed when the
+// test ends.
+func turnClient(t *testing.T, server, user, pass string, conn net.PacketConn) *turn.Client {
+	t.Helper()
 	lf := logging.NewDefaultLoggerFactory()
 	lf.DefaultLogLevel = logging.LogLevelDisabled
 	c, err := turn.NewClient(&turn.ClientConfig{
 		STUNServerAddr: server, TURNServerAddr: server,
 		Username: user, Password: pass, Realm: "stund.test",
-		Conn: pc, LoggerFactory: lf, RTO: 100 * time.Millisecond,
+		Conn: conn, LoggerFactory: lf, RTO: 100 * time.Millisecond,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -226,8 +234,8 @@ func allocate(t *testing.T, server, user, pass string) (net.PacketConn, error) {
 	if err := c.Listen(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { c.Close(); pc.Close() })
-	return c.Allocate()
+	t.Cleanup(func() { c.Close(); conn.Close() })
+	return c
 }
 
 // TestServeMetricsAndSIGHUP: stund from the command line serves the admin

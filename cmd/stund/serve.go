@@ -84,6 +84,12 @@ func serve(c *cli.Context, stdout io.Writer) error {
 		if err != nil {
 			return fmt.Errorf("%s: %w", fMetrics, err)
 		}
+		// The relay must never reach the admin listener (its pprof shows
+		// the command line, secrets included): the server refuses its
+		// port on every address of the host (RFC 8656 §17).
+		if a, ok := ln.Addr().(*net.TCPAddr); ok {
+			cfg.ProtectedListeners = append(cfg.ProtectedListeners, a.AddrPort())
+		}
 		hs := &http.Server{Handler: &admin, ReadHeaderTimeout: 5 * time.Second}
 		go func() { _ = hs.Serve(ln) }()
 		defer func() {
