@@ -25,6 +25,8 @@ import (
 
 	"github.com/pion/transport/v5"
 	"github.com/pion/transport/v5/stdnet"
+
+	"github.com/stund/stund/internal/stunwire"
 )
 
 // Config is one natprobe run.
@@ -138,7 +140,7 @@ func resolveServer(n transport.Net, server string) (string, netip.AddrPort, erro
 	if err != nil {
 		return name, netip.AddrPort{}, fmt.Errorf("%w: resolving %s: %v", ErrUnreachable, name, err)
 	}
-	ap := addrPortOf(ua)
+	ap := stunwire.AddrPortOf(ua)
 	if !ap.IsValid() || ap.Addr().IsUnspecified() {
 		return name, netip.AddrPort{}, fmt.Errorf("%w: %s resolves to no usable address", ErrUnreachable, name)
 	}
@@ -153,7 +155,7 @@ func routeTo(n transport.Net, dst netip.AddrPort) (netip.Addr, error) {
 		return netip.Addr{}, err
 	}
 	defer c.Close()
-	ap := addrPortOf(c.LocalAddr())
+	ap := stunwire.AddrPortOf(c.LocalAddr())
 	if !ap.IsValid() || ap.Addr().IsUnspecified() {
 		return netip.Addr{}, fmt.Errorf("the OS chose no source address")
 	}

@@ -71,7 +71,7 @@ func (r *responder) serve(i, p int) {
 		if err != nil {
 			return
 		}
-		src := addrPortOf(from)
+		src := stunwire.AddrPortOf(from)
 		reply, fi, fp, to, ok := r.answer(buf[:n], i, p, src)
 		if !ok {
 			continue

@@ -224,3 +224,25 @@ func FuzzParseMessage(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkParseMessage parses stund's full RFC 5780 reply (XOR-MAPPED,
+// OTHER, RESPONSE-ORIGIN, MAPPED, SOFTWARE, FINGERPRINT): the work done for
+// every datagram natprobe receives. Run with -benchmem.
+func BenchmarkParseMessage(b *testing.B) {
+	k := newKey(false)
+	id := [16]byte(k)
+	full := reply(k, true, func(m []byte) []byte {
+		m = stunwire.AppendXORAddress(m, stunwire.AttrXORMappedAddress, ap("5.6.7.8:40000"), &id)
+		m = stunwire.AppendAddress(m, stunwire.AttrOtherAddress, ap("1.2.3.5:3479"))
+		m = stunwire.AppendAddress(m, stunwire.AttrResponseOrigin, ap("1.2.3.4:3478"))
+		m = stunwire.AppendAddress(m, stunwire.AttrMappedAddress, ap("5.6.7.8:40000"))
+		return stunwire.AppendSoftware(m, "stund")
+	})
+	b.ReportAllocs()
+	b.SetBytes(int64(len(full)))
+	for b.Loop() {
+		if m, err := parseMessage(full); err != nil || !m.other.IsValid() {
+			b.Fatal(m, err)
+		}
+	}
+}
