@@ -43,6 +43,9 @@ func TestLoopback(t *testing.T) {
 	if r.LocalAddress.Addr() != netip.MustParseAddr("127.0.0.1") || r.ServerOtherAddress.Addr() != netip.MustParseAddr("127.0.0.2") {
 		t.Errorf("local %s other %s", r.LocalAddress, r.ServerOtherAddress)
 	}
+	if err := r.Check(); err != nil {
+		t.Error(err)
+	}
 	if r.Inconclusive() || len(r.Anomalies) > 0 || r.Stats.Malformed > 0 {
 		t.Errorf("inconclusive %v anomalies %v stats %+v", r.InconclusiveFields, r.Anomalies, r.Stats)
 	}

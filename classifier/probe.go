@@ -38,6 +38,7 @@ type Config struct {
 	Lifetime    bool             // run the mapping lifetime search (slow: up to LifetimeMax)
 	LifetimeMax time.Duration    // longest idle time the lifetime search tries; 0 = DefaultLifetimeMax
 	Software    string           // SOFTWARE attribute of our requests (the CLI puts the probe ID here)
+	ProbeID     string           // Report.ProbeID: names the run, as the SOFTWARE attribute does
 	Progress    func(msg string) // optional progress callback, called from one goroutine at a time
 	// Timeout bounds everything but the lifetime search. A clean path
 	// finishes in well under a second; loss makes the negative evidence
@@ -328,10 +329,7 @@ func (p *prober) run(ctx context.Context) (*Report, error) {
 func (p *prober) unreachable() *Report {
 	r := p.baseReport()
 	why := fmt.Sprintf("no reply to %d requests in %s", r.Stats.Sent, min(reachTimeout, p.cfg.Timeout))
-	r.LegacyType = LegacyUDPBlocked
-	r.Mapping, r.Filtering = MappingInconclusive, FilteringInconclusive
-	r.Reasons["legacy_type"], r.Reasons["mapping"], r.Reasons["filtering"] = why, why, why
-	r.InconclusiveFields = []string{"filtering", "mapping"}
+	r.SetUDPBlocked(why)
 	r.SIPRTP = sipVerdict(r, sipInputs{reachable: false})
 	return r
 }
@@ -339,6 +337,7 @@ func (p *prober) unreachable() *Report {
 func (p *prober) baseReport() *Report {
 	r := &Report{
 		Schema:             Schema,
+		ProbeID:            p.cfg.ProbeID,
 		Server:             p.name,
 		Reasons:            map[string]string{},
 		InconclusiveFields: []string{},
@@ -688,6 +687,7 @@ func (p *prober) report() *Report {
 	// 4. Hairpinning.
 	switch {
 	case !p.cfg.Hairpin:
+		set("hairpinning", "skipped (--no-hairpin)", false)
 	case !p.hairRes.ran || (!p.hairRes.received && !p.hairRes.silent):
 		set("hairpinning", p.hairRes.reason, true)
 	default:
