@@ -139,12 +139,13 @@ func (r *Report) Inconclusive() bool {
 }
 
 // MarkInconclusive lists field (a JSON name) among InconclusiveFields,
-// keeping them sorted, with why as its reason unless one is already given.
+// keeping them sorted, with why as its reason unless one is already given
+// or why is empty.
 func (r *Report) MarkInconclusive(field, why string) {
 	if r.Reasons == nil {
 		r.Reasons = map[string]string{}
 	}
-	if r.Reasons[field] == "" {
+	if why != "" && r.Reasons[field] == "" {
 		r.Reasons[field] = why
 	}
 	if !slices.Contains(r.InconclusiveFields, field) {
