@@ -220,26 +220,12 @@ func completer(args []string, w io.Writer) cli.BashCompleteFunc {
 	})
 }
 
+// parseOptions reads the command line into options; every misuse is a
+// usageError naming the flag.
 func parseOptions(c *cli.Context) (*options, error) {
-	if c.NArg() != 1 {
-		if c.NArg() == 0 {
-			return nil, usageError{"missing HOST: the stund server to probe"}
-		}
-
-		msg := fmt.Sprintf("one HOST expected, got %d arguments: %s", c.NArg(), strings.Join(c.Args().Slice(), " "))
-		for _, a := range c.Args().Tail() {
-			if strings.HasPrefix(a, "-") {
-				msg += " (flags go before HOST)"
-
-				break
-			}
-		}
-
-		return nil, usageError{msg}
-	}
-	server, err := hostPort(c.Args().First())
+	server, err := serverArg(c)
 	if err != nil {
-		return nil, usageError{err.Error()}
+		return nil, err
 	}
 	o := &options{
 		server:      server,
@@ -253,20 +239,63 @@ func parseOptions(c *cli.Context) (*options, error) {
 		turnSecret:  c.String("turn-secret"),
 		timeout:     c.Duration("timeout"),
 	}
+	for _, step := range []func(*cli.Context) error{o.parseFormat, o.parseTiming, o.parseTURN} {
+		if err := step(c); err != nil {
+			return nil, err
+		}
+	}
+
+	return o, nil
+}
+
+// serverArg is the one HOST[:PORT] argument, validated.
+func serverArg(c *cli.Context) (string, error) {
+	if c.NArg() == 0 {
+		return "", usageError{"missing HOST: the stund server to probe"}
+	}
+	if c.NArg() > 1 {
+		msg := fmt.Sprintf("one HOST expected, got %d arguments: %s", c.NArg(), strings.Join(c.Args().Slice(), " "))
+		for _, a := range c.Args().Tail() {
+			if strings.HasPrefix(a, "-") {
+				msg += " (flags go before HOST)"
+
+				break
+			}
+		}
+
+		return "", usageError{msg}
+	}
+	server, err := hostPort(c.Args().First())
+	if err != nil {
+		return "", usageError{err.Error()}
+	}
+
+	return server, nil
+}
+
+// parseFormat checks --format and folds --json into it.
+func (o *options) parseFormat(c *cli.Context) error {
 	if !contains(formats, o.format) {
-		return nil, usageError{fmt.Sprintf("--format %q: want one of %s", o.format, strings.Join(formats, ", "))}
+		return usageError{fmt.Sprintf("--format %q: want one of %s", o.format, strings.Join(formats, ", "))}
 	}
 	if c.Bool("json") {
 		if c.IsSet("format") && o.format != "json" {
-			return nil, usageError{fmt.Sprintf("--json and --format %s contradict each other", o.format)}
+			return usageError{fmt.Sprintf("--json and --format %s contradict each other", o.format)}
 		}
 		o.format = "json"
 	}
+
+	return nil
+}
+
+// parseTiming checks --lifetime-max, --timeout (defaulting it to cover the
+// lifetime search) and --watch/--watch-count.
+func (o *options) parseTiming(c *cli.Context) error {
 	if o.lifetimeMax <= 0 {
-		return nil, usageError{fmt.Sprintf("--lifetime-max %v: must be positive", o.lifetimeMax)}
+		return usageError{fmt.Sprintf("--lifetime-max %v: must be positive", o.lifetimeMax)}
 	}
 	if c.IsSet("timeout") && o.timeout <= 0 {
-		return nil, usageError{fmt.Sprintf("--timeout %v: must be positive", o.timeout)}
+		return usageError{fmt.Sprintf("--timeout %v: must be positive", o.timeout)}
 	}
 	if o.timeout == 0 {
 		o.timeout = defaultTimeout
@@ -276,36 +305,43 @@ func parseOptions(c *cli.Context) (*options, error) {
 	}
 	o.watch, o.watchCount = c.Duration("watch"), c.Int("watch-count")
 	if c.IsSet("watch") && o.watch < minWatch {
-		return nil, usageError{fmt.Sprintf("--watch %v: at least %v (a probe takes about a second, and the server is shared)", o.watch, minWatch)}
+		return usageError{fmt.Sprintf("--watch %v: at least %v (a probe takes about a second, and the server is shared)", o.watch, minWatch)}
 	}
 	if c.IsSet("watch-count") && (o.watch == 0 || o.watchCount < 1) {
-		return nil, usageError{"--watch-count N needs --watch and N ≥ 1"}
+		return usageError{"--watch-count N needs --watch and N ≥ 1"}
 	}
+
+	return nil
+}
+
+// parseTURN checks the TURN flags: transport, TLS port and CA, and
+// credentials that go together.
+func (o *options) parseTURN(c *cli.Context) error {
 	if t := c.String("turn-transport"); t != "" {
 		if t != relay.UDP && t != relay.TCP && t != relay.TLS {
-			return nil, usageError{fmt.Sprintf("--turn-transport %q: want udp, tcp or tls", t)}
+			return usageError{fmt.Sprintf("--turn-transport %q: want udp, tcp or tls", t)}
 		}
 		o.transports = []string{t}
 	}
 	o.turnTLSPort = c.Int("turn-tls-port")
 	if o.turnTLSPort < 1 || o.turnTLSPort > 65535 {
-		return nil, usageError{fmt.Sprintf("--turn-tls-port %d: want 1 to 65535", o.turnTLSPort)}
+		return usageError{fmt.Sprintf("--turn-tls-port %d: want 1 to 65535", o.turnTLSPort)}
 	}
 	if f := c.String("turn-ca"); f != "" {
 		pool, err := loadCA(f)
 		if err != nil {
-			return nil, usageError{"--turn-ca: " + err.Error()}
+			return usageError{"--turn-ca: " + err.Error()}
 		}
 		o.turnTLS = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 	}
 	if (o.turnUser == "") != (o.turnPass == "") && o.turnSecret == "" {
-		return nil, usageError{"--turn-user and --turn-pass go together"}
+		return usageError{"--turn-user and --turn-pass go together"}
 	}
 	if o.relay && !o.haveTURNCredentials() {
-		return nil, usageError{"--relay needs TURN credentials: --turn-user and --turn-pass, or --turn-secret (or NATPROBE_TURN_* in the environment)"}
+		return usageError{"--relay needs TURN credentials: --turn-user and --turn-pass, or --turn-secret (or NATPROBE_TURN_* in the environment)"}
 	}
 
-	return o, nil
+	return nil
 }
 
 // loadCA reads the PEM certificates natprobe trusts for TURN over TLS.
