@@ -78,7 +78,7 @@ type Lifetime struct {
 type RelayReport struct {
 	OK             bool    `json:"ok"`
 	Transport      string  `json:"transport"`       // udp, tcp or tls: how natprobe reached the TURN server
-	RelayedAddress string  `json:"relayed_address"` // XOR-RELAYED-ADDRESS the server gave; "" when none (always present: issue 3)
+	RelayedAddress string  `json:"relayed_address"` // XOR-RELAYED-ADDRESS the server gave; "" when none (always present, so scripts need not test for the key)
 	RTTMS          float64 `json:"rtt_ms"`          // median round trip through the relay
 	Loss           float64 `json:"loss"`            // fraction of probe packets not echoed, 0..1
 	Error          string  `json:"error,omitempty"` // why OK is false

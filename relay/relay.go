@@ -320,12 +320,13 @@ func dialBase(ctx context.Context, n transport.Net, transportName, addr string, 
 // SOFTWARE. pion's turn.Client puts its Software only on Binding requests,
 // so its first, unauthenticated Allocate is a bare 36 bytes; a server that
 // answers unauthenticated UDP requests with at most twice their size (as
-// stund does against reflection attacks, issue 6) then drops the 401
-// whenever the realm is longer than about 28 bytes, and the relay never
-// starts. With natprobe's SOFTWARE (~30 bytes) the request is about 72
-// bytes and a 401 with a realm of up to ~60 bytes fits. Requests with
-// MESSAGE-INTEGRITY are left alone: an attribute inserted before it would
-// break the integrity check, and their answers are authenticated anyway.
+// stund does so that it cannot amplify traffic reflected at a spoofed
+// source) then drops the 401 whenever the realm is longer than about 28
+// bytes, and the relay never starts. With natprobe's SOFTWARE (~30 bytes)
+// the request is about 72 bytes and a 401 with a realm of up to ~60 bytes
+// fits. Requests with MESSAGE-INTEGRITY are left alone: an attribute
+// inserted before it would break the integrity check, and their answers are
+// authenticated anyway.
 type softwareConn struct {
 	net.PacketConn
 	sw stun.Software

@@ -54,8 +54,8 @@ const (
 	// transport (relay.DefaultAttemptTimeout), so 20 s only stops a hang.
 	defaultTimeout = 20 * time.Second
 	// defaultLifetimeMax is the longest idle time the --lifetime search
-	// tries (issue 3 item 7): 300 s covers the common NAT UDP timeouts
-	// (30 s to 5 min; RFC 4787 REQ-5 asks for at least 2 min).
+	// tries: 300 s covers the common NAT UDP timeouts (30 s to 5 min;
+	// RFC 4787 REQ-5 asks for at least 2 min).
 	defaultLifetimeMax = 300 * time.Second
 	// minWatch is the shortest --watch interval: a probe takes about a
 	// second on a clean path (longer under loss), and a public server
