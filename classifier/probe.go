@@ -447,8 +447,8 @@ func (p *prober) filteringTest(ctx context.Context) {
 	}
 	p.filtRan = true
 	ctrl := p.a.newTxn(s, p.primary, plainOpts)
-	cIP := p.a.newTxn(s, p.primary, changeOpts(changeIP|changePort))
-	cPort := p.a.newTxn(s, p.primary, changeOpts(changePort))
+	cIP := p.a.newTxn(s, p.primary, changeOpts(stunwire.ChangeIP|stunwire.ChangePort))
+	cPort := p.a.newTxn(s, p.primary, changeOpts(stunwire.ChangePort))
 	res := p.a.collect(ctx, ctrl, [][]*txn{{cIP}, {cPort}}, func(o []outcome) bool {
 		return o[0] == positive // an answer from a new IP settles EIF
 	})

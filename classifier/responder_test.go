@@ -113,10 +113,10 @@ func (r *responder) answer(req []byte, i, p int, src netip.AddrPort) (reply []by
 		return stunwire.Finish(m, 0), i, p, src, true
 	}
 	if !r.q.ignoreChange {
-		if change&changeIP != 0 {
+		if change&stunwire.ChangeIP != 0 {
 			fi ^= 1
 		}
-		if change&changePort != 0 {
+		if change&stunwire.ChangePort != 0 {
 			fp ^= 1
 		}
 	}

@@ -40,12 +40,6 @@ func newKey(classic bool) txKey {
 	}
 }
 
-// CHANGE-REQUEST flags (RFC 5780 §7.2).
-const (
-	changeIP   = stunwire.ChangeIP
-	changePort = stunwire.ChangePort
-)
-
 // reqOpts says what a Binding request asks of the server.
 type reqOpts struct {
 	// sendChange sends CHANGE-REQUEST with the change flags, even when
@@ -58,7 +52,7 @@ type reqOpts struct {
 	// 420 (RFC 5780 §6); the transaction then falls back to a bare request
 	// (txn.downgrade).
 	sendChange   bool
-	change       uint32 // CHANGE-REQUEST flags (changeIP, changePort)
+	change       uint32 // CHANGE-REQUEST flags (stunwire.ChangeIP, stunwire.ChangePort; RFC 5780 §7.2)
 	responsePort uint16 // RESPONSE-PORT (RFC 5780 §7.5); 0 = absent
 	classic      bool   // RFC 3489 form: no cookie, no attributes (ALG check)
 }

@@ -31,8 +31,8 @@ func TestBuildRequest(t *testing.T) {
 		responsePort int
 	}{
 		{"plain", plainOpts, 0, 0},
-		{"change IP and port", changeOpts(changeIP | changePort), int64(changeIP | changePort), 0},
-		{"change port", changeOpts(changePort), int64(changePort), 0},
+		{"change IP and port", changeOpts(stunwire.ChangeIP | stunwire.ChangePort), int64(stunwire.ChangeIP | stunwire.ChangePort), 0},
+		{"change port", changeOpts(stunwire.ChangePort), int64(stunwire.ChangePort), 0},
 		{"bare", reqOpts{}, -1, 0},
 		{"response port", reqOpts{responsePort: 40001}, -1, 40001},
 	} {
