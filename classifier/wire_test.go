@@ -182,6 +182,16 @@ func TestParseMessageRejects(t *testing.T) {
 	if _, err := parseMessage(unknownRequired); !errors.Is(err, errUnknownAttr) {
 		t.Errorf("unknown attribute error: %v", err)
 	}
+	// RFC 8489 §14.5: what follows MESSAGE-INTEGRITY is ignored, an
+	// unknown comprehension-required attribute included.
+	afterMI := reply(k, true, func(m []byte) []byte {
+		m = stunwire.AppendXORAddress(m, stunwire.AttrXORMappedAddress, ap("5.6.7.8:40000"), &id)
+		m = stunwire.AppendAttr(m, stunwire.AttrMessageIntegrity, make([]byte, 20))
+		return stunwire.AppendAttr(m, 0x7ff0, []byte{1, 2, 3, 4})
+	})
+	if _, err := parseMessage(afterMI); err != nil {
+		t.Errorf("unknown attribute after MESSAGE-INTEGRITY: %v", err)
+	}
 }
 
 // FuzzParseMessage: no input makes the reply parser panic, and whatever it
