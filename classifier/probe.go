@@ -25,6 +25,8 @@ import (
 
 	"github.com/pion/transport/v5"
 	"github.com/pion/transport/v5/stdnet"
+
+	"github.com/stund/stund/internal/stunwire"
 )
 
 // Config is one natprobe run.
@@ -36,6 +38,7 @@ type Config struct {
 	Lifetime    bool             // run the mapping lifetime search (slow: up to LifetimeMax)
 	LifetimeMax time.Duration    // longest idle time the lifetime search tries; 0 = DefaultLifetimeMax
 	Software    string           // SOFTWARE attribute of our requests (the CLI puts the probe ID here)
+	ProbeID     string           // Report.ProbeID: names the run, as the SOFTWARE attribute does
 	Progress    func(msg string) // optional progress callback, called from one goroutine at a time
 	// Timeout bounds everything but the lifetime search. A clean path
 	// finishes in well under a second; loss makes the negative evidence
@@ -138,7 +141,7 @@ func resolveServer(n transport.Net, server string) (string, netip.AddrPort, erro
 	if err != nil {
 		return name, netip.AddrPort{}, fmt.Errorf("%w: resolving %s: %v", ErrUnreachable, name, err)
 	}
-	ap := addrPortOf(ua)
+	ap := stunwire.AddrPortOf(ua)
 	if !ap.IsValid() || ap.Addr().IsUnspecified() {
 		return name, netip.AddrPort{}, fmt.Errorf("%w: %s resolves to no usable address", ErrUnreachable, name)
 	}
@@ -153,7 +156,7 @@ func routeTo(n transport.Net, dst netip.AddrPort) (netip.Addr, error) {
 		return netip.Addr{}, err
 	}
 	defer c.Close()
-	ap := addrPortOf(c.LocalAddr())
+	ap := stunwire.AddrPortOf(c.LocalAddr())
 	if !ap.IsValid() || ap.Addr().IsUnspecified() {
 		return netip.Addr{}, fmt.Errorf("the OS chose no source address")
 	}
@@ -326,10 +329,7 @@ func (p *prober) run(ctx context.Context) (*Report, error) {
 func (p *prober) unreachable() *Report {
 	r := p.baseReport()
 	why := fmt.Sprintf("no reply to %d requests in %s", r.Stats.Sent, min(reachTimeout, p.cfg.Timeout))
-	r.LegacyType = LegacyUDPBlocked
-	r.Mapping, r.Filtering = MappingInconclusive, FilteringInconclusive
-	r.Reasons["legacy_type"], r.Reasons["mapping"], r.Reasons["filtering"] = why, why, why
-	r.InconclusiveFields = []string{"filtering", "mapping"}
+	r.SetUDPBlocked(why)
 	r.SIPRTP = sipVerdict(r, sipInputs{reachable: false})
 	return r
 }
@@ -337,6 +337,7 @@ func (p *prober) unreachable() *Report {
 func (p *prober) baseReport() *Report {
 	r := &Report{
 		Schema:             Schema,
+		ProbeID:            p.cfg.ProbeID,
 		Server:             p.name,
 		Reasons:            map[string]string{},
 		InconclusiveFields: []string{},
@@ -446,8 +447,8 @@ func (p *prober) filteringTest(ctx context.Context) {
 	}
 	p.filtRan = true
 	ctrl := p.a.newTxn(s, p.primary, plainOpts)
-	cIP := p.a.newTxn(s, p.primary, changeOpts(changeIP|changePort))
-	cPort := p.a.newTxn(s, p.primary, changeOpts(changePort))
+	cIP := p.a.newTxn(s, p.primary, changeOpts(stunwire.ChangeIP|stunwire.ChangePort))
+	cPort := p.a.newTxn(s, p.primary, changeOpts(stunwire.ChangePort))
 	res := p.a.collect(ctx, ctrl, [][]*txn{{cIP}, {cPort}}, func(o []outcome) bool {
 		return o[0] == positive // an answer from a new IP settles EIF
 	})
@@ -614,18 +615,11 @@ func (p *prober) portTest(ctx context.Context, txns []*txn) {
 	}
 }
 
-// report assembles the verdicts.
+// report assembles the verdicts, in the order of the Report's fields: each
+// step reads the evidence its test left and settles its fields or lists
+// them inconclusive with the reason.
 func (p *prober) report() *Report {
 	r := p.baseReport()
-	inconclusive := map[string]bool{}
-	set := func(field, why string, unsettled bool) {
-		if why != "" {
-			r.Reasons[field] = why
-		}
-		if unsettled {
-			inconclusive[field] = true
-		}
-	}
 	capable, incapable := p.alternateNow()
 	p.mu.Lock()
 	obs := slices.Clone(p.obs)
@@ -636,7 +630,47 @@ func (p *prober) report() *Report {
 		incapable = strings.Join(notCapable, "; ")
 	}
 
-	// 1. Addresses and NAT presence.
+	p.reportAddresses(r, obs)
+	p.reportMapping(r, capable, incapable)
+	p.reportFiltering(r)
+	p.reportHairpinning(r)
+	p.reportPorts(r)
+
+	pool, why := poolingVerdict(obs)
+	r.IPPooling = pool
+	note(r, "ip_pooling", why, pool == nil)
+
+	p.reportLifetime(r)
+
+	// ALG: not a NAT ambiguity when unmeasured, a server limitation.
+	alg, why := algVerdict(algPairs)
+	r.ALGDetected = alg
+	note(r, "alg_detected", why, false)
+
+	lt, why := legacyType(r.NATDetected, r.Mapping, r.Filtering)
+	r.LegacyType = lt
+	note(r, "legacy_type", why, lt == LegacyInconclusive)
+
+	over := p.reportAnomalies(r, obs, notCapable)
+	r.SIPRTP = sipVerdict(r, sipInputs{overloading: over, lifetimeMeasured: p.cfg.Lifetime, reachable: true})
+	r.Stats = p.a.stats()
+	return r
+}
+
+// note records why for field (when there is a reason to give) and lists
+// the field inconclusive when the evidence left it unsettled.
+func note(r *Report, field, why string, unsettled bool) {
+	if why != "" {
+		r.Reasons[field] = why
+	}
+	if unsettled {
+		r.MarkInconclusive(field, "")
+	}
+}
+
+// reportAddresses fills in the local and reflexive addresses, the server's
+// alternate address and whether a NAT is there at all.
+func (p *prober) reportAddresses(r *Report, obs []observation) {
 	r.LocalAddress, r.MappedAddress = p.mapRes.local, p.mapRes.mapped
 	if !r.MappedAddress.IsValid() && len(obs) > 0 {
 		r.LocalAddress, r.MappedAddress = obs[0].local, obs[0].mapped
@@ -646,111 +680,109 @@ func (p *prober) report() *Report {
 		r.ServerOtherAddress = p.other
 	default:
 	}
-	if len(obs) > 0 {
-		nat := false
-		for _, o := range obs {
-			nat = nat || o.mapped != o.local
-		}
-		r.NATDetected = &nat
-	} else {
-		set("nat_detected", "no reflexive address was learnt", true)
+	if len(obs) == 0 {
+		note(r, "nat_detected", "no reflexive address was learnt", true)
+		return
 	}
+	nat := false
+	for _, o := range obs {
+		nat = nat || o.mapped != o.local
+	}
+	r.NATDetected = &nat
+}
 
-	// 2. Mapping.
+// reportMapping is the RFC 4787 §4.1 mapping verdict; it needs the
+// server's alternate address (capable), and incapable says why it is not
+// usable.
+func (p *prober) reportMapping(r *Report, capable bool, incapable string) {
 	switch {
 	case !p.mapRes.ran:
 		r.Mapping = MappingInconclusive
-		set("mapping", p.mapRes.reason, true)
+		note(r, "mapping", p.mapRes.reason, true)
 	case !capable:
 		r.Mapping = MappingInconclusive
-		set("mapping", "needs the server's alternate address: "+incapable, true)
+		note(r, "mapping", "needs the server's alternate address: "+incapable, true)
 	default:
 		m, why := mappingVerdict(p.mapRes.ev)
 		r.Mapping = m
-		set("mapping", why, m == MappingInconclusive)
+		note(r, "mapping", why, m == MappingInconclusive)
 	}
+}
 
-	// 3. Filtering.
-	if p.filtRan {
-		ev := p.filtRes
-		ev.otherReaches = len(p.mapRes.ev.seen[1][1]) > 0
-		ev.altPortReaches = len(p.mapRes.ev.seen[0][1]) > 0
-		f, why := filteringVerdict(ev)
-		r.Filtering = f
-		set("filtering", why, f == FilteringInconclusive)
-	} else {
+// reportFiltering is the RFC 4787 §5 filtering verdict, with what the
+// mapping socket learnt about which server addresses answer at all.
+func (p *prober) reportFiltering(r *Report) {
+	if !p.filtRan {
 		r.Filtering = FilteringInconclusive
-		set("filtering", p.filtReason, true)
+		note(r, "filtering", p.filtReason, true)
+		return
 	}
+	ev := p.filtRes
+	ev.otherReaches = len(p.mapRes.ev.seen[1][1]) > 0
+	ev.altPortReaches = len(p.mapRes.ev.seen[0][1]) > 0
+	f, why := filteringVerdict(ev)
+	r.Filtering = f
+	note(r, "filtering", why, f == FilteringInconclusive)
+}
 
-	// 4. Hairpinning.
+// reportHairpinning is the RFC 4787 §6 verdict; it needs the mapping and
+// filtering verdicts to tell a missing hairpin from a filtered one.
+func (p *prober) reportHairpinning(r *Report) {
 	switch {
 	case !p.cfg.Hairpin:
+		note(r, "hairpinning", "skipped (--no-hairpin)", false)
 	case !p.hairRes.ran || (!p.hairRes.received && !p.hairRes.silent):
-		set("hairpinning", p.hairRes.reason, true)
+		note(r, "hairpinning", p.hairRes.reason, true)
 	default:
 		hp, why, unsettled := hairpinVerdict(p.hairRes.received, p.hairRes.silent, r.Mapping, r.Filtering)
 		r.Hairpinning = hp
-		set("hairpinning", why, unsettled)
+		note(r, "hairpinning", why, unsettled)
 	}
+}
 
-	// 5. Port assignment.
-	if p.portRes.ran {
-		var why map[string]string
-		r.PortPreservation, r.PortParity, r.PortContiguity, why = portVerdicts(p.portRes.samples)
-		for f, w := range why {
-			set(f, w, true)
-		}
-	} else {
+// reportPorts is the RFC 4787 §4.2 port assignment: preservation, parity,
+// contiguity.
+func (p *prober) reportPorts(r *Report) {
+	if !p.portRes.ran {
 		for _, f := range []string{"port_preservation", "port_parity", "port_contiguity"} {
-			set(f, p.portRes.reason, false)
+			note(r, f, p.portRes.reason, false)
 		}
+		return
 	}
-
-	// 6. IP pooling.
-	pool, why := poolingVerdict(obs)
-	r.IPPooling = pool
-	set("ip_pooling", why, pool == nil)
-
-	// 7. Mapping lifetime.
-	if p.cfg.Lifetime {
-		lt, why := lifetimeVerdict(p.lifetimeRes.points)
-		if p.lifetimeRes.reason != "" {
-			why = strings.TrimPrefix(why+"; "+p.lifetimeRes.reason, "; ")
-		}
-		r.MappingLifetime = lt
-		set("mapping_lifetime", why, lt == nil)
+	var why map[string]string
+	r.PortPreservation, r.PortParity, r.PortContiguity, why = portVerdicts(p.portRes.samples)
+	for f, w := range why {
+		note(r, f, w, true)
 	}
+}
 
-	// 8. ALG (not a NAT ambiguity when unmeasured: a server limitation).
-	alg, why := algVerdict(algPairs)
-	r.ALGDetected = alg
-	set("alg_detected", why, false)
+// reportLifetime is the RFC 4787 §4.3 mapping lifetime, when the search
+// ran (--lifetime).
+func (p *prober) reportLifetime(r *Report) {
+	if !p.cfg.Lifetime {
+		return
+	}
+	lt, why := lifetimeVerdict(p.lifetimeRes.points)
+	if p.lifetimeRes.reason != "" {
+		why = strings.TrimPrefix(why+"; "+p.lifetimeRes.reason, "; ")
+	}
+	r.MappingLifetime = lt
+	note(r, "mapping_lifetime", why, lt == nil)
+}
 
-	// 9. Legacy name.
-	lt, why := legacyType(r.NATDetected, r.Mapping, r.Filtering)
-	r.LegacyType = lt
-	set("legacy_type", why, lt == LegacyInconclusive)
-
-	// Anomalies.
+// reportAnomalies lists what fits no field: the agent's observations, port
+// overloading (returned: the SIP reading needs it) and why the server is
+// not RFC 5780 capable.
+func (p *prober) reportAnomalies(r *Report, obs []observation, notCapable []string) (overloading bool) {
 	p.a.mu.Lock()
 	r.Anomalies = append(r.Anomalies, p.a.anomalies...)
 	p.a.mu.Unlock()
-	over := overloadingSeen(obs)
-	if over {
+	overloading = overloadingSeen(obs)
+	if overloading {
 		r.Anomalies = append(r.Anomalies, "port overloading: two of this host's sockets got the same external address toward the same server address")
 	}
 	r.Anomalies = append(r.Anomalies, notCapable...)
-
-	// 10. SIP/RTP.
-	r.SIPRTP = sipVerdict(r, sipInputs{overloading: over, lifetimeMeasured: p.cfg.Lifetime, reachable: true})
-
-	for f := range inconclusive {
-		r.InconclusiveFields = append(r.InconclusiveFields, f)
-	}
-	slices.Sort(r.InconclusiveFields)
-	r.Stats = p.a.stats()
-	return r
+	return overloading
 }
 
 // alternateNow is alternate without waiting (after the tests ended): whether

@@ -71,7 +71,7 @@ func (r *responder) serve(i, p int) {
 		if err != nil {
 			return
 		}
-		src := addrPortOf(from)
+		src := stunwire.AddrPortOf(from)
 		reply, fi, fp, to, ok := r.answer(buf[:n], i, p, src)
 		if !ok {
 			continue
@@ -113,10 +113,10 @@ func (r *responder) answer(req []byte, i, p int, src netip.AddrPort) (reply []by
 		return stunwire.Finish(m, 0), i, p, src, true
 	}
 	if !r.q.ignoreChange {
-		if change&changeIP != 0 {
+		if change&stunwire.ChangeIP != 0 {
 			fi ^= 1
 		}
-		if change&changePort != 0 {
+		if change&stunwire.ChangePort != 0 {
 			fp ^= 1
 		}
 	}

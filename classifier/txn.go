@@ -24,6 +24,8 @@ import (
 	"time"
 
 	"github.com/pion/transport/v5"
+
+	"github.com/stund/stund/internal/stunwire"
 )
 
 // Timing. RFC 8489 §6.2.1 starts at RTO = 500 ms and doubles it, which
@@ -131,7 +133,7 @@ func (a *agent) listen(ap netip.AddrPort) (*socket, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &socket{a: a, conn: conn, local: addrPortOf(conn.LocalAddr())}
+	s := &socket{a: a, conn: conn, local: stunwire.AddrPortOf(conn.LocalAddr())}
 	a.mu.Lock()
 	if a.closed {
 		a.mu.Unlock()
@@ -215,7 +217,7 @@ func (a *agent) dispatch(s *socket, b []byte, from net.Addr, now time.Time) {
 		a.unmatched.Add(1)
 		return
 	}
-	arr := arrival{msg: m, from: addrPortOf(from), at: s, when: now}
+	arr := arrival{msg: m, from: stunwire.AddrPortOf(from), at: s, when: now}
 	if m.origin.IsValid() && m.class != classRequest && m.origin != arr.from {
 		// RFC 5780 §7.3: RESPONSE-ORIGIN is the address the server sent
 		// from; a different source means something in the path rewrote
@@ -641,19 +643,4 @@ func hypergeomZero(nc, c, nt int) float64 {
 		p *= float64(nc-i) / float64(nc+nt-i)
 	}
 	return p
-}
-
-// addrPortOf converts the address types the std and vnet stacks hand out.
-func addrPortOf(a net.Addr) netip.AddrPort {
-	switch v := a.(type) {
-	case *net.UDPAddr:
-		return unmap(v.AddrPort())
-	case nil:
-		return netip.AddrPort{}
-	}
-	ap, err := netip.ParseAddrPort(a.String())
-	if err != nil {
-		return netip.AddrPort{}
-	}
-	return unmap(ap)
 }

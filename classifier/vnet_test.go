@@ -225,7 +225,14 @@ func (tp *topo) probe(t testing.TB, mod func(*Config)) (*Report, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), limit)
 	defer cancel()
-	return Probe(ctx, cfg)
+	r, err := Probe(ctx, cfg)
+	if r != nil {
+		// Every report of the NAT matrix keeps the invariant.
+		if cerr := r.Check(); cerr != nil {
+			t.Errorf("report breaks its invariant: %v\n%+v", cerr, r)
+		}
+	}
+	return r, err
 }
 
 // want is the expected verdict of a topology; nil pointers mean "null".

@@ -40,12 +40,6 @@ func newKey(classic bool) txKey {
 	}
 }
 
-// CHANGE-REQUEST flags (RFC 5780 §7.2).
-const (
-	changeIP   uint32 = 0x4
-	changePort uint32 = 0x2
-)
-
 // reqOpts says what a Binding request asks of the server.
 type reqOpts struct {
 	// sendChange sends CHANGE-REQUEST with the change flags, even when
@@ -58,7 +52,7 @@ type reqOpts struct {
 	// 420 (RFC 5780 §6); the transaction then falls back to a bare request
 	// (txn.downgrade).
 	sendChange   bool
-	change       uint32 // CHANGE-REQUEST flags (changeIP, changePort)
+	change       uint32 // CHANGE-REQUEST flags (stunwire.ChangeIP, stunwire.ChangePort; RFC 5780 §7.2)
 	responsePort uint16 // RESPONSE-PORT (RFC 5780 §7.5); 0 = absent
 	classic      bool   // RFC 3489 form: no cookie, no attributes (ALG check)
 }
@@ -141,9 +135,8 @@ var (
 
 // knownReplyAttr lists the comprehension-required attributes natprobe
 // understands in a Binding response; RFC 8489 §7.3.3 discards a response
-// carrying any other (0x0000-0x7FFF). RFC 3489's range is accepted in
-// classic replies, whose servers predate that rule.
-func knownReplyAttr(t uint16, classic bool) bool {
+// carrying any other (0x0000-0x7FFF).
+func knownReplyAttr(t uint16) bool {
 	switch t {
 	case stunwire.AttrMappedAddress, stunwire.AttrXORMappedAddress, stunwire.AttrErrorCode,
 		stunwire.AttrUnknownAttributes, stunwire.AttrPadding, stunwire.AttrSourceAddress,
@@ -151,8 +144,12 @@ func knownReplyAttr(t uint16, classic bool) bool {
 		stunwire.AttrRealm, stunwire.AttrNonce, stunwire.AttrMessageIntegritySHA256:
 		return true
 	}
-	return classic && t < 0x0020
+	return false
 }
+
+// knownClassicReplyAttr accepts RFC 3489's whole attribute range in classic
+// replies, whose servers predate the comprehension-required rule.
+func knownClassicReplyAttr(t uint16) bool { return t < 0x0020 || knownReplyAttr(t) }
 
 // parseMessage decodes one datagram defensively: exact framing, the Binding
 // method only, every address attribute well formed, FINGERPRINT (when
@@ -178,65 +175,23 @@ func parseMessage(b []byte) (message, error) {
 	m.key = txKey(h.ID)
 	m.classic = !h.Cookie
 	if m.class == classRequest || m.class == classIndication {
-		// Our own hairpinned requests: only the key matters; a broken
-		// FINGERPRINT still disqualifies it.
-		return m, checkAttrs(b)
+		// Our own hairpinned requests: only the key matters; broken
+		// framing or FINGERPRINT still disqualifies it.
+		_, err := stunwire.Check(b, nil)
+		return m, err
 	}
-
-	seen := map[uint16]bool{}
-	it := stunwire.NewAttrs(b)
-	for {
-		typ, val, off, ok := it.Next()
-		if !ok {
-			break
-		}
-		if typ == stunwire.AttrFingerprint {
-			if err := stunwire.CheckFingerprint(b, off, val); err != nil {
-				return m, err
-			}
-			continue
-		}
-		if seen[typ] {
-			continue // RFC 8489 §14: only the first occurrence counts
-		}
-		seen[typ] = true
-		var dst *netip.AddrPort
-		switch typ {
-		case stunwire.AttrXORMappedAddress:
-			ap, err := stunwire.ParseXORAddress(val, &h.ID)
-			if err != nil {
-				return m, fmt.Errorf("XOR-MAPPED-ADDRESS: %w", err)
-			}
-			m.xorMapped = unmap(ap)
-			continue
-		case stunwire.AttrMappedAddress:
-			dst = &m.mapped
-		case stunwire.AttrOtherAddress, stunwire.AttrChangedAddress:
-			dst = &m.other
-		case stunwire.AttrResponseOrigin, stunwire.AttrSourceAddress:
-			dst = &m.origin
-		case stunwire.AttrErrorCode:
-			if len(val) < 4 || val[3] > 99 {
-				return m, errNoErrorCode
-			}
-			m.errCode = int(val[2]&0x07)*100 + int(val[3])
-			continue
-		default:
-			if typ < 0x8000 && !knownReplyAttr(typ, m.classic) {
-				return m, fmt.Errorf("%w 0x%04x", errUnknownAttr, typ)
-			}
-			continue
-		}
-		if dst.IsValid() {
-			continue // OTHER-ADDRESS and CHANGED-ADDRESS both present: the first wins
-		}
-		ap, err := stunwire.ParseAddress(val)
-		if err != nil {
-			return m, fmt.Errorf("%w 0x%04x: %v", errBadAttr, typ, err)
-		}
-		*dst = unmap(ap)
+	known := knownReplyAttr
+	if m.classic {
+		known = knownClassicReplyAttr
 	}
-	if err := it.Err(); err != nil {
+	scan, err := stunwire.Check(b, known)
+	if err != nil {
+		return m, err
+	}
+	if u := scan.Unknown(); len(u) > 0 {
+		return m, fmt.Errorf("%w 0x%04x", errUnknownAttr, u[0])
+	}
+	if err := m.readAttrs(b, &h.ID); err != nil {
 		return m, err
 	}
 	switch m.class {
@@ -252,26 +207,57 @@ func parseMessage(b []byte) (message, error) {
 	return m, nil
 }
 
-// checkAttrs walks a message's attributes for framing and FINGERPRINT only.
-func checkAttrs(b []byte) error {
+// readAttrs reads the address and ERROR-CODE values of a response that
+// stunwire.Check has accepted. Only the first occurrence of an attribute
+// counts (RFC 8489 §14), and of OTHER-ADDRESS and CHANGED-ADDRESS (or
+// RESPONSE-ORIGIN and SOURCE-ADDRESS) the first present.
+func (m *message) readAttrs(b []byte, id *[16]byte) error {
+	haveCode := false
 	it := stunwire.NewAttrs(b)
 	for {
-		typ, val, off, ok := it.Next()
+		typ, val, _, ok := it.Next()
 		if !ok {
 			return it.Err()
 		}
-		if typ == stunwire.AttrFingerprint {
-			if err := stunwire.CheckFingerprint(b, off, val); err != nil {
-				return err
+		var dst *netip.AddrPort
+		switch typ {
+		case stunwire.AttrXORMappedAddress:
+			if m.xorMapped.IsValid() {
+				continue
 			}
+			ap, err := stunwire.ParseXORAddress(val, id)
+			if err != nil {
+				return fmt.Errorf("XOR-MAPPED-ADDRESS: %w", err)
+			}
+			m.xorMapped = stunwire.Unmap(ap)
+			continue
+		case stunwire.AttrErrorCode:
+			if haveCode {
+				continue
+			}
+			if len(val) < 4 || val[3] > 99 {
+				return errNoErrorCode
+			}
+			m.errCode, haveCode = int(val[2]&0x07)*100+int(val[3]), true
+			continue
+		case stunwire.AttrMappedAddress:
+			dst = &m.mapped
+		case stunwire.AttrOtherAddress, stunwire.AttrChangedAddress:
+			dst = &m.other
+		case stunwire.AttrResponseOrigin, stunwire.AttrSourceAddress:
+			dst = &m.origin
+		default:
+			continue
 		}
+		if dst.IsValid() {
+			continue
+		}
+		ap, err := stunwire.ParseAddress(val)
+		if err != nil {
+			return fmt.Errorf("%w 0x%04x: %v", errBadAttr, typ, err)
+		}
+		*dst = stunwire.Unmap(ap)
 	}
-}
-
-// unmap turns an IPv4-mapped IPv6 address into plain IPv4, so that addresses
-// from the wire and from the socket API compare equal.
-func unmap(ap netip.AddrPort) netip.AddrPort {
-	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
 
 // mappedOf is the reflexive address a success response reports:

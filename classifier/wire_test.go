@@ -31,8 +31,8 @@ func TestBuildRequest(t *testing.T) {
 		responsePort int
 	}{
 		{"plain", plainOpts, 0, 0},
-		{"change IP and port", changeOpts(changeIP | changePort), int64(changeIP | changePort), 0},
-		{"change port", changeOpts(changePort), int64(changePort), 0},
+		{"change IP and port", changeOpts(stunwire.ChangeIP | stunwire.ChangePort), int64(stunwire.ChangeIP | stunwire.ChangePort), 0},
+		{"change port", changeOpts(stunwire.ChangePort), int64(stunwire.ChangePort), 0},
 		{"bare", reqOpts{}, -1, 0},
 		{"response port", reqOpts{responsePort: 40001}, -1, 40001},
 	} {
@@ -182,6 +182,16 @@ func TestParseMessageRejects(t *testing.T) {
 	if _, err := parseMessage(unknownRequired); !errors.Is(err, errUnknownAttr) {
 		t.Errorf("unknown attribute error: %v", err)
 	}
+	// RFC 8489 §14.5: what follows MESSAGE-INTEGRITY is ignored, an
+	// unknown comprehension-required attribute included.
+	afterMI := reply(k, true, func(m []byte) []byte {
+		m = stunwire.AppendXORAddress(m, stunwire.AttrXORMappedAddress, ap("5.6.7.8:40000"), &id)
+		m = stunwire.AppendAttr(m, stunwire.AttrMessageIntegrity, make([]byte, 20))
+		return stunwire.AppendAttr(m, 0x7ff0, []byte{1, 2, 3, 4})
+	})
+	if _, err := parseMessage(afterMI); err != nil {
+		t.Errorf("unknown attribute after MESSAGE-INTEGRITY: %v", err)
+	}
 }
 
 // FuzzParseMessage: no input makes the reply parser panic, and whatever it
@@ -223,4 +233,26 @@ func FuzzParseMessage(f *testing.F) {
 			}
 		}
 	})
+}
+
+// BenchmarkParseMessage parses stund's full RFC 5780 reply (XOR-MAPPED,
+// OTHER, RESPONSE-ORIGIN, MAPPED, SOFTWARE, FINGERPRINT): the work done for
+// every datagram natprobe receives. Run with -benchmem.
+func BenchmarkParseMessage(b *testing.B) {
+	k := newKey(false)
+	id := [16]byte(k)
+	full := reply(k, true, func(m []byte) []byte {
+		m = stunwire.AppendXORAddress(m, stunwire.AttrXORMappedAddress, ap("5.6.7.8:40000"), &id)
+		m = stunwire.AppendAddress(m, stunwire.AttrOtherAddress, ap("1.2.3.5:3479"))
+		m = stunwire.AppendAddress(m, stunwire.AttrResponseOrigin, ap("1.2.3.4:3478"))
+		m = stunwire.AppendAddress(m, stunwire.AttrMappedAddress, ap("5.6.7.8:40000"))
+		return stunwire.AppendSoftware(m, "stund")
+	})
+	b.ReportAllocs()
+	b.SetBytes(int64(len(full)))
+	for b.Loop() {
+		if m, err := parseMessage(full); err != nil || !m.other.IsValid() {
+			b.Fatal(m, err)
+		}
+	}
 }

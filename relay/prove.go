@@ -75,8 +75,8 @@ type Proof struct {
 	Err      error          // why OK is false; for a fallback, what failed before
 }
 
-// Prove allocates a relay and proves that it carries packets both ways
-// (issue "TURN fallback"): a second, fresh socket behind the same NAT learns
+// Prove allocates a relay and proves that it carries packets both ways,
+// which is what a client behind a symmetric NAT falls back on: a second, fresh socket behind the same NAT learns
 // its public address with a Binding request to the same server, the
 // allocation permits that address (RFC 8656 §9), the second socket sends
 // probeCount packets to the relayed address, and the allocation echoes each

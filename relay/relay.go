@@ -26,6 +26,8 @@ import (
 	"github.com/pion/transport/v5"
 	"github.com/pion/transport/v5/stdnet"
 	"github.com/pion/turn/v5"
+
+	"github.com/stund/stund/internal/stunwire"
 )
 
 // Transports natprobe knows, in the order Prove tries them by default:
@@ -243,7 +245,7 @@ func Dial(ctx context.Context, cfg Config) (*Relay, error) {
 
 		return nil, fmt.Errorf("relay: unexpected relayed address %v", relayed.LocalAddr())
 	}
-	r.relayAddr = unmap(ra.AddrPort())
+	r.relayAddr = stunwire.Unmap(ra.AddrPort())
 
 	return r, nil
 }
@@ -265,7 +267,7 @@ func dialBase(ctx context.Context, n transport.Net, transportName, addr string, 
 			return nil, netip.AddrPort{}, err
 		}
 
-		return pc, unmap(ua.AddrPort()), nil
+		return pc, stunwire.Unmap(ua.AddrPort()), nil
 	case TCP, TLS:
 		d := &net.Dialer{}
 		if dl, ok := ctx.Deadline(); ok {
@@ -307,7 +309,7 @@ func dialBase(ctx context.Context, n transport.Net, transportName, addr string, 
 
 		// RFC 8656 §12.5: over TCP/TLS STUN and ChannelData are framed
 		// back to back; STUNConn splits the stream into messages.
-		return turn.NewSTUNConn(conn), unmap(ta.AddrPort()), nil
+		return turn.NewSTUNConn(conn), stunwire.Unmap(ta.AddrPort()), nil
 	default:
 		return nil, netip.AddrPort{}, fmt.Errorf("relay: unknown transport %q (want udp, tcp or tls)", transportName)
 	}
@@ -318,12 +320,13 @@ func dialBase(ctx context.Context, n transport.Net, transportName, addr string, 
 // SOFTWARE. pion's turn.Client puts its Software only on Binding requests,
 // so its first, unauthenticated Allocate is a bare 36 bytes; a server that
 // answers unauthenticated UDP requests with at most twice their size (as
-// stund does against reflection attacks, issue 6) then drops the 401
-// whenever the realm is longer than about 28 bytes, and the relay never
-// starts. With natprobe's SOFTWARE (~30 bytes) the request is about 72
-// bytes and a 401 with a realm of up to ~60 bytes fits. Requests with
-// MESSAGE-INTEGRITY are left alone: an attribute inserted before it would
-// break the integrity check, and their answers are authenticated anyway.
+// stund does so that it cannot amplify traffic reflected at a spoofed
+// source) then drops the 401 whenever the realm is longer than about 28
+// bytes, and the relay never starts. With natprobe's SOFTWARE (~30 bytes)
+// the request is about 72 bytes and a 401 with a realm of up to ~60 bytes
+// fits. Requests with MESSAGE-INTEGRITY are left alone: an attribute
+// inserted before it would break the integrity check, and their answers are
+// authenticated anyway.
 type softwareConn struct {
 	net.PacketConn
 	sw stun.Software
@@ -512,11 +515,6 @@ func codeText(e stun.ErrorCodeAttribute) string {
 	}
 
 	return strings.TrimSpace(strconv.Itoa(int(e.Code)) + " " + reason)
-}
-
-// unmap turns an IPv4-mapped IPv6 address into plain IPv4.
-func unmap(ap netip.AddrPort) netip.AddrPort {
-	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
 
 // discardLogger keeps pion quiet: natprobe reports errors itself.

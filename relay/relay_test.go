@@ -17,6 +17,7 @@ import (
 
 	"github.com/pion/stun/v4"
 	"github.com/pion/turn/v5"
+	"github.com/stund/stund/internal/stunwire"
 	"github.com/stund/stund/internal/testutil"
 )
 
@@ -265,7 +266,7 @@ func TestDialPacketConn(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer r.Close()
-	if r.Transport() != UDP || r.RelayedAddr() != unmap(r.PacketConn().LocalAddr().(*net.UDPAddr).AddrPort()) {
+	if r.Transport() != UDP || r.RelayedAddr() != stunwire.Unmap(r.PacketConn().LocalAddr().(*net.UDPAddr).AddrPort()) {
 		t.Fatalf("relay %s %v", r.Transport(), r.RelayedAddr())
 	}
 	// A plain peer on loopback talks to the relayed address both ways.
@@ -292,7 +293,7 @@ func TestDialPacketConn(t *testing.T) {
 		t.Fatal(err)
 	}
 	n, from, err = peer.ReadFrom(buf)
-	if err != nil || string(buf[:n]) != "pong" || unmap(from.(*net.UDPAddr).AddrPort()) != r.RelayedAddr() {
+	if err != nil || string(buf[:n]) != "pong" || stunwire.Unmap(from.(*net.UDPAddr).AddrPort()) != r.RelayedAddr() {
 		t.Fatalf("peer read %q from %v: %v", buf[:n], from, err)
 	}
 	r.Close()

@@ -119,8 +119,10 @@ func TestStundQuotaRefusal(t *testing.T) {
 
 // longRealm is a realm an operator might well choose. Its 401 (20-byte
 // header, ERROR-CODE, REALM, NONCE, FINGERPRINT) is 80 bytes: over twice
-// a bare 36-byte Allocate, so stund's amplification budget (issue 6)
-// drops it over UDP unless the request carries SOFTWARE.
+// a bare 36-byte Allocate, so stund's amplification budget (an
+// unauthenticated UDP reply is at most twice the request, so that stund
+// cannot be used to reflect traffic at a spoofed source) drops it over UDP
+// unless the request carries SOFTWARE.
 const longRealm = "voip.telecom-provider.example.net"
 
 // TestStundLongRealm: with a long realm the relay still works over UDP,

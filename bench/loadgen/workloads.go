@@ -7,23 +7,23 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-)
 
-const magicCookie = 0x2112A442
+	"github.com/stund/stund/internal/stunwire"
+)
 
 // BindingPacket is a bare RFC 8489 Binding request (20 bytes). The
 // transaction ID carries the send timestamp (bytes 8..15) and a sequence
 // number; a reply is a Binding success response, or (against the echo)
 // the request itself.
 func BindingPacket() Packet {
-	t := make([]byte, 20)
-	binary.BigEndian.PutUint16(t[0:], 0x0001)
-	binary.BigEndian.PutUint32(t[4:], magicCookie)
+	var id [16]byte
+	binary.BigEndian.PutUint32(id[:4], stunwire.MagicCookie)
+	t := stunwire.Finish(stunwire.AppendHeader(make([]byte, 0, stunwire.HeaderSize), stunwire.TypeBindingRequest, &id), 0)
 	return Packet{Template: t, TSOffset: 8, SeqOffset: 16, Reply: func(p []byte) (int64, bool) {
-		if len(p) < 20 || binary.BigEndian.Uint32(p[4:]) != magicCookie {
+		if len(p) < stunwire.HeaderSize || binary.BigEndian.Uint32(p[4:]) != stunwire.MagicCookie {
 			return 0, false
 		}
-		if typ := binary.BigEndian.Uint16(p); typ != 0x0101 && typ != 0x0001 {
+		if typ := binary.BigEndian.Uint16(p); typ != stunwire.TypeBindingSuccess && typ != stunwire.TypeBindingRequest {
 			return 0, false
 		}
 		return int64(binary.BigEndian.Uint64(p[8:])), true
@@ -34,7 +34,7 @@ func BindingPacket() Packet {
 // bytes of payload on channel ch; the timestamp is the first 8 bytes of
 // the payload, which the peer echo returns unchanged.
 func ChannelDataPacket(ch uint16, size int) Packet {
-	t := make([]byte, 4+size)
+	t := make([]byte, stunwire.ChannelDataHeaderSize+size)
 	binary.BigEndian.PutUint16(t[0:], ch)
 	binary.BigEndian.PutUint16(t[2:], uint16(size))
 	return Packet{Template: t, TSOffset: 4, SeqOffset: 12, Reply: func(p []byte) (int64, bool) {
@@ -46,39 +46,31 @@ func ChannelDataPacket(ch uint16, size int) Packet {
 }
 
 // SendPacket is a Send indication (RFC 8656 §11.3) to peer with size
-// bytes of DATA; the reply is a Data indication whose DATA carries the
-// timestamp back.
+// bytes of DATA; the reply is a Data indication (RFC 8656 §11.4) whose
+// DATA carries the timestamp back.
 func SendPacket(peer netip.AddrPort, size int) Packet {
-	pad := (4 - size%4) % 4
-	attrs := 12 + 4 + size + pad
-	t := make([]byte, 20+attrs)
-	binary.BigEndian.PutUint16(t[0:], 0x0016) // Send indication
-	binary.BigEndian.PutUint16(t[2:], uint16(attrs))
-	binary.BigEndian.PutUint32(t[4:], magicCookie)
-	copy(t[8:20], "stundbench00")
-	o := 20
-	binary.BigEndian.PutUint16(t[o:], 0x0012) // XOR-PEER-ADDRESS
-	binary.BigEndian.PutUint16(t[o+2:], 8)
-	t[o+5] = 0x01
-	binary.BigEndian.PutUint16(t[o+6:], peer.Port()^uint16(magicCookie>>16))
-	ip := peer.Addr().As4()
-	binary.BigEndian.PutUint32(t[o+8:], binary.BigEndian.Uint32(ip[:])^magicCookie)
-	o += 12
-	binary.BigEndian.PutUint16(t[o:], 0x0013) // DATA
-	binary.BigEndian.PutUint16(t[o+2:], uint16(size))
-	dataOff := o + 4
+	var id [16]byte
+	binary.BigEndian.PutUint32(id[:4], stunwire.MagicCookie)
+	copy(id[4:], "stundbench00")
+	t := stunwire.AppendHeader(nil, stunwire.MessageType(stunwire.MethodSend, stunwire.ClassIndication), &id)
+	t = stunwire.AppendXORAddress(t, stunwire.AttrXORPeerAddress, peer, &id)
+	dataOff := len(t) + 4 // past DATA's type and length
+	t = stunwire.Finish(stunwire.AppendAttr(t, stunwire.AttrData, make([]byte, size)), 0)
+	dataInd := stunwire.MessageType(stunwire.MethodData, stunwire.ClassIndication)
 	return Packet{Template: t, TSOffset: dataOff, SeqOffset: dataOff + 8, Reply: func(p []byte) (int64, bool) {
-		if len(p) < 20 || binary.BigEndian.Uint16(p) != 0x0017 {
+		if len(p) < stunwire.HeaderSize || binary.BigEndian.Uint16(p) != dataInd {
 			return 0, false
 		}
-		for a := 20; a+4 <= len(p); {
-			typ, l := binary.BigEndian.Uint16(p[a:]), int(binary.BigEndian.Uint16(p[a+2:]))
-			if typ == 0x0013 && l >= 8 && a+4+8 <= len(p) {
-				return int64(binary.BigEndian.Uint64(p[a+4:])), true
+		it := stunwire.NewAttrs(p)
+		for {
+			typ, val, _, ok := it.Next()
+			if !ok {
+				return 0, false
 			}
-			a += 4 + (l+3)&^3
+			if typ == stunwire.AttrData && len(val) >= 8 {
+				return int64(binary.BigEndian.Uint64(val)), true
+			}
 		}
-		return 0, false
 	}}
 }
 

@@ -25,7 +25,6 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -55,8 +54,8 @@ const (
 	// transport (relay.DefaultAttemptTimeout), so 20 s only stops a hang.
 	defaultTimeout = 20 * time.Second
 	// defaultLifetimeMax is the longest idle time the --lifetime search
-	// tries (issue 3 item 7): 300 s covers the common NAT UDP timeouts
-	// (30 s to 5 min; RFC 4787 REQ-5 asks for at least 2 min).
+	// tries: 300 s covers the common NAT UDP timeouts (30 s to 5 min;
+	// RFC 4787 REQ-5 asks for at least 2 min).
 	defaultLifetimeMax = 300 * time.Second
 	// minWatch is the shortest --watch interval: a probe takes about a
 	// second on a clean path (longer under loss), and a public server
@@ -221,26 +220,12 @@ func completer(args []string, w io.Writer) cli.BashCompleteFunc {
 	})
 }
 
+// parseOptions reads the command line into options; every misuse is a
+// usageError naming the flag.
 func parseOptions(c *cli.Context) (*options, error) {
-	if c.NArg() != 1 {
-		if c.NArg() == 0 {
-			return nil, usageError{"missing HOST: the stund server to probe"}
-		}
-
-		msg := fmt.Sprintf("one HOST expected, got %d arguments: %s", c.NArg(), strings.Join(c.Args().Slice(), " "))
-		for _, a := range c.Args().Tail() {
-			if strings.HasPrefix(a, "-") {
-				msg += " (flags go before HOST)"
-
-				break
-			}
-		}
-
-		return nil, usageError{msg}
-	}
-	server, err := hostPort(c.Args().First())
+	server, err := serverArg(c)
 	if err != nil {
-		return nil, usageError{err.Error()}
+		return nil, err
 	}
 	o := &options{
 		server:      server,
@@ -254,20 +239,63 @@ func parseOptions(c *cli.Context) (*options, error) {
 		turnSecret:  c.String("turn-secret"),
 		timeout:     c.Duration("timeout"),
 	}
+	for _, step := range []func(*cli.Context) error{o.parseFormat, o.parseTiming, o.parseTURN} {
+		if err := step(c); err != nil {
+			return nil, err
+		}
+	}
+
+	return o, nil
+}
+
+// serverArg is the one HOST[:PORT] argument, validated.
+func serverArg(c *cli.Context) (string, error) {
+	if c.NArg() == 0 {
+		return "", usageError{"missing HOST: the stund server to probe"}
+	}
+	if c.NArg() > 1 {
+		msg := fmt.Sprintf("one HOST expected, got %d arguments: %s", c.NArg(), strings.Join(c.Args().Slice(), " "))
+		for _, a := range c.Args().Tail() {
+			if strings.HasPrefix(a, "-") {
+				msg += " (flags go before HOST)"
+
+				break
+			}
+		}
+
+		return "", usageError{msg}
+	}
+	server, err := hostPort(c.Args().First())
+	if err != nil {
+		return "", usageError{err.Error()}
+	}
+
+	return server, nil
+}
+
+// parseFormat checks --format and folds --json into it.
+func (o *options) parseFormat(c *cli.Context) error {
 	if !contains(formats, o.format) {
-		return nil, usageError{fmt.Sprintf("--format %q: want one of %s", o.format, strings.Join(formats, ", "))}
+		return usageError{fmt.Sprintf("--format %q: want one of %s", o.format, strings.Join(formats, ", "))}
 	}
 	if c.Bool("json") {
 		if c.IsSet("format") && o.format != "json" {
-			return nil, usageError{fmt.Sprintf("--json and --format %s contradict each other", o.format)}
+			return usageError{fmt.Sprintf("--json and --format %s contradict each other", o.format)}
 		}
 		o.format = "json"
 	}
+
+	return nil
+}
+
+// parseTiming checks --lifetime-max, --timeout (defaulting it to cover the
+// lifetime search) and --watch/--watch-count.
+func (o *options) parseTiming(c *cli.Context) error {
 	if o.lifetimeMax <= 0 {
-		return nil, usageError{fmt.Sprintf("--lifetime-max %v: must be positive", o.lifetimeMax)}
+		return usageError{fmt.Sprintf("--lifetime-max %v: must be positive", o.lifetimeMax)}
 	}
 	if c.IsSet("timeout") && o.timeout <= 0 {
-		return nil, usageError{fmt.Sprintf("--timeout %v: must be positive", o.timeout)}
+		return usageError{fmt.Sprintf("--timeout %v: must be positive", o.timeout)}
 	}
 	if o.timeout == 0 {
 		o.timeout = defaultTimeout
@@ -277,36 +305,43 @@ func parseOptions(c *cli.Context) (*options, error) {
 	}
 	o.watch, o.watchCount = c.Duration("watch"), c.Int("watch-count")
 	if c.IsSet("watch") && o.watch < minWatch {
-		return nil, usageError{fmt.Sprintf("--watch %v: at least %v (a probe takes about a second, and the server is shared)", o.watch, minWatch)}
+		return usageError{fmt.Sprintf("--watch %v: at least %v (a probe takes about a second, and the server is shared)", o.watch, minWatch)}
 	}
 	if c.IsSet("watch-count") && (o.watch == 0 || o.watchCount < 1) {
-		return nil, usageError{"--watch-count N needs --watch and N ≥ 1"}
+		return usageError{"--watch-count N needs --watch and N ≥ 1"}
 	}
+
+	return nil
+}
+
+// parseTURN checks the TURN flags: transport, TLS port and CA, and
+// credentials that go together.
+func (o *options) parseTURN(c *cli.Context) error {
 	if t := c.String("turn-transport"); t != "" {
 		if t != relay.UDP && t != relay.TCP && t != relay.TLS {
-			return nil, usageError{fmt.Sprintf("--turn-transport %q: want udp, tcp or tls", t)}
+			return usageError{fmt.Sprintf("--turn-transport %q: want udp, tcp or tls", t)}
 		}
 		o.transports = []string{t}
 	}
 	o.turnTLSPort = c.Int("turn-tls-port")
 	if o.turnTLSPort < 1 || o.turnTLSPort > 65535 {
-		return nil, usageError{fmt.Sprintf("--turn-tls-port %d: want 1 to 65535", o.turnTLSPort)}
+		return usageError{fmt.Sprintf("--turn-tls-port %d: want 1 to 65535", o.turnTLSPort)}
 	}
 	if f := c.String("turn-ca"); f != "" {
 		pool, err := loadCA(f)
 		if err != nil {
-			return nil, usageError{"--turn-ca: " + err.Error()}
+			return usageError{"--turn-ca: " + err.Error()}
 		}
 		o.turnTLS = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 	}
 	if (o.turnUser == "") != (o.turnPass == "") && o.turnSecret == "" {
-		return nil, usageError{"--turn-user and --turn-pass go together"}
+		return usageError{"--turn-user and --turn-pass go together"}
 	}
 	if o.relay && !o.haveTURNCredentials() {
-		return nil, usageError{"--relay needs TURN credentials: --turn-user and --turn-pass, or --turn-secret (or NATPROBE_TURN_* in the environment)"}
+		return usageError{"--relay needs TURN credentials: --turn-user and --turn-pass, or --turn-secret (or NATPROBE_TURN_* in the environment)"}
 	}
 
-	return o, nil
+	return nil
 }
 
 // loadCA reads the PEM certificates natprobe trusts for TURN over TLS.
@@ -445,6 +480,7 @@ func measure(parent context.Context, o *options, id string, stderr io.Writer) (r
 		Lifetime:    o.lifetime,
 		LifetimeMax: o.lifetimeMax,
 		Software:    software(id),
+		ProbeID:     id,
 		Progress:    progress.update,
 		Net:         o.net,
 	}
@@ -468,7 +504,6 @@ func measure(parent context.Context, o *options, id string, stderr io.Writer) (r
 		// and the relay over TCP/TLS below tells the two apart.
 		fail = serverError{fmt.Sprintf("%s: no reply over UDP (blocked, or server down): %v", o.server, err)}
 		meta.udpBlocked = fail
-		udpBlockedReport(rep)
 	case errors.Is(err, classifier.ErrUnreachable):
 		// Nothing was sent (name does not resolve, no route).
 		return nil, meta, exitServer, serverError{fmt.Sprintf("%s is unreachable: %v", o.server, err)}
@@ -478,59 +513,18 @@ func measure(parent context.Context, o *options, id string, stderr io.Writer) (r
 	if rep == nil {
 		return nil, meta, exitServer, serverError{fmt.Sprintf("probing %s: no report", o.server)}
 	}
-	if rep.ProbeID == "" {
-		rep.ProbeID = id
-	}
-	if rep.Schema == "" {
-		rep.Schema = classifier.Schema
-	}
-	if rep.Server == "" {
-		rep.Server = o.server
-	}
-	if rep.Reasons == nil {
-		rep.Reasons = map[string]string{}
-	}
-	// issue 3's schema: mapping and filtering are a verdict or
-	// "inconclusive", never empty.
-	if rep.Mapping == "" {
-		rep.Mapping = classifier.MappingInconclusive
-		markInconclusive(rep, "mapping", "not measured")
-	}
-	if rep.Filtering == "" {
-		rep.Filtering = classifier.FilteringInconclusive
-		markInconclusive(rep, "filtering", "not measured")
-	}
-	if !o.hairpin && rep.Hairpinning == nil && rep.Reasons["hairpinning"] == "" {
-		rep.Reasons["hairpinning"] = "skipped (--no-hairpin)"
-	}
-
-	// A relay is needed when the mapping differs per peer, and above all
-	// when UDP does not get through at all (issue 3 item 11).
-	needRelay := meta.udpBlocked != nil || rep.Mapping == classifier.MappingAddressDependent || rep.Mapping == classifier.MappingAddressPortDependent
-	answered := false // the server gave a STUN answer over TCP or TLS
 	switch {
-	case !needRelay && !o.relay:
-	case !o.haveTURNCredentials() && meta.udpBlocked != nil:
-		rep.Reasons["relay"] = "not tried: UDP gets no reply, so media needs a TURN relay over TCP or TLS, but no TURN credentials were given (--turn-user/--turn-pass or --turn-secret)"
+	case !rep.NeedsRelay() && !o.relay:
 	case !o.haveTURNCredentials():
-		rep.Reasons["relay"] = fmt.Sprintf("not tried: the %s mapping needs a relay for media, but no TURN credentials were given (--turn-user/--turn-pass or --turn-secret)", rep.Mapping)
+		rep.SetRelayNotTried()
 	default:
 		progress.update("proving the TURN relay")
-		transports := o.transports
-		if meta.udpBlocked != nil && len(transports) == 0 {
-			// UDP just went unanswered for seconds: go straight to the
-			// stream transports (RFC 8656 §3.1).
-			transports = []string{relay.TCP, relay.TLS}
+		if proveRelay(ctx, o, rep, cfg.Software) && meta.udpBlocked != nil {
+			// The server is up: UDP, and only UDP, is blocked on this
+			// path. That is a classification (udp-blocked), not a
+			// failure to reach the server.
+			fail = nil
 		}
-		rep.Relay, answered = proveRelay(ctx, o, cfg.Software, transports)
-	}
-	if meta.udpBlocked != nil && answered {
-		// The server is up: UDP, and only UDP, is blocked on this path.
-		// That is a classification (udp-blocked), not a failure to reach
-		// the server, and the relay says whether a working path exists.
-		why := fmt.Sprintf("no reply over UDP, while the server answers over %s: UDP is blocked on this path", rep.Relay.Transport)
-		rep.Reasons["legacy_type"] = why + " (" + rep.Reasons["legacy_type"] + ")"
-		fail = nil
 	}
 	rep.DurationMS = time.Since(start).Milliseconds()
 
@@ -544,55 +538,17 @@ func measure(parent context.Context, o *options, id string, stderr io.Writer) (r
 	}
 }
 
-// markInconclusive lists field as inconclusive, with why unless a reason
-// is already given.
-func markInconclusive(rep *classifier.Report, field, why string) {
-	if rep.Reasons[field] == "" {
-		rep.Reasons[field] = why
+// proveRelay runs relay.Prove with the options' server and credentials and
+// records the proof in rep; it says whether the server gave a STUN answer
+// on the way (classifier.Report.SetRelay).
+func proveRelay(ctx context.Context, o *options, rep *classifier.Report, software string) (answered bool) {
+	transports := o.transports
+	if rep.UDPBlocked() && len(transports) == 0 {
+		// UDP just went unanswered for seconds: go straight to the
+		// stream transports (RFC 8656 §3.1).
+		transports = []string{relay.TCP, relay.TLS}
 	}
-	if !slices.Contains(rep.InconclusiveFields, field) {
-		rep.InconclusiveFields = append(rep.InconclusiveFields, field)
-		slices.Sort(rep.InconclusiveFields)
-	}
-}
-
-// udpBlockedReport turns the classifier's report of a run without a single
-// UDP reply into what natprobe prints: the legacy type udp-blocked, and the
-// UDP behaviours (mapping, filtering) inconclusive, each with the reason.
-// The schema allows only a verdict or "inconclusive" there (issue 3), and
-// with no UDP reply the NAT's behaviour is exactly what the evidence could
-// not settle; so such a run exits 1 when the server answers over TCP/TLS
-// (the network is diagnosed: UDP is blocked) and 3 when nothing answers.
-func udpBlockedReport(rep *classifier.Report) {
-	if rep.Reasons == nil {
-		rep.Reasons = map[string]string{}
-	}
-	why := rep.Reasons["legacy_type"]
-	if why == "" {
-		why = fmt.Sprintf("no reply to %d requests", rep.Stats.Sent)
-	}
-	rep.LegacyType = classifier.LegacyUDPBlocked
-	rep.Reasons["legacy_type"] = why
-	rep.Mapping, rep.Filtering = classifier.MappingInconclusive, classifier.FilteringInconclusive
-	rep.Reasons["mapping"] = "no UDP path to measure: " + why
-	rep.Reasons["filtering"] = "no UDP path to measure: " + why
-	markInconclusive(rep, "mapping", "")
-	markInconclusive(rep, "filtering", "")
-}
-
-// software is the SOFTWARE attribute (RFC 8489 §14.14) of every request
-// natprobe sends: stund logs the probe ID once per run (server/probeid.go),
-// so an operator can find a customer's run in the server's log.
-func software(id string) string {
-	return "natprobe/" + appVersion() + " probe-id=" + id
-}
-
-// proveRelay runs relay.Prove over transports (nil: relay's default order)
-// and turns its Proof into the report's field. answered says whether the
-// server gave a STUN answer on the way (the relay works, or the server
-// refused a request): the server is then up on that transport.
-func proveRelay(ctx context.Context, o *options, software string, transports []string) (rr *classifier.RelayReport, answered bool) {
-	cfg := relay.Config{
+	p, err := relay.Prove(ctx, relay.Config{
 		Server:    o.server,
 		TLSServer: tlsServer(o),
 		Username:  o.turnUser,
@@ -601,25 +557,15 @@ func proveRelay(ctx context.Context, o *options, software string, transports []s
 		TLSConfig: o.turnTLS,
 		Software:  software,
 		Net:       o.net,
-	}
-	p, err := relay.Prove(ctx, cfg, transports...)
-	rr = &classifier.RelayReport{
-		OK:        p.OK,
-		Transport: p.Transport,
-		Loss:      p.Loss,
-		RTTMS:     float64(p.RTT.Microseconds()) / 1000,
-	}
-	if p.RelayedAddr.IsValid() {
-		rr.RelayedAddress = p.RelayedAddr.String()
-	}
-	var refused *relay.RefusedError
-	if err != nil {
-		rr.Error = err.Error()
-	}
+	}, transports...)
+	return rep.SetRelay(p, err)
+}
 
-	// Prove moves to the next transport only when one got no answer, so
-	// the last attempt's allocation or refusal is the server's answer.
-	return rr, p.OK || p.RelayedAddr.IsValid() || errors.As(err, &refused)
+// software is the SOFTWARE attribute (RFC 8489 §14.14) of every request
+// natprobe sends: stund logs the probe ID once per run (server/probeid.go),
+// so an operator can find a customer's run in the server's log.
+func software(id string) string {
+	return "natprobe/" + appVersion() + " probe-id=" + id
 }
 
 // tlsServer is where TURN over TLS is: the server's host on --turn-tls-port

@@ -235,8 +235,9 @@ func TestRelayWrongPassword(t *testing.T) {
 	}
 }
 
-// checkRelayKeys: the relay object always has issue 3's keys, failed or
-// not, so that a script can read them without testing for their presence.
+// checkRelayKeys: the relay object always has the keys of the natprobe/1
+// schema (docs/natprobe-json.md), failed or not, so that a script can read
+// them without testing for their presence.
 func checkRelayKeys(t *testing.T, rel map[string]any) {
 	t.Helper()
 	for k, kinds := range map[string]string{"ok": "bool", "transport": "string", "relayed_address": "string", "rtt_ms": "number", "loss": "number"} {
@@ -487,8 +488,9 @@ func TestNotRFC5780(t *testing.T) {
 }
 
 // TestRelayLongRealm: a realm too long for a 401 to a bare Allocate under
-// stund's UDP amplification budget (issue 6); natprobe's SOFTWARE makes the
-// request big enough, so the relay works over UDP.
+// stund's UDP amplification budget (twice the request, against
+// reflection); natprobe's SOFTWARE makes the request big enough, so the
+// relay works over UDP.
 func TestRelayLongRealm(t *testing.T) {
 	s := startStundServer(t, false, "voip.telecom-provider.example.net")
 	r := natprobe(t, "--json", "--no-hairpin", "--relay", "--turn-transport", "udp",

@@ -284,18 +284,17 @@ func (f *fakeProbe) probe(_ context.Context, cfg classifier.Config) (*classifier
 	f.runs++
 	f.software = append(f.software, cfg.Software)
 	rep := fakeReport()
+	rep.ProbeID = cfg.ProbeID
 	port := uint16(40000 + 2*f.runs)
 	rep.LocalAddress = netip.AddrPortFrom(rep.LocalAddress.Addr(), port)
 	rep.MappedAddress = netip.AddrPortFrom(rep.MappedAddress.Addr(), port)
 	if err := f.script(f.runs, rep); err != nil {
 		if errors.Is(err, classifier.ErrUnreachable) {
 			// As the classifier does: a udp-blocked report with the error.
-			return &classifier.Report{
-				Schema: classifier.Schema, Server: cfg.Server, LegacyType: classifier.LegacyUDPBlocked,
-				Mapping: classifier.MappingInconclusive, Filtering: classifier.FilteringInconclusive,
-				Reasons:            map[string]string{"legacy_type": "no reply to 90 requests in 3s"},
-				InconclusiveFields: []string{"filtering", "mapping"},
-			}, err
+			blocked := &classifier.Report{Schema: classifier.Schema, ProbeID: cfg.ProbeID, Server: cfg.Server}
+			blocked.SetUDPBlocked("no reply to 90 requests in 3s")
+
+			return blocked, err
 		}
 
 		return nil, err

@@ -18,7 +18,8 @@ import (
 
 // Behind an emulated symmetric NAT (APDM/APDF, pion vnet), natprobe must
 // see that media needs a relay and prove one without being asked: the
-// automatic fallback of issue 3 item 11, end to end through the NAT.
+// automatic fallback (media behind a symmetric NAT needs a relay, and
+// the report must say whether one works), end to end through the NAT.
 func TestSymmetricNATFallsBackToRelay(t *testing.T) {
 	lf := logging.NewDefaultLoggerFactory()
 	lf.DefaultLogLevel = logging.LogLevelDisabled

@@ -126,18 +126,51 @@ func badByteLine(b []byte) int {
 
 // buildConfig turns flags (already merged with the environment and the
 // YAML file) into a server.Config. Every error names the flag (which is
-// also the YAML key and, upper-cased, the environment variable).
+// also the YAML key and, upper-cased, the environment variable). The steps
+// run in the order of the flags' groups, so the first bad flag is the one
+// reported.
 func buildConfig(c *cli.Context, keys *yamlKeys) (cfg server.Config, demoPass string, err error) {
-	bad := func(flag, format string, a ...any) error {
-		return fmt.Errorf("%s: %s%s", flag, fmt.Sprintf(format, a...), keys.where(flag))
+	fr := flagReader{c: c, keys: keys}
+	auth := func(cfg *server.Config) (err error) {
+		demoPass, err = fr.auth(cfg)
+		return err
 	}
+	for _, step := range []func(*server.Config) error{
+		fr.addresses, fr.tlsCert, fr.advertise, auth, fr.relay, fr.limits, fr.loggers,
+	} {
+		if err := step(&cfg); err != nil {
+			return cfg, "", err
+		}
+	}
+	if err := cfg.Validate(); err != nil {
+		name := strings.SplitN(err.Error(), ":", 2)[0]
+		return cfg, "", fmt.Errorf("%v%s", err, keys.where(name))
+	}
+	return cfg, demoPass, nil
+}
 
+// flagReader reads one group of flags into a server.Config per method.
+type flagReader struct {
+	c    *cli.Context
+	keys *yamlKeys
+}
+
+// bad is an error that names the flag and, when it came from the YAML
+// file, the line.
+func (fr flagReader) bad(flag, format string, a ...any) error {
+	return fmt.Errorf("%s: %s%s", flag, fmt.Sprintf(format, a...), fr.keys.where(flag))
+}
+
+// addresses reads the RFC 5780 grid: the two IPs, the ports and whether
+// TCP is served.
+func (fr flagReader) addresses(cfg *server.Config) (err error) {
+	c := fr.c
 	if cfg.PrimaryIP, err = parseIP(c.String(fPrimaryIP)); err != nil {
-		return cfg, "", bad(fPrimaryIP, "%v", err)
+		return fr.bad(fPrimaryIP, "%v", err)
 	}
 	if alt := c.String(fAlternateIP); alt != "" && !c.Bool(fSingleIP) {
 		if cfg.AlternateIP, err = parseIP(alt); err != nil {
-			return cfg, "", bad(fAlternateIP, "%v", err)
+			return fr.bad(fAlternateIP, "%v", err)
 		}
 	}
 	cfg.Port, cfg.AltPort, cfg.TLSPort = c.Int(fPort), c.Int(fAltPort), c.Int(fTLSPort)
@@ -146,17 +179,21 @@ func buildConfig(c *cli.Context, keys *yamlKeys) (cfg server.Config, demoPass st
 		v    int
 	}{{fPort, cfg.Port}, {fAltPort, cfg.AltPort}, {fTLSPort, cfg.TLSPort}} {
 		if p.v < 1 || p.v > 65535 {
-			return cfg, "", bad(p.flag, "%d is not a port (1-65535)", p.v)
+			return fr.bad(p.flag, "%d is not a port (1-65535)", p.v)
 		}
 	}
 	cfg.DisableTCP = c.Bool(fNoTCP)
+	return nil
+}
 
-	cert, key := c.String(fCert), c.String(fKey)
+// tlsCert loads the certificate for TURN over TLS, when one is configured.
+func (fr flagReader) tlsCert(cfg *server.Config) error {
+	cert, key := fr.c.String(fCert), fr.c.String(fKey)
 	switch {
 	case cert != "" && key != "":
 		pair, err := tls.LoadX509KeyPair(cert, key)
 		if err != nil {
-			return cfg, "", bad(fCert, "%v", err)
+			return fr.bad(fCert, "%v", err)
 		}
 		cfg.TLSConfig = &tls.Config{
 			Certificates: []tls.Certificate{pair},
@@ -164,39 +201,50 @@ func buildConfig(c *cli.Context, keys *yamlKeys) (cfg server.Config, demoPass st
 			MinVersion: tls.VersionTLS12,
 		}
 	case cert != "" || key != "":
-		return cfg, "", bad(fCert, "--cert and --key go together")
+		return fr.bad(fCert, "--cert and --key go together")
 	}
+	return nil
+}
 
-	for _, a := range c.StringSlice(fAdvertise) {
+// advertise reads the PRIVATE=PUBLIC address pairs of a 1:1 NAT in front
+// of the server.
+func (fr flagReader) advertise(cfg *server.Config) error {
+	for _, a := range fr.c.StringSlice(fAdvertise) {
 		priv, pub, ok := strings.Cut(a, "=")
 		if !ok {
-			return cfg, "", bad(fAdvertise, "%q is not PRIVATE=PUBLIC", a)
+			return fr.bad(fAdvertise, "%q is not PRIVATE=PUBLIC", a)
 		}
 		pa, err1 := parseIP(priv)
 		pb, err2 := parseIP(pub)
 		if err := errors.Join(err1, err2); err != nil {
-			return cfg, "", bad(fAdvertise, "%q: %v", a, err)
+			return fr.bad(fAdvertise, "%q: %v", a, err)
 		}
 		if cfg.Advertise == nil {
 			cfg.Advertise = map[netip.Addr]netip.Addr{}
 		}
 		cfg.Advertise[pa] = pb
 	}
+	return nil
+}
 
+// auth reads the realm, the users and the REST secrets; with neither users
+// nor secrets it makes a demo user and returns its password.
+func (fr flagReader) auth(cfg *server.Config) (demoPass string, err error) {
+	c := fr.c
 	cfg.Realm = c.String(fRealm)
 	if cfg.Realm == "" {
-		return cfg, "", bad(fRealm, "must not be empty")
+		return "", fr.bad(fRealm, "must not be empty")
 	}
 	users := map[string]string{}
 	if f := c.String(fUsersFile); f != "" {
 		if users, err = server.LoadUsersFile(f); err != nil {
-			return cfg, "", bad(fUsersFile, "%v", err)
+			return "", fr.bad(fUsersFile, "%v", err)
 		}
 	}
 	for _, u := range c.StringSlice(fUser) {
 		name, pass, ok := strings.Cut(u, ":")
 		if !ok || name == "" || pass == "" {
-			return cfg, "", bad(fUser, "%q is not NAME:PASSWORD", u)
+			return "", fr.bad(fUser, "%q is not NAME:PASSWORD", u)
 		}
 		users[name] = pass
 	}
@@ -206,72 +254,88 @@ func buildConfig(c *cli.Context, keys *yamlKeys) (cfg server.Config, demoPass st
 		users[demoUser] = demoPass
 	}
 	cfg.Users = users
+	return demoPass, nil
+}
 
+// relay reads the relay port range, the peer policy and the allocation
+// quotas.
+func (fr flagReader) relay(cfg *server.Config) (err error) {
+	c := fr.c
 	lo, hi, ok := strings.Cut(c.String(fRelayPorts), "-")
 	min, err1 := strconv.ParseUint(strings.TrimSpace(lo), 10, 16)
 	max, err2 := strconv.ParseUint(strings.TrimSpace(hi), 10, 16)
 	if !ok || err1 != nil || err2 != nil || min == 0 || min > max {
-		return cfg, "", bad(fRelayPorts, "%q is not a range MIN-MAX of ports", c.String(fRelayPorts))
+		return fr.bad(fRelayPorts, "%q is not a range MIN-MAX of ports", c.String(fRelayPorts))
 	}
 	cfg.RelayPortMin, cfg.RelayPortMax = uint16(min), uint16(max)
 
 	if cfg.AllowPeers, err = parsePrefixes(c.StringSlice(fAllowPeer)); err != nil {
-		return cfg, "", bad(fAllowPeer, "%v", err)
+		return fr.bad(fAllowPeer, "%v", err)
 	}
 	if cfg.DenyPeers, err = parsePrefixes(c.StringSlice(fDenyPeer)); err != nil {
-		return cfg, "", bad(fDenyPeer, "%v", err)
+		return fr.bad(fDenyPeer, "%v", err)
 	}
 	cfg.UserQuota, cfg.TotalQuota = c.Int(fUserQuota), c.Int(fTotalQuota)
 	if cfg.UserQuota == 0 || cfg.UserQuota < -1 {
-		return cfg, "", bad(fUserQuota, "%d: give a positive number, or -1 for unlimited", cfg.UserQuota)
+		return fr.bad(fUserQuota, "%d: give a positive number, or -1 for unlimited", cfg.UserQuota)
 	}
 	if cfg.TotalQuota == 0 || cfg.TotalQuota < -1 {
-		return cfg, "", bad(fTotalQuota, "%d: give a positive number, or -1 for unlimited", cfg.TotalQuota)
+		return fr.bad(fTotalQuota, "%d: give a positive number, or -1 for unlimited", cfg.TotalQuota)
 	}
+	return nil
+}
+
+// limits reads what replies carry and the rate, bandwidth and connection
+// limits.
+func (fr flagReader) limits(cfg *server.Config) (err error) {
+	c := fr.c
 	cfg.Software = c.String(fSoftware)
 	cfg.RFC5780Lean = c.Bool(fRFC5780Lean)
 	if cfg.RFC5780Lean && c.Bool(fRFC5780All) {
-		return cfg, "", bad(fRFC5780All, "contradicts %s (%s is deprecated: the RFC 5780 answer is the default; drop it)", fRFC5780Lean, fRFC5780All)
+		return fr.bad(fRFC5780All, "contradicts %s (%s is deprecated: the RFC 5780 answer is the default; drop it)", fRFC5780Lean, fRFC5780All)
 	}
-	rate := func(flag string) (float64, error) {
-		r := c.Float64(flag)
-		if r == 0 || (r < 0 && r != -1) || r != r {
-			return 0, bad(flag, "%v: give a positive number per second, or -1 for unlimited", r)
-		}
-		return r, nil
+	if cfg.UnauthRate, err = fr.rate(fUnauthRate); err != nil {
+		return err
 	}
-	if cfg.UnauthRate, err = rate(fUnauthRate); err != nil {
-		return cfg, "", err
-	}
-	if cfg.AllocRate, err = rate(fAllocRate); err != nil {
-		return cfg, "", err
+	if cfg.AllocRate, err = fr.rate(fAllocRate); err != nil {
+		return err
 	}
 	if cfg.MaxBPS = c.Int64(fMaxBPS); cfg.MaxBPS < 0 {
-		return cfg, "", bad(fMaxBPS, "%d: give bits per second, or 0 for no cap", cfg.MaxBPS)
+		return fr.bad(fMaxBPS, "%d: give bits per second, or 0 for no cap", cfg.MaxBPS)
 	}
 	if cfg.MaxConnsPerIP = c.Int(fMaxConnsIP); cfg.MaxConnsPerIP == 0 || cfg.MaxConnsPerIP < -1 {
-		return cfg, "", bad(fMaxConnsIP, "%d: give a positive number, or -1 for unlimited", cfg.MaxConnsPerIP)
+		return fr.bad(fMaxConnsIP, "%d: give a positive number, or -1 for unlimited", cfg.MaxConnsPerIP)
 	}
+	return nil
+}
 
+// rate reads a per-second rate: positive, or -1 for unlimited.
+func (fr flagReader) rate(flag string) (float64, error) {
+	r := fr.c.Float64(flag)
+	if r == 0 || (r < 0 && r != -1) || r != r {
+		return 0, fr.bad(flag, "%v: give a positive number per second, or -1 for unlimited", r)
+	}
+	return r, nil
+}
+
+// loggers builds stund's logger and pion's logger factory from the log
+// level and format.
+func (fr flagReader) loggers(cfg *server.Config) error {
+	c := fr.c
 	logger, lv, err := newLogger(c.App.ErrWriter, c.String(fLogLevel), c.String(fLogFormat))
 	if err != nil {
-		return cfg, "", fmt.Errorf("%v%s", err, keys.where(strings.SplitN(err.Error(), ":", 2)[0]))
+		return fmt.Errorf("%v%s", err, fr.keys.where(strings.SplitN(err.Error(), ":", 2)[0]))
 	}
 	cfg.Logger = logger
 	if c.IsSet(fRFC5780All) {
 		logger.Warn("deprecated setting has no effect: every Binding request gets the RFC 5780 answer unless "+fRFC5780Lean+" is set",
-			"setting", fRFC5780All+keys.where(fRFC5780All))
+			"setting", fRFC5780All+fr.keys.where(fRFC5780All))
 	}
 	pf := logging.NewDefaultLoggerFactory()
 	pf.Writer = c.App.ErrWriter
 	pf.DefaultLogLevel = pionLevel(lv)
 	cfg.LoggerFactory = pf
-
-	if err := cfg.Validate(); err != nil {
-		name := strings.SplitN(err.Error(), ":", 2)[0]
-		return cfg, "", fmt.Errorf("%v%s", err, keys.where(name))
-	}
-	return cfg, demoPass, nil
+	return nil
 }
 
 func parseIP(s string) (netip.Addr, error) {

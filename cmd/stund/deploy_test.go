@@ -174,7 +174,8 @@ func TestDockerfile(t *testing.T) {
 	}
 }
 
-// TestSystemdUnit: the hardening the issue asks for, and commands stund
+// TestSystemdUnit: the unit's hardening (a public service that parses
+// untrusted packets gets no privilege it does not need), and commands stund
 // accepts.
 func TestSystemdUnit(t *testing.T) {
 	b, err := os.ReadFile(filepath.Join(repoRoot, "configs/stund.service"))
@@ -244,8 +245,8 @@ func TestSystemdUnit(t *testing.T) {
 			t.Errorf("SystemCallFilter %v lacks %s", kv["Service.SystemCallFilter"], v)
 		}
 	}
-	// No capability by default (issue 7: "only if a port below 1024 is
-	// configured", and every default port is above 1024): the bounding
+	// No capability by default (CAP_NET_BIND_SERVICE is needed only for a
+	// port below 1024, and every default port is above 1024): the bounding
 	// set is assigned empty, no ambient capability is granted, and no
 	// active line names a capability.
 	for _, p := range []int{server.DefaultPort, server.DefaultAltPort, server.DefaultTLSPort, server.DefaultRelayPortMin} {

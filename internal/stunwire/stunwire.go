@@ -1,5 +1,6 @@
 // Package stunwire parses and builds STUN messages without heap allocation,
-// for the server's Binding fast path. It understands RFC 8489 framing (with
+// for the server's fast paths and natprobe alike: one codec, one attribute
+// walk (Check) and one set of wire constants. It understands RFC 8489 framing (with
 // the magic cookie) and RFC 3489 framing (a 128-bit transaction ID and no
 // cookie), and tells STUN apart from TURN ChannelData and junk (RFC 7983).
 //

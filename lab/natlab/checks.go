@@ -226,20 +226,7 @@ func boolStr(b *bool) string {
 // (schema, addresses, exit status) come back as extra mismatches. relay is
 // the profile's expect.Relay ("" none, "auto", "forced").
 func runNatprobe(ctx context.Context, bin, ns string, port int, p profile, relay string, withLifetime bool) (observed, []string, error) {
-	args := []string{bin, "--json"}
-	limit := 30 * time.Second
-	switch relay {
-	case "forced":
-		args = append(args, "--relay")
-		fallthrough
-	case "auto":
-		args = append(args, "--turn-user", turnUser, "--turn-pass", turnPass)
-	}
-	if withLifetime {
-		args = append(args, "--lifetime", "--lifetime-max", "30s")
-		limit = 90 * time.Second
-	}
-	args = append(args, fmt.Sprintf("%s:%d", serverIP, port))
+	args, limit := natprobeArgs(bin, port, relay, withLifetime)
 	out, errOut, code, err := clientRun(ctx, ns, limit, args...)
 	var o observed
 	if err != nil {
@@ -253,7 +240,40 @@ func runNatprobe(ctx context.Context, bin, ns string, port int, p profile, relay
 	for _, f := range r.InconclusiveFields {
 		listed[f] = true
 	}
-	o = observed{Mapping: r.Mapping, Filtering: r.Filtering, Hairpin: boolStr(r.Hairpinning),
+	o = observedOf(&r, listed)
+	bad := reportMismatches(&r, &o, p, relay)
+	bad = append(bad, contractMismatches(&r, &o, listed, code, errOut)...)
+	if len(bad) > 0 || code != 0 {
+		rs, _ := json.Marshal(r.Reasons)
+		o.extra = append(o.extra, fmt.Sprintf("exit=%d inconclusive=%v reasons=%s duration_ms=%g", code, r.InconclusiveFields, rs, r.DurationMs))
+	}
+	o.durationMs = r.DurationMs
+	return o, bad, nil
+}
+
+// natprobeArgs is natprobe's command line for a profile, and how long the
+// run may take.
+func natprobeArgs(bin string, port int, relay string, withLifetime bool) ([]string, time.Duration) {
+	args := []string{bin, "--json"}
+	limit := 30 * time.Second
+	switch relay {
+	case "forced":
+		args = append(args, "--relay")
+		fallthrough
+	case "auto":
+		args = append(args, "--turn-user", turnUser, "--turn-pass", turnPass)
+	}
+	if withLifetime {
+		args = append(args, "--lifetime", "--lifetime-max", "30s")
+		limit = 90 * time.Second
+	}
+	return append(args, fmt.Sprintf("%s:%d", serverIP, port)), limit
+}
+
+// observedOf translates natprobe's report into the fields compare checks;
+// listed holds its inconclusive fields.
+func observedOf(r *natprobeJSON, listed map[string]bool) observed {
+	o := observed{Mapping: r.Mapping, Filtering: r.Filtering, Hairpin: boolStr(r.Hairpinning),
 		PortPres: boolStr(r.PortPreservation), Parity: boolStr(r.PortParity), Contig: boolStr(r.PortContiguity),
 		Pooling: "null", Legacy: r.LegacyType, Lifetime: "null", Relay: "null"}
 	// A null with a reason that is not among the inconclusive fields is
@@ -277,6 +297,13 @@ func runNatprobe(ctx context.Context, bin, ns string, port int, p profile, relay
 			o.Relay = "ok"
 		}
 	}
+	return o
+}
+
+// reportMismatches checks what the lab itself fixes: the schema, the
+// addresses, no ALG, and the relay's address, transport and loss; a failed
+// relay's error goes to o.extra.
+func reportMismatches(r *natprobeJSON, o *observed, p profile, relay string) []string {
 	var bad []string
 	if r.Schema != "natprobe/1" {
 		bad = append(bad, fmt.Sprintf("schema %q, want natprobe/1", r.Schema))
@@ -296,24 +323,30 @@ func runNatprobe(ctx context.Context, bin, ns string, port int, p profile, relay
 	if ap, perr := netip.ParseAddrPort(r.LocalAddress); perr != nil || ap.Addr().String() != clientIP {
 		bad = append(bad, fmt.Sprintf("local_address %q, want %s:port", r.LocalAddress, clientIP))
 	}
-	if relay != "" && r.Relay != nil {
-		if ap, perr := netip.ParseAddrPort(r.Relay.RelayedAddress); perr != nil ||
-			(ap.Addr().String() != serverIP && ap.Addr().String() != serverAltIP) {
-			bad = append(bad, fmt.Sprintf("relay.relayed_address %q, want a server address", r.Relay.RelayedAddress))
-		}
-		if r.Relay.Transport != "udp" {
-			bad = append(bad, fmt.Sprintf("relay.transport %q, want udp (UDP is open in the lab)", r.Relay.Transport))
-		}
-		if p.LossPct == 0 && r.Relay.Loss != 0 {
-			bad = append(bad, fmt.Sprintf("relay.loss %g on a lossless path, want 0", r.Relay.Loss))
-		}
-		if !r.Relay.OK {
-			o.extra = append(o.extra, "relay.error="+r.Relay.Error)
-		}
+	if relay == "" || r.Relay == nil {
+		return bad
 	}
-	// The exit-status contract (docs/natprobe-json.md): 1 exactly when
-	// inconclusive_fields is non-empty; every "inconclusive" enum is
-	// listed there, every null the profile asserts carries a reason.
+	if ap, perr := netip.ParseAddrPort(r.Relay.RelayedAddress); perr != nil ||
+		(ap.Addr().String() != serverIP && ap.Addr().String() != serverAltIP) {
+		bad = append(bad, fmt.Sprintf("relay.relayed_address %q, want a server address", r.Relay.RelayedAddress))
+	}
+	if r.Relay.Transport != "udp" {
+		bad = append(bad, fmt.Sprintf("relay.transport %q, want udp (UDP is open in the lab)", r.Relay.Transport))
+	}
+	if p.LossPct == 0 && r.Relay.Loss != 0 {
+		bad = append(bad, fmt.Sprintf("relay.loss %g on a lossless path, want 0", r.Relay.Loss))
+	}
+	if !r.Relay.OK {
+		o.extra = append(o.extra, "relay.error="+r.Relay.Error)
+	}
+	return bad
+}
+
+// contractMismatches checks the exit-status contract (docs/natprobe-json.md):
+// 1 exactly when inconclusive_fields is non-empty; every "inconclusive"
+// enum is listed there, every null the profile asserts carries a reason.
+func contractMismatches(r *natprobeJSON, o *observed, listed map[string]bool, code int, errOut string) []string {
+	var bad []string
 	for f, v := range map[string]string{"mapping": o.Mapping, "filtering": o.Filtering, "legacy_type": o.Legacy} {
 		if v == "inconclusive" && !listed[f] {
 			bad = append(bad, f+" is inconclusive but not in inconclusive_fields")
@@ -333,12 +366,7 @@ func runNatprobe(ctx context.Context, bin, ns string, port int, p profile, relay
 	case code != 0 && code != 1:
 		bad = append(bad, fmt.Sprintf("exit %d: %s", code, tail(errOut)))
 	}
-	if len(bad) > 0 || code != 0 {
-		rs, _ := json.Marshal(r.Reasons)
-		o.extra = append(o.extra, fmt.Sprintf("exit=%d inconclusive=%v reasons=%s duration_ms=%g", code, r.InconclusiveFields, rs, r.DurationMs))
-	}
-	o.durationMs = r.DurationMs
-	return o, bad, nil
+	return bad
 }
 
 // runNatdiscovery runs coturn's RFC 5780 client (mapping, filtering,
@@ -532,26 +560,32 @@ func compare(w expect, o observed, tolerant bool) []string {
 	if o.Legacy != "" && !strings.Contains(o.Legacy, ",") && !strings.Contains(o.Legacy, "Mapping") {
 		chk("legacy_type", w.Legacy, o.Legacy)
 	}
-	if o.Lifetime != "" {
-		switch {
-		case w.LifetimeS == 0 && o.Lifetime != "null":
-			bad = append(bad, "mapping_lifetime: want null (not measured), got "+o.Lifetime)
-		case w.LifetimeS > 0 && o.Lifetime == "null":
-			if !tolerant {
-				bad = append(bad, fmt.Sprintf("mapping_lifetime: want a bracket around %ds, got null", w.LifetimeS))
-			}
-		case w.LifetimeS > 0:
-			// One second of slack either side: conntrack's timer runs
-			// from the last packet, natprobe's from its last send.
-			if o.lifeMin > float64(w.LifetimeS)+1 || o.lifeMax < float64(w.LifetimeS)-1 {
-				bad = append(bad, fmt.Sprintf("mapping_lifetime: want a bracket around %ds, got %s", w.LifetimeS, o.Lifetime))
-			}
-		}
-	}
+	bad = append(bad, compareLifetime(w, o, tolerant)...)
 	if w.Relay != "" && o.Relay != "" && o.Relay != "ok" {
 		bad = append(bad, "relay: want ok, got "+o.Relay)
 	}
 	return bad
+}
+
+// compareLifetime checks the mapping lifetime bracket against the
+// profile's conntrack timeout; "" means the tool does not measure it.
+func compareLifetime(w expect, o observed, tolerant bool) []string {
+	switch {
+	case o.Lifetime == "":
+	case w.LifetimeS == 0 && o.Lifetime != "null":
+		return []string{"mapping_lifetime: want null (not measured), got " + o.Lifetime}
+	case w.LifetimeS > 0 && o.Lifetime == "null":
+		if !tolerant {
+			return []string{fmt.Sprintf("mapping_lifetime: want a bracket around %ds, got null", w.LifetimeS)}
+		}
+	case w.LifetimeS > 0:
+		// One second of slack either side: conntrack's timer runs
+		// from the last packet, natprobe's from its last send.
+		if o.lifeMin > float64(w.LifetimeS)+1 || o.lifeMax < float64(w.LifetimeS)-1 {
+			return []string{fmt.Sprintf("mapping_lifetime: want a bracket around %ds, got %s", w.LifetimeS, o.Lifetime)}
+		}
+	}
+	return nil
 }
 
 func tempDir(prefix string) (string, error) { return os.MkdirTemp("", prefix) }
