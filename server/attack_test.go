@@ -106,7 +106,7 @@ func waitReleased(t *testing.T, s *Server) {
 // body bytes (fewer than length for a frame that is never whole).
 func indication(length, body int) []byte {
 	msg := make([]byte, stunwire.HeaderSize+body)
-	binary.BigEndian.PutUint16(msg[0:], stunType(methodSend, classIndication))
+	binary.BigEndian.PutUint16(msg[0:], stunwire.MessageType(stunwire.MethodSend, stunwire.ClassIndication))
 	binary.BigEndian.PutUint16(msg[2:], uint16(length))
 	binary.BigEndian.PutUint32(msg[4:], stunwire.MagicCookie)
 	return msg
@@ -169,7 +169,7 @@ func TestAttackSmallChannelData(t *testing.T) {
 	s := startStreamServer(t, nil)
 	s.eachStream(t, func(t *testing.T, dial func() net.Conn) {
 		peer := udpSocket(t)
-		peerAP := addrPortOf(peer.LocalAddr())
+		peerAP := stunwire.AddrPortOf(peer.LocalAddr())
 		fc := streamFront(t, dial(), "alice", "alice-pw")
 		fc.allocate()
 		const ch = 0x4001
@@ -297,7 +297,7 @@ func TestAttackStrangersDontDrainCap(t *testing.T) {
 		if err != nil {
 			break
 		}
-		if addrPortOf(from) == addrPortOf(peer.LocalAddr()) && n == 200 {
+		if stunwire.AddrPortOf(from) == stunwire.AddrPortOf(peer.LocalAddr()) && n == 200 {
 			got++
 		}
 	}

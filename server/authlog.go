@@ -1,6 +1,7 @@
 package server
 
 import (
+	"github.com/stund/stund/internal/stunwire"
 	"log/slog"
 	"net/netip"
 	"sync"
@@ -60,12 +61,12 @@ func (l *authLog) failed(f authFailure) {
 	if f.knownUser {
 		reason = "bad-integrity"
 		l.ops.authIntegrity.Add(1)
-		if f.method == methodAllocate {
+		if f.method == stunwire.MethodAllocate {
 			l.ops.allocAuthIntegrity.Add(1)
 		}
 	} else {
 		l.ops.authUnknown.Add(1)
-		if f.method == methodAllocate {
+		if f.method == stunwire.MethodAllocate {
 			l.ops.allocAuthUnknown.Add(1)
 		}
 	}

@@ -102,15 +102,6 @@ const (
 	// the request the answer has none, and the allowance is 8 bytes less.
 	rfc5780AnswerV4 = stunwire.HeaderSize + 3*(4+4+4) + stunwire.FingerprintSize
 	rfc5780AnswerV6 = stunwire.HeaderSize + 3*(4+4+16) + stunwire.FingerprintSize
-	// maxUnknown bounds the UNKNOWN-ATTRIBUTES list we echo; a request with
-	// more unknown comprehension-required attributes still gets 420 with the
-	// first ones (RFC 8489 §14.9 does not require the full list), and a fixed
-	// array keeps the handler allocation-free.
-	maxUnknown = 16
-	// changeIPFlag and changePortFlag are the A and B bits of CHANGE-REQUEST
-	// (RFC 5780 §7.2).
-	changeIPFlag   = 0x4
-	changePortFlag = 0x2
 )
 
 // Reason phrases (RFC 8489 §14.8): kept short because they count against the
@@ -216,7 +207,7 @@ type parsed struct {
 	change                                             uint32
 	respPort                                           uint16
 	padLen                                             int
-	unknown                                            [maxUnknown]uint16
+	unknown                                            [stunwire.MaxUnknownAttributes]uint16
 	nUnknown                                           int
 }
 
@@ -258,10 +249,19 @@ func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok 
 		return reply, false
 	}
 
-	var p parsed
+	// The one walk (stunwire.Check): lengths, FINGERPRINT last and right
+	// (RFC 8489 §7.3, §14.7: a mismatch means "discard"), and the unknown
+	// comprehension-required attributes (RFC 8489 §7.3.1).
+	sc, err := stunwire.Check(req.Raw, knownAttr)
+	if err != nil {
+		b.stats.malformed.Add(1)
+		return reply, false
+	}
+	p := parsed{hasFingerprint: sc.Fingerprint}
+	p.nUnknown = copy(p.unknown[:], sc.Unknown())
 	it := stunwire.NewAttrs(req.Raw)
 	for {
-		typ, val, off, more := it.Next()
+		typ, val, _, more := it.Next()
 		if !more {
 			break
 		}
@@ -288,18 +288,6 @@ func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok 
 			if _, err := stunwire.ParseAddress(val); err != nil {
 				b.stats.malformed.Add(1)
 				return reply, false
-			}
-		case stunwire.AttrFingerprint: // RFC 8489 §14.7, §7.3: mismatch = discard
-			if stunwire.CheckFingerprint(req.Raw, off, val) != nil {
-				b.stats.malformed.Add(1)
-				return reply, false
-			}
-			p.hasFingerprint = true
-		default:
-			// RFC 8489 §7.3.1: comprehension-required = 0x0000-0x7FFF.
-			if typ < 0x8000 && !knownAttr(typ) && p.nUnknown < maxUnknown {
-				p.unknown[p.nUnknown] = typ
-				p.nUnknown++
 			}
 		}
 	}
@@ -341,7 +329,7 @@ func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok 
 	}
 	if req.Stream {
 		// The reply must go back on the connection (RFC 8489 §6.2.2).
-		if p.hasChange && p.change&(changeIPFlag|changePortFlag) != 0 {
+		if p.hasChange && p.change&(stunwire.ChangeIP|stunwire.ChangePort) != 0 {
 			return errReply(420, reasonUnknownAttr, []uint16{stunwire.AttrChangeRequest})
 		}
 		if p.hasRespPort {
@@ -351,10 +339,10 @@ func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok 
 
 	// RFC 5780 §6.1 Table 1: the reply leaves from {ip ^ A, port ^ B}.
 	from := req.At
-	if p.change&changeIPFlag != 0 {
+	if p.change&stunwire.ChangeIP != 0 {
 		from.ip ^= 1
 	}
-	if p.change&changePortFlag != 0 {
+	if p.change&stunwire.ChangePort != 0 {
 		from.port ^= 1
 	}
 	to := src

@@ -155,9 +155,9 @@ func TestRFC5780Table(t *testing.T) {
 		absent bool
 	}{
 		{"none", 0, 0, 0, false},
-		{"port", changePortFlag, 0, 1, false},
-		{"ip", changeIPFlag, 1, 0, false},
-		{"both", changeIPFlag | changePortFlag, 1, 1, false},
+		{"port", stunwire.ChangePort, 0, 1, false},
+		{"ip", stunwire.ChangeIP, 1, 0, false},
+		{"both", stunwire.ChangeIP | stunwire.ChangePort, 1, 1, false},
 	}
 	for ip := range 2 {
 		for port := range 2 {
@@ -343,7 +343,7 @@ func TestSingleIP(t *testing.T) {
 	grid := gridV4
 	grid[1] = [2]netip.AddrPort{}
 	b := newBinder(binderConfig{Grid: grid})
-	for _, f := range []uint32{0, changePortFlag, changeIPFlag, changeIPFlag | changePortFlag} {
+	for _, f := range []uint32{0, stunwire.ChangePort, stunwire.ChangeIP, stunwire.ChangeIP | stunwire.ChangePort} {
 		raw := request(t, false, changeReq(f))
 		reply, d := mustHandle(t, b, bindingRequest{Raw: raw, Src: clientV4, At: endpoint{0, 1}})
 		if d.code != 420 || len(d.unknown) != 1 || d.unknown[0] != stun.AttrChangeRequest {
@@ -381,7 +381,7 @@ func TestResponsePortAndPadding(t *testing.T) {
 		t.Errorf("RESPONSE-PORT: to %v from %v %+v", reply.To, reply.From, d)
 	}
 	// RESPONSE-PORT with change-IP: both apply.
-	reply, _ = mustHandle(t, b, bindingRequest{Raw: request(t, false, respPort(5555), changeReq(changeIPFlag)), Src: clientV4, At: endpoint{}})
+	reply, _ = mustHandle(t, b, bindingRequest{Raw: request(t, false, respPort(5555), changeReq(stunwire.ChangeIP)), Src: clientV4, At: endpoint{}})
 	if reply.To.Port() != 5555 || reply.From != (endpoint{1, 0}) {
 		t.Errorf("RESPONSE-PORT+CHANGE-REQUEST: %v %v", reply.To, reply.From)
 	}
@@ -476,7 +476,7 @@ func TestAdvertise(t *testing.T) {
 		netip.MustParseAddr("10.0.0.1"): netip.MustParseAddr("203.0.113.1"),
 		netip.MustParseAddr("10.0.0.2"): netip.MustParseAddr("203.0.113.2"),
 	}})
-	_, d := mustHandle(t, b, bindingRequest{Raw: request(t, false, changeReq(changePortFlag)), Src: clientV4, At: endpoint{0, 0}})
+	_, d := mustHandle(t, b, bindingRequest{Raw: request(t, false, changeReq(stunwire.ChangePort)), Src: clientV4, At: endpoint{0, 0}})
 	if d.origin != netip.MustParseAddrPort("203.0.113.1:3479") || d.other != netip.MustParseAddrPort("203.0.113.2:3479") || d.xor != clientV4 {
 		t.Errorf("advertise: %+v", d)
 	}
@@ -484,7 +484,7 @@ func TestAdvertise(t *testing.T) {
 
 func TestIPv6Grid(t *testing.T) {
 	b := newBinder(binderConfig{Grid: gridV6})
-	raw := request(t, true, changeReq(changeIPFlag), rawAttr{0x8050, make([]byte, 40)})
+	raw := request(t, true, changeReq(stunwire.ChangeIP), rawAttr{0x8050, make([]byte, 40)})
 	reply, d := mustHandle(t, b, bindingRequest{Raw: raw, Src: clientV6, At: endpoint{0, 1}})
 	if reply.From != (endpoint{1, 1}) || d.xor != clientV6 || d.origin != gridV6[1][1] || d.other != gridV6[1][1] || !d.fpOK {
 		t.Errorf("IPv6: from %v %+v", reply.From, d)
@@ -560,7 +560,7 @@ func TestStream(t *testing.T) {
 	if d.origin != local || d.other != netip.MustParseAddrPort("10.0.0.1:5349") || d.xor != clientV4 {
 		t.Errorf("stream: %+v", d)
 	}
-	for _, a := range []rawAttr{changeReq(changeIPFlag), changeReq(changePortFlag), respPort(9)} {
+	for _, a := range []rawAttr{changeReq(stunwire.ChangeIP), changeReq(stunwire.ChangePort), respPort(9)} {
 		_, d := mustHandle(t, b, bindingRequest{Raw: request(t, false, a), Src: clientV4, Local: local, At: endpoint{1, 0}, Stream: true})
 		if d.code != 420 || len(d.unknown) != 1 || d.unknown[0] != a.typ {
 			t.Errorf("stream %v: code %d unknown %v", a.typ, d.code, d.unknown)
@@ -628,7 +628,7 @@ func TestMalformedAndIndications(t *testing.T) {
 
 func TestHandleZeroAlloc(t *testing.T) {
 	b := newBinder(binderConfig{Grid: gridV4, Software: "stund"})
-	raw := request(t, true, changeReq(changeIPFlag|changePortFlag), padding(64))
+	raw := request(t, true, changeReq(stunwire.ChangeIP|stunwire.ChangePort), padding(64))
 	buf := make([]byte, 0, 1500)
 	n := testing.AllocsPerRun(100, func() {
 		if _, ok := b.handle(buf, bindingRequest{Raw: raw, Src: clientV4, At: endpoint{}}); !ok {

@@ -103,7 +103,7 @@ func (c *stunPacketConn) ReadFrom(p []byte) (int, net.Addr, error) {
 		}
 		switch stunwire.Classify(pkt) {
 		case stunwire.KindChannelData:
-			c.deps.data.fromClient(fiveTuple{src: addrPortOf(addr), dst: c.local}, pkt)
+			c.deps.data.fromClient(fiveTuple{src: stunwire.AddrPortOf(addr), dst: c.local}, pkt)
 		case stunwire.KindSTUN:
 			c.deps.requests[trUDP][1].Add(1)
 			if n := c.toFront(p, pkt, addr); n > 0 {
@@ -133,7 +133,7 @@ func (c *stunPacketConn) read(p []byte) ([]byte, net.Addr, error) {
 // toFront runs the TURN front on a STUN datagram; it returns how many bytes
 // of p to hand pion (0: none, the front answered or dropped it).
 func (c *stunPacketConn) toFront(p, pkt []byte, addr net.Addr) int {
-	v, msg, pass := c.deps.front.inspect(&c.fc, pkt, addrPortOf(addr), c.local, false)
+	v, msg, pass := c.deps.front.inspect(&c.fc, pkt, stunwire.AddrPortOf(addr), c.local, false)
 	switch v {
 	case frontPass:
 		if len(msg) >= len(p) {
@@ -153,7 +153,7 @@ func (c *stunPacketConn) answer(pkt []byte, from net.Addr) {
 	if c.out == nil {
 		c.out = make([]byte, 0, 1500)
 	}
-	src := addrPortOf(from)
+	src := stunwire.AddrPortOf(from)
 	buf := c.out[:0]
 	if c.batch != nil {
 		buf = c.batch.replyBuf()

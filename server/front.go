@@ -66,39 +66,13 @@ const (
 	maxLifetimeSec = 3600
 	// maxPermissions bounds the permissions of one allocation: each costs a timer and a map entry in pion; real clients use a few.
 	maxPermissions = 1024
-	// maxUnknownReported bounds UNKNOWN-ATTRIBUTES; a client that sent more
-	// learns of the first ones, which is enough to fail fast.
-	maxUnknownReported = 16
 	// miSize is MESSAGE-INTEGRITY with its header (RFC 8489 §14.5).
 	miSize = 4 + sha1.Size
 )
 
-// STUN/TURN attribute types the front reads (RFC 8656 §18, RFC 6062 §6.2,
-// RFC 6156 §4.1.1).
-const (
-	attrChannelNumber     = 0x000C
-	attrLifetime          = 0x000D
-	attrXORPeerAddress    = 0x0012
-	attrData              = 0x0013
-	attrXORRelayedAddress = 0x0016
-	attrRequestedFamily   = 0x0017
-	attrEvenPort          = 0x0018
-	attrRequestedTrans    = 0x0019
-	attrDontFragment      = 0x001A
-	attrReservationToken  = 0x0022
-	attrConnectionID      = 0x002A
-	attrAlternateServer   = 0x8023
-)
-
-// TURN methods (RFC 8656 §18, RFC 6062 §6.1).
-const (
-	methodAllocate         = 0x003
-	methodRefresh          = 0x004
-	methodCreatePermission = 0x008
-	methodChannelBind      = 0x009
-	methodConnect          = 0x00A
-	methodConnectionBind   = 0x00B
-)
+// attrAlternateServer is ALTERNATE-SERVER (RFC 8489 §14.15), named in a
+// 300 Try Alternate.
+const attrAlternateServer = 0x8023
 
 // knownRequired lists the comprehension-required attributes (0x0000-0x7FFF)
 // a TURN request may carry that stund (or pion behind it) understands.
@@ -109,36 +83,16 @@ func knownRequired(t uint16) bool {
 		stunwire.AttrMessageIntegritySHA256, stunwire.AttrPasswordAlgorithm, stunwire.AttrUserhash,
 		stunwire.AttrXORMappedAddress, stunwire.AttrPriority, stunwire.AttrUseCandidate,
 		stunwire.AttrPadding, stunwire.AttrResponsePort, stunwire.AttrChangeRequest,
-		attrChannelNumber, attrLifetime, attrXORPeerAddress, attrData, attrXORRelayedAddress,
-		attrRequestedFamily, attrEvenPort, attrRequestedTrans, attrDontFragment,
-		attrReservationToken, attrConnectionID:
+		stunwire.AttrChannelNumber, stunwire.AttrLifetime, stunwire.AttrXORPeerAddress, stunwire.AttrData, stunwire.AttrXORRelayedAddress,
+		stunwire.AttrRequestedAddressFamily, stunwire.AttrEvenPort, stunwire.AttrRequestedTransport, stunwire.AttrDontFragment,
+		stunwire.AttrReservationToken, stunwire.AttrConnectionID:
 		return true
 	}
 	return false
 }
 
-// stunMethod extracts the 12-bit method from a message type (RFC 8489 §5).
-func stunMethod(t uint16) uint16 { return t&0x000F | (t&0x00E0)>>1 | (t&0x3E00)>>2 }
-
-// stunType builds a message type from method and class bits (C1 0x100, C0 0x010).
-func stunType(method, class uint16) uint16 {
-	return method&0x000F | (method&0x0070)<<1 | (method&0x0F80)<<2 | class
-}
-
-const (
-	// protoTCP is REQUESTED-TRANSPORT's protocol number for TCP (RFC 6062 §6.2).
-	protoTCP = 6
-	// methodSend is the Send indication's method (RFC 8656 §18).
-	methodSend = 0x006
-
-	classRequest    = 0x0000
-	classIndication = 0x0010
-	classSuccess    = 0x0100
-	classError      = 0x0110
-	classMask       = 0x0110
-	typeAllocErr    = 0x0113 // Allocate error response
-	stunCookieLen   = 4
-)
+// protoTCP is REQUESTED-TRANSPORT's protocol number for TCP (RFC 6062 §6.2).
+const protoTCP = 6
 
 // FrontStats counts the front's decisions.
 type FrontStats struct {
@@ -253,7 +207,7 @@ type reqAttrs struct {
 	family                     []byte // REQUESTED-ADDRESS-FAMILY, nil if absent
 	transport                  []byte // REQUESTED-TRANSPORT, nil if absent
 	fingerprint                bool
-	unknown                    [maxUnknownReported]uint16
+	unknown                    [stunwire.MaxUnknownAttributes]uint16
 	nUnknown                   int
 }
 
@@ -267,14 +221,14 @@ func (f *turnFront) inspect(fc *frontConn, pkt []byte, src, dst netip.AddrPort, 
 		f.stats.malformed.Add(1)
 		return frontDrop, nil, none // the demux lets only cookie STUN through
 	}
-	method := stunMethod(h.Type)
-	switch h.Type & classMask {
-	case classRequest:
-	case classIndication:
+	method := stunwire.Method(h.Type)
+	switch h.Type & stunwire.ClassMask {
+	case stunwire.ClassRequest:
+	case stunwire.ClassIndication:
 		// RFC 8489 §6.3.2: an indication is never answered. Only Send
 		// means anything to a TURN server (RFC 8656 §10.2); pion checks
 		// its allocation and permission and answers nothing.
-		if method == methodSend {
+		if method == stunwire.MethodSend {
 			return frontPass, pkt, none
 		}
 		f.stats.indications.Add(1)
@@ -284,31 +238,31 @@ func (f *turnFront) inspect(fc *frontConn, pkt []byte, src, dst netip.AddrPort, 
 		return frontDrop, nil, none
 	}
 	switch method {
-	case methodAllocate, methodRefresh, methodCreatePermission, methodChannelBind, methodConnect, methodConnectionBind:
+	case stunwire.MethodAllocate, stunwire.MethodRefresh, stunwire.MethodCreatePermission, stunwire.MethodChannelBind, stunwire.MethodConnect, stunwire.MethodConnectionBind:
 	default:
 		f.stats.malformed.Add(1) // pion serves no other method, and answers nothing
 		return frontDrop, nil, none
 	}
 
-	var ra reqAttrs
-	ra.miOff = -1
+	// The one walk (stunwire.Check): lengths, FINGERPRINT (RFC 8489 §7.3:
+	// a bad one means "not STUN": drop), MESSAGE-INTEGRITY's place and the
+	// unknown comprehension-required attributes before it.
+	sc, err := stunwire.Check(pkt, knownRequired)
+	if err != nil {
+		f.stats.malformed.Add(1)
+		return frontDrop, nil, none
+	}
+	ra := reqAttrs{miOff: sc.Integrity, fingerprint: sc.Fingerprint}
+	ra.nUnknown = copy(ra.unknown[:], sc.Unknown())
 	it := stunwire.NewAttrs(pkt)
 	for {
 		typ, val, off, ok := it.Next()
 		if !ok {
 			break
 		}
-		if typ == stunwire.AttrFingerprint {
-			// RFC 8489 §7.3: a bad FINGERPRINT means "not STUN": drop.
-			if stunwire.CheckFingerprint(pkt, off, val) != nil {
-				f.stats.malformed.Add(1)
-				return frontDrop, nil, none
-			}
-			ra.fingerprint = true
-			continue
-		}
-		if ra.miOff >= 0 {
-			continue // RFC 8489 §14.5: attributes after MESSAGE-INTEGRITY are ignored
+		if off == ra.miOff {
+			ra.mi = val
+			break // RFC 8489 §14.5: attributes after MESSAGE-INTEGRITY are ignored
 		}
 		switch typ {
 		case stunwire.AttrUsername:
@@ -317,26 +271,15 @@ func (f *turnFront) inspect(fc *frontConn, pkt []byte, src, dst netip.AddrPort, 
 			ra.realm = val
 		case stunwire.AttrNonce:
 			ra.nonce = val
-		case stunwire.AttrMessageIntegrity:
-			ra.mi, ra.miOff = val, off
-		case attrLifetime:
+		case stunwire.AttrLifetime:
 			ra.lifetime, ra.haveLifetime = val, true
-		case attrChannelNumber:
+		case stunwire.AttrChannelNumber:
 			ra.channel, ra.haveChannel = val, true
-		case attrRequestedFamily:
+		case stunwire.AttrRequestedAddressFamily:
 			ra.family = val
-		case attrRequestedTrans:
+		case stunwire.AttrRequestedTransport:
 			ra.transport = val
-		default:
-			if typ < 0x8000 && !knownRequired(typ) && ra.nUnknown < maxUnknownReported {
-				ra.unknown[ra.nUnknown] = typ
-				ra.nUnknown++
-			}
 		}
-	}
-	if it.Err() != nil {
-		f.stats.malformed.Add(1)
-		return frontDrop, nil, none
 	}
 	v, msg, pass := f.authenticate(fc, pkt, &h, method, &ra, src, dst, tcp)
 	return v, msg, pass
@@ -347,7 +290,7 @@ func (f *turnFront) inspect(fc *frontConn, pkt []byte, src, dst netip.AddrPort, 
 func (f *turnFront) authenticate(fc *frontConn, pkt []byte, h *stunwire.Header, method uint16, ra *reqAttrs, src, dst netip.AddrPort, tcp bool) (frontVerdict, []byte, passedRequest) {
 	var none passedRequest
 	realm := f.auth.Realm()
-	errType := stunType(method, classError)
+	errType := stunwire.MessageType(method, stunwire.ClassError)
 
 	// RFC 8489 §9.2.4, in its order.
 	if ra.miOff < 0 {
@@ -369,7 +312,7 @@ func (f *turnFront) authenticate(fc *frontConn, pkt []byte, h *stunwire.Header, 
 		return f.unauth(fc, pkt, h, errType, 401, realm, src, tcp)
 	}
 	v := f.nonces.verify(ra.nonce, src, tcp)
-	if v == nonceBad && method == methodConnectionBind && tcp {
+	if v == nonceBad && method == stunwire.MethodConnectionBind && tcp {
 		v = f.controlNonce(ra.nonce, src.Addr(), userID)
 	}
 	if v != nonceOK {
@@ -390,7 +333,7 @@ func (f *turnFront) authenticate(fc *frontConn, pkt []byte, h *stunwire.Header, 
 	}
 	// A new allocation on a draining or full node: elsewhere (fleet.go).
 	// Answered like any error to an authenticated request, signed.
-	if method == methodAllocate && f.admitAllocate != nil && f.led.lookup(tuple) == nil {
+	if method == stunwire.MethodAllocate && f.admitAllocate != nil && f.led.lookup(tuple) == nil {
 		if code, alt := f.admitAllocate(); code != 0 {
 			v, msg := f.authReplyAlt(fc, h, errType, code, nil, alt, key, ra.fingerprint)
 			return v, msg, none
@@ -445,15 +388,15 @@ func (f *turnFront) check(pkt []byte, h *stunwire.Header, method uint16, ra *req
 	// ConnectionBind exist only over a TCP or TLS control connection; over
 	// UDP they are 400 (and a Connect there would dial from the UDP read
 	// loop that every other client on the socket waits behind).
-	if !tuple.tcp && (method == methodConnect || method == methodConnectionBind ||
-		(method == methodAllocate && len(ra.transport) >= 1 && ra.transport[0] == protoTCP)) {
+	if !tuple.tcp && (method == stunwire.MethodConnect || method == stunwire.MethodConnectionBind ||
+		(method == stunwire.MethodAllocate && len(ra.transport) >= 1 && ra.transport[0] == protoTCP)) {
 		f.stats.badRequest.Add(1)
 		return 400
 	}
-	if method == methodConnectionBind {
+	if method == stunwire.MethodConnectionBind {
 		return 0 // RFC 6062 §5.4: a new data connection, no allocation on its 5-tuple
 	}
-	if ra.haveChannel && method == methodChannelBind {
+	if ra.haveChannel && method == stunwire.MethodChannelBind {
 		// RFC 8656 §11.2, §12: a channel number outside 0x4000-0x4FFF is 400.
 		if len(ra.channel) != 4 {
 			f.stats.badRequest.Add(1)
@@ -470,7 +413,7 @@ func (f *turnFront) check(pkt []byte, h *stunwire.Header, method uint16, ra *req
 	}
 
 	a := f.led.lookup(tuple)
-	if method == methodAllocate {
+	if method == stunwire.MethodAllocate {
 		// RFC 8656 §7.2 step 2: a 5-tuple in use is 437. pion answers the
 		// same user's retransmission from its cache; another user is ours.
 		if a != nil && a.user != userID {
@@ -505,7 +448,7 @@ func (f *turnFront) check(pkt []byte, h *stunwire.Header, method uint16, ra *req
 	}
 
 	switch method {
-	case methodCreatePermission, methodChannelBind, methodConnect:
+	case stunwire.MethodCreatePermission, stunwire.MethodChannelBind, stunwire.MethodConnect:
 	default:
 		return 0
 	}
@@ -517,7 +460,7 @@ func (f *turnFront) check(pkt []byte, h *stunwire.Header, method uint16, ra *req
 		if !ok || off == ra.miOff {
 			break
 		}
-		if typ != attrXORPeerAddress {
+		if typ != stunwire.AttrXORPeerAddress {
 			continue
 		}
 		ap, err := stunwire.ParseXORAddress(val, &h.ID)
@@ -540,11 +483,11 @@ func (f *turnFront) check(pkt []byte, h *stunwire.Header, method uint16, ra *req
 	}
 	// RFC 8656 §9.2, §11.2: XOR-PEER-ADDRESS is mandatory; ChannelBind and
 	// Connect name exactly one peer.
-	if peers == 0 || (method != methodCreatePermission && peers != 1) {
+	if peers == 0 || (method != stunwire.MethodCreatePermission && peers != 1) {
 		f.stats.badRequest.Add(1)
 		return 400
 	}
-	if method != methodConnect && a.permCount()+fresh > maxPermissions {
+	if method != stunwire.MethodConnect && a.permCount()+fresh > maxPermissions {
 		// RFC 8656 §9.2: "unable to fulfill the request due to some capacity limit".
 		f.stats.capacity.Add(1)
 		return 508
@@ -560,7 +503,7 @@ func clampLifetime(method uint16, ra *reqAttrs) uint32 {
 	}
 	v := binary.BigEndian.Uint32(ra.lifetime)
 	switch {
-	case v == 0 && method == methodRefresh:
+	case v == 0 && method == stunwire.MethodRefresh:
 		return 0
 	case v < minLifetimeSec:
 		return minLifetimeSec
@@ -576,7 +519,7 @@ func clampLifetime(method uint16, ra *reqAttrs) uint32 {
 // the user's key. Attributes after MESSAGE-INTEGRITY (FINGERPRINT) are left
 // out: pion does not need them.
 func (f *turnFront) resign(fc *frontConn, pkt []byte, h *stunwire.Header, method uint16, ra *reqAttrs, pionNonce, key []byte) []byte {
-	rewriteLife := method == methodAllocate || method == methodRefresh
+	rewriteLife := method == stunwire.MethodAllocate || method == stunwire.MethodRefresh
 	out := stunwire.AppendHeader(fc.out[:0], h.Type, &h.ID)
 	it := stunwire.NewAttrs(pkt)
 	for {
@@ -584,7 +527,7 @@ func (f *turnFront) resign(fc *frontConn, pkt []byte, h *stunwire.Header, method
 		if !ok || off == ra.miOff {
 			break
 		}
-		if typ == stunwire.AttrNonce || (rewriteLife && typ == attrLifetime) {
+		if typ == stunwire.AttrNonce || (rewriteLife && typ == stunwire.AttrLifetime) {
 			continue
 		}
 		out = stunwire.AppendAttr(out, typ, val)
@@ -592,7 +535,7 @@ func (f *turnFront) resign(fc *frontConn, pkt []byte, h *stunwire.Header, method
 	if rewriteLife {
 		var lt [4]byte
 		binary.BigEndian.PutUint32(lt[:], clampLifetime(method, ra))
-		out = stunwire.AppendAttr(out, attrLifetime, lt[:])
+		out = stunwire.AppendAttr(out, stunwire.AttrLifetime, lt[:])
 	}
 	out = stunwire.AppendAttr(out, stunwire.AttrNonce, pionNonce)
 	out = appendIntegrity(out, 0, key)
@@ -711,17 +654,17 @@ func checkIntegrity(pkt []byte, miOff int, mi, key []byte) bool {
 
 func methodName(m uint16) string {
 	switch m {
-	case methodAllocate:
+	case stunwire.MethodAllocate:
 		return "Allocate"
-	case methodRefresh:
+	case stunwire.MethodRefresh:
 		return "Refresh"
-	case methodCreatePermission:
+	case stunwire.MethodCreatePermission:
 		return "CreatePermission"
-	case methodChannelBind:
+	case stunwire.MethodChannelBind:
 		return "ChannelBind"
-	case methodConnect:
+	case stunwire.MethodConnect:
 		return "Connect"
-	case methodConnectionBind:
+	case stunwire.MethodConnectionBind:
 		return "ConnectionBind"
 	}
 	return "unknown"
@@ -744,8 +687,8 @@ func (f *turnFront) signResponse(fc *passedRequest, b []byte) ([]byte, bool) {
 	if len(b) < stunwire.HeaderSize || b[0]&0xC0 != 0 {
 		return b, false
 	}
-	class := binary.BigEndian.Uint16(b) & classMask
-	if (class != classSuccess && class != classError) || fc.key == nil || string(b[4:20]) != string(fc.id[:]) {
+	class := binary.BigEndian.Uint16(b) & stunwire.ClassMask
+	if (class != stunwire.ClassSuccess && class != stunwire.ClassError) || fc.key == nil || string(b[4:20]) != string(fc.id[:]) {
 		return b, false
 	}
 	miOff, code := -1, 0

@@ -57,9 +57,9 @@ func rawClientOn(t *testing.T, s *Server, ip netip.Addr, user, pass string) *fro
 
 func (c *frontClient) local() netip.AddrPort {
 	if c.tcp {
-		return addrPortOf(c.conn.LocalAddr())
+		return stunwire.AddrPortOf(c.conn.LocalAddr())
 	}
-	return addrPortOf(c.udp.LocalAddr())
+	return stunwire.AddrPortOf(c.udp.LocalAddr())
 }
 
 // exchange sends raw and returns the answer with its transaction ID, or

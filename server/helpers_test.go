@@ -1,6 +1,7 @@
 package server
 
 import (
+	"github.com/stund/stund/internal/stunwire"
 	"io"
 	"net"
 	"net/netip"
@@ -165,7 +166,7 @@ func peerToClient(t *testing.T, peer, relay net.PacketConn, relayed net.Addr, ms
 	_ = relay.SetReadDeadline(time.Now().Add(e2eTimeout))
 	buf := make([]byte, 1500)
 	n, src, err := relay.ReadFrom(buf)
-	if err != nil || string(buf[:n]) != msg || addrPortOf(src) != addrPortOf(peer.LocalAddr()) {
+	if err != nil || string(buf[:n]) != msg || stunwire.AddrPortOf(src) != stunwire.AddrPortOf(peer.LocalAddr()) {
 		t.Fatalf("client read %q from %v: %v", buf[:n], src, err)
 	}
 }
@@ -231,7 +232,7 @@ func echoBothWays(t *testing.T, a, b net.Conn, what string) {
 // peers a permission, as pion's events would.
 func testRelaySocket(t *testing.T, relay net.PacketConn, user string, led *ledger, live *livePolicy, ops *opsStats, bw *bandwidth, permitted ...netip.Addr) *relaySocket {
 	t.Helper()
-	rs := newRelaySocket(relay, addrPortOf(relay.LocalAddr()), user, led, live, ops, bw)
+	rs := newRelaySocket(relay, stunwire.AddrPortOf(relay.LocalAddr()), user, led, live, ops, bw)
 	tuple := fiveTuple{src: netip.AddrPortFrom(netip.MustParseAddr("192.0.2.1"), rs.addr.Port()), dst: netip.MustParseAddrPort("192.0.2.2:3478")}
 	led.created(tuple, "udp", user, "", rs.addr)
 	for _, p := range permitted {

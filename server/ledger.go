@@ -3,6 +3,7 @@ package server
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"github.com/stund/stund/internal/stunwire"
 	"io"
 	"net"
 	"net/netip"
@@ -33,7 +34,7 @@ type fiveTuple struct {
 
 func tupleOf(src, dst net.Addr) fiveTuple {
 	_, tcp := src.(*net.TCPAddr)
-	return fiveTuple{src: addrPortOf(src), dst: addrPortOf(dst), tcp: tcp}
+	return fiveTuple{src: stunwire.AddrPortOf(src), dst: stunwire.AddrPortOf(dst), tcp: tcp}
 }
 
 // Why an allocation ended, for its usage record.

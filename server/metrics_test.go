@@ -1,6 +1,7 @@
 package server
 
 import (
+	"github.com/stund/stund/internal/stunwire"
 	"io"
 	"net"
 	"net/http"
@@ -121,7 +122,7 @@ func TestMetrics(t *testing.T) {
 	// Binding: one with CHANGE-REQUEST change-port, junk, a bad FINGERPRINT.
 	srv := serverAddr(s)
 	m := stun.MustBuild(stun.TransactionID, stun.BindingRequest,
-		stun.RawAttribute{Type: stun.AttrChangeRequest, Value: []byte{0, 0, 0, changePortFlag}})
+		stun.RawAttribute{Type: stun.AttrChangeRequest, Value: []byte{0, 0, 0, byte(stunwire.ChangePort)}})
 	sendRaw(t, srv, m.Raw, true)
 	sendRaw(t, srv, []byte("junk-junk-junk"), false)
 	fp := stun.MustBuild(stun.TransactionID, stun.BindingRequest, stun.Fingerprint)

@@ -92,7 +92,7 @@ func (t *pionTap) mint() ([]byte, error) {
 	if _, err := rand.Read(id[4:]); err != nil {
 		return nil, err
 	}
-	req := stunwire.Finish(stunwire.AppendHeader(nil, stunType(methodAllocate, classRequest), &id), 0)
+	req := stunwire.Finish(stunwire.AppendHeader(nil, stunwire.MessageType(stunwire.MethodAllocate, stunwire.ClassRequest), &id), 0)
 	timer := time.NewTimer(pionMintWait)
 	defer timer.Stop()
 	select {

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"github.com/stund/stund/internal/stunwire"
 	"log/slog"
 	"net"
 	"strings"
@@ -31,7 +32,7 @@ func TestProbeIDLoggedOnce(t *testing.T) {
 			setters = append(setters, stun.NewSoftware(software))
 		}
 		if changePort {
-			setters = append(setters, stun.RawAttribute{Type: stun.AttrChangeRequest, Value: []byte{0, 0, 0, changePortFlag}})
+			setters = append(setters, stun.RawAttribute{Type: stun.AttrChangeRequest, Value: []byte{0, 0, 0, byte(stunwire.ChangePort)}})
 		}
 		setters = append(setters, stun.Fingerprint)
 		m := stun.MustBuild(setters...)

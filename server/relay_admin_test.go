@@ -1,6 +1,7 @@
 package server
 
 import (
+	"github.com/stund/stund/internal/stunwire"
 	"net"
 	"net/netip"
 	"testing"
@@ -24,7 +25,7 @@ func TestRelayNeverReachesAdmin(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer admin.Close()
-	adminAddr := addrPortOf(admin.Addr())
+	adminAddr := stunwire.AddrPortOf(admin.Addr())
 	s := startTURNServer(t, func(c *Config) {
 		c.DisableTCP = false
 		c.AllowPeers = mustPrefixes(t, "127.0.0.0/8")

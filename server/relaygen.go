@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/stund/stund/internal/stunwire"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -141,7 +142,7 @@ func (g *relayGenerator) AllocatePacketConn(c turn.AllocateListenerConfig) (net.
 		return nil, nil, err
 	}
 	relayed := &net.UDPAddr{IP: g.inner.RelayAddress, Port: int(k.port)}
-	rs := newRelaySocket(conn, addrPortOf(relayed), c.UserID, g.led, g.live, g.ops, g.bw)
+	rs := newRelaySocket(conn, stunwire.AddrPortOf(relayed), c.UserID, g.led, g.live, g.ops, g.bw)
 	rs.onClose = (&portHold{key: k}).free
 	return rs, relayed, nil
 }
@@ -161,7 +162,7 @@ func (g *relayGenerator) AllocateListener(c turn.AllocateListenerConfig) (net.Li
 		return nil, nil, err
 	}
 	relayed := &net.TCPAddr{IP: g.inner.RelayAddress, Port: int(k.port)}
-	rl := &relayListener{Listener: ln, portHold: portHold{key: k}, ops: g.ops, led: g.led, addr: addrPortOf(relayed)}
+	rl := &relayListener{Listener: ln, portHold: portHold{key: k}, ops: g.ops, led: g.led, addr: stunwire.AddrPortOf(relayed)}
 	g.led.addListener(rl.addr, rl) // the allocation can be ended through it (kill)
 	return rl, relayed, nil
 }
@@ -172,7 +173,7 @@ func (g *relayGenerator) AllocateListener(c turn.AllocateListenerConfig) (net.Li
 // permission cannot express; the connection takes one of the allocation's
 // and the user's peer connection slots until it closes.
 func (g *relayGenerator) AllocateConn(c turn.AllocateConnConfig) (net.Conn, error) {
-	if ap := addrPortOf(c.RemoteAddr); !ap.IsValid() || !g.live.load().AllowedAddrPort(ap) {
+	if ap := stunwire.AddrPortOf(c.RemoteAddr); !ap.IsValid() || !g.live.load().AllowedAddrPort(ap) {
 		g.ops.relayRefused.Add(1)
 		return nil, fmt.Errorf("%w: %v", ErrPeerRefused, c.RemoteAddr)
 	}

@@ -2,6 +2,7 @@ package server
 
 import (
 	"errors"
+	"github.com/stund/stund/internal/stunwire"
 	"net"
 	"net/netip"
 	"sync"
@@ -80,7 +81,7 @@ func newRelaySocket(c net.PacketConn, announced netip.AddrPort, user string, led
 // WriteTo sends toward the peer (pion's Send indications and our
 // ChannelData fast path alike).
 func (s *relaySocket) WriteTo(b []byte, addr net.Addr) (int, error) {
-	return s.send(b, addrPortOf(addr))
+	return s.send(b, stunwire.AddrPortOf(addr))
 }
 
 // send is WriteTo for callers that hold a netip.AddrPort already.
@@ -147,7 +148,7 @@ func (s *relaySocket) ReadFrom(b []byte) (int, net.Addr, error) {
 func (s *relaySocket) read(b []byte) (int, netip.AddrPort, net.Addr, error) {
 	if s.uc == nil {
 		n, addr, err := s.PacketConn.ReadFrom(b)
-		return n, addrPortOf(addr), addr, err
+		return n, stunwire.AddrPortOf(addr), addr, err
 	}
 	n, ap, err := s.uc.ReadFromUDPAddrPort(b)
 	if err != nil {

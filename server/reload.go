@@ -8,6 +8,7 @@ package server
 import (
 	"errors"
 	"fmt"
+	"github.com/stund/stund/internal/stunwire"
 	"maps"
 	"net"
 	"net/netip"
@@ -86,7 +87,7 @@ func (s *Server) buildPolicy(cfg Config) *PeerPolicy {
 		}
 	}
 	for _, l := range append(append([]net.Listener{}, s.tcp...), s.tls...) {
-		a := addrPortOf(l.Addr())
+		a := stunwire.AddrPortOf(l.Addr())
 		listeners = append(listeners, a, netip.AddrPortFrom(cfg.public(a.Addr()), a.Port()))
 	}
 	listeners = append(listeners, s.cfg.ProtectedListeners...)

@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"github.com/stund/stund/internal/stunwire"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -156,7 +157,7 @@ func (s *Server) bind() error {
 			}
 			conn := socks[0]
 			s.grid[i][p], s.gridSocks[i][p] = conn, socks
-			s.gridAddr[i][p] = addrPortOf(conn.LocalAddr())
+			s.gridAddr[i][p] = stunwire.AddrPortOf(conn.LocalAddr())
 			ports[p] = int(s.gridAddr[i][p].Port())
 		}
 	}
@@ -177,7 +178,7 @@ func (s *Server) bind() error {
 			if err != nil {
 				return fmt.Errorf("bind tls %s: %w", netip.AddrPortFrom(ip, uint16(port)), err)
 			}
-			port = int(addrPortOf(l.Addr()).Port())
+			port = int(stunwire.AddrPortOf(l.Addr()).Port())
 			tl := tls.NewListener(l, s.cfg.TLSConfig)
 			s.tls = append(s.tls, tl)
 			s.streamAt[tl] = i
@@ -241,7 +242,7 @@ func (s *Server) startTURN() error {
 	}
 	s.tlsAt = map[netip.AddrPort]bool{}
 	for _, l := range s.tls {
-		s.tlsAt[addrPortOf(l.Addr())] = true
+		s.tlsAt[stunwire.AddrPortOf(l.Addr())] = true
 	}
 	s.data = &dataPlane{led: s.led}
 	s.authLog = newAuthLog(s.log, &s.ops)
@@ -350,7 +351,7 @@ func (s *Server) eventHandler() turn.EventHandler {
 			s.quotas.OnCreated(user)
 			t := tupleOf(src, dst)
 			tr := s.transportOf(t)
-			s.led.created(t, tr, user, realm, addrPortOf(relay))
+			s.led.created(t, tr, user, realm, stunwire.AddrPortOf(relay))
 			s.ops.allocCreatedBy[transportIndex(tr)].Add(1)
 			s.ops.allocCreated.Add(1)
 			s.log.Info("allocation created", "client", src.String(), "server", dst.String(), "proto", proto, "user", user, "relay", relay.String())
@@ -382,7 +383,7 @@ func (s *Server) eventHandler() turn.EventHandler {
 		},
 		OnChannelCreated: func(src, dst net.Addr, _, _, _ string, _, peer net.Addr, number uint16) {
 			s.ops.chanCreated.Add(1)
-			s.led.chanCreated(tupleOf(src, dst), number, addrPortOf(peer))
+			s.led.chanCreated(tupleOf(src, dst), number, stunwire.AddrPortOf(peer))
 		},
 		OnChannelDeleted: func(src, dst net.Addr, _, _, _ string, _, _ net.Addr, number uint16) {
 			s.ops.chanDeleted.Add(1)
@@ -419,7 +420,7 @@ func (s *Server) AllocationCount() int { return s.turn.AllocationCount() }
 func listenerAddrs(ls []net.Listener) []netip.AddrPort {
 	out := make([]netip.AddrPort, 0, len(ls))
 	for _, l := range ls {
-		out = append(out, addrPortOf(l.Addr()))
+		out = append(out, stunwire.AddrPortOf(l.Addr()))
 	}
 	return out
 }
@@ -444,24 +445,4 @@ func (s *Server) Close() error {
 		return nil
 	}
 	return s.closeErr
-}
-
-// addrPortOf converts the address types the std and vnet stacks hand out.
-func addrPortOf(a net.Addr) netip.AddrPort {
-	switch v := a.(type) {
-	case *net.UDPAddr:
-		ap := v.AddrPort()
-		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-	case *net.TCPAddr:
-		ap := v.AddrPort()
-		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-	}
-	if a == nil {
-		return netip.AddrPort{}
-	}
-	ap, err := netip.ParseAddrPort(a.String())
-	if err != nil {
-		return netip.AddrPort{}
-	}
-	return ap
 }

@@ -96,7 +96,7 @@ func (l *stunListener) Accept() (net.Conn, error) {
 		}
 		// Connections per source IP (ratelimit.go); an error here would
 		// end pion's accept loop, so refuse by closing.
-		if !l.deps.limits.conns.acquire(addrPortOf(c.RemoteAddr()).Addr()) {
+		if !l.deps.limits.conns.acquire(stunwire.AddrPortOf(c.RemoteAddr()).Addr()) {
 			l.deps.limits.streamRefused.Add(1)
 			_ = c.Close()
 			continue
@@ -113,8 +113,8 @@ func newStreamConn(c net.Conn, deps *streamDeps, at endpoint, tr int) *streamCon
 		deps:   deps,
 		at:     at,
 		tr:     tr,
-		local:  addrPortOf(c.LocalAddr()),
-		remote: addrPortOf(c.RemoteAddr()),
+		local:  stunwire.AddrPortOf(c.LocalAddr()),
+		remote: stunwire.AddrPortOf(c.RemoteAddr()),
 		frames: make(chan pionFrame, pionQueue),
 		bound:  make(chan bool, 1),
 		done:   make(chan struct{}),
@@ -386,7 +386,7 @@ func (c *streamConn) Close() error {
 // isConnectionBind reports whether a STUN frame is a ConnectionBind
 // request (RFC 6062 §6.1).
 func isConnectionBind(b []byte) bool {
-	return len(b) >= 2 && uint16(b[0])<<8|uint16(b[1]) == stunType(methodConnectionBind, classRequest)
+	return len(b) >= 2 && uint16(b[0])<<8|uint16(b[1]) == stunwire.MessageType(stunwire.MethodConnectionBind, stunwire.ClassRequest)
 }
 
 // isConnectionBindAnswer reports whether b answers a ConnectionBind.
@@ -395,5 +395,5 @@ func isConnectionBindAnswer(b []byte) bool {
 		return false
 	}
 	t := uint16(b[0])<<8 | uint16(b[1])
-	return t == stunType(methodConnectionBind, classSuccess) || t == stunType(methodConnectionBind, classError)
+	return t == stunwire.MessageType(stunwire.MethodConnectionBind, stunwire.ClassSuccess) || t == stunwire.MessageType(stunwire.MethodConnectionBind, stunwire.ClassError)
 }

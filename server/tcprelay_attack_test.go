@@ -185,7 +185,7 @@ func TestConnectFloodBounded(t *testing.T) {
 
 	var first stun.RawAttribute
 	for i, p := range peers[:maxPeerConnsPerAllocation] {
-		r := ctl.signed(stun.MethodConnect, peerAddr(addrPortOf(p.Addr())))
+		r := ctl.signed(stun.MethodConnect, peerAddr(stunwire.AddrPortOf(p.Addr())))
 		if r.Type.Class != stun.ClassSuccessResponse {
 			t.Fatalf("Connect %d: %v code %d", i, r.Type, errorCode(r))
 		}
@@ -193,7 +193,7 @@ func TestConnectFloodBounded(t *testing.T) {
 			first = connectionID(t, r)
 		}
 	}
-	last := peerAddr(addrPortOf(peers[maxPeerConnsPerAllocation].Addr()))
+	last := peerAddr(stunwire.AddrPortOf(peers[maxPeerConnsPerAllocation].Addr()))
 	ctl.wantSignedError(ctl.signed(stun.MethodConnect, last), 447)
 	if st := s.Relays(); st.PeerConnectionsRefusedOut != 1 || st.PeerConnections != maxPeerConnsPerAllocation {
 		t.Fatalf("Relays() = %+v, want %d connections and 1 refused", st, maxPeerConnsPerAllocation)
@@ -231,7 +231,7 @@ func dialMarker(t *testing.T, ln *net.TCPListener) netip.AddrPort {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	return addrPortOf(c.LocalAddr())
+	return stunwire.AddrPortOf(c.LocalAddr())
 }
 
 // acceptOne returns the source of the next connection ln accepts.
@@ -243,7 +243,7 @@ func acceptOne(t *testing.T, ln *net.TCPListener) netip.AddrPort {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	return addrPortOf(c.RemoteAddr())
+	return stunwire.AddrPortOf(c.RemoteAddr())
 }
 
 // TestConnectFloodPerUser: a user's peer connections are bounded over all
@@ -263,18 +263,18 @@ func TestConnectFloodPerUser(t *testing.T) {
 		ctl, r := tcpAllocate(t, s, "alice")
 		relayedAddr(t, r)
 		for i, p := range peers {
-			if r := ctl.signed(stun.MethodConnect, peerAddr(addrPortOf(p.Addr()))); r.Type.Class != stun.ClassSuccessResponse {
+			if r := ctl.signed(stun.MethodConnect, peerAddr(stunwire.AddrPortOf(p.Addr()))); r.Type.Class != stun.ClassSuccessResponse {
 				t.Fatalf("allocation %d, Connect %d: %v code %d", a, i, r.Type, errorCode(r))
 			}
 		}
 	}
 	ctl, r := tcpAllocate(t, s, "alice")
 	relayedAddr(t, r)
-	ctl.wantSignedError(ctl.signed(stun.MethodConnect, peerAddr(addrPortOf(peers[0].Addr()))), 447)
+	ctl.wantSignedError(ctl.signed(stun.MethodConnect, peerAddr(stunwire.AddrPortOf(peers[0].Addr()))), 447)
 	// Another user is not held back by alice.
 	other, r := tcpAllocate(t, s, "bob")
 	relayedAddr(t, r)
-	if r := other.signed(stun.MethodConnect, peerAddr(addrPortOf(peers[0].Addr()))); r.Type.Class != stun.ClassSuccessResponse {
+	if r := other.signed(stun.MethodConnect, peerAddr(stunwire.AddrPortOf(peers[0].Addr()))); r.Type.Class != stun.ClassSuccessResponse {
 		t.Fatalf("bob's Connect: %v code %d", r.Type, errorCode(r))
 	}
 	if st := s.Relays(); st.PeerConnectionsRefusedOut != 1 || st.PeerConnections != maxPeerConnsPerUser+1 {
@@ -307,7 +307,7 @@ func TestAcceptFloodBounded(t *testing.T) {
 		c := dial()
 		var from stun.XORMappedAddress
 		m := ctl.indication(stun.MethodConnectionAttempt)
-		if err := from.GetFromAs(m, stun.AttrXORPeerAddress); err != nil || from.Port != int(addrPortOf(c.LocalAddr()).Port()) {
+		if err := from.GetFromAs(m, stun.AttrXORPeerAddress); err != nil || from.Port != int(stunwire.AddrPortOf(c.LocalAddr()).Port()) {
 			t.Fatalf("ConnectionAttempt %d names %v (%v), want %v", i, from, err, c.LocalAddr())
 		}
 	}

@@ -74,7 +74,7 @@ func TestTLSBinding(t *testing.T) {
 		if err := xm.GetFrom(r); err != nil {
 			t.Fatalf("%v: XOR-MAPPED-ADDRESS: %v", addr, err)
 		}
-		if want := addrPortOf(conn.LocalAddr()); xm.String() != want.String() {
+		if want := stunwire.AddrPortOf(conn.LocalAddr()); xm.String() != want.String() {
 			t.Errorf("%v: XOR-MAPPED-ADDRESS %v, want %v", addr, xm, want)
 		}
 	}

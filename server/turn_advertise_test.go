@@ -1,6 +1,7 @@
 package server
 
 import (
+	"github.com/stund/stund/internal/stunwire"
 	"net/netip"
 	"testing"
 
@@ -68,14 +69,14 @@ func TestAdvertiseRelayedAddress(t *testing.T) {
 		t.Fatalf("Allocate: %v", err)
 	}
 	defer relay.Close()
-	announced := addrPortOf(relay.LocalAddr())
+	announced := stunwire.AddrPortOf(relay.LocalAddr())
 	if announced.Addr() != advPublic {
 		t.Fatalf("XOR-RELAYED-ADDRESS %v, want IP %v", announced, advPublic)
 	}
 
 	peer := udpPeer(t, "udp4")
 	from := relayToPeer(t, relay, peer, "to-peer")
-	if got, want := addrPortOf(from), netip.AddrPortFrom(advPrivate, announced.Port()); got != want {
+	if got, want := stunwire.AddrPortOf(from), netip.AddrPortFrom(advPrivate, announced.Port()); got != want {
 		t.Fatalf("peer sees the relay at %v, want %v (private IP, announced port)", got, want)
 	}
 	peerToClient(t, peer, relay, from, "to-client")
@@ -94,12 +95,12 @@ func TestAdvertiseTCPRelay(t *testing.T) {
 		t.Fatalf("AllocateTCP: %v", err)
 	}
 	defer alloc.Close()
-	announced := addrPortOf(alloc.Addr())
+	announced := stunwire.AddrPortOf(alloc.Addr())
 	if announced.Addr() != advPublic {
 		t.Fatalf("XOR-RELAYED-ADDRESS %v, want IP %v", announced, advPublic)
 	}
 	dc, pc := dialPeer(t, alloc, peerLn)
-	if got, want := addrPortOf(pc.RemoteAddr()), netip.AddrPortFrom(advPrivate, announced.Port()); got != want {
+	if got, want := stunwire.AddrPortOf(pc.RemoteAddr()), netip.AddrPortFrom(advPrivate, announced.Port()); got != want {
 		t.Errorf("peer sees the connection from %v, want %v", got, want)
 	}
 	echoBothWays(t, dc, pc, "advertised")

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"github.com/stund/stund/internal/stunwire"
 	"net"
 	"net/netip"
 	"testing"
@@ -61,14 +62,14 @@ func TestTURNIPv6Relay(t *testing.T) {
 		t.Fatalf("Allocate IPv6: %v", err)
 	}
 	defer relay.Close()
-	ra := addrPortOf(relay.LocalAddr())
+	ra := stunwire.AddrPortOf(relay.LocalAddr())
 	if ra.Addr() != v6Loopback {
 		t.Fatalf("XOR-RELAYED-ADDRESS %v, want ::1", ra)
 	}
 
 	peer := udpPeer(t, "udp6")
 	from := relayToPeer(t, relay, peer, "to-peer")
-	if addrPortOf(from) != ra {
+	if stunwire.AddrPortOf(from) != ra {
 		t.Errorf("peer sees %v, the relayed address is %v", from, ra)
 	}
 	for range 3 {

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"github.com/stund/stund/internal/stunwire"
 	"net"
 	"net/netip"
 	"testing"
@@ -31,7 +32,7 @@ func TestTURNTCPAllocation(t *testing.T) {
 		t.Fatalf("AllocateTCP: %v", err)
 	}
 	defer alloc.Close()
-	relay := addrPortOf(alloc.Addr())
+	relay := stunwire.AddrPortOf(alloc.Addr())
 	if relay.Addr() != netip.MustParseAddr("127.0.0.1") || relay.Port() < DefaultRelayPortMin {
 		t.Fatalf("relayed address %v, want 127.0.0.1 in the relay range", relay)
 	}
@@ -41,7 +42,7 @@ func TestTURNTCPAllocation(t *testing.T) {
 
 	// Client-initiated: Connect, then ConnectionBind on a new connection.
 	dc, pc := dialPeer(t, alloc, peerLn)
-	if got := addrPortOf(pc.RemoteAddr()); got != relay {
+	if got := stunwire.AddrPortOf(pc.RemoteAddr()); got != relay {
 		t.Errorf("peer sees the connection from %v, want the relayed address %v", got, relay)
 	}
 	echoBothWays(t, dc, pc, "outbound")
@@ -88,7 +89,7 @@ func TestTURNTCPConnectDefaultPolicy(t *testing.T) {
 	if r.Type.Class != stun.ClassSuccessResponse {
 		t.Fatalf("Allocate TCP: %v code %d", r.Type, errorCode(r))
 	}
-	peer := peerAddr(addrPortOf(peerLn.Addr()))
+	peer := peerAddr(stunwire.AddrPortOf(peerLn.Addr()))
 	c.wantSignedError(c.signed(stun.MethodConnect, peer), 403)
 	c.wantSignedError(c.signed(stun.MethodConnect, peerAddr(netip.MustParseAddrPort("169.254.169.254:80"))), 403)
 

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"fmt"
+	"github.com/stund/stund/internal/stunwire"
 	"net"
 	"net/netip"
 	"runtime"
@@ -72,7 +73,7 @@ func (s *Server) listenUDP(ip netip.Addr, port int) ([]net.PacketConn, error) {
 			_ = uc.SetWriteBuffer(udpSocketBuffer)
 		}
 		out = append(out, c)
-		port = int(addrPortOf(c.LocalAddr()).Port())
+		port = int(stunwire.AddrPortOf(c.LocalAddr()).Port())
 	}
 	if n > 1 {
 		if err := steerBySourceIP(out[0], n, ip.Unmap().Is4()); err != nil {
