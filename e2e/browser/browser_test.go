@@ -205,7 +205,7 @@ func TestChromiumDataChannelThroughRelay(t *testing.T) {
 			t.Errorf("stund_relay_packets_total{direction=%q} = %v: the data did not go through stund", dir, v)
 		}
 	}
-	if v := counter(reg, "stund_allocations_created_total", "", ""); v < 2 {
+	if v := counter(reg, "stund_allocations_created_total", "transport", "udp"); v < 2 {
 		t.Errorf("stund_allocations_created_total = %v, want at least one per peer connection", v)
 	}
 }
