@@ -204,7 +204,7 @@ func FuzzDemuxStream(f *testing.F) {
 			stream = stream[:1<<17]
 		}
 		fake := &fakeStreamConn{in: stream, chunks: chunks}
-		sc := newStreamConn(fake, s.stream, endpoint{}, trTCP)
+		sc := newStreamConn(fake, netip.MustParseAddrPort("127.0.0.1:3478"), s.stream, endpoint{}, trTCP)
 		defer sc.Close()
 		p := make([]byte, pionInboundMTU) // pion's read buffer size
 		for i := 0; i <= len(stream)+1; i++ {

@@ -407,10 +407,10 @@ func (l *relayListener) Accept() (net.Conn, error) {
 			return nil, err
 		}
 		if err := relays.openConn(l.key); err != nil {
-			_ = conn.Close()
 			if errors.Is(err, errPeerConnLimit) {
-				l.ops.peerConnRefusedIn.Add(1)
+				l.ops.peerConnRefusedIn.Add(1) // before the close a peer can see
 			}
+			_ = conn.Close()
 			continue
 		}
 		return &peerConn{Conn: conn, key: l.key}, nil

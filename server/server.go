@@ -167,8 +167,9 @@ func (s *Server) bind() error {
 			if err != nil {
 				return fmt.Errorf("bind tcp %s: %w", netip.AddrPortFrom(ip, uint16(ports[0])), err)
 			}
-			s.tcp = append(s.tcp, l)
-			s.streamAt[l] = i
+			pl := proxyListener(l, s.cfg.ProxyProtocolFrom)
+			s.tcp = append(s.tcp, pl)
+			s.streamAt[pl] = i
 		}
 	}
 	if s.cfg.TLSConfig != nil {
@@ -179,7 +180,7 @@ func (s *Server) bind() error {
 				return fmt.Errorf("bind tls %s: %w", netip.AddrPortFrom(ip, uint16(port)), err)
 			}
 			port = int(stunwire.AddrPortOf(l.Addr()).Port())
-			tl := tls.NewListener(l, s.cfg.TLSConfig)
+			tl := tls.NewListener(proxyListener(l, s.cfg.ProxyProtocolFrom), s.cfg.TLSConfig)
 			s.tls = append(s.tls, tl)
 			s.streamAt[tl] = i
 		}

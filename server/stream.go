@@ -67,6 +67,11 @@ const pionInboundMTU = 4096
 // of ours can be.
 var errFrameTooLarge = errors.New("stream: frame larger than the server accepts")
 
+// errConnLimit closes a connection over its source's connection limit, or
+// one whose client address could not be read (a PROXY protocol header
+// that was required and missing).
+var errConnLimit = errors.New("stream: connection refused: per-IP connection limit, or no client address")
+
 // streamDeps is what a stream connection needs from the server: the stages
 // a frame is routed to and the limits it obeys.
 type streamDeps struct {
@@ -88,33 +93,28 @@ type stunListener struct {
 	tr   int // trTCP or trTLS
 }
 
+// Accept never waits on the client: a connection's PROXY protocol header
+// (proxy.go) and its TLS handshake are read by its own frameLoop, which
+// also applies the per-IP connection limit once the client's address is
+// known.
 func (l *stunListener) Accept() (net.Conn, error) {
-	for {
-		c, err := l.Listener.Accept()
-		if err != nil {
-			return nil, err
-		}
-		// Connections per source IP (ratelimit.go); an error here would
-		// end pion's accept loop, so refuse by closing.
-		if !l.deps.limits.conns.acquire(stunwire.AddrPortOf(c.RemoteAddr()).Addr()) {
-			l.deps.limits.streamRefused.Add(1)
-			_ = c.Close()
-			continue
-		}
-		return newStreamConn(c, l.deps, endpoint{ip: l.ip}, l.tr), nil
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
 	}
+	// The listener is bound to an explicit address (never the wildcard),
+	// so its address is the connection's local address.
+	return newStreamConn(c, stunwire.AddrPortOf(l.Listener.Addr()), l.deps, endpoint{ip: l.ip}, l.tr), nil
 }
 
-// newStreamConn starts framing c; the caller has counted it against its
-// source IP (Close uncounts it).
-func newStreamConn(c net.Conn, deps *streamDeps, at endpoint, tr int) *streamConn {
+// newStreamConn starts framing c, accepted on local.
+func newStreamConn(c net.Conn, local netip.AddrPort, deps *streamDeps, at endpoint, tr int) *streamConn {
 	sc := &streamConn{
 		Conn:   c,
 		deps:   deps,
 		at:     at,
 		tr:     tr,
-		local:  stunwire.AddrPortOf(c.LocalAddr()),
-		remote: stunwire.AddrPortOf(c.RemoteAddr()),
+		local:  local,
 		frames: make(chan pionFrame, pionQueue),
 		bound:  make(chan bool, 1),
 		done:   make(chan struct{}),
@@ -122,6 +122,28 @@ func newStreamConn(c net.Conn, deps *streamDeps, at endpoint, tr int) *streamCon
 	go sc.frameLoop()
 	return sc
 }
+
+// admit learns the client's address (after a PROXY protocol header, if one
+// is required from this source) and takes a connection slot for it
+// (ratelimit.go); false closes the connection.
+func (c *streamConn) admit() bool {
+	c.remote = stunwire.AddrPortOf(c.Conn.RemoteAddr())
+	c.remoteAddr = net.TCPAddrFromAddrPort(c.remote)
+	c.localAddr = net.TCPAddrFromAddrPort(c.local)
+	if !c.remote.IsValid() || !c.deps.limits.conns.acquire(c.remote.Addr()) {
+		c.deps.limits.streamRefused.Add(1)
+		return false
+	}
+	c.acquired.Store(true)
+	return true
+}
+
+// RemoteAddr is the client's address (from the PROXY protocol header when
+// one was required): what pion keys the allocation by, as we do.
+func (c *streamConn) RemoteAddr() net.Addr { return c.remoteAddr }
+
+// LocalAddr is the listener's address.
+func (c *streamConn) LocalAddr() net.Addr { return c.localAddr }
 
 // pionFrame is one STUN message for pion, with what the front must know
 // to sign pion's answer to it.
@@ -138,6 +160,10 @@ type streamConn struct {
 	at            endpoint
 	tr            int // trTCP or trTLS
 	local, remote netip.AddrPort
+	// remoteAddr and localAddr are remote and local for pion, set by admit
+	// before the first frame reaches pion.
+	remoteAddr, localAddr net.Addr
+	acquired              atomic.Bool // admit took a connection slot
 
 	frames  chan pionFrame // frameLoop -> Read
 	readErr error          // why frameLoop stopped; read after frames is closed
@@ -208,6 +234,10 @@ type framer struct {
 func (c *streamConn) frameLoop() {
 	defer close(c.done)
 	defer close(c.frames)
+	if !c.admit() {
+		c.readErr = errConnLimit
+		return
+	}
 	fr := framer{buf: make([]byte, streamBufInit)}
 	started := false
 	for {
@@ -379,7 +409,11 @@ func (c *streamConn) Write(b []byte) (int, error) {
 
 // Close closes the connection and uncounts it from its source IP.
 func (c *streamConn) Close() error {
-	c.closeOnce.Do(func() { c.deps.limits.conns.release(c.remote.Addr()) })
+	c.closeOnce.Do(func() {
+		if c.acquired.Load() {
+			c.deps.limits.conns.release(c.remote.Addr())
+		}
+	})
 	return c.Conn.Close()
 }
 
