@@ -116,7 +116,8 @@ func (s *Server) KillAllocation(id string) bool {
 	return true
 }
 
-// KillUser ends every allocation of user.
+// KillUser ends every allocation of user (an ID, or a bare name of
+// either kind).
 func (s *Server) KillUser(user string) int {
 	as := s.led.all(user)
 	for _, a := range as {

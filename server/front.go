@@ -344,6 +344,11 @@ func (f *turnFront) authenticate(fc *frontConn, pkt []byte, h *stunwire.Header, 
 		f.stats.malformed.Add(1)
 		return frontDrop, nil, none // pion did not mint a nonce; the client retransmits
 	}
+	if method == stunwire.MethodRefresh && clampLifetime(method, ra) == 0 {
+		if a := f.led.lookup(tuple); a != nil {
+			a.ending(endDeleted) // RFC 8656 §7.3: the client ends it
+		}
+	}
 	msg := f.resign(fc, pkt, h, method, ra, pn, pionKey)
 	if len(msg) >= pionInboundMTU {
 		f.stats.malformed.Add(1)

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -214,17 +215,27 @@ func (l *ledger) byIDLookup(id string) *allocation {
 	return l.byID[id]
 }
 
-// all returns the live allocations, only user's when user != "".
+// all returns the live allocations, only user's when user != "": user is
+// a user ID ("user:alice", "rest:alice") or a bare name, which matches
+// both kinds.
 func (l *ledger) all(user string) []*allocation {
 	l.mu.RLock()
 	defer l.mu.RUnlock()
 	out := make([]*allocation, 0, len(l.byTuple))
 	for _, a := range l.byTuple {
-		if user == "" || a.user == user {
+		if user == "" || a.user == user || userName(a.user) == user {
 			out = append(out, a)
 		}
 	}
 	return out
+}
+
+// userName is the name in a user ID (auth.go: "kind:name").
+func userName(id string) string {
+	if _, name, ok := strings.Cut(id, ":"); ok {
+		return name
+	}
+	return id
 }
 
 // newAllocID is a random 64-bit ID in hex: unguessable, so that an ID seen

@@ -255,7 +255,7 @@ func (s *Server) startTURN() error {
 	}, cfg.PrimaryIP.Unmap().Is4(), DefaultNonceLifetime)
 	binding := &bindingStage{binder: s.binder, noteProbe: s.noteProbe}
 	s.udp = &udpDeps{binding: binding, front: s.front, data: s.data, demux: &s.demux, allowUnauth: s.allowUnauth, grid: &s.grid, requests: &s.ops.requestsBy}
-	s.stream = &streamDeps{binding: binding, front: s.front, data: s.data, limits: &s.limits, demux: &s.demux, requests: &s.ops.requestsBy}
+	s.stream = &streamDeps{binding: binding, front: s.front, data: s.data, led: s.led, limits: &s.limits, demux: &s.demux, requests: &s.ops.requestsBy}
 	udp, stream := s.udp, s.stream
 
 	lf := cfg.LoggerFactory

@@ -78,6 +78,7 @@ type streamDeps struct {
 	binding *bindingStage
 	front   *turnFront
 	data    *dataPlane
+	led     *ledger
 	limits  *limits
 	demux   *demuxStats
 	// requests counts requests by transport and kind (metrics.go).
@@ -243,6 +244,11 @@ func (c *streamConn) frameLoop() {
 	for {
 		frame, kind, err := c.next(&fr, started)
 		if err != nil {
+			// RFC 6062 §5.3 (and pion): an allocation ends with its
+			// control connection.
+			if a := c.deps.led.lookup(fiveTuple{src: c.remote, dst: c.local, tcp: true}); a != nil {
+				a.ending(endClosed)
+			}
 			c.readErr = err
 			return
 		}

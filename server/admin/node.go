@@ -15,7 +15,9 @@ type Node interface {
 	Readiness() Readiness
 	// Registry holds the node's metrics.
 	Registry() *prometheus.Registry
-	// Allocations lists live allocations, only user's when user != "".
+	// Allocations lists live allocations, only user's when user != ""
+	// (a user ID such as "user:alice" or "rest:alice", or a bare name,
+	// which matches both).
 	Allocations(user string) []Allocation
 	// KillAllocation ends one allocation at once; false if id is unknown.
 	KillAllocation(id string) bool
