@@ -230,12 +230,44 @@ func knownAttr(t uint16) bool {
 }
 
 // handle returns ok=false when nothing is to be sent (indication = keepalive,
-// malformed, not Binding); every outcome is counted.
+// malformed, not Binding); every outcome is counted. Its steps: parse, the
+// refusals (RFC 8489 §7.3.1, RFC 5780 §6), where the answer leaves from and
+// goes to (RFC 5780 §6.1), the addresses it names, the answer itself.
 func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok bool) {
-	h, err := stunwire.ParseHeader(req.Raw)
+	h, p, ok := b.parse(req.Raw)
+	if !ok {
+		return reply, false
+	}
+	src := netip.AddrPortFrom(req.Src.Addr().Unmap(), req.Src.Port())
+	budget := amplificationFactor * len(req.Raw)
+	if req.Stream {
+		// A stream's source completed a handshake and cannot be spoofed:
+		// a reply there reflects nothing at a victim, so every attribute
+		// fits.
+		budget = maxStreamFrame
+	}
+	if code, unknown := b.refusal(req, &p); code != 0 {
+		return b.errorReply(buf, &h, req, src, &p, budget, code, reasonFor(code), unknown)
+	}
+	from, to := route(req, &p, src)
+	origin, other, ok := b.addresses(req, from)
+	if !ok {
+		// The cell the request names does not exist (wiring error): say
+		// so rather than answer from a socket we do not have.
+		return b.errorReply(buf, &h, req, src, &p, budget, 420, reasonUnknownAttr, []uint16{stunwire.AttrChangeRequest})
+	}
+	msg := b.success(buf, &h, req, &p, src, origin, other, budget)
+	b.countSuccess(req, from, &p)
+	return bindingReply{Msg: msg, From: from, To: to}, true
+}
+
+// parse reads the header and the attributes a Binding request may carry;
+// ok=false means nothing is answered (counted here).
+func (b *binder) parse(raw []byte) (h stunwire.Header, p parsed, ok bool) {
+	h, err := stunwire.ParseHeader(raw)
 	if err != nil {
 		b.stats.malformed.Add(1)
-		return reply, false
+		return h, p, false
 	}
 	switch h.Type {
 	case stunwire.TypeBindingRequest:
@@ -243,39 +275,45 @@ func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok 
 		// RFC 8489 §6.3.2: indications get no response; Binding
 		// indications are keepalives (RFC 8489 §3).
 		b.stats.indications.Add(1)
-		return reply, false
+		return h, p, false
 	default:
 		b.stats.notBinding.Add(1)
-		return reply, false
+		return h, p, false
 	}
-
 	// The one walk (stunwire.Check): lengths, FINGERPRINT last and right
 	// (RFC 8489 §7.3, §14.7: a mismatch means "discard"), and the unknown
 	// comprehension-required attributes (RFC 8489 §7.3.1).
-	sc, err := stunwire.Check(req.Raw, knownAttr)
-	if err != nil {
+	sc, err := stunwire.Check(raw, knownAttr)
+	if err != nil || !p.read(raw) {
 		b.stats.malformed.Add(1)
-		return reply, false
+		return h, p, false
 	}
-	p := parsed{hasFingerprint: sc.Fingerprint}
+	p.hasFingerprint = sc.Fingerprint
 	p.nUnknown = copy(p.unknown[:], sc.Unknown())
-	it := stunwire.NewAttrs(req.Raw)
+	b.stats.requests.Add(1)
+	if !h.Cookie {
+		b.stats.rfc3489.Add(1)
+	}
+	return h, p, true
+}
+
+// read takes the RFC 5780 attributes' values; false for a malformed one.
+func (p *parsed) read(raw []byte) bool {
+	it := stunwire.NewAttrs(raw)
 	for {
 		typ, val, _, more := it.Next()
 		if !more {
-			break
+			return it.Err() == nil
 		}
 		switch typ {
 		case stunwire.AttrChangeRequest: // RFC 5780 §7.2
 			if len(val) != 4 {
-				b.stats.malformed.Add(1)
-				return reply, false
+				return false
 			}
 			p.hasChange, p.change = true, binary.BigEndian.Uint32(val)
 		case stunwire.AttrResponsePort: // RFC 5780 §7.5: port, then 2 bytes RFFU
 			if len(val) != 4 || binary.BigEndian.Uint16(val) == 0 {
-				b.stats.malformed.Add(1)
-				return reply, false
+				return false
 			}
 			p.hasRespPort, p.respPort = true, binary.BigEndian.Uint16(val)
 		case stunwire.AttrPadding: // RFC 5780 §7.6
@@ -286,104 +324,99 @@ func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok 
 			// wrong family; cf. GHSA-34rh-wp3j-6cxc) marks a broken or
 			// hostile sender: drop it (RFC 8489 §14.1 layout).
 			if _, err := stunwire.ParseAddress(val); err != nil {
-				b.stats.malformed.Add(1)
-				return reply, false
+				return false
 			}
 		}
 	}
-	if it.Err() != nil {
-		b.stats.malformed.Add(1)
-		return reply, false
-	}
-	b.stats.requests.Add(1)
-	if !h.Cookie {
-		b.stats.rfc3489.Add(1)
-	}
+}
 
-	src := netip.AddrPortFrom(req.Src.Addr().Unmap(), req.Src.Port())
-	budget := amplificationFactor * len(req.Raw)
-	if req.Stream {
-		// A stream's source completed a handshake and cannot be spoofed:
-		// a reply there reflects nothing at a victim, so every attribute
-		// fits.
-		budget = maxStreamFrame
-	}
-	errReply := func(code int, reason string, unknown []uint16) (bindingReply, bool) {
-		return b.errorReply(buf, &h, req, src, &p, budget, code, reason, unknown)
-	}
-
-	// RFC 8489 §7.3.1: unknown comprehension-required attributes → 420.
-	if p.nUnknown > 0 {
-		return errReply(420, reasonUnknownAttr, p.unknown[:p.nUnknown])
-	}
-	// RFC 5780 §6.1: PADDING together with RESPONSE-PORT → 400.
-	if p.hasPadding && p.hasRespPort {
-		return errReply(400, reasonBadRequest, nil)
-	}
-	// RFC 5780 §6: a server without an alternate address and port "MUST
-	// respond with a 420 (Unknown Attribute) to any Request with a
-	// CHANGE-REQUEST attribute" - change-port alone included: the alternate
-	// is an address *and* port, and OTHER-ADDRESS could not name it.
-	if p.hasChange && !b.dual {
-		return errReply(420, reasonUnknownAttr, []uint16{stunwire.AttrChangeRequest})
-	}
-	if req.Stream {
+// refusal returns the error to answer instead of a success, or 0.
+func (b *binder) refusal(req bindingRequest, p *parsed) (code int, unknown []uint16) {
+	switch {
+	case p.nUnknown > 0:
+		// RFC 8489 §7.3.1: unknown comprehension-required attributes → 420.
+		return 420, p.unknown[:p.nUnknown]
+	case p.hasPadding && p.hasRespPort:
+		// RFC 5780 §6.1: PADDING together with RESPONSE-PORT → 400.
+		return 400, nil
+	case p.hasChange && !b.dual:
+		// RFC 5780 §6: a server without an alternate address and port
+		// "MUST respond with a 420 (Unknown Attribute) to any Request
+		// with a CHANGE-REQUEST attribute" - change-port alone included:
+		// the alternate is an address *and* port, and OTHER-ADDRESS could
+		// not name it.
+		return 420, []uint16{stunwire.AttrChangeRequest}
+	case req.Stream && p.hasChange && p.change&(stunwire.ChangeIP|stunwire.ChangePort) != 0:
 		// The reply must go back on the connection (RFC 8489 §6.2.2).
-		if p.hasChange && p.change&(stunwire.ChangeIP|stunwire.ChangePort) != 0 {
-			return errReply(420, reasonUnknownAttr, []uint16{stunwire.AttrChangeRequest})
-		}
-		if p.hasRespPort {
-			return errReply(420, reasonUnknownAttr, []uint16{stunwire.AttrResponsePort})
-		}
+		return 420, []uint16{stunwire.AttrChangeRequest}
+	case req.Stream && p.hasRespPort:
+		return 420, []uint16{stunwire.AttrResponsePort}
 	}
+	return 0, nil
+}
 
-	// RFC 5780 §6.1 Table 1: the reply leaves from {ip ^ A, port ^ B}.
-	from := req.At
+func reasonFor(code int) string {
+	if code == 400 {
+		return reasonBadRequest
+	}
+	return reasonUnknownAttr
+}
+
+// route is RFC 5780 §6.1 Table 1: the reply leaves from {ip ^ A, port ^ B},
+// to the source or to its RESPONSE-PORT (§7.5).
+func route(req bindingRequest, p *parsed, src netip.AddrPort) (from endpoint, to netip.AddrPort) {
+	from = req.At
 	if p.change&stunwire.ChangeIP != 0 {
 		from.ip ^= 1
 	}
 	if p.change&stunwire.ChangePort != 0 {
 		from.port ^= 1
 	}
-	to := src
+	to = src
 	if p.hasRespPort {
-		to = netip.AddrPortFrom(src.Addr(), p.respPort) // RFC 5780 §7.5
+		to = netip.AddrPortFrom(src.Addr(), p.respPort)
 	}
+	return from, to
+}
 
-	var origin, other netip.AddrPort
+// addresses are RESPONSE-ORIGIN and OTHER-ADDRESS for a reply leaving from
+// the cell from (other is invalid in single-IP mode); ok=false when a cell
+// the request involves does not exist.
+func (b *binder) addresses(req bindingRequest, from endpoint) (origin, other netip.AddrPort, ok bool) {
 	if req.Stream {
 		origin = b.public(req.Local)
 		if b.dual {
 			other = b.public(netip.AddrPortFrom(b.cfg.Grid[1-req.At.ip][0].Addr(), req.Local.Port()))
 		}
-	} else {
-		if !b.cfg.Grid[from.ip][from.port].IsValid() || !b.cfg.Grid[req.At.ip][req.At.port].IsValid() {
-			// The cell the request names does not exist (wiring error):
-			// say so rather than answer from a socket we do not have.
-			return errReply(420, reasonUnknownAttr, []uint16{stunwire.AttrChangeRequest})
-		}
-		origin = b.public(b.cfg.Grid[from.ip][from.port])
-		if b.dual {
-			// RFC 5780 §7.4: OTHER-ADDRESS names the server's alternate
-			// address and port, Aa:Ap, whichever cell the request arrived
-			// on. Read literally ("the source that change-IP+port would
-			// use") it is the diagonal of the arrival cell, but clients
-			// follow §4.3 with it: coturn's natdiscovery sends test III to
-			// the OTHER-ADDRESS of its test II reply (sent to Aa:Pp), and a
-			// diagonal answer (Pa:Ap) makes an address-dependent NAT read
-			// as address-and-port-dependent (seen in the NAT lab). coturn
-			// names Aa:Ap always, and so do we.
-			other = b.public(b.cfg.Grid[1][1])
-		}
+		return origin, other, true
 	}
+	if !b.cfg.Grid[from.ip][from.port].IsValid() || !b.cfg.Grid[req.At.ip][req.At.port].IsValid() {
+		return origin, other, false
+	}
+	origin = b.public(b.cfg.Grid[from.ip][from.port])
+	if b.dual {
+		// RFC 5780 §7.4: OTHER-ADDRESS names the server's alternate
+		// address and port, Aa:Ap, whichever cell the request arrived
+		// on. Read literally ("the source that change-IP+port would
+		// use") it is the diagonal of the arrival cell, but clients
+		// follow §4.3 with it: coturn's natdiscovery sends test III to
+		// the OTHER-ADDRESS of its test II reply (sent to Aa:Pp), and a
+		// diagonal answer (Pa:Ap) makes an address-dependent NAT read
+		// as address-and-port-dependent (seen in the NAT lab). coturn
+		// names Aa:Ap always, and so do we.
+		other = b.public(b.cfg.Grid[1][1])
+	}
+	return origin, other, true
+}
+
+// success builds the success answer into buf, within the amplification
+// rule (file comment): first the core, then the extras that fit.
+func (b *binder) success(buf []byte, h *stunwire.Header, req bindingRequest, p *parsed, src, origin, other netip.AddrPort, budget int) []byte {
 	// full: the RFC 5780 answer to every request (file comment); lean
 	// mode answers with RFC 5780 attributes only a request that uses an
 	// RFC 5780 feature, and only within the budget.
 	full := b.dual && !b.cfg.RFC5780Lean
 	rfc5780 := full || (b.dual && (p.hasChange || p.hasRespPort || p.hasPadding))
-
-	start := len(buf)
-	m := stunwire.AppendHeader(buf, stunwire.TypeBindingSuccess, &h.ID)
 	fp := 0
 	if p.hasFingerprint {
 		fp = stunwire.FingerprintSize
@@ -395,52 +428,20 @@ func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok 
 	if full && !req.Stream {
 		ceiling = max(budget, rfc5780Allowance(src, p.hasFingerprint))
 	}
-	fitsCore := func(n int) bool { return len(m)-start+n+fp <= ceiling }
+	start := len(buf)
+	m := stunwire.AppendHeader(buf, stunwire.TypeBindingSuccess, &h.ID)
+	m = b.appendCore(m, h, src, origin, other, rfc5780, start+ceiling-fp)
 	fits := func(n int) bool { return len(m)-start+n+fp <= budget }
-	// 1. core: the mapped address, and OTHER-ADDRESS and RESPONSE-ORIGIN
-	// when the answer is an RFC 5780 one.
-	if h.Cookie {
-		m = stunwire.AppendXORAddress(m, stunwire.AttrXORMappedAddress, src, &h.ID) // RFC 8489 §14.2
-	} else {
-		m = stunwire.AppendAddress(m, stunwire.AttrMappedAddress, src) // RFC 3489 §11.2.1
-	}
-	if !fitsCore(0) {
-		// Lean or single-IP: the IPv6 mapped address of a bare request
-		// (44 > 2×20) is sent all the same; no client works without it.
-		b.stats.overBudget.Add(1)
-	}
-	if rfc5780 {
-		// OTHER-ADDRESS (RFC 5780 §7.4) / CHANGED-ADDRESS (RFC 3489
-		// §11.2.3). Lean: a minimal IPv6 request with CHANGE-REQUEST has
-		// no room (20+24+24 = 68 > 2×28).
-		if fitsCore(stunwire.AddressAttrSize(other)) {
-			if h.Cookie {
-				m = stunwire.AppendAddress(m, stunwire.AttrOtherAddress, other)
-			} else {
-				m = stunwire.AppendAddress(m, stunwire.AttrChangedAddress, other)
-			}
-		} else {
-			b.stats.overBudget.Add(1) // OTHER-ADDRESS withheld: the request was too small
-		}
-		// RESPONSE-ORIGIN (RFC 5780 §7.3) / SOURCE-ADDRESS (RFC 3489 §11.2.2).
-		if fitsCore(stunwire.AddressAttrSize(origin)) {
-			if h.Cookie {
-				m = stunwire.AppendAddress(m, stunwire.AttrResponseOrigin, origin)
-			} else {
-				m = stunwire.AppendAddress(m, stunwire.AttrSourceAddress, origin)
-			}
-		}
-	}
 	// Extras only within 2×.
-	// 2. MAPPED-ADDRESS beside XOR-MAPPED-ADDRESS (RFC 5780 §6.1).
+	// MAPPED-ADDRESS beside XOR-MAPPED-ADDRESS (RFC 5780 §6.1).
 	if n := stunwire.AddressAttrSize(src); rfc5780 && h.Cookie && fits(n) {
 		m = stunwire.AppendAddress(m, stunwire.AttrMappedAddress, src)
 	}
-	// 3. SOFTWARE only when configured (RFC 8489 §14.14).
+	// SOFTWARE only when configured (RFC 8489 §14.14).
 	if s := b.cfg.Software; s != "" && fits(4+(len(s)+3)&^3) {
 		m = stunwire.AppendSoftware(m, s)
 	}
-	// 4. PADDING (RFC 5780 §6.1, §7.6): the RFC asks for the MTU; we give at
+	// PADDING (RFC 5780 §6.1, §7.6): the RFC asks for the MTU; we give at
 	// most what the request itself carried, and only within 2×, so padding
 	// never amplifies.
 	if p.hasPadding {
@@ -455,7 +456,52 @@ func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok 
 	} else {
 		m = stunwire.Finish(m, start)
 	}
+	return m[start:]
+}
 
+// appendCore appends the mapped address, and OTHER-ADDRESS and
+// RESPONSE-ORIGIN when the answer is an RFC 5780 one, each only while m
+// stays within limit bytes (the mapped address always).
+func (b *binder) appendCore(m []byte, h *stunwire.Header, src, origin, other netip.AddrPort, rfc5780 bool, limit int) []byte {
+	fitsCore := func(n int) bool { return len(m)+n <= limit }
+	if h.Cookie {
+		m = stunwire.AppendXORAddress(m, stunwire.AttrXORMappedAddress, src, &h.ID) // RFC 8489 §14.2
+	} else {
+		m = stunwire.AppendAddress(m, stunwire.AttrMappedAddress, src) // RFC 3489 §11.2.1
+	}
+	if !fitsCore(0) {
+		// Lean or single-IP: the IPv6 mapped address of a bare request
+		// (44 > 2×20) is sent all the same; no client works without it.
+		b.stats.overBudget.Add(1)
+	}
+	if !rfc5780 {
+		return m
+	}
+	// OTHER-ADDRESS (RFC 5780 §7.4) / CHANGED-ADDRESS (RFC 3489 §11.2.3).
+	// Lean: a minimal IPv6 request with CHANGE-REQUEST has no room
+	// (20+24+24 = 68 > 2×28).
+	if fitsCore(stunwire.AddressAttrSize(other)) {
+		typ := stunwire.AttrOtherAddress
+		if !h.Cookie {
+			typ = stunwire.AttrChangedAddress
+		}
+		m = stunwire.AppendAddress(m, typ, other)
+	} else {
+		b.stats.overBudget.Add(1) // OTHER-ADDRESS withheld: the request was too small
+	}
+	// RESPONSE-ORIGIN (RFC 5780 §7.3) / SOURCE-ADDRESS (RFC 3489 §11.2.2).
+	if fitsCore(stunwire.AddressAttrSize(origin)) {
+		typ := stunwire.AttrResponseOrigin
+		if !h.Cookie {
+			typ = stunwire.AttrSourceAddress
+		}
+		m = stunwire.AppendAddress(m, typ, origin)
+	}
+	return m
+}
+
+// countSuccess counts a success answer and the RFC 5780 features it used.
+func (b *binder) countSuccess(req bindingRequest, from endpoint, p *parsed) {
 	b.stats.success.Add(1)
 	if from.ip != req.At.ip {
 		b.stats.changeIP.Add(1)
@@ -466,7 +512,6 @@ func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok 
 	if p.hasRespPort {
 		b.stats.responsePort.Add(1)
 	}
-	return bindingReply{Msg: m[start:], From: from, To: to}, true
 }
 
 // rfc5780Allowance is the RFC 5780 answer to a minimal request of the same
