@@ -72,6 +72,8 @@ const (
 	fLogFormat   = "log-format"
 	fMetrics     = "metrics"
 	fPprof       = "pprof"
+	fAdminToken  = "admin-token"
+	fAdminTokenF = "admin-token-file"
 )
 
 // Embedded defaults: stund with no flags runs on any Linux box, where the
@@ -115,6 +117,8 @@ func flags() []cli.Flag {
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fLogLevel, EnvVars: envName(fLogLevel), Value: "info", Usage: "`LEVEL`: debug, info, warn or error"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fLogFormat, EnvVars: envName(fLogFormat), Value: "text", Usage: "log `FORMAT`: text or json"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fMetrics, EnvVars: envName(fMetrics), Usage: "admin listener `ADDR` (host:port, e.g. 127.0.0.1:9641) serving /metrics (Prometheus), /healthz and /readyz; off when empty"}),
+		altsrc.NewStringFlag(&cli.StringFlag{Name: fAdminToken, EnvVars: envName(fAdminToken), Usage: "bearer `TOKEN` that turns on the operator API on the --metrics listener (allocations, kill, drain; stund ctl); at least 16 characters; prefer the environment or --admin-token-file to the command line, which other local users can read"}),
+		altsrc.NewStringFlag(&cli.StringFlag{Name: fAdminTokenF, EnvVars: envName(fAdminTokenF), Usage: "read the --admin-token from `FILE` (surrounding white space ignored; re-read on SIGHUP)"}),
 		altsrc.NewBoolFlag(&cli.BoolFlag{Name: fPprof, EnvVars: envName(fPprof), Usage: "also serve Go's profiler under /debug/pprof/ on the --metrics listener (keep that listener private: profiles show internals and cost CPU while taken)"}),
 	}
 }

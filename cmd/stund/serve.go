@@ -20,6 +20,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/stund/stund/server"
+	"github.com/stund/stund/server/admin"
 )
 
 // adminShutdownTimeout bounds the admin listener's graceful stop: a scrape
@@ -54,6 +55,45 @@ func metricsAddr(c *cli.Context, keys *yamlKeys) (string, error) {
 	return a, nil
 }
 
+// minTokenLen is the shortest --admin-token accepted: the API can end
+// every call on the node, so the token must not be guessable (16
+// characters of `openssl rand -hex 32` are 64 bits).
+const minTokenLen = 16
+
+// adminToken is the API's bearer token from --admin-token or
+// --admin-token-file ("" when neither: the API is off). The API is served
+// on the admin listener, so a token without --metrics is an error rather
+// than a silently closed API.
+func adminToken(c *cli.Context, keys *yamlKeys, admAddr string) (string, error) {
+	tok, file := c.String(fAdminToken), c.String(fAdminTokenF)
+	flag := fAdminToken
+	switch {
+	case tok != "" && file != "":
+		return "", fmt.Errorf("%s and --%s: give one%s", fAdminToken, fAdminTokenF, keys.where(fAdminTokenF))
+	case file != "":
+		flag = fAdminTokenF
+		b, err := os.ReadFile(file)
+		if err != nil {
+			return "", fmt.Errorf("%s: %v%s", flag, err, keys.where(flag))
+		}
+		if tok = strings.TrimSpace(string(b)); tok == "" {
+			return "", fmt.Errorf("%s: %s is empty%s", flag, file, keys.where(flag))
+		}
+	case tok == "":
+		return "", nil
+	}
+	if len(tok) < minTokenLen {
+		return "", fmt.Errorf("%s: the token has %d characters, at least %d are needed (e.g. openssl rand -hex 32)%s", flag, len(tok), minTokenLen, keys.where(flag))
+	}
+	if strings.ContainsAny(tok, " \t\r\n") {
+		return "", fmt.Errorf("%s: the token contains white space, which an Authorization header cannot carry%s", flag, keys.where(flag))
+	}
+	if admAddr == "" {
+		return "", fmt.Errorf("%s needs --%s: the API is served on the admin listener%s", flag, fMetrics, keys.where(flag))
+	}
+	return tok, nil
+}
+
 // serve is stund's main action: build the configuration, start the admin
 // listener and the server, reload on SIGHUP, stop when ctx ends (SIGINT,
 // SIGTERM).
@@ -78,13 +118,18 @@ func serve(c *cli.Context, stdout io.Writer) error {
 	if c.Bool(fPprof) && admAddr == "" {
 		return configError{fmt.Errorf("%s needs --%s: the profiler is served on the admin listener%s", fPprof, fMetrics, keys.where(fPprof))}
 	}
-	admin := server.Admin{Pprof: c.Bool(fPprof)}
+	token, err := adminToken(c, keys, admAddr)
+	if err != nil {
+		return configError{err}
+	}
+	adm := &admin.Handler{Pprof: c.Bool(fPprof)}
+	adm.SetToken(token)
 	if admAddr != "" {
 		ln, err := net.Listen("tcp", admAddr)
 		if err != nil {
 			return fmt.Errorf("%s: %w", fMetrics, err)
 		}
-		hs := &http.Server{Handler: &admin, ReadHeaderTimeout: 5 * time.Second}
+		hs := &http.Server{Handler: adm, ReadHeaderTimeout: 5 * time.Second}
 		go func() { _ = hs.Serve(ln) }()
 		defer func() {
 			ctx, cancel := context.WithTimeout(context.Background(), adminShutdownTimeout)
@@ -92,8 +137,11 @@ func serve(c *cli.Context, stdout io.Writer) error {
 			_ = hs.Shutdown(ctx)
 		}()
 		paths := "/metrics /healthz /readyz"
-		if admin.Pprof {
+		if adm.Pprof {
 			paths += " /debug/pprof/"
+		}
+		if token != "" {
+			paths += " /allocations /users/ /drain"
 		}
 		fmt.Fprintf(stdout, "stund: admin on http://%s (%s)\n", ln.Addr(), paths)
 	}
@@ -103,7 +151,7 @@ func serve(c *cli.Context, stdout io.Writer) error {
 		return err
 	}
 	srv.Registry().MustRegister(buildInfo())
-	admin.SetServer(srv)
+	adm.Attach(nodeAdapter{srv})
 	if demoPass != "" {
 		fmt.Fprintf(stdout, "stund: demo TURN user %q password %q realm %q\n", demoUser, demoPass, cfg.Realm)
 	}
@@ -124,7 +172,7 @@ func serve(c *cli.Context, stdout io.Writer) error {
 			logger.Info("shutting down", "allocations", srv.AllocationCount())
 			return srv.Close()
 		case <-hup:
-			demoPass = reload(srv, args, demoPass, logger, stdout, c.App.ErrWriter)
+			demoPass = reload(srv, adm, args, demoPass, logger, stdout, c.App.ErrWriter)
 		}
 	}
 }
@@ -132,14 +180,15 @@ func serve(c *cli.Context, stdout io.Writer) error {
 // reload re-reads the command line, the environment and the YAML file, as
 // at start, and applies what can change on a running server. A bad
 // configuration is logged and the running settings stay. It returns the
-// demo password in force.
-func reload(srv *server.Server, args []string, demoPass string, logger *slog.Logger, stdout, stderr io.Writer) string {
+// demo password in force. The admin token is re-read too, so that it
+// rotates without a restart.
+func reload(srv *server.Server, adm *admin.Handler, args []string, demoPass string, logger *slog.Logger, stdout, stderr io.Writer) string {
 	logger.Info("SIGHUP: reloading configuration")
 	if args == nil {
 		logger.Error("reload failed: the command line is unknown; keeping the running settings")
 		return demoPass
 	}
-	cfg, newDemo, err := loadConfig(args, stderr)
+	cfg, newDemo, token, err := loadConfig(args, stderr)
 	if err != nil {
 		logger.Error("reload failed; keeping the running settings", "error", err)
 		srv.ReloadFailed() // stund_reloads_total{result="error"}
@@ -157,12 +206,13 @@ func reload(srv *server.Server, args []string, demoPass string, logger *slog.Log
 		logger.Error("reload failed; keeping the running settings", "error", err)
 		return demoPass
 	}
+	adm.SetToken(token)
 	return newDemo
 }
 
 // loadConfig parses args with the environment and the YAML file exactly as
 // the start did, without starting anything.
-func loadConfig(args []string, stderr io.Writer) (cfg server.Config, demoPass string, err error) {
+func loadConfig(args []string, stderr io.Writer) (cfg server.Config, demoPass, token string, err error) {
 	app := newApp(io.Discard, stderr)
 	app.Action = func(c *cli.Context) error {
 		var e error
@@ -170,18 +220,22 @@ func loadConfig(args []string, stderr io.Writer) (cfg server.Config, demoPass st
 		if e != nil {
 			return configError{e}
 		}
-		if _, e = metricsAddr(c, keysOf(c)); e != nil {
+		addr, e := metricsAddr(c, keysOf(c))
+		if e != nil {
+			return configError{e}
+		}
+		if token, e = adminToken(c, keysOf(c), addr); e != nil {
 			return configError{e}
 		}
 		return nil
 	}
 	if err = app.Run(args); err != nil {
-		return cfg, "", err
+		return cfg, "", "", err
 	}
 	if cfg.Users == nil && cfg.AuthSecrets == nil {
-		return cfg, "", errors.New("no configuration parsed")
+		return cfg, "", "", errors.New("no configuration parsed")
 	}
-	return cfg, demoPass, nil
+	return cfg, demoPass, token, nil
 }
 
 // buildInfo is stund_build_info{version, goversion} = 1.
