@@ -128,7 +128,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 	app := &cli.App{
 		Name:                 "stund",
 		Usage:                "STUN (RFC 8489, RFC 5780) and TURN (RFC 8656) server",
-		UsageText:            "stund [flags]    (no flags: 127.0.0.1 + 127.0.0.2, ports 3478/3479, a demo user)",
+		UsageText:            "stund [flags]    (no flags: 127.0.0.1 + 127.0.0.2, ports 3478/3479, a demo user)\n   stund ctl list|kill|drain    (the admin API's client)",
 		Version:              version,
 		Flags:                fl,
 		Writer:               stdout,
@@ -137,7 +137,10 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		HideHelpCommand:      true,
 		Before: func(c *cli.Context) error {
 			if c.NArg() > 0 {
-				return usageError{fmt.Errorf("unexpected argument %q (stund takes only flags)", c.Args().First())}
+				if c.App.Command(c.Args().First()) != nil {
+					return nil // a client command: no server configuration to read
+				}
+				return usageError{fmt.Errorf("unexpected argument %q (stund takes only flags, or the command ctl)", c.Args().First())}
 			}
 			path := c.String(fConfig)
 			if path == "" {
@@ -166,6 +169,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		Action: func(c *cli.Context) error {
 			return serve(c, stdout)
 		},
+		Commands: []*cli.Command{ctlCommand(stdout)},
 	}
 	return app
 }

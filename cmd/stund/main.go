@@ -34,10 +34,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 
 	app := newApp(stdout, stderr)
 	app.Metadata = map[string]any{"args": args} // SIGHUP parses them again
-	app.BashComplete = completer(args, stdout)
+	setCompletion(app, args, stdout)
 	err := app.RunContext(ctx, args)
 	if err == nil {
 		return 0
+	}
+	var cue ctlUsageError
+	if errors.As(err, &cue) { // ctl printed its own help
+		fmt.Fprintf(stderr, "stund ctl: %v\n", err)
+		return exitUsage
 	}
 	var ue usageError
 	if errors.As(err, &ue) || isFlagError(err) {
