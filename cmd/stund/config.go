@@ -154,12 +154,11 @@ func buildConfig(c *cli.Context, keys *yamlKeys) (cfg server.Config, demoPass st
 	cert, key := c.String(fCert), c.String(fKey)
 	switch {
 	case cert != "" && key != "":
-		pair, err := tls.LoadX509KeyPair(cert, key)
-		if err != nil {
-			return cfg, "", bad(fCert, "%v", err)
-		}
+		// The certificate itself comes from serve's certreload.Reloader
+		// (GetCertificate), which loads the files at start and again
+		// on SIGHUP or when they change: a reload of the rest of the
+		// configuration must not fail on a certificate being renewed.
 		cfg.TLSConfig = &tls.Config{
-			Certificates: []tls.Certificate{pair},
 			// TLS 1.2 is the floor RFC 8489 §6.2.3 and RFC 9325 set.
 			MinVersion: tls.VersionTLS12,
 		}

@@ -16,6 +16,8 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/stund/stund/internal/certreload"
+	"github.com/stund/stund/internal/testutil"
 	"github.com/stund/stund/server"
 )
 
@@ -89,6 +91,7 @@ func TestOperatorDoc(t *testing.T) {
 	}
 	defer srv.Close()
 	srv.Registry().MustRegister(buildInfo())
+	srv.Registry().MustRegister(certMetrics(testReloader(t))...) // registered with --cert
 	mfs, err := srv.Registry().Gather()
 	if err != nil {
 		t.Fatal(err)
@@ -128,4 +131,24 @@ func metricRow(doc, name string) string {
 		}
 	}
 	return ""
+}
+
+// testReloader serves a fresh self-signed certificate from files.
+func testReloader(t *testing.T) *certreload.Reloader {
+	t.Helper()
+	c, _ := testutil.SelfSigned(t)
+	cp, kp := testutil.PEM(t, c)
+	dir := t.TempDir()
+	cf, kf := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	if err := os.WriteFile(cf, cp, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(kf, kp, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r, err := certreload.New(cf, kf, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
 }

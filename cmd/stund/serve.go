@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/urfave/cli/v2"
 
+	"github.com/stund/stund/internal/certreload"
 	"github.com/stund/stund/server"
 	"github.com/stund/stund/server/admin"
 )
@@ -108,6 +109,17 @@ func serve(c *cli.Context, stdout io.Writer) error {
 		return configError{err}
 	}
 	logger := cfg.Logger
+	var certs *certreload.Reloader
+	if cfg.TLSConfig != nil {
+		if certs, err = certreload.New(c.String(fCert), c.String(fKey), logger); err != nil {
+			return configError{fmt.Errorf("%s: %v%s", fCert, err, keys.where(fCert))}
+		}
+		cfg.TLSConfig.GetCertificate = certs.GetCertificate
+		ctx, cancel := context.WithCancel(c.Context)
+		watched := make(chan struct{})
+		go func() { certs.Watch(ctx, certreload.PollInterval); close(watched) }()
+		defer func() { cancel(); <-watched }()
+	}
 
 	// Registered before anything is bound, so that a SIGHUP arriving
 	// during start-up is a reload, never the default action (exit).
@@ -151,6 +163,9 @@ func serve(c *cli.Context, stdout io.Writer) error {
 		return err
 	}
 	srv.Registry().MustRegister(buildInfo())
+	if certs != nil {
+		srv.Registry().MustRegister(certMetrics(certs)...)
+	}
 	adm.Attach(nodeAdapter{srv})
 	if demoPass != "" {
 		fmt.Fprintf(stdout, "stund: demo TURN user %q password %q realm %q\n", demoUser, demoPass, cfg.Realm)
@@ -173,6 +188,9 @@ func serve(c *cli.Context, stdout io.Writer) error {
 			return srv.Close()
 		case <-hup:
 			demoPass = reload(srv, adm, args, demoPass, logger, stdout, c.App.ErrWriter)
+			if certs != nil {
+				_ = certs.Reload() // a failure is logged and keeps the old certificate
+			}
 		}
 	}
 }
@@ -247,4 +265,31 @@ func buildInfo() prometheus.Collector {
 	})
 	g.Set(1)
 	return g
+}
+
+// certMetrics exports the TLS certificate's expiry, the alert that catches
+// a renewal that never reached stund, and the result of its reloads.
+func certMetrics(r *certreload.Reloader) []prometheus.Collector {
+	const help = "TLS certificate reloads (SIGHUP or the files changing), by result: ok, or error (the old certificate was kept)."
+	loads := func(ok bool) func() float64 {
+		return func() float64 {
+			o, f := r.Loads()
+			if ok {
+				return float64(o)
+			}
+			return float64(f)
+		}
+	}
+	return []prometheus.Collector{
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "stund_tls_certificate_expiry_timestamp_seconds",
+			Help: "When the TLS certificate served to new handshakes expires (Unix time).",
+		}, func() float64 { return float64(r.Current().Leaf.NotAfter.Unix()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "stund_tls_certificate_reloads_total", Help: help, ConstLabels: prometheus.Labels{"result": "ok"},
+		}, loads(true)),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "stund_tls_certificate_reloads_total", Help: help, ConstLabels: prometheus.Labels{"result": "error"},
+		}, loads(false)),
+	}
 }
