@@ -57,6 +57,67 @@ func ctlCommand(stdout io.Writer) *cli.Command {
 		}
 		return nil
 	}
+	// sub is one ctl command, with the connection flags and ctl's
+	// handling of misuse.
+	sub := func(name, usage, usageText string, action cli.ActionFunc, fl ...cli.Flag) *cli.Command {
+		return &cli.Command{
+			Name: name, Usage: usage, UsageText: usageText,
+			HideHelpCommand: true, OnUsageError: onUsage,
+			Flags: append(connFlags(), fl...), Action: action,
+		}
+	}
+
+	list := func(c *cli.Context) error {
+		if err := noArgs(c); err != nil {
+			return err
+		}
+		path := "/allocations"
+		if u := c.String(fCtlUser); u != "" {
+			path += "?user=" + url.QueryEscape(u)
+		}
+		var list []admin.Allocation
+		if err := newAPIClient(c).call(http.MethodGet, path, http.StatusOK, &list); err != nil {
+			return err
+		}
+		if c.Bool(fCtlJSON) {
+			enc := json.NewEncoder(stdout)
+			enc.SetIndent("", "  ")
+			return enc.Encode(list)
+		}
+		return printAllocations(stdout, list, time.Now())
+	}
+	kill := func(c *cli.Context) error {
+		user := c.String(fCtlUser)
+		switch {
+		case user != "" && c.NArg() > 0, user == "" && c.NArg() != 1:
+			return ctlMisuse(c, "give one allocation ID or --user NAME")
+		case user != "":
+			var k admin.Killed
+			if err := newAPIClient(c).call(http.MethodDelete, "/users/"+url.PathEscape(user)+"/allocations", http.StatusOK, &k); err != nil {
+				return err
+			}
+			fmt.Fprintf(stdout, "killed %d allocation(s) of %s\n", k.Killed, user)
+		default:
+			id := c.Args().First()
+			if err := newAPIClient(c).call(http.MethodDelete, "/allocations/"+url.PathEscape(id), http.StatusOK, nil); err != nil {
+				return err
+			}
+			fmt.Fprintf(stdout, "killed %s\n", id)
+		}
+		return nil
+	}
+	drain := func(c *cli.Context) error {
+		if err := noArgs(c); err != nil {
+			return err
+		}
+		var r admin.Readiness
+		if err := newAPIClient(c).call(http.MethodPost, "/drain", http.StatusAccepted, &r); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "%s: %d allocation(s) left\n", r.State, r.Allocations)
+		return nil
+	}
+
 	return &cli.Command{
 		Name:      "ctl",
 		Usage:     "talk to a running stund's admin API (needs --admin-token on both sides)",
@@ -76,85 +137,12 @@ func ctlCommand(stdout io.Writer) *cli.Command {
 			return ctlMisuse(c, "say what to do: list, kill or drain")
 		},
 		Subcommands: []*cli.Command{
-			{
-				Name:            "list",
-				HideHelpCommand: true,
-				Usage:           "list live allocations",
-				UsageText:       "stund ctl list [--user NAME] [--json]",
-				OnUsageError:    onUsage,
-				Flags: append(connFlags(),
-					&cli.StringFlag{Name: fCtlUser, Usage: "only `NAME`'s allocations (a REST username includes its expiry)"},
-					&cli.BoolFlag{Name: fCtlJSON, Usage: "print the API's JSON instead of a table"},
-				),
-				Action: func(c *cli.Context) error {
-					if err := noArgs(c); err != nil {
-						return err
-					}
-					path := "/allocations"
-					if u := c.String(fCtlUser); u != "" {
-						path += "?user=" + url.QueryEscape(u)
-					}
-					var list []admin.Allocation
-					if err := newAPIClient(c).call(http.MethodGet, path, http.StatusOK, &list); err != nil {
-						return err
-					}
-					if c.Bool(fCtlJSON) {
-						enc := json.NewEncoder(stdout)
-						enc.SetIndent("", "  ")
-						return enc.Encode(list)
-					}
-					return printAllocations(stdout, list, time.Now())
-				},
-			},
-			{
-				Name:            "kill",
-				HideHelpCommand: true,
-				Usage:           "end one allocation at once (its client gets 437), or every allocation of a user",
-				UsageText:       "stund ctl kill ID | stund ctl kill --user NAME",
-				OnUsageError:    onUsage,
-				Flags: append(connFlags(),
-					&cli.StringFlag{Name: fCtlUser, Usage: "end every allocation of `NAME`"},
-				),
-				Action: func(c *cli.Context) error {
-					user := c.String(fCtlUser)
-					switch {
-					case user != "" && c.NArg() > 0, user == "" && c.NArg() != 1:
-						return ctlMisuse(c, "give one allocation ID or --user NAME")
-					case user != "":
-						var k admin.Killed
-						if err := newAPIClient(c).call(http.MethodDelete, "/users/"+url.PathEscape(user)+"/allocations", http.StatusOK, &k); err != nil {
-							return err
-						}
-						fmt.Fprintf(stdout, "killed %d allocation(s) of %s\n", k.Killed, user)
-					default:
-						id := c.Args().First()
-						if err := newAPIClient(c).call(http.MethodDelete, "/allocations/"+url.PathEscape(id), http.StatusOK, nil); err != nil {
-							return err
-						}
-						fmt.Fprintf(stdout, "killed %s\n", id)
-					}
-					return nil
-				},
-			},
-			{
-				Name:            "drain",
-				HideHelpCommand: true,
-				Usage:           "start a drain: /readyz turns 503, new allocations go elsewhere, live ones run to their end",
-				UsageText:       "stund ctl drain",
-				OnUsageError:    onUsage,
-				Flags:           connFlags(),
-				Action: func(c *cli.Context) error {
-					if err := noArgs(c); err != nil {
-						return err
-					}
-					var r admin.Readiness
-					if err := newAPIClient(c).call(http.MethodPost, "/drain", http.StatusAccepted, &r); err != nil {
-						return err
-					}
-					fmt.Fprintf(stdout, "%s: %d allocation(s) left\n", r.State, r.Allocations)
-					return nil
-				},
-			},
+			sub("list", "list live allocations", "stund ctl list [--user NAME] [--json]", list,
+				&cli.StringFlag{Name: fCtlUser, Usage: "only `NAME`'s allocations (a REST username includes its expiry)"},
+				&cli.BoolFlag{Name: fCtlJSON, Usage: "print the API's JSON instead of a table"}),
+			sub("kill", "end one allocation at once (its client gets 437), or every allocation of a user", "stund ctl kill ID | stund ctl kill --user NAME", kill,
+				&cli.StringFlag{Name: fCtlUser, Usage: "end every allocation of `NAME`"}),
+			sub("drain", "start a drain: /readyz turns 503, new allocations go elsewhere, live ones run to their end", "stund ctl drain", drain),
 		},
 	}
 }
