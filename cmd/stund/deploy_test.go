@@ -545,3 +545,26 @@ func TestKubernetesManifests(t *testing.T) {
 		}
 	}
 }
+
+// TestExampleConfig: configs/stund.yaml is a configuration stund accepts,
+// and each key it shows commented out, to be turned on, is a flag too.
+func TestExampleConfig(t *testing.T) {
+	path := filepath.Join(repoRoot, "configs/stund.yaml")
+	if _, err := checkYAMLKeys(path, flags()); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := flagNames()
+	shown := regexp.MustCompile(`(?m)^# ([a-z0-9-]+):`).FindAllSubmatch(b, -1)
+	if len(shown) == 0 {
+		t.Fatal("no commented-out keys found: the pattern is stale")
+	}
+	for _, m := range shown {
+		if !names[string(m[1])] {
+			t.Errorf("commented-out key %q is not a flag", m[1])
+		}
+	}
+}
