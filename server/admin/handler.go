@@ -121,9 +121,10 @@ func (h *Handler) serveAPI(w http.ResponseWriter, r *http.Request) {
 		_, _ = w.Write([]byte(APIOff))
 		return
 	}
-	got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	// RFC 9110 §11.1: the scheme name is case-insensitive.
+	scheme, got, _ := strings.Cut(r.Header.Get("Authorization"), " ")
 	sum := sha256.Sum256([]byte(got))
-	if !ok || subtle.ConstantTimeCompare(sum[:], want[:]) != 1 {
+	if !strings.EqualFold(scheme, "Bearer") || subtle.ConstantTimeCompare(sum[:], want[:]) != 1 {
 		// RFC 6750 §3: the challenge names the scheme.
 		w.Header().Set("WWW-Authenticate", `Bearer realm="stund admin"`)
 		http.Error(w, "wrong or missing bearer token", http.StatusUnauthorized)

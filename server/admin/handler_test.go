@@ -187,7 +187,7 @@ func TestAPIAuth(t *testing.T) {
 	h := &Handler{}
 	h.Attach(f)
 	h.SetToken(token)
-	for _, auth := range []string{"", "Bearer", "Bearer ", "Bearer wrong", "Bearer " + token[:len(token)-1], "Bearer " + token + "x", "Basic " + token, "bearer" + token, token} {
+	for _, auth := range []string{"", "Bearer", "Bearer ", "Bearer wrong", "Bearer " + token[:len(token)-1], "Bearer " + token + "x", "Basic " + token, "bearer" + token, token, "Bearer  " + token} {
 		for _, c := range apiCalls {
 			rec := do(h, c.method, c.path, auth)
 			if rec.Code != 401 || !strings.HasPrefix(rec.Header().Get("WWW-Authenticate"), "Bearer") {
@@ -205,6 +205,9 @@ func TestAPIAuth(t *testing.T) {
 	}
 	if rec := do(h, "GET", "/allocations", "Bearer new-token-after-reload"); rec.Code != 200 {
 		t.Errorf("new token after rotation: %d", rec.Code)
+	}
+	if rec := do(h, "GET", "/allocations", "bearer new-token-after-reload"); rec.Code != 200 {
+		t.Errorf("lower-case scheme (case-insensitive, RFC 9110 §11.1): %d", rec.Code)
 	}
 }
 
