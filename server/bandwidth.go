@@ -88,6 +88,22 @@ func (b *bandwidth) take(k *bucket, n int) bool {
 	}
 }
 
+// wait charges n bytes to one direction's bucket and returns how long the
+// caller must wait for them to be within the cap (0: they are). A stream
+// cannot drop bytes the way a UDP relay drops a datagram, so RFC 6062 peer
+// connections are slowed to the cap instead, as a congested link would.
+func (b *bandwidth) wait(k *bucket, n int) time.Duration {
+	now := b.now().UnixNano()
+	cost := b.cost(n)
+	for {
+		old := k.tat.Load()
+		t := max(old, now) + cost
+		if k.tat.CompareAndSwap(old, t) {
+			return time.Duration(max(0, t-now-b.tolerance))
+		}
+	}
+}
+
 // acquire returns userID's buckets, creating them on the user's first
 // relay socket.
 func (b *bandwidth) acquire(userID string) *userBW {

@@ -209,3 +209,21 @@ func TestBandwidthCapPerUserOverServer(t *testing.T) {
 		t.Fatalf("peer got %d of bob's 10 datagrams while alice is capped", got)
 	}
 }
+
+// TestBandwidthWait: a stream is slowed, never dropped: within the bucket
+// it waits nothing, past it exactly as long as the excess takes at the cap.
+func TestBandwidthWait(t *testing.T) {
+	clk := newClock()
+	b := newBandwidth(8*minBandwidthBurst, clk.Now) // minBandwidthBurst bytes/s, 1 s bucket
+	var k bucket
+	if d := b.wait(&k, minBandwidthBurst); d != 0 {
+		t.Fatalf("a full bucket's worth waited %v", d)
+	}
+	if d := b.wait(&k, minBandwidthBurst/2); d != 500*time.Millisecond {
+		t.Fatalf("half a second over the bucket waited %v, want 500ms", d)
+	}
+	clk.Add(2 * time.Second)
+	if d := b.wait(&k, 1024); d != 0 {
+		t.Fatalf("after the bucket drained, waited %v", d)
+	}
+}

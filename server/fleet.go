@@ -30,6 +30,7 @@ const drainPoll = 200 * time.Millisecond
 // fleet is the node's drain state and its alternates.
 type fleet struct {
 	draining atomic.Bool
+	started  chan struct{} // closed when a drain starts
 	alts     []netip.AddrPort
 	next     atomic.Uint32 // round robin over alts
 }
@@ -37,10 +38,15 @@ type fleet struct {
 // Drain starts a drain; it is idempotent.
 func (s *Server) Drain() {
 	if s.fleet.draining.CompareAndSwap(false, true) {
+		close(s.fleet.started)
 		s.log.Info("draining: new allocations are redirected or refused, existing ones run to their end",
 			"allocations", s.AllocationCount(), "alternates", len(s.fleet.alts))
 	}
 }
+
+// DrainStarted is closed when a drain starts (Drain: SIGTERM in
+// cmd/stund, or the admin API's POST /drain).
+func (s *Server) DrainStarted() <-chan struct{} { return s.fleet.started }
 
 // Draining reports whether a drain has started.
 func (s *Server) Draining() bool { return s.fleet.draining.Load() }
@@ -135,9 +141,9 @@ func (a *allocation) view() admin.Allocation {
 		ID: a.id, User: a.user, Realm: a.realm, Client: a.tuple.src.String(), Server: a.tuple.dst.String(),
 		Transport: a.transport, Relayed: a.relay.String(), Started: a.created,
 	}
-	if a.sock != nil {
-		v.BytesOut, v.BytesIn = a.sock.bytesOut.Load(), a.sock.bytesIn.Load()
-		v.PktsOut, v.PktsIn = a.sock.pktsOut.Load(), a.sock.pktsIn.Load()
+	if u := a.usage; u != nil {
+		v.BytesOut, v.BytesIn = u.bytesOut.Load(), u.bytesIn.Load()
+		v.PktsOut, v.PktsIn = u.pktsOut.Load(), u.pktsIn.Load()
 	}
 	return v
 }

@@ -60,6 +60,9 @@ type allocation struct {
 	// relayCloser ends an RFC 6062 TCP allocation's relay listener (kill);
 	// UDP allocations are ended through sock.
 	relayCloser io.Closer
+	// usage counts what was relayed: the relay socket's counters for a
+	// UDP allocation, its peer connections' for a TCP one.
+	usage *usageCounters
 
 	// sock is the UDP relay socket (nil for RFC 6062 TCP allocations);
 	// set once when the allocation is recorded.
@@ -144,6 +147,7 @@ type ledger struct {
 	mu      sync.RWMutex
 	byTuple map[fiveTuple]*allocation
 	byID    map[string]*allocation
+	byRelay map[netip.AddrPort]*allocation
 	// sockets are the UDP relay sockets by announced address: bound by the
 	// generator before pion reports the allocation, removed when closed.
 	sockets map[netip.AddrPort]*relaySocket
@@ -156,7 +160,7 @@ type ledger struct {
 
 func newLedger() *ledger {
 	return &ledger{
-		byTuple: map[fiveTuple]*allocation{}, byID: map[string]*allocation{},
+		byTuple: map[fiveTuple]*allocation{}, byID: map[string]*allocation{}, byRelay: map[netip.AddrPort]*allocation{},
 		sockets: map[netip.AddrPort]*relaySocket{}, listeners: map[netip.AddrPort]io.Closer{},
 	}
 }
@@ -177,8 +181,10 @@ func (l *ledger) created(t fiveTuple, transport, user, realm string, relay netip
 		perms: map[netip.Addr]struct{}{}, chans: map[uint16]netip.AddrPort{},
 	}
 	l.mu.Lock()
+	a.usage = new(usageCounters)
 	if s := l.sockets[relay]; s != nil {
 		a.sock = s
+		a.usage = &s.usage
 		if l.relayBytesBy != nil {
 			s.by.Store(&l.relayBytesBy[transportIndex(transport)])
 		} else {
@@ -192,6 +198,7 @@ func (l *ledger) created(t fiveTuple, transport, user, realm string, relay netip
 	}
 	l.byTuple[t] = a
 	l.byID[a.id] = a
+	l.byRelay[relay] = a
 	l.mu.Unlock()
 	return a
 }
@@ -203,9 +210,19 @@ func (l *ledger) deleted(t fiveTuple) *allocation {
 	delete(l.byTuple, t)
 	if a != nil {
 		delete(l.byID, a.id)
+		if l.byRelay[a.relay] == a {
+			delete(l.byRelay, a.relay)
+		}
 	}
 	l.mu.Unlock()
 	return a
+}
+
+// byRelayLookup returns the allocation on a relayed address, or nil.
+func (l *ledger) byRelayLookup(relay netip.AddrPort) *allocation {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.byRelay[relay]
 }
 
 // byIDLookup returns the allocation with id, or nil.

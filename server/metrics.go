@@ -1,7 +1,6 @@
 package server
 
-// metrics.go exposes the server's counters to Prometheus and serves the
-// admin endpoints (/metrics, /healthz, /readyz).
+// metrics.go exposes the server's counters to Prometheus.
 //
 // The packet paths keep the atomic counters they already had (binding.go,
 // demux.go) or get one atomic add (relay packets); the registry reads them
@@ -10,14 +9,10 @@ package server
 // expiry, so their number is unbounded.
 
 import (
-	"net/http"
-	"net/http/pprof"
-	"strings"
 	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
 // opsStats counts what pion's event hooks, the auth hook and the relay
@@ -232,76 +227,4 @@ func (s *Server) newRegistry() *prometheus.Registry {
 		return 0
 	})
 	return reg
-}
-
-// Admin serves the admin endpoints. It exists before the server does, so
-// that the listener can answer /healthz while stund starts; SetServer
-// makes /readyz and /metrics live.
-type Admin struct {
-	srv     atomic.Pointer[Server]
-	metrics atomic.Pointer[http.Handler]
-	// Pprof serves Go's profiler under /debug/pprof/ (cmd/stund
-	// --pprof). Off by default: a profile reveals internals and costs
-	// CPU while it is taken, so only an operator asks for it. Set it
-	// before the listener serves.
-	Pprof bool
-}
-
-// SetServer attaches the running server.
-func (a *Admin) SetServer(s *Server) {
-	h := promhttp.HandlerFor(s.Registry(), promhttp.HandlerOpts{})
-	a.metrics.Store(&h)
-	a.srv.Store(s)
-}
-
-// ServeHTTP serves /healthz (the process is up: always 200), /readyz (200
-// once every socket is bound and until Close begins, else 503) and /metrics
-// (Prometheus text format; 503 before the server exists).
-func (a *Admin) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	switch r.URL.Path {
-	case "/healthz":
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		_, _ = w.Write([]byte("ok\n"))
-	case "/readyz":
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		s := a.srv.Load()
-		switch {
-		case s == nil:
-			http.Error(w, "starting", http.StatusServiceUnavailable)
-		case !s.Ready():
-			http.Error(w, "closing", http.StatusServiceUnavailable)
-		default:
-			_, _ = w.Write([]byte("ready\n"))
-		}
-	case "/metrics":
-		h := a.metrics.Load()
-		if h == nil {
-			http.Error(w, "starting", http.StatusServiceUnavailable)
-			return
-		}
-		(*h).ServeHTTP(w, r)
-	default:
-		if a.Pprof && strings.HasPrefix(r.URL.Path, "/debug/pprof/") {
-			servePprof(w, r)
-			return
-		}
-		http.NotFound(w, r)
-	}
-}
-
-// servePprof routes /debug/pprof/ as net/http/pprof does on
-// http.DefaultServeMux (which stund never serves).
-func servePprof(w http.ResponseWriter, r *http.Request) {
-	switch strings.TrimPrefix(r.URL.Path, "/debug/pprof/") {
-	case "cmdline":
-		pprof.Cmdline(w, r)
-	case "profile":
-		pprof.Profile(w, r)
-	case "symbol":
-		pprof.Symbol(w, r)
-	case "trace":
-		pprof.Trace(w, r)
-	default: // the index, and heap, goroutine, allocs, block, mutex, threadcreate
-		pprof.Index(w, r)
-	}
 }

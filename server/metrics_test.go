@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/pion/stun/v4"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	dto "github.com/prometheus/client_model/go"
 )
 
@@ -157,10 +158,8 @@ func TestMetrics(t *testing.T) {
 	}
 
 	// Over HTTP, with the runtime collectors; no per-user label anywhere.
-	a := &Admin{}
-	a.SetServer(s)
 	rec := httptest.NewRecorder()
-	a.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
+	promhttp.HandlerFor(s.Registry(), promhttp.HandlerOpts{}).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
 	body, _ := io.ReadAll(rec.Body)
 	text := string(body)
 	for _, want := range []string{"stund_allocations_active 1", "go_goroutines", "process_open_fds", `stund_relay_packets_total{direction="to_peer"}`} {
@@ -289,32 +288,19 @@ func TestMetricsAbuseCounters(t *testing.T) {
 	}
 }
 
-// TestHealthReady: /healthz answers while the process lives; /readyz only
-// between New and Close.
+// TestHealthReady: Ready (what /readyz reports, server/admin) and
+// stund_ready hold only between New and Close.
 func TestHealthReady(t *testing.T) {
-	a := &Admin{}
-	get := func(path string) int {
-		rec := httptest.NewRecorder()
-		a.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path, nil))
-		return rec.Code
-	}
-	if get("/healthz") != 200 || get("/readyz") != 503 || get("/metrics") != 503 {
-		t.Fatalf("before the server: healthz %d readyz %d metrics %d, want 200 503 503", get("/healthz"), get("/readyz"), get("/metrics"))
-	}
 	s := startTURNServer(t, nil)
-	a.SetServer(s)
-	if get("/readyz") != 200 || get("/metrics") != 200 {
-		t.Fatalf("running: readyz %d metrics %d, want 200 200", get("/readyz"), get("/metrics"))
+	if !s.Ready() {
+		t.Fatal("not ready while running")
 	}
 	if v := metricValue(t, s, "stund_ready"); v != 1 {
 		t.Errorf("stund_ready = %v while running", v)
 	}
-	if get("/nope") != 404 {
-		t.Errorf("unknown path: %d", get("/nope"))
-	}
 	s.Close()
-	if get("/readyz") != 503 || get("/healthz") != 200 {
-		t.Fatalf("closed: readyz %d healthz %d, want 503 200", get("/readyz"), get("/healthz"))
+	if s.Ready() {
+		t.Fatal("ready after Close")
 	}
 	if v := metricValue(t, s, "stund_ready"); v != 0 {
 		t.Errorf("stund_ready = %v after Close", v)

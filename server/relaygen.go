@@ -162,7 +162,7 @@ func (g *relayGenerator) AllocateListener(c turn.AllocateListenerConfig) (net.Li
 		return nil, nil, err
 	}
 	relayed := &net.TCPAddr{IP: g.inner.RelayAddress, Port: int(k.port)}
-	rl := &relayListener{Listener: ln, portHold: portHold{key: k}, ops: g.ops, led: g.led, addr: stunwire.AddrPortOf(relayed)}
+	rl := &relayListener{Listener: ln, portHold: portHold{key: k}, ops: g.ops, led: g.led, addr: stunwire.AddrPortOf(relayed), gen: g, user: c.UserID}
 	g.led.addListener(rl.addr, rl) // the allocation can be ended through it (kill)
 	return rl, relayed, nil
 }
@@ -202,7 +202,7 @@ func (g *relayGenerator) AllocateConn(c turn.AllocateConnConfig) (net.Conn, erro
 		relays.release(k, true)
 		return nil, err
 	}
-	return &peerConn{Conn: conn, key: k}, nil
+	return g.newPeerConn(conn, k, stunwire.AddrPortOf(c.LocalAddr), c.UserID), nil
 }
 
 // RelayStats says how full the relays are, for metrics and operators.
@@ -396,6 +396,8 @@ type relayListener struct {
 	ops  *opsStats
 	led  *ledger
 	addr netip.AddrPort // the announced relayed address, its key in led
+	gen  *relayGenerator
+	user string
 }
 
 // Accept never returns a refused connection, nor an error for one: pion
@@ -413,7 +415,7 @@ func (l *relayListener) Accept() (net.Conn, error) {
 			_ = conn.Close()
 			continue
 		}
-		return &peerConn{Conn: conn, key: l.key}, nil
+		return l.gen.newPeerConn(conn, l.key, l.addr, l.user), nil
 	}
 }
 
@@ -431,11 +433,62 @@ type peerConn struct {
 	net.Conn
 	key  portKey
 	once sync.Once
+	// usage is the allocation's (nil if it was already gone); bw and bwu
+	// the user's --max-bps buckets (nil: no cap).
+	usage *usageCounters
+	bw    *bandwidth
+	bwu   *userBW
+	user  string
+}
+
+// newPeerConn meters conn for the allocation on relayed and user's cap.
+func (g *relayGenerator) newPeerConn(conn net.Conn, k portKey, relayed netip.AddrPort, user string) *peerConn {
+	pc := &peerConn{Conn: conn, key: k, bw: g.bw, user: user}
+	if a := g.led.byRelayLookup(relayed); a != nil {
+		pc.usage = a.usage
+	}
+	if g.bw != nil {
+		pc.bwu = g.bw.acquire(user)
+	}
+	return pc
+}
+
+// Read takes the peer's bytes for the client (counted "in"), at most at
+// the user's cap.
+func (c *peerConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if n > 0 {
+		if c.usage != nil {
+			c.usage.in(n)
+		}
+		if c.bwu != nil {
+			time.Sleep(c.bw.wait(&c.bwu.in, n))
+		}
+	}
+	return n, err
+}
+
+// Write sends the client's bytes to the peer (counted "out"), at most at
+// the user's cap.
+func (c *peerConn) Write(p []byte) (int, error) {
+	if c.bwu != nil {
+		time.Sleep(c.bw.wait(&c.bwu.out, len(p)))
+	}
+	n, err := c.Conn.Write(p)
+	if n > 0 && c.usage != nil {
+		c.usage.out(n)
+	}
+	return n, err
 }
 
 // Close frees the slot before closing, so that whoever sees the
 // connection end can count on the slot being free.
 func (c *peerConn) Close() error {
-	c.once.Do(func() { relays.release(c.key, true) })
+	c.once.Do(func() {
+		relays.release(c.key, true)
+		if c.bwu != nil {
+			c.bw.release(c.user, c.bwu)
+		}
+	})
 	return c.Conn.Close()
 }

@@ -52,13 +52,30 @@ type relaySocket struct {
 	// counters, set with alloc.
 	by atomic.Pointer[[2]atomic.Uint64]
 
-	// Per-allocation usage, each way ("out": toward the peer).
-	pktsOut, bytesOut, pktsIn, bytesIn atomic.Uint64
-	strangers                          atomic.Uint64 // datagrams from peers without a permission
+	// usage is the allocation's usage, each way (usage records).
+	usage     usageCounters
+	strangers atomic.Uint64 // datagrams from peers without a permission
 
 	closeOnce sync.Once
 	// onClose gives the port back to the relay port ledger (relaygen.go).
 	onClose func()
+}
+
+// usageCounters is one allocation's relayed traffic: "out" toward its
+// peers, "in" from them; packets are datagrams (UDP relays) or reads and
+// writes (RFC 6062 peer connections).
+type usageCounters struct {
+	pktsOut, bytesOut, pktsIn, bytesIn atomic.Uint64
+}
+
+func (u *usageCounters) out(n int) {
+	u.pktsOut.Add(1)
+	u.bytesOut.Add(uint64(n))
+}
+
+func (u *usageCounters) in(n int) {
+	u.pktsIn.Add(1)
+	u.bytesIn.Add(uint64(n))
 }
 
 type relayVerdict struct {
@@ -107,8 +124,7 @@ func (s *relaySocket) send(b []byte, to netip.AddrPort) (int, error) {
 	if err == nil {
 		s.ops.relayPktsOut.Add(1)
 		s.ops.relayBytesOut.Add(uint64(n))
-		s.pktsOut.Add(1)
-		s.bytesOut.Add(uint64(n))
+		s.usage.out(n)
 		if by := s.by.Load(); by != nil {
 			by[0].Add(uint64(n))
 		}
@@ -138,8 +154,7 @@ func (s *relaySocket) ReadFrom(b []byte) (int, net.Addr, error) {
 		}
 		s.ops.relayPktsIn.Add(1)
 		s.ops.relayBytesIn.Add(uint64(n))
-		s.pktsIn.Add(1)
-		s.bytesIn.Add(uint64(n))
+		s.usage.in(n)
 		s.by.Load()[1].Add(uint64(n)) // a is set, so by is
 		return n, addr, nil
 	}

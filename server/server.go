@@ -238,6 +238,7 @@ func (s *Server) startTURN() error {
 		Buckets: []float64{1, 10, 60, 300, 600, 1800, 3600, 3 * 3600, 12 * 3600},
 	})
 	s.fleet.alts = cfg.AlternateServers
+	s.fleet.started = make(chan struct{})
 	if cfg.UsageLog != nil {
 		s.usage = &usageSink{w: cfg.UsageLog}
 	}

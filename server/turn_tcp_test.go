@@ -76,6 +76,18 @@ func TestTURNTCPAllocation(t *testing.T) {
 	}
 	defer ic.Close()
 	echoBothWays(t, ac, ic, "inbound")
+
+	// The allocation's usage counts what its peer connections carried,
+	// as a UDP relay's does (usage records).
+	as := s.Allocations("alice")
+	if len(as) != 1 {
+		t.Fatalf("Allocations(alice) = %+v", as)
+	}
+	out := len("outbound: client to peer") + len("inbound: client to peer")
+	in := len("outbound: peer to client") + len("inbound: peer to client")
+	if as[0].BytesOut != uint64(out) || as[0].BytesIn != uint64(in) || as[0].Transport != "tcp" {
+		t.Fatalf("usage %d bytes to peers, %d from (%s), want %d and %d (tcp)", as[0].BytesOut, as[0].BytesIn, as[0].Transport, out, in)
+	}
 }
 
 // TestTURNTCPConnectDefaultPolicy: with no --allow-peer, Connect toward a

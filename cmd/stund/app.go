@@ -70,11 +70,17 @@ const (
 	fRFC5780Lean = "rfc5780-lean"
 	// fRFC5780All is deprecated and has no effect (the RFC 5780 answer is
 	// the default); still accepted so that old configurations start.
-	fRFC5780All = "rfc5780-always"
-	fLogLevel   = "log-level"
-	fLogFormat  = "log-format"
-	fMetrics    = "metrics"
-	fPprof      = "pprof"
+	fRFC5780All  = "rfc5780-always"
+	fLogLevel    = "log-level"
+	fLogFormat   = "log-format"
+	fMetrics     = "metrics"
+	fPprof       = "pprof"
+	fAdminToken  = "admin-token"
+	fAdminTokenF = "admin-token-file"
+	fAltServer   = "alternate-server"
+	fDrainTime   = "drain-timeout"
+	fUsageLog    = "usage-log"
+	fProxyFrom   = "proxy-protocol-from"
 )
 
 // Embedded defaults: stund with no flags runs on any Linux box, where the
@@ -113,12 +119,18 @@ func flags() []cli.Flag {
 		altsrc.NewFloat64Flag(&cli.Float64Flag{Name: fAllocRate, EnvVars: envName(fAllocRate), Value: server.DefaultAllocRate, Usage: "Allocates per second per user, burst 4 s' worth (486 beyond; -1 unlimited)"}),
 		altsrc.NewInt64Flag(&cli.Int64Flag{Name: fMaxBPS, EnvVars: envName(fMaxBPS), Usage: "cap on each user's relayed UDP traffic in `BITS` per second, each direction, over all the user's allocations; datagrams over it are dropped and counted (0: no cap)"}),
 		altsrc.NewIntFlag(&cli.IntFlag{Name: fMaxConnsIP, EnvVars: envName(fMaxConnsIP), Value: server.DefaultMaxConnsPerIP, Usage: "concurrent TCP/TLS connections per source IP or IPv6 /64; more are closed at accept (-1 unlimited)"}),
+		altsrc.NewStringSliceFlag(&cli.StringSliceFlag{Name: fProxyFrom, EnvVars: envName(fProxyFrom), Usage: "load balancer `CIDR` whose TCP/TLS connections must start with a PROXY protocol v1/v2 header naming the client (repeatable); from other sources a header is never honoured"}),
+		altsrc.NewStringSliceFlag(&cli.StringSliceFlag{Name: fAltServer, EnvVars: envName(fAltServer), Usage: "`IP:PORT` named (round robin) in 300 Try Alternate answers to new Allocates while draining or full (repeatable; without it: 508 while draining)"}),
+		altsrc.NewDurationFlag(&cli.DurationFlag{Name: fDrainTime, EnvVars: envName(fDrainTime), Value: defaultDrainTimeout, Usage: "after SIGTERM or POST /drain, how long existing allocations may run before stund exits anyway (a second SIGTERM, or SIGINT, exits at once)"}),
+		altsrc.NewStringFlag(&cli.StringFlag{Name: fUsageLog, EnvVars: envName(fUsageLog), Usage: "append one JSON usage record per ended allocation to `FILE` (reopened on SIGHUP, for logrotate)"}),
 		altsrc.NewBoolFlag(&cli.BoolFlag{Name: fRFC5780Lean, EnvVars: envName(fRFC5780Lean), Usage: "OTHER-ADDRESS and RESPONSE-ORIGIN only for Binding requests that use an RFC 5780 feature, within 2x the request (off: every request gets them, as NAT-discovery clients need; 2.8x for a bare request over IPv4, 4.6x over IPv6)"}),
 		altsrc.NewBoolFlag(&cli.BoolFlag{Name: fRFC5780All, EnvVars: envName(fRFC5780All), Hidden: true, Usage: "deprecated, no effect: every Binding request gets the RFC 5780 answer unless --rfc5780-lean"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fSoftware, EnvVars: envName(fSoftware), Usage: "SOFTWARE attribute `TEXT` (default: none, it only helps attackers)"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fLogLevel, EnvVars: envName(fLogLevel), Value: "info", Usage: "`LEVEL`: debug, info, warn or error"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fLogFormat, EnvVars: envName(fLogFormat), Value: "text", Usage: "log `FORMAT`: text or json"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fMetrics, EnvVars: envName(fMetrics), Usage: "admin listener `ADDR` (host:port, e.g. 127.0.0.1:9641) serving /metrics (Prometheus), /healthz and /readyz; off when empty"}),
+		altsrc.NewStringFlag(&cli.StringFlag{Name: fAdminToken, EnvVars: envName(fAdminToken), Usage: "bearer `TOKEN` that turns on the operator API on the --metrics listener (allocations, kill, drain; stund ctl); at least 16 characters; prefer the environment or --admin-token-file to the command line, which other local users can read"}),
+		altsrc.NewStringFlag(&cli.StringFlag{Name: fAdminTokenF, EnvVars: envName(fAdminTokenF), Usage: "read the --admin-token from `FILE` (surrounding white space ignored; re-read on SIGHUP)"}),
 		altsrc.NewBoolFlag(&cli.BoolFlag{Name: fPprof, EnvVars: envName(fPprof), Usage: "also serve Go's profiler under /debug/pprof/ on the --metrics listener (keep that listener private: profiles show internals and cost CPU while taken)"}),
 	}
 }
@@ -128,7 +140,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 	app := &cli.App{
 		Name:                 "stund",
 		Usage:                "STUN (RFC 8489, RFC 5780) and TURN (RFC 8656) server",
-		UsageText:            "stund [flags]    (no flags: 127.0.0.1 + 127.0.0.2, ports 3478/3479, a demo user)",
+		UsageText:            "stund [flags]    (no flags: 127.0.0.1 + 127.0.0.2, ports 3478/3479, a demo user)\n   stund ctl list|kill|drain    (the admin API's client)",
 		Version:              version,
 		Flags:                fl,
 		Writer:               stdout,
@@ -137,7 +149,10 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		HideHelpCommand:      true,
 		Before: func(c *cli.Context) error {
 			if c.NArg() > 0 {
-				return usageError{fmt.Errorf("unexpected argument %q (stund takes only flags)", c.Args().First())}
+				if c.App.Command(c.Args().First()) != nil {
+					return nil // a client command: no server configuration to read
+				}
+				return usageError{fmt.Errorf("unexpected argument %q (stund takes only flags, or the command ctl)", c.Args().First())}
 			}
 			path := c.String(fConfig)
 			if path == "" {
@@ -166,6 +181,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		Action: func(c *cli.Context) error {
 			return serve(c, stdout)
 		},
+		Commands: []*cli.Command{ctlCommand(stdout)},
 	}
 	return app
 }

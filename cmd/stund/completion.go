@@ -15,9 +15,18 @@ var completionValues = map[string][]string{
 	"--" + fLogFormat: {"text", "json"},
 }
 
-// completer answers --generate-bash-completion: the values of --log-level
-// and --log-format after those flags, otherwise the matching flags
-// (docs/operator.md).
-func completer(args []string, w io.Writer) cli.BashCompleteFunc {
-	return clicomplete.Func(args, w, completionValues)
+// setCompletion answers --generate-bash-completion for stund and each of
+// its commands: the values of --log-level and --log-format after those
+// flags, otherwise the matching flags and commands (docs/operator.md).
+func setCompletion(app *cli.App, args []string, w io.Writer) {
+	f := clicomplete.Func(args, w, completionValues)
+	app.BashComplete = f
+	var walk func([]*cli.Command)
+	walk = func(cmds []*cli.Command) {
+		for _, c := range cmds {
+			c.BashComplete = f
+			walk(c.Subcommands)
+		}
+	}
+	walk(app.Commands)
 }

@@ -136,7 +136,7 @@ func buildConfig(c *cli.Context, keys *yamlKeys) (cfg server.Config, demoPass st
 		return err
 	}
 	for _, step := range []func(*server.Config) error{
-		fr.addresses, fr.tlsCert, fr.advertise, auth, fr.relay, fr.limits, fr.loggers,
+		fr.addresses, fr.tlsCert, fr.advertise, auth, fr.relay, fr.limits, fr.fleet, fr.loggers,
 	} {
 		if err := step(&cfg); err != nil {
 			return cfg, "", err
@@ -191,12 +191,11 @@ func (fr flagReader) tlsCert(cfg *server.Config) error {
 	cert, key := fr.c.String(fCert), fr.c.String(fKey)
 	switch {
 	case cert != "" && key != "":
-		pair, err := tls.LoadX509KeyPair(cert, key)
-		if err != nil {
-			return fr.bad(fCert, "%v", err)
-		}
+		// The certificate itself comes from serve's certreload.Reloader
+		// (GetCertificate), which loads the files at start and again
+		// on SIGHUP or when they change: a reload of the rest of the
+		// configuration must not fail on a certificate being renewed.
 		cfg.TLSConfig = &tls.Config{
-			Certificates: []tls.Certificate{pair},
 			// TLS 1.2 is the floor RFC 8489 §6.2.3 and RFC 9325 set.
 			MinVersion: tls.VersionTLS12,
 		}
@@ -305,6 +304,25 @@ func (fr flagReader) limits(cfg *server.Config) (err error) {
 	}
 	if cfg.MaxConnsPerIP = c.Int(fMaxConnsIP); cfg.MaxConnsPerIP == 0 || cfg.MaxConnsPerIP < -1 {
 		return fr.bad(fMaxConnsIP, "%d: give a positive number, or -1 for unlimited", cfg.MaxConnsPerIP)
+	}
+	return nil
+}
+
+// fleet reads how the node works in a fleet: its alternates and the load
+// balancers allowed to send PROXY protocol headers.
+func (fr flagReader) fleet(cfg *server.Config) (err error) {
+	for _, a := range fr.c.StringSlice(fAltServer) {
+		ap, err := netip.ParseAddrPort(a)
+		if err != nil || ap.Port() == 0 {
+			return fr.bad(fAltServer, "%q: give IP:PORT (ALTERNATE-SERVER carries an address, RFC 8489 §14.15)", a)
+		}
+		cfg.AlternateServers = append(cfg.AlternateServers, netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()))
+	}
+	if cfg.ProxyProtocolFrom, err = parsePrefixes(fr.c.StringSlice(fProxyFrom)); err != nil {
+		return fr.bad(fProxyFrom, "%v", err)
+	}
+	if d := fr.c.Duration(fDrainTime); d <= 0 {
+		return fr.bad(fDrainTime, "%v: give a positive duration, e.g. 1h", d)
 	}
 	return nil
 }

@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"gopkg.in/yaml.v3"
 
@@ -25,14 +26,44 @@ import (
 
 const repoRoot = "../.."
 
-// flagByEnv maps STUND_* variables to flag names.
+// flagByEnv maps STUND_* variables to flag names: stund's, and stund
+// ctl's (a container may set STUND_ADMIN_URL for kubectl exec).
 func flagByEnv() map[string]string {
 	m := map[string]string{}
-	for _, f := range flags() {
-		name := f.Names()[0]
-		m[envName(name)[0]] = name
+	for _, f := range append(flags(), ctlCommand(io.Discard).Flags...) {
+		if ev, ok := f.(interface{ GetEnvVars() []string }); ok {
+			for _, e := range ev.GetEnvVars() {
+				m[e] = f.Names()[0]
+			}
+		}
 	}
 	return m
+}
+
+// drainTimeout is --drain-timeout's default: how long a stop may take.
+// TODO(merge): read it from the flag once the drain's flag is merged.
+const drainTimeout = time.Hour
+
+// stopMargin is what the stop timeouts allow past a full drain for
+// closing the sockets.
+const stopMargin = time.Minute
+
+// systemdSeconds parses the systemd time spans the unit uses ("90",
+// "90s", "61min", "1h").
+func systemdSeconds(t *testing.T, v string) time.Duration {
+	t.Helper()
+	for _, u := range []struct {
+		suffix string
+		unit   time.Duration
+	}{{"min", time.Minute}, {"h", time.Hour}, {"s", time.Second}, {"", time.Second}} {
+		if n, ok := strings.CutSuffix(v, u.suffix); ok {
+			if i, err := strconv.Atoi(n); err == nil {
+				return time.Duration(i) * u.unit
+			}
+		}
+	}
+	t.Fatalf("time span %q not understood", v)
+	return 0
 }
 
 func flagNames() map[string]bool {
@@ -281,6 +312,17 @@ func TestSystemdUnit(t *testing.T) {
 	if n, _ := strconv.Atoi(kv["Service.LimitNOFILE"][0]); n < server.DefaultTotalQuota*2 {
 		t.Errorf("LimitNOFILE %d < 2 x the default total quota %d", n, server.DefaultTotalQuota)
 	}
+	// Stopping is a drain: SIGTERM, and time for the longest drain
+	// before systemd's SIGKILL; the comment says how to cut it short.
+	if got := kv["Service.KillSignal"]; !slices.Equal(got, []string{"SIGTERM"}) {
+		t.Errorf("KillSignal = %q, want SIGTERM (stund's drain)", got)
+	}
+	if got := kv["Service.TimeoutStopSec"]; len(got) != 1 || systemdSeconds(t, got[0]) < drainTimeout+stopMargin {
+		t.Errorf("TimeoutStopSec = %q, want at least the drain timeout %v plus %v", got, drainTimeout, stopMargin)
+	}
+	if !regexp.MustCompile(`(?i)second signal`).Match(b) || !bytes.Contains(b, []byte("systemctl kill -s SIGTERM")) {
+		t.Error("the unit does not say that a second signal cuts a drain short")
+	}
 	// ExecStart's flags exist.
 	names := flagNames()
 	for _, w := range strings.Fields(kv["Service.ExecStart"][0]) {
@@ -392,6 +434,28 @@ func TestKubernetesManifests(t *testing.T) {
 	if metricsPort == "" {
 		t.Fatalf("STUND_METRICS %q has no port: probes need the admin listener", metrics)
 	}
+	// The API token, optional, from the Secret; ctl in the pod finds the
+	// listener through STUND_ADMIN_URL.
+	tok := env["STUND_ADMIN_TOKEN"]
+	if ref := dig(tok, "valueFrom", "secretKeyRef"); ref == nil || dig(ref, "optional") != true {
+		t.Error("STUND_ADMIN_TOKEN does not come, optionally, from a Secret")
+	} else if s := docs["Secret"]; s != nil && dig(s, "stringData", dig(ref, "key")) == nil {
+		t.Errorf("the Secret manifest does not show the admin token key %v", dig(ref, "key"))
+	}
+	if u, _ := dig(env["STUND_ADMIN_URL"], "value").(string); u != "http://"+metrics {
+		t.Errorf("STUND_ADMIN_URL %q is not the admin listener http://%s", u, metrics)
+	}
+
+	// Deleting the pod drains: the grace period covers the longest
+	// drain, and SIGTERM starts it. A preStop hook has no way to do it:
+	// an httpGet hook only GETs (POST /drain is needed) and carries no
+	// token from a Secret, and the image has no shell or curl.
+	if g, _ := dig(pod, "terminationGracePeriodSeconds").(int); time.Duration(g)*time.Second < drainTimeout+stopMargin {
+		t.Errorf("terminationGracePeriodSeconds %d < the drain timeout %v plus %v", g, drainTimeout, stopMargin)
+	}
+	if h := dig(c, "lifecycle", "preStop"); h != nil {
+		t.Errorf("preStop %v: SIGTERM is the drain", h)
+	}
 
 	// Args are known flags.
 	names := flagNames()
@@ -479,6 +543,29 @@ func TestKubernetesManifests(t *testing.T) {
 	for _, key := range []string{"primary-ip", "alternate-ip", configPath} {
 		if !strings.Contains(script, key) {
 			t.Errorf("the init step does not write %s", key)
+		}
+	}
+}
+
+// TestExampleConfig: configs/stund.yaml is a configuration stund accepts,
+// and each key it shows commented out, to be turned on, is a flag too.
+func TestExampleConfig(t *testing.T) {
+	path := filepath.Join(repoRoot, "configs/stund.yaml")
+	if _, err := checkYAMLKeys(path, flags()); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := flagNames()
+	shown := regexp.MustCompile(`(?m)^# ([a-z0-9-]+):`).FindAllSubmatch(b, -1)
+	if len(shown) == 0 {
+		t.Fatal("no commented-out keys found: the pattern is stale")
+	}
+	for _, m := range shown {
+		if !names[string(m[1])] {
+			t.Errorf("commented-out key %q is not a flag", m[1])
 		}
 	}
 }

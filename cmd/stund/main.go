@@ -10,7 +10,6 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"syscall"
 
 	"github.com/urfave/cli/v2"
 )
@@ -29,15 +28,22 @@ func main() {
 // run is main without the process: tests call it with their own args and
 // writers, and cancel ctx to stop the server as a signal would.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	// SIGINT stops at once; SIGTERM starts a drain (serve), and a second
+	// one stops at once.
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt)
 	defer stop()
 
 	app := newApp(stdout, stderr)
 	app.Metadata = map[string]any{"args": args} // SIGHUP parses them again
-	app.BashComplete = completer(args, stdout)
+	setCompletion(app, args, stdout)
 	err := app.RunContext(ctx, args)
 	if err == nil {
 		return 0
+	}
+	var cue ctlUsageError
+	if errors.As(err, &cue) { // ctl printed its own help
+		fmt.Fprintf(stderr, "stund ctl: %v\n", err)
+		return exitUsage
 	}
 	var ue usageError
 	if errors.As(err, &ue) || isFlagError(err) {

@@ -19,12 +19,20 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/urfave/cli/v2"
 
+	"github.com/stund/stund/internal/certreload"
+	"github.com/stund/stund/internal/logfile"
 	"github.com/stund/stund/server"
+	"github.com/stund/stund/server/admin"
 )
 
 // adminShutdownTimeout bounds the admin listener's graceful stop: a scrape
 // takes milliseconds, so a stuck one is cut.
 const adminShutdownTimeout = 2 * time.Second
+
+// defaultDrainTimeout bounds a drain: TURN allocations last 10 minutes
+// unless refreshed, and a call rarely lasts an hour; past it the calls
+// still running are cut (their usage records say drained).
+const defaultDrainTimeout = time.Hour
 
 // keysOf returns the YAML key positions Before recorded, or nil.
 func keysOf(c *cli.Context) *yamlKeys {
@@ -54,6 +62,45 @@ func metricsAddr(c *cli.Context, keys *yamlKeys) (string, error) {
 	return a, nil
 }
 
+// minTokenLen is the shortest --admin-token accepted: the API can end
+// every call on the node, so the token must not be guessable (16
+// characters of `openssl rand -hex 32` are 64 bits).
+const minTokenLen = 16
+
+// adminToken is the API's bearer token from --admin-token or
+// --admin-token-file ("" when neither: the API is off). The API is served
+// on the admin listener, so a token without --metrics is an error rather
+// than a silently closed API.
+func adminToken(c *cli.Context, keys *yamlKeys, admAddr string) (string, error) {
+	tok, file := c.String(fAdminToken), c.String(fAdminTokenF)
+	flag := fAdminToken
+	switch {
+	case tok != "" && file != "":
+		return "", fmt.Errorf("%s and --%s: give one%s", fAdminToken, fAdminTokenF, keys.where(fAdminTokenF))
+	case file != "":
+		flag = fAdminTokenF
+		b, err := os.ReadFile(file)
+		if err != nil {
+			return "", fmt.Errorf("%s: %v%s", flag, err, keys.where(flag))
+		}
+		if tok = strings.TrimSpace(string(b)); tok == "" {
+			return "", fmt.Errorf("%s: %s is empty%s", flag, file, keys.where(flag))
+		}
+	case tok == "":
+		return "", nil
+	}
+	if len(tok) < minTokenLen {
+		return "", fmt.Errorf("%s: the token has %d characters, at least %d are needed (e.g. openssl rand -hex 32)%s", flag, len(tok), minTokenLen, keys.where(flag))
+	}
+	if strings.ContainsAny(tok, " \t\r\n") {
+		return "", fmt.Errorf("%s: the token contains white space, which an Authorization header cannot carry%s", flag, keys.where(flag))
+	}
+	if admAddr == "" {
+		return "", fmt.Errorf("%s needs --%s: the API is served on the admin listener%s", flag, fMetrics, keys.where(flag))
+	}
+	return tok, nil
+}
+
 // serve is stund's main action: build the configuration, start the admin
 // listener and the server, reload on SIGHUP, stop when ctx ends (SIGINT,
 // SIGTERM).
@@ -68,17 +115,53 @@ func serve(c *cli.Context, stdout io.Writer) error {
 		return configError{err}
 	}
 	logger := cfg.Logger
+	var onHUP []func() // what else a SIGHUP reopens
+	var certs *certreload.Reloader
+	if cfg.TLSConfig != nil {
+		if certs, err = certreload.New(c.String(fCert), c.String(fKey), logger); err != nil {
+			return configError{fmt.Errorf("%s: %v%s", fCert, err, keys.where(fCert))}
+		}
+		cfg.TLSConfig.GetCertificate = certs.GetCertificate
+		ctx, cancel := context.WithCancel(c.Context)
+		watched := make(chan struct{})
+		go func() { certs.Watch(ctx, certreload.PollInterval); close(watched) }()
+		defer func() { cancel(); <-watched }()
+	}
 
 	// Registered before anything is bound, so that a SIGHUP arriving
-	// during start-up is a reload, never the default action (exit).
+	// during start-up is a reload, never the default action (exit), and a
+	// SIGTERM is a drain.
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	term := make(chan os.Signal, 2)
+	signal.Notify(term, syscall.SIGTERM)
+	defer signal.Stop(term)
+
+	if path := c.String(fUsageLog); path != "" {
+		usage, err := logfile.Open(path)
+		if err != nil {
+			return configError{fmt.Errorf("%s: %v%s", fUsageLog, err, keys.where(fUsageLog))}
+		}
+		defer usage.Close()
+		cfg.UsageLog = usage
+		reopen := func() {
+			if err := usage.Reopen(); err != nil {
+				logger.Error("usage log not reopened; still writing to the old file", "file", path, "error", err)
+			}
+		}
+		onHUP = append(onHUP, reopen)
+	}
 
 	if c.Bool(fPprof) && admAddr == "" {
 		return configError{fmt.Errorf("%s needs --%s: the profiler is served on the admin listener%s", fPprof, fMetrics, keys.where(fPprof))}
 	}
-	admin := server.Admin{Pprof: c.Bool(fPprof)}
+	token, err := adminToken(c, keys, admAddr)
+	if err != nil {
+		return configError{err}
+	}
+	adm := &admin.Handler{Pprof: c.Bool(fPprof)}
+	adm.SetToken(token)
 	if admAddr != "" {
 		ln, err := net.Listen("tcp", admAddr)
 		if err != nil {
@@ -90,7 +173,7 @@ func serve(c *cli.Context, stdout io.Writer) error {
 		if a, ok := ln.Addr().(*net.TCPAddr); ok {
 			cfg.ProtectedListeners = append(cfg.ProtectedListeners, a.AddrPort())
 		}
-		hs := &http.Server{Handler: &admin, ReadHeaderTimeout: 5 * time.Second}
+		hs := &http.Server{Handler: adm, ReadHeaderTimeout: 5 * time.Second}
 		go func() { _ = hs.Serve(ln) }()
 		defer func() {
 			ctx, cancel := context.WithTimeout(context.Background(), adminShutdownTimeout)
@@ -98,8 +181,11 @@ func serve(c *cli.Context, stdout io.Writer) error {
 			_ = hs.Shutdown(ctx)
 		}()
 		paths := "/metrics /healthz /readyz"
-		if admin.Pprof {
+		if adm.Pprof {
 			paths += " /debug/pprof/"
+		}
+		if token != "" {
+			paths += " /allocations /users/ /drain"
 		}
 		fmt.Fprintf(stdout, "stund: admin on http://%s (%s)\n", ln.Addr(), paths)
 	}
@@ -109,7 +195,10 @@ func serve(c *cli.Context, stdout io.Writer) error {
 		return err
 	}
 	srv.Registry().MustRegister(buildInfo())
-	admin.SetServer(srv)
+	if certs != nil {
+		srv.Registry().MustRegister(certMetrics(certs)...)
+	}
+	adm.Attach(srv)
 	if demoPass != "" {
 		fmt.Fprintf(stdout, "stund: demo TURN user %q password %q realm %q\n", demoUser, demoPass, cfg.Realm)
 	}
@@ -124,13 +213,42 @@ func serve(c *cli.Context, stdout io.Writer) error {
 	fmt.Fprintf(stdout, "stund: listening on udp %s\n", strings.Join(bound, " "))
 
 	args, _ := c.App.Metadata["args"].([]string)
+	var drained chan error
+	started := srv.DrainStarted()
 	for {
 		select {
 		case <-c.Context.Done():
 			logger.Info("shutting down", "allocations", srv.AllocationCount())
 			return srv.Close()
+		case <-term:
+			if srv.Draining() {
+				logger.Info("second SIGTERM: stopping now", "allocations", srv.AllocationCount())
+				return srv.Close()
+			}
+			srv.Drain()
+		case <-started: // SIGTERM or POST /drain
+			started = nil
+			drained = make(chan error, 1)
+			go func() {
+				ctx, cancel := context.WithTimeout(c.Context, c.Duration(fDrainTime))
+				defer cancel()
+				drained <- srv.WaitDrained(ctx)
+			}()
+		case err := <-drained:
+			if err != nil {
+				logger.Warn("drain timeout: stopping with allocations left", "allocations", srv.AllocationCount(), "drain_timeout", c.Duration(fDrainTime))
+			} else {
+				logger.Info("drained: no allocation left")
+			}
+			return srv.Close()
 		case <-hup:
-			demoPass = reload(srv, args, demoPass, logger, stdout, c.App.ErrWriter)
+			demoPass = reload(srv, adm, args, demoPass, logger, stdout, c.App.ErrWriter)
+			if certs != nil {
+				_ = certs.Reload() // a failure is logged and keeps the old certificate
+			}
+			for _, f := range onHUP {
+				f()
+			}
 		}
 	}
 }
@@ -138,14 +256,15 @@ func serve(c *cli.Context, stdout io.Writer) error {
 // reload re-reads the command line, the environment and the YAML file, as
 // at start, and applies what can change on a running server. A bad
 // configuration is logged and the running settings stay. It returns the
-// demo password in force.
-func reload(srv *server.Server, args []string, demoPass string, logger *slog.Logger, stdout, stderr io.Writer) string {
+// demo password in force. The admin token is re-read too, so that it
+// rotates without a restart.
+func reload(srv *server.Server, adm *admin.Handler, args []string, demoPass string, logger *slog.Logger, stdout, stderr io.Writer) string {
 	logger.Info("SIGHUP: reloading configuration")
 	if args == nil {
 		logger.Error("reload failed: the command line is unknown; keeping the running settings")
 		return demoPass
 	}
-	cfg, newDemo, err := loadConfig(args, stderr)
+	cfg, newDemo, token, err := loadConfig(args, stderr)
 	if err != nil {
 		logger.Error("reload failed; keeping the running settings", "error", err)
 		srv.ReloadFailed() // stund_reloads_total{result="error"}
@@ -163,12 +282,13 @@ func reload(srv *server.Server, args []string, demoPass string, logger *slog.Log
 		logger.Error("reload failed; keeping the running settings", "error", err)
 		return demoPass
 	}
+	adm.SetToken(token)
 	return newDemo
 }
 
 // loadConfig parses args with the environment and the YAML file exactly as
 // the start did, without starting anything.
-func loadConfig(args []string, stderr io.Writer) (cfg server.Config, demoPass string, err error) {
+func loadConfig(args []string, stderr io.Writer) (cfg server.Config, demoPass, token string, err error) {
 	app := newApp(io.Discard, stderr)
 	app.Action = func(c *cli.Context) error {
 		var e error
@@ -176,18 +296,22 @@ func loadConfig(args []string, stderr io.Writer) (cfg server.Config, demoPass st
 		if e != nil {
 			return configError{e}
 		}
-		if _, e = metricsAddr(c, keysOf(c)); e != nil {
+		addr, e := metricsAddr(c, keysOf(c))
+		if e != nil {
+			return configError{e}
+		}
+		if token, e = adminToken(c, keysOf(c), addr); e != nil {
 			return configError{e}
 		}
 		return nil
 	}
 	if err = app.Run(args); err != nil {
-		return cfg, "", err
+		return cfg, "", "", err
 	}
 	if cfg.Users == nil && cfg.AuthSecrets == nil {
-		return cfg, "", errors.New("no configuration parsed")
+		return cfg, "", "", errors.New("no configuration parsed")
 	}
-	return cfg, demoPass, nil
+	return cfg, demoPass, token, nil
 }
 
 // buildInfo is stund_build_info{version, goversion} = 1.
@@ -199,4 +323,31 @@ func buildInfo() prometheus.Collector {
 	})
 	g.Set(1)
 	return g
+}
+
+// certMetrics exports the TLS certificate's expiry, the alert that catches
+// a renewal that never reached stund, and the result of its reloads.
+func certMetrics(r *certreload.Reloader) []prometheus.Collector {
+	const help = "TLS certificate reloads (SIGHUP or the files changing), by result: ok, or error (the old certificate was kept)."
+	loads := func(ok bool) func() float64 {
+		return func() float64 {
+			o, f := r.Loads()
+			if ok {
+				return float64(o)
+			}
+			return float64(f)
+		}
+	}
+	return []prometheus.Collector{
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "stund_tls_certificate_expiry_timestamp_seconds",
+			Help: "When the TLS certificate served to new handshakes expires (Unix time).",
+		}, func() float64 { return float64(r.Current().Leaf.NotAfter.Unix()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "stund_tls_certificate_reloads_total", Help: help, ConstLabels: prometheus.Labels{"result": "ok"},
+		}, loads(true)),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "stund_tls_certificate_reloads_total", Help: help, ConstLabels: prometheus.Labels{"result": "error"},
+		}, loads(false)),
+	}
 }

@@ -74,69 +74,121 @@ func waitFor(cond func() bool) bool {
 	return cond()
 }
 
-// TestSIGTERMProcess: a real stund process with a live allocation exits 0
-// on SIGTERM, logs "shutting down" with the allocation count, and leaves
-// every port it bound free.
-func TestSIGTERMProcess(t *testing.T) {
+// stundProcess is a real stund process on free ports.
+type stundProcess struct {
+	cmd         *exec.Cmd
+	out, errOut *testutil.SyncBuffer
+	done        chan error
+	p, q        int
+}
+
+// startProcess starts stund with a live allocation of alice's; it returns
+// nil (after retrying) only when no free ports could be had.
+func startProcess(t *testing.T) (*stundProcess, net.PacketConn) {
+	t.Helper()
 	for try := 0; try < 5; try++ {
-		p, q := freeUDPPorts(t)
-		out, errOut := &testutil.SyncBuffer{}, &testutil.SyncBuffer{}
-		cmd := exec.Command(os.Args[0], stundArgs(p, q)...)
-		cmd.Env = append(os.Environ(), childEnv+"=1")
-		cmd.Stdout, cmd.Stderr = out, errOut
-		if err := cmd.Start(); err != nil {
+		sp := &stundProcess{out: &testutil.SyncBuffer{}, errOut: &testutil.SyncBuffer{}, done: make(chan error, 1)}
+		sp.p, sp.q = freeUDPPorts(t)
+		sp.cmd = exec.Command(os.Args[0], stundArgs(sp.p, sp.q)...)
+		sp.cmd.Env = append(os.Environ(), childEnv+"=1")
+		sp.cmd.Stdout, sp.cmd.Stderr = sp.out, sp.errOut
+		if err := sp.cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
-		done := make(chan error, 1)
-		go func() { done <- cmd.Wait() }()
-		t.Cleanup(func() { _ = cmd.Process.Kill() }) // os.ErrProcessDone once it exited
+		go func() { sp.done <- sp.cmd.Wait() }()
+		t.Cleanup(func() { _ = sp.cmd.Process.Kill() }) // os.ErrProcessDone once it exited
 		started := waitFor(func() bool {
 			select {
-			case err := <-done:
-				done <- err
+			case err := <-sp.done:
+				sp.done <- err
 				return true
 			default:
 			}
-			return strings.Contains(out.String(), "listening on")
+			return strings.Contains(sp.out.String(), "listening on")
 		})
-		if !strings.Contains(out.String(), "listening on") {
+		if !strings.Contains(sp.out.String(), "listening on") {
 			select {
-			case <-done:
-				if strings.Contains(errOut.String(), "address already in use") {
+			case <-sp.done:
+				if strings.Contains(sp.errOut.String(), "address already in use") {
 					continue // lost a race for the ports
 				}
 			default:
 			}
-			t.Fatalf("stund did not start (started=%v): %s %s", started, out.String(), errOut.String())
+			t.Fatalf("stund did not start (started=%v): %s %s", started, sp.out.String(), sp.errOut.String())
 		}
-
-		relay, err := allocate(t, fmt.Sprintf("127.0.0.1:%d", p), "alice", "alice-pw")
+		relay, err := allocate(t, fmt.Sprintf("127.0.0.1:%d", sp.p), "alice", "alice-pw")
 		if err != nil {
 			t.Fatalf("allocate: %v", err)
 		}
-		relayAddr := relay.LocalAddr().String()
-
-		if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-			t.Fatal(err)
-		}
-		select {
-		case err := <-done:
-			var ee *exec.ExitError
-			if errors.As(err, &ee) {
-				t.Fatalf("exit status %d after SIGTERM, want 0; stderr: %s", ee.ExitCode(), errOut.String())
-			} else if err != nil {
-				t.Fatal(err)
-			}
-		case <-time.After(testTimeout):
-			t.Fatalf("stund still running %v after SIGTERM; stderr: %s", testTimeout, errOut.String())
-		}
-		if log := errOut.String(); !strings.Contains(log, "shutting down") || !strings.Contains(log, "allocations=1") {
-			t.Errorf("no \"shutting down\" line with the live allocation in the log:\n%s", log)
-		}
-		portsFree(t, p, q, relayAddr)
-		return
+		return sp, relay
 	}
 	t.Fatal("no free ports after 5 tries")
+	return nil, nil
+}
+
+// waitExit0 waits for a clean exit.
+func (sp *stundProcess) waitExit0(t *testing.T, after string) {
+	t.Helper()
+	select {
+	case err := <-sp.done:
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			t.Fatalf("exit status %d after %s, want 0; stderr: %s", ee.ExitCode(), after, sp.errOut.String())
+		} else if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(testTimeout):
+		t.Fatalf("stund still running %v after %s; stderr: %s", testTimeout, after, sp.errOut.String())
+	}
+}
+
+// TestSIGTERMProcess: SIGTERM drains a real stund process: the call in
+// progress keeps its allocation (a Refresh still succeeds) while new
+// Allocates are refused (508, no alternate), and stund exits 0 as soon as
+// the last allocation ends, leaving every port it bound free.
+func TestSIGTERMProcess(t *testing.T) {
+	sp, relay := startProcess(t)
+	relayAddr := relay.LocalAddr().String()
+	if err := sp.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if !waitFor(func() bool { return strings.Contains(sp.errOut.String(), "draining") }) {
+		t.Fatalf("no drain logged after SIGTERM: %s", sp.errOut.String())
+	}
+	if _, err := allocate(t, fmt.Sprintf("127.0.0.1:%d", sp.p), "alice", "alice-pw"); err == nil {
+		t.Fatal("a new Allocate succeeded while draining")
+	}
+	select {
+	case err := <-sp.done:
+		t.Fatalf("stund exited (%v) with an allocation left: %s", err, sp.errOut.String())
+	default:
+	}
+	relay.Close() // Refresh 0: the last allocation ends
+	sp.waitExit0(t, "the last allocation ended")
+	if log := sp.errOut.String(); !strings.Contains(log, "drained: no allocation left") {
+		t.Errorf("no \"drained\" line in the log:\n%s", log)
+	}
+	portsFree(t, sp.p, sp.q, relayAddr)
+}
+
+// TestSecondSIGTERM: a second SIGTERM during a drain stops stund at once.
+func TestSecondSIGTERM(t *testing.T) {
+	sp, relay := startProcess(t)
+	relayAddr := relay.LocalAddr().String()
+	if err := sp.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if !waitFor(func() bool { return strings.Contains(sp.errOut.String(), "draining") }) {
+		t.Fatalf("no drain logged after SIGTERM: %s", sp.errOut.String())
+	}
+	if err := sp.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	sp.waitExit0(t, "a second SIGTERM")
+	if log := sp.errOut.String(); !strings.Contains(log, "second SIGTERM") || !strings.Contains(log, "allocations=1") {
+		t.Errorf("no \"second SIGTERM\" line with the live allocation in the log:\n%s", log)
+	}
+	portsFree(t, sp.p, sp.q, relayAddr)
 }
 
 // TestSIGINTInProcess: run() itself, on SIGINT, returns 0 after closing

@@ -13,8 +13,9 @@ import (
 // Func answers --generate-bash-completion (urfave/cli's protocol, used by
 // its bash_autocomplete script): after a flag listed in values, that flag's
 // values (those starting with the word being completed); otherwise the
-// flags that start with the word, all of them when the word is not a flag
-// ("stund <TAB>"). It reads args (as given to the command, args[0] the
+// flags of the command being completed that start with the word, and all
+// of them followed by its subcommands when the word is not a flag
+// ("stund <TAB>", "stund ctl <TAB>"). It reads args (as given to the command, args[0] the
 // program) rather than os.Args as urfave's default does, which prints
 // nothing without a "-" prefix, so tests drive it as the shell does.
 func Func(args []string, w io.Writer, values map[string][]string) cli.BashCompleteFunc {
@@ -47,10 +48,23 @@ func Func(args []string, w io.Writer, values map[string][]string) cli.BashComple
 			}
 			return
 		}
-		if !strings.HasPrefix(cur, "-") {
-			cur = "--"
+		flags, cmds := c.App.Flags, c.App.Commands
+		if c.Command != nil { // the command being completed, or the root
+			flags, cmds = c.Command.Flags, c.Command.Subcommands
 		}
-		for _, f := range c.App.Flags {
+		if !strings.HasPrefix(cur, "-") {
+			// The shell filters the word itself; a command word
+			// ("stund ctl <TAB>") is complete, so offer what follows.
+			cur = "--"
+			defer func() {
+				for _, sub := range cmds {
+					if !sub.Hidden {
+						fmt.Fprintln(w, sub.Name)
+					}
+				}
+			}()
+		}
+		for _, f := range flags {
 			for _, name := range f.Names() {
 				opt := "--" + name
 				if len(name) == 1 {

@@ -9,6 +9,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/pem"
 	"io"
 	"math/big"
 	"net"
@@ -46,12 +47,19 @@ const CertName = "stund.test"
 // ago to an hour from now, and a pool that trusts it.
 func SelfSigned(t testing.TB) (tls.Certificate, *x509.CertPool) {
 	t.Helper()
+	return SelfSignedSerial(t, 1)
+}
+
+// SelfSignedSerial is SelfSigned with the given serial number, which tells
+// one certificate from another in a test of certificate reloads.
+func SelfSignedSerial(t testing.TB, serial int64) (tls.Certificate, *x509.CertPool) {
+	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
 	}
 	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
+		SerialNumber:          big.NewInt(serial),
 		Subject:               pkix.Name{CommonName: CertName},
 		DNSNames:              []string{CertName},
 		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1), net.IPv4(127, 0, 0, 2)},
@@ -73,6 +81,20 @@ func SelfSigned(t testing.TB) (tls.Certificate, *x509.CertPool) {
 	pool := x509.NewCertPool()
 	pool.AddCert(leaf)
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, pool
+}
+
+// PEM encodes c's chain and private key as the files stund's --cert and
+// --key read.
+func PEM(t testing.TB, c tls.Certificate) (certPEM, keyPEM []byte) {
+	t.Helper()
+	for _, der := range c.Certificate {
+		certPEM = append(certPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})...)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(c.PrivateKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return certPEM, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
 }
 
 // RequireEnv is the variable CI sets so that a test missing something it

@@ -62,3 +62,7 @@ type Allocation struct {
 	PktsOut   uint64    `json:"packets_to_peers"`
 	PktsIn    uint64    `json:"packets_from_peers"`
 }
+
+// StateStarting is /readyz's state before a node is attached: the admin
+// listener answers while the sockets are still being bound.
+const StateStarting = "starting"
