@@ -195,7 +195,7 @@ func (a *Authenticator) Realm() string { return a.cur.Load().Realm }
 // Key returns the user ID and the long-term key MD5(username:realm:password)
 // (RFC 8489 §9.2.2) for a request's USERNAME and REALM, or ok=false for an
 // unknown or expired user or a foreign realm (counted in Rejected). The
-// TURN front (guard.go) checks MESSAGE-INTEGRITY with it.
+// TURN front (front.go) checks MESSAGE-INTEGRITY with it.
 func (a *Authenticator) Key(username, realm string) (userID string, key []byte, ok bool) {
 	userID, key, ok = a.cur.Load().authenticate(&turn.RequestAttributes{Username: username, Realm: realm})
 	if !ok {

@@ -14,7 +14,7 @@ import (
 //
 //	Binding          -> the RFC 5780 responder (binding.go), answered here
 //	ChannelData      -> the relay data plane (dataplane.go), never pion
-//	other STUN       -> the TURN front (guard.go), then pion
+//	other STUN       -> the TURN front (front.go), then pion
 //	anything else    -> dropped and counted
 //
 // The stream side (TCP, TLS) routes the same way after framing (stream.go).

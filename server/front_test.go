@@ -13,7 +13,7 @@ import (
 	"github.com/stund/stund/internal/stunwire"
 )
 
-// The TURN front's conformance table (guard.go), against the real server
+// The TURN front's conformance table (front.go), against the real server
 // over UDP and over TCP, with hand-built messages (pion/stun) so that each
 // test sends exactly what it means to.
 
@@ -250,7 +250,7 @@ func (s *Server) frontAllocs() (n, perms int) {
 	return len(s.led.byTuple), perms
 }
 
-// TestFrontAuthentication: RFC 8489 §9.2.4 as issue 6 words it.
+// TestFrontAuthentication: RFC 8489 §9.2.4.
 func TestFrontAuthentication(t *testing.T) {
 	forBoth(t, nil, func(t *testing.T, s *Server, tcp bool) {
 		c := dialFront(t, s, tcp, "alice", "alice-pw")
@@ -263,7 +263,7 @@ func TestFrontAuthentication(t *testing.T) {
 			r.Contains(stun.AttrMessageIntegrity) {
 			t.Fatalf("no MI: %v, want unsigned 401 with REALM and NONCE", r)
 		}
-		// Amplification (issue 6): the smallest real Allocate is 28 bytes.
+		// Amplification budget: the smallest real Allocate is 28 bytes.
 		if len(req.Raw) != 28 || len(r.Raw) > 2*len(req.Raw) {
 			t.Fatalf("401 is %d bytes for a %d-byte Allocate, want <= 2x", len(r.Raw), len(req.Raw))
 		}
@@ -348,7 +348,7 @@ func TestFrontNonceExpiry(t *testing.T) {
 }
 
 // TestFrontNonceBoundToAddress: a nonce replayed from another source
-// address is refused with 438 and a nonce of its own (issue 6).
+// address is refused with 438 and a nonce of its own.
 func TestFrontNonceBoundToAddress(t *testing.T) {
 	forBoth(t, nil, func(t *testing.T, s *Server, tcp bool) {
 		a := dialFront(t, s, tcp, "alice", "alice-pw")
@@ -551,7 +551,7 @@ func TestFrontUnknownAttributes(t *testing.T) {
 }
 
 // TestFrontAmplification: no unauthenticated answer over twice the
-// request (issue 6). A bare 20-byte Allocate cannot be answered within
+// request. A bare 20-byte Allocate cannot be answered within
 // 2x (a 401 needs REALM and NONCE), so it is dropped and counted.
 func TestFrontAmplification(t *testing.T) {
 	forBoth(t, nil, func(t *testing.T, s *Server, tcp bool) {
@@ -593,7 +593,7 @@ func TestFrontAmplification(t *testing.T) {
 
 // TestFrontLongRealm: a realm too long for a 401 to a minimal 28-byte
 // Allocate to fit in twice the request: dropped and counted over UDP
-// (issue 6), answered over TCP, and a request carrying SOFTWARE (as
+// (the amplification budget), answered over TCP, and a request carrying SOFTWARE (as
 // natprobe's does) makes room over UDP too.
 func TestFrontLongRealm(t *testing.T) {
 	const realm = "voip.telecom-provider.example.net"

@@ -65,7 +65,7 @@ func TestInteropTURNUClient(t *testing.T) {
 	// random from the RFC 5766 range 0x4000-0x7FFF (0x709d seen here), which
 	// RFC 8656 §12 narrowed to 0x4000-0x4FFF. pion grants the ChannelBind
 	// but stund's demux drops ChannelData above 0x4FFF, so the channel mode
-	// passes or fails by the draw (see the report on issue 2). Channels are
+	// passes or fails by the draw. Channels are
 	// covered with pion's client in TestTURNRelayBothWays.
 	for _, mode := range []struct {
 		name  string

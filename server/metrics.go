@@ -182,7 +182,7 @@ func (s *Server) newRegistry() *prometheus.Registry {
 	counter("stund_binding_responses_total", respHelp, l("result", "420"), bs.err420.Load)
 	counter("stund_binding_over_budget_total", "Binding replies whose mandatory core exceeded the 2x amplification budget.", nil, bs.overBudget.Load)
 
-	// TURN requests the front (guard.go) answered itself, RFC 8489 §9.2.4
+	// TURN requests the front (front.go) answered itself, RFC 8489 §9.2.4
 	// and RFC 8656 §7-§12. Unauthenticated answers (400, 401, 438) are
 	// counted when decided; the amplification budget or the rate limit may
 	// then suppress them (stund_dropped_packets_total).

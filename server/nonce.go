@@ -11,7 +11,7 @@ import (
 	"time"
 )
 
-// Stateless nonces for the TURN front (guard.go).
+// Stateless nonces for the TURN front (front.go).
 //
 // RFC 8489 §9.2 lets the server choose the NONCE; §9.2.4 wants 438 (Stale
 // Nonce) once it is no longer valid. stund's nonces carry their own issue
@@ -32,7 +32,8 @@ import (
 // than one wrap (2^16 ticks, 6 days) never verifies either.
 //
 // Why so short: the NONCE rides in the 401 that answers an unauthenticated
-// request, and issue 6 caps such an answer at twice the request. The
+// request, and over UDP such an answer is capped at twice the request
+// (the amplification budget). The
 // smallest real Allocate (header + REQUESTED-TRANSPORT, 28 bytes) gets
 // header 20 + ERROR-CODE 8 + REALM 16 (for a realm up to 12 bytes) +
 // NONCE 12 = 56 bytes: exactly 2x. A 32-bit MAC does not weaken the
@@ -50,8 +51,8 @@ const (
 	nonceMACLen = 4
 	// NonceLen is the length of the NONCE value on the wire.
 	NonceLen = 8
-	// DefaultNonceLifetime is how long a nonce is accepted (issue 6:
-	// 10 minutes by default). RFC 8656 §4 suggests about an hour; a shorter
+	// DefaultNonceLifetime is how long a nonce is accepted (10
+	// minutes by default: a nonce that leaks is useless soon). RFC 8656 §4 suggests about an hour; a shorter
 	// one costs an authenticated client one 438 round trip per lifetime.
 	DefaultNonceLifetime = 10 * time.Minute
 )

@@ -8,7 +8,7 @@ import (
 
 // TestNonceMinter: a nonce verifies only for the address, port and
 // transport it was minted for, and only within its lifetime (RFC 8489
-// §9.2.4, issue 6), on an injected clock.
+// §9.2.4), on an injected clock.
 func TestNonceMinter(t *testing.T) {
 	now := time.Unix(1_700_000_000, 0)
 	clock := func() time.Time { return now }

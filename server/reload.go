@@ -52,7 +52,7 @@ func (l *livePolicy) refused() uint64 {
 
 // permissionHandler adapts the current policy to pion, which consults it
 // for CreatePermission, ChannelBind and Connect (RFC 8656 §9), after the
-// TURN front (guard.go) has already answered 403 for refused peers (pion
+// TURN front (front.go) has already answered 403 for refused peers (pion
 // alone answers a refused ChannelBind with 401). Send indications and
 // ChannelData only reach peers that hold a permission; the port-level
 // rules are the relay sockets' and the peer dials' (AllowedAddrPort).

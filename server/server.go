@@ -56,7 +56,7 @@ type Server struct {
 	stream    *streamDeps // what TCP/TLS connections route to (stream.go)
 	auth      *Authenticator
 	quotas    *Quotas
-	front     *turnFront // auth and RFC 8656 checks in front of pion (guard.go)
+	front     *turnFront // auth and RFC 8656 checks in front of pion (front.go)
 	demux     demuxStats
 	closeOnce sync.Once
 	closeErr  error
@@ -274,7 +274,7 @@ func (s *Server) startTURN() error {
 		QuotaHandler:  s.allocRateThen(s.quotas.QuotaHandler()),
 		EventHandler:  s.eventHandler(),
 		LoggerFactory: lf,
-		// RFC 8656 §7.2: the front (guard.go) writes a LIFETIME clamped
+		// RFC 8656 §7.2: the front (front.go) writes a LIFETIME clamped
 		// to [600 s, 3600 s] into every Allocate and Refresh; pion takes
 		// values under an hour as they are and falls back to this for
 		// 3600, so this must be the maximum.

@@ -22,7 +22,7 @@ import (
 //
 //	Binding          -> the RFC 5780 responder, answered on this connection
 //	ChannelData      -> the relay data plane (dataplane.go), never pion
-//	other STUN       -> the TURN front (guard.go), then pion, one whole
+//	other STUN       -> the TURN front (front.go), then pion, one whole
 //	                    frame per Read so pion's own STUNConn finds exactly
 //	                    the frame the front saw and nothing else
 //

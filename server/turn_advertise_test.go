@@ -8,7 +8,7 @@ import (
 	"github.com/pion/stun/v4"
 )
 
-// Behind a cloud 1:1 NAT (issue 2, --advertise): the host binds the private
+// Behind a cloud 1:1 NAT (--advertise): the host binds the private
 // address, clients must be told the public one. Here 127.0.0.1 plays the
 // private address and 198.51.100.7 (TEST-NET-2) the public one; the
 // alternate IP 127.0.0.2 has no mapping.

@@ -356,7 +356,7 @@ func TestTURNRESTCredentials(t *testing.T) {
 			t.Errorf("%s: Allocate succeeded", name)
 		} else if code := turnErrorCode(err); code != 401 {
 			// RFC 8489 §9.2.4: unknown user or bad integrity is 401 (pion
-			// v5.1.2 alone answers 400; the front in guard.go answers).
+			// v5.1.2 alone answers 400; the front in front.go answers).
 			t.Errorf("%s: error %v (code %d), want 401", name, err, code)
 		}
 	}
@@ -416,8 +416,8 @@ func TestTURNQuota486(t *testing.T) {
 }
 
 // TestTURNChannelBindRefused403: a ChannelBind toward a refused peer gets 403
-// like CreatePermission (RFC 8656 §12.2; issue 2). pion v5.1.2 answers 401;
-// the TURN front (guard.go) answers 403 before pion sees the request.
+// like CreatePermission (RFC 8656 §12.2). pion answers 401;
+// the TURN front (front.go) answers 403 before pion sees the request.
 func TestTURNChannelBindRefused403(t *testing.T) {
 	s := startTURNServer(t, nil)
 	c := newRawClient(t, s, "alice", "alice-pw")
