@@ -144,10 +144,10 @@ func RESTPassword(secret, username string) string {
 }
 
 // Authenticator holds the current Credentials and swaps them atomically, so
-// a reload (SIGHUP, later issue) never races a request in flight.
+// a reload (SIGHUP) never races a request in flight. Failures are counted
+// and logged where they are decided, by the TURN front (authlog.go).
 type Authenticator struct {
-	cur      atomic.Pointer[Credentials]
-	rejected atomic.Uint64
+	cur atomic.Pointer[Credentials]
 }
 
 // NewAuthenticator returns an Authenticator serving c. c is not validated
@@ -171,52 +171,29 @@ func (a *Authenticator) Store(c Credentials) error {
 	return nil
 }
 
-// Rejected counts requests refused for unknown, malformed or expired
-// usernames or a foreign realm.
-func (a *Authenticator) Rejected() uint64 { return a.rejected.Load() }
-
 // AuthHandler returns the pion hook; it reads the current credentials on
-// every call.
+// every call. pion sees only requests the front verified (front.go), so it
+// answers with the key the front re-signed them with.
 func (a *Authenticator) AuthHandler() turn.AuthHandler {
 	return func(ra *turn.RequestAttributes) (string, []byte, bool) {
-		c := a.cur.Load()
-		userID, key, ok := c.authenticate(ra)
-		if !ok {
-			a.rejected.Add(1)
-		}
-
-		return userID, key, ok
+		return a.cur.Load().authenticate(ra)
 	}
 }
 
 // Realm is the realm of the current credentials.
 func (a *Authenticator) Realm() string { return a.cur.Load().Realm }
 
-// Key returns the user ID and the long-term key MD5(username:realm:password)
-// (RFC 8489 §9.2.2) for a request's USERNAME and REALM, or ok=false for an
-// unknown or expired user or a foreign realm (counted in Rejected). The
-// TURN front (front.go) checks MESSAGE-INTEGRITY with it.
-func (a *Authenticator) Key(username, realm string) (userID string, key []byte, ok bool) {
-	userID, key, ok = a.cur.Load().authenticate(&turn.RequestAttributes{Username: username, Realm: realm})
-	if !ok {
-		a.rejected.Add(1)
-	}
-
-	return userID, key, ok
-}
-
 // Verify finds the long-term key that a request's MESSAGE-INTEGRITY was
 // made with: the static user's, or for a REST username the one under each
 // configured secret in turn (rotation). check reports whether a key
 // verifies. known is false for an unknown or expired user or a foreign
-// realm (counted in Rejected); key is nil when no key verified. pionKey is
+// realm; key is nil when no key verified. pionKey is
 // the key pion's AuthHandler gives for the same request (Secrets[0]'s for
 // REST users): the front re-signs what it passes to pion with it.
 func (a *Authenticator) Verify(username, realm string, check func(key []byte) bool) (userID string, key, pionKey []byte, known bool) {
 	c := a.cur.Load()
 	userID, pionKey, known = c.authenticate(&turn.RequestAttributes{Username: username, Realm: realm})
 	if !known {
-		a.rejected.Add(1)
 		return "", nil, nil, false
 	}
 	if check(pionKey) {
@@ -232,11 +209,6 @@ func (a *Authenticator) Verify(username, realm string, check func(key []byte) bo
 		}
 	}
 	return userID, nil, pionKey, true
-}
-
-// AuthHandler returns a pion hook for this fixed set of credentials.
-func (c *Credentials) AuthHandler() turn.AuthHandler {
-	return c.authenticate
 }
 
 // authenticate returns the long-term key MD5(username:realm:password)

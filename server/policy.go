@@ -3,8 +3,13 @@ package server
 import (
 	"errors"
 	"maps"
+	"net"
 	"net/netip"
+	"sync"
 	"sync/atomic"
+
+	"github.com/pion/turn/v5"
+	"github.com/stund/stund/internal/stunwire"
 )
 
 // PeerPolicy decides which peer addresses a TURN client may reach.
@@ -368,4 +373,116 @@ func special(a netip.Addr) (why string, bad bool) {
 	}
 
 	return "", false
+}
+
+// livePolicy is the peer policy in force. pion's PermissionHandler and every
+// relay socket consult it per request or packet, so a reload applies to
+// existing allocations too: a peer range closed by a reload is closed for
+// the next CreatePermission and the next relayed packet.
+type livePolicy struct {
+	cur atomic.Pointer[PeerPolicy]
+
+	mu      sync.Mutex // serialises swap against refused, so the sum never goes back
+	retired uint64     // refusals counted by the policies replaced so far
+}
+
+func (l *livePolicy) load() *PeerPolicy { return l.cur.Load() }
+
+// swap makes p current and carries the old policy's refusal count over, so
+// stund_peer_refused_total stays a counter across reloads. A refusal that
+// races the swap on the old policy may be lost: one packet, never a reset.
+func (l *livePolicy) swap(p *PeerPolicy) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if old := l.cur.Swap(p); old != nil {
+		l.retired += old.Refused()
+	}
+}
+
+// refused is the number of refusals since start, over every policy.
+func (l *livePolicy) refused() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.retired + l.cur.Load().Refused()
+}
+
+// permissionHandler adapts the current policy to pion, which consults it
+// for CreatePermission, ChannelBind and Connect (RFC 8656 §9), after the
+// TURN front (front.go) has already answered 403 for refused peers (pion
+// alone answers a refused ChannelBind with 401). Send indications and
+// ChannelData only reach peers that hold a permission; the port-level
+// rules are the relay sockets' and the peer dials' (AllowedAddrPort).
+func (l *livePolicy) permissionHandler() turn.PermissionHandler {
+	return func(_ net.Addr, peerIP net.IP) bool {
+		p := l.cur.Load()
+		a, ok := netip.AddrFromSlice(peerIP) // 16-byte IPv4 becomes ::ffff:a.b.c.d, canonical unmaps it
+		if ok && p.Allowed(a) {
+			return true
+		}
+		p.refused.Add(1)
+		return false
+	}
+}
+
+// buildPolicy is the peer policy for cfg on the sockets this server bound:
+// its own addresses and listeners are never peers (see PeerPolicy). The
+// listeners are those of the start (s.cfg.ProtectedListeners: a reload
+// does not rebind the admin listener), their ports refused on every
+// address the host has when the policy is built (start, and each reload).
+func (s *Server) buildPolicy(cfg Config) *PeerPolicy {
+	var own []netip.Addr
+	for _, ip := range s.ips() {
+		own = append(own, ip, cfg.public(ip))
+	}
+	var listeners []netip.AddrPort
+	for i := range s.gridAddr {
+		for p := range s.gridAddr[i] {
+			if a := s.gridAddr[i][p]; a.IsValid() {
+				listeners = append(listeners, a, netip.AddrPortFrom(cfg.public(a.Addr()), a.Port()))
+			}
+		}
+	}
+	for _, l := range append(append([]net.Listener{}, s.tcp...), s.tls...) {
+		a := stunwire.AddrPortOf(l.Addr())
+		listeners = append(listeners, a, netip.AddrPortFrom(cfg.public(a.Addr()), a.Port()))
+	}
+	listeners = append(listeners, s.cfg.ProtectedListeners...)
+	return NewPeerPolicy(cfg.AllowPeers, cfg.DenyPeers, own).
+		WithListeners(listeners).
+		WithHostAddrs(s.hostAddrs()).
+		WithRelayPorts(cfg.RelayPortMin, cfg.RelayPortMax)
+}
+
+// hostAddrs lists the addresses of the host's interfaces, and of the
+// emulated network's when the server runs in one (Config.Net). An
+// interface address added later is covered from the next reload on.
+func (s *Server) hostAddrs() []netip.Addr {
+	var out []netip.Addr
+	add := func(addrs []net.Addr) {
+		for _, a := range addrs {
+			var ip net.IP
+			switch v := a.(type) {
+			case *net.IPNet:
+				ip = v.IP
+			case *net.IPAddr:
+				ip = v.IP
+			}
+			if na, ok := netip.AddrFromSlice(ip); ok {
+				out = append(out, na)
+			}
+		}
+	}
+	if addrs, err := net.InterfaceAddrs(); err == nil {
+		add(addrs)
+	} else {
+		s.log.Warn("cannot list the host's addresses; the listener ports are refused on the server's own and loopback addresses only", "error", err)
+	}
+	if ifs, err := s.net.Interfaces(); err == nil {
+		for _, ifc := range ifs {
+			if addrs, err := ifc.Addrs(); err == nil {
+				add(addrs)
+			}
+		}
+	}
+	return out
 }
