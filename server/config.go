@@ -192,23 +192,40 @@ func (c Config) withDefaults() Config {
 // Validate reports the first setting that cannot work, naming it the way
 // the command line and the YAML file do.
 func (c Config) Validate() error {
+	for _, check := range []func() error{c.validateAddrs, c.validatePorts, c.validateAdvertise, c.validateLimits, c.validateAuth} {
+		if err := check(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// validateAddrs checks the two IPs of the RFC 5780 grid.
+func (c Config) validateAddrs() error {
 	if !c.PrimaryIP.IsValid() {
 		return fmt.Errorf("primary-ip: an address is required")
 	}
 	if c.PrimaryIP.IsUnspecified() {
 		return fmt.Errorf("primary-ip: %s is the wildcard; bind an explicit address so replies leave from it (RFC 5780 §3)", c.PrimaryIP)
 	}
-	if c.AlternateIP.IsValid() {
-		if c.AlternateIP.IsUnspecified() {
-			return fmt.Errorf("alternate-ip: %s is the wildcard; bind an explicit address", c.AlternateIP)
-		}
-		if c.AlternateIP == c.PrimaryIP {
-			return fmt.Errorf("alternate-ip: must differ from primary-ip (%s)", c.PrimaryIP)
-		}
-		if c.AlternateIP.Unmap().Is4() != c.PrimaryIP.Unmap().Is4() {
-			return fmt.Errorf("alternate-ip: %s and primary-ip %s must be of one address family (OTHER-ADDRESS names the other)", c.AlternateIP, c.PrimaryIP)
-		}
+	if !c.AlternateIP.IsValid() {
+		return nil
 	}
+	if c.AlternateIP.IsUnspecified() {
+		return fmt.Errorf("alternate-ip: %s is the wildcard; bind an explicit address", c.AlternateIP)
+	}
+	if c.AlternateIP == c.PrimaryIP {
+		return fmt.Errorf("alternate-ip: must differ from primary-ip (%s)", c.PrimaryIP)
+	}
+	if c.AlternateIP.Unmap().Is4() != c.PrimaryIP.Unmap().Is4() {
+		return fmt.Errorf("alternate-ip: %s and primary-ip %s must be of one address family (OTHER-ADDRESS names the other)", c.AlternateIP, c.PrimaryIP)
+	}
+	return nil
+}
+
+// validatePorts checks the listening ports, the relay range and the
+// listeners the relay must not reach.
+func (c Config) validatePorts() error {
 	for _, p := range []struct {
 		name string
 		v    int
@@ -234,6 +251,16 @@ func (c Config) Validate() error {
 			return fmt.Errorf("metrics: protected listener %s: give the bound address and port", l)
 		}
 	}
+	for _, a := range c.AlternateServers {
+		if !a.IsValid() || a.Port() == 0 {
+			return fmt.Errorf("alternate-server: %s: give IP:PORT", a)
+		}
+	}
+	return nil
+}
+
+// validateAdvertise checks the --advertise pairs.
+func (c Config) validateAdvertise() error {
 	for priv, pub := range c.Advertise {
 		if !priv.IsValid() || !pub.IsValid() {
 			return fmt.Errorf("advertise: %s=%s is not an address pair", priv, pub)
@@ -245,12 +272,22 @@ func (c Config) Validate() error {
 			return fmt.Errorf("advertise: %s=%s mixes address families", priv, pub)
 		}
 	}
+	return nil
+}
+
+// validateLimits checks the rates and the bandwidth cap.
+func (c Config) validateLimits() error {
 	if c.UnauthRate != c.UnauthRate || c.AllocRate != c.AllocRate { // NaN
 		return fmt.Errorf("unauth-rate: not a number")
 	}
 	if c.MaxBPS < 0 {
 		return fmt.Errorf("max-bps: %d: give a positive number of bits per second, or 0 for no cap", c.MaxBPS)
 	}
+	return nil
+}
+
+// validateAuth checks the static users and the REST secrets.
+func (c Config) validateAuth() error {
 	for name, pw := range c.Users {
 		if name == "" || pw == "" {
 			return fmt.Errorf("user: %q needs a name and a password", name+":"+pw)

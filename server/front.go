@@ -389,57 +389,16 @@ func (f *turnFront) controlNonce(nonce []byte, ip netip.Addr, userID string) non
 // check applies the allocation, lifetime, peer and channel rules; it
 // returns the error code to answer, or 0 to pass the request on.
 func (f *turnFront) check(pkt []byte, h *stunwire.Header, method uint16, ra *reqAttrs, tuple fiveTuple, userID string) int {
-	// RFC 6062 §5.1, §5.2, §5.4: TCP allocations, Connect and
-	// ConnectionBind exist only over a TCP or TLS control connection; over
-	// UDP they are 400 (and a Connect there would dial from the UDP read
-	// loop that every other client on the socket waits behind).
-	if !tuple.tcp && (method == stunwire.MethodConnect || method == stunwire.MethodConnectionBind ||
-		(method == stunwire.MethodAllocate && len(ra.transport) >= 1 && ra.transport[0] == protoTCP)) {
+	if code := f.checkShape(method, ra, tuple.tcp); code != 0 {
 		f.stats.badRequest.Add(1)
-		return 400
+		return code
 	}
 	if method == stunwire.MethodConnectionBind {
 		return 0 // RFC 6062 §5.4: a new data connection, no allocation on its 5-tuple
 	}
-	if ra.haveChannel && method == stunwire.MethodChannelBind {
-		// RFC 8656 §11.2, §12: a channel number outside 0x4000-0x4FFF is 400.
-		if len(ra.channel) != 4 {
-			f.stats.badRequest.Add(1)
-			return 400
-		}
-		if n := binary.BigEndian.Uint16(ra.channel); n < stunwire.MinChannel || n > stunwire.MaxChannel {
-			f.stats.badRequest.Add(1)
-			return 400
-		}
-	}
-	if ra.haveLifetime && len(ra.lifetime) != 4 {
-		f.stats.badRequest.Add(1)
-		return 400
-	}
-
 	a := f.led.lookup(tuple)
 	if method == stunwire.MethodAllocate {
-		// RFC 8656 §7.2 step 2: a 5-tuple in use is 437. pion answers the
-		// same user's retransmission from its cache; another user is ours.
-		if a != nil && a.user != userID {
-			f.stats.noAlloc.Add(1)
-			return 437
-		}
-		// RFC 6156 §4.2, RFC 8656 §7.2: a family the server cannot relay
-		// is 440 (its relays are on its own IPs, all of one family; pion
-		// would try to bind the other family and answer 508). Absent, pion
-		// relays in the listener's family.
-		if ra.family != nil {
-			if len(ra.family) != 4 {
-				f.stats.badRequest.Add(1)
-				return 400
-			}
-			if ra.family[0] != f.family {
-				f.stats.badRequest.Add(1)
-				return 440
-			}
-		}
-		return 0
+		return f.checkAllocate(a, ra, userID)
 	}
 	if a == nil {
 		// RFC 8656 §7.3, §9.2, §11.2: no allocation on this 5-tuple.
@@ -451,12 +410,69 @@ func (f *turnFront) check(pkt []byte, h *stunwire.Header, method uint16, ra *req
 		f.stats.wrongCreds.Add(1)
 		return 441
 	}
-
 	switch method {
 	case stunwire.MethodCreatePermission, stunwire.MethodChannelBind, stunwire.MethodConnect:
-	default:
-		return 0
+		return f.checkPeers(pkt, h, method, ra, a)
 	}
+	return 0
+}
+
+// checkShape is 400 for what no allocation makes right: TCP requests over
+// UDP, a malformed channel number or LIFETIME.
+func (f *turnFront) checkShape(method uint16, ra *reqAttrs, tcp bool) int {
+	// RFC 6062 §5.1, §5.2, §5.4: TCP allocations, Connect and
+	// ConnectionBind exist only over a TCP or TLS control connection; over
+	// UDP they are 400 (and a Connect there would dial from the UDP read
+	// loop that every other client on the socket waits behind).
+	if !tcp && (method == stunwire.MethodConnect || method == stunwire.MethodConnectionBind ||
+		(method == stunwire.MethodAllocate && len(ra.transport) >= 1 && ra.transport[0] == protoTCP)) {
+		return 400
+	}
+	if ra.haveChannel && method == stunwire.MethodChannelBind {
+		// RFC 8656 §11.2, §12: a channel number outside 0x4000-0x4FFF is 400.
+		if len(ra.channel) != 4 {
+			return 400
+		}
+		if n := binary.BigEndian.Uint16(ra.channel); n < stunwire.MinChannel || n > stunwire.MaxChannel {
+			return 400
+		}
+	}
+	if ra.haveLifetime && len(ra.lifetime) != 4 {
+		return 400
+	}
+	return 0
+}
+
+// checkAllocate applies RFC 8656 §7.2 steps 2 and 6 to an Allocate on a
+// 5-tuple whose allocation (if any) is a.
+func (f *turnFront) checkAllocate(a *allocation, ra *reqAttrs, userID string) int {
+	// RFC 8656 §7.2 step 2: a 5-tuple in use is 437. pion answers the
+	// same user's retransmission from its cache; another user is ours.
+	if a != nil && a.user != userID {
+		f.stats.noAlloc.Add(1)
+		return 437
+	}
+	// RFC 6156 §4.2, RFC 8656 §7.2: a family the server cannot relay is
+	// 440 (its relays are on its own IPs, all of one family; pion would
+	// try to bind the other family and answer 508). Absent, pion relays in
+	// the listener's family.
+	if ra.family != nil {
+		if len(ra.family) != 4 {
+			f.stats.badRequest.Add(1)
+			return 400
+		}
+		if ra.family[0] != f.family {
+			f.stats.badRequest.Add(1)
+			return 440
+		}
+	}
+	return 0
+}
+
+// checkPeers applies the peer policy and the permission bound to the
+// XOR-PEER-ADDRESS attributes of a CreatePermission, ChannelBind or
+// Connect on allocation a.
+func (f *turnFront) checkPeers(pkt []byte, h *stunwire.Header, method uint16, ra *reqAttrs, a *allocation) int {
 	policy := f.policy.load()
 	peers, fresh := 0, 0
 	it := stunwire.NewAttrs(pkt)

@@ -87,6 +87,35 @@ func (s *Server) Registry() *prometheus.Registry {
 	return s.registry
 }
 
+// metricSet registers the server's metrics, all read at scrape time from
+// counters the data path keeps (no metric call on the hot path).
+type metricSet struct{ reg *prometheus.Registry }
+
+func (m metricSet) counter(name, help string, labels prometheus.Labels, f func() uint64) {
+	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: name, Help: help, ConstLabels: labels,
+	}, func() float64 { return float64(f()) }))
+}
+
+func (m metricSet) gauge(name, help string, f func() float64) {
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f))
+}
+
+// live is created minus deleted, read in that order so that it never goes
+// below zero.
+func live(created, deleted *atomic.Uint64) func() float64 {
+	return func() float64 {
+		d := deleted.Load()
+		c := created.Load()
+		if c < d {
+			return 0
+		}
+		return float64(c - d)
+	}
+}
+
+func l(k, v string) prometheus.Labels { return prometheus.Labels{k: v} }
+
 func (s *Server) newRegistry() *prometheus.Registry {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(
@@ -94,31 +123,20 @@ func (s *Server) newRegistry() *prometheus.Registry {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
-	counter := func(name, help string, labels prometheus.Labels, f func() uint64) {
-		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
-			Name: name, Help: help, ConstLabels: labels,
-		}, func() float64 { return float64(f()) }))
-	}
-	gauge := func(name, help string, f func() float64) {
-		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f))
-	}
-	// live is created minus deleted, read in that order so that it never
-	// goes below zero.
-	live := func(created, deleted *atomic.Uint64) func() float64 {
-		return func() float64 {
-			d := deleted.Load()
-			c := created.Load()
-			if c < d {
-				return 0
-			}
-			return float64(c - d)
-		}
-	}
-	l := func(k, v string) prometheus.Labels { return prometheus.Labels{k: v} }
-	o := &s.ops
-	bs := &s.binder.stats
-	dm := &s.demux
+	m := metricSet{reg}
+	s.registerAllocations(m)
+	s.registerRelay(m)
+	s.registerBinding(m)
+	s.registerFront(m)
+	s.registerDrops(m)
+	s.registerOps(m)
+	return reg
+}
 
+// registerAllocations registers TURN allocations, permissions and channels (RFC 8656 §7, §9, §12).
+func (s *Server) registerAllocations(m metricSet) {
+	o := &s.ops
+	counter, gauge := m.counter, m.gauge
 	// TURN allocations (RFC 8656 §7).
 	gauge("stund_allocations_active", "Live TURN allocations.", func() float64 { return float64(s.turn.AllocationCount()) })
 	for i, tr := range transportNames {
@@ -148,7 +166,12 @@ func (s *Server) newRegistry() *prometheus.Registry {
 	const peerHelp = "Peers refused by the peer policy (403): permission (CreatePermission, ChannelBind, Connect) or relay (a relayed packet, or a Connect's dial, toward a refused address or port: the host's own listeners)."
 	counter("stund_peer_refused_total", peerHelp, l("stage", "permission"), s.live.refused)
 	counter("stund_peer_refused_total", peerHelp, l("stage", "relay"), o.relayRefused.Load)
+}
 
+// registerRelay registers relayed data.
+func (s *Server) registerRelay(m metricSet) {
+	o := &s.ops
+	counter := m.counter
 	// Relayed data (UDP relays).
 	const pktHelp = "Packets relayed over UDP relays: to_peer (client to peer) or from_peer (peer to client)."
 	const byteHelp = "Payload bytes relayed over UDP relays: to_peer or from_peer."
@@ -159,7 +182,12 @@ func (s *Server) newRegistry() *prometheus.Registry {
 	const peerConnHelp = "RFC 6062 peer connections refused at the per-allocation or per-user bound: connect (Connect answered 447) or accept (a peer's connection to a relayed address closed at once)."
 	counter("stund_peer_connections_refused_total", peerConnHelp, l("direction", "connect"), o.peerConnRefusedOut.Load)
 	counter("stund_peer_connections_refused_total", peerConnHelp, l("direction", "accept"), o.peerConnRefusedIn.Load)
+}
 
+// registerBinding registers Binding (RFC 8489 §7, RFC 5780 §6, §7).
+func (s *Server) registerBinding(m metricSet) {
+	bs := &s.binder.stats
+	counter := m.counter
 	// Binding (RFC 8489 §7, RFC 5780 §6/§7).
 	const bindHelp = "Binding requests that parsed, by form: rfc8489 (magic cookie) or rfc3489 (classic)."
 	counter("stund_binding_requests_total", bindHelp, l("form", "rfc8489"), func() uint64 {
@@ -181,7 +209,11 @@ func (s *Server) newRegistry() *prometheus.Registry {
 	counter("stund_binding_responses_total", respHelp, l("result", "400"), bs.err400.Load)
 	counter("stund_binding_responses_total", respHelp, l("result", "420"), bs.err420.Load)
 	counter("stund_binding_over_budget_total", "Binding replies whose mandatory core exceeded the 2x amplification budget.", nil, bs.overBudget.Load)
+}
 
+// registerFront registers the TURN front's answers.
+func (s *Server) registerFront(m metricSet) {
+	counter := m.counter
 	// TURN requests the front (front.go) answered itself, RFC 8489 §9.2.4
 	// and RFC 8656 §7-§12. Unauthenticated answers (400, 401, 438) are
 	// counted when decided; the amplification budget or the rate limit may
@@ -198,7 +230,12 @@ func (s *Server) newRegistry() *prometheus.Registry {
 	turnErr("438", func(st *FrontStats) uint64 { return st.StaleNonce })
 	turnErr("441", func(st *FrontStats) uint64 { return st.WrongCreds })
 	turnErr("508", func(st *FrontStats) uint64 { return st.Capacity })
+}
 
+// registerDrops registers what was dropped before or instead of a reply.
+func (s *Server) registerDrops(m metricSet) {
+	bs, dm := &s.binder.stats, &s.demux
+	counter := m.counter
 	// Dropped before or instead of a reply.
 	const dropHelp = "Packets dropped and counted, by reason: malformed (bad STUN framing, attribute or FINGERPRINT, Binding or TURN), not_stun (neither STUN nor ChannelData), stream_unframeable (TCP/TLS connections closed on junk), send_error (replies the kernel refused), rate_limited (unauthenticated replies over the per-source-IP rate), amplification (unauthenticated TURN answers over 2x their request), bandwidth (relayed datagrams over the per-user --max-bps cap)."
 	counter("stund_dropped_packets_total", dropHelp, l("reason", "malformed"), func() uint64 { return bs.malformed.Load() + s.Front().Malformed })
@@ -213,7 +250,12 @@ func (s *Server) newRegistry() *prometheus.Registry {
 	const streamHelp = "TCP/TLS connections closed by stund, by reason: per_ip_limit (at accept: the source IP had --max-conns-per-ip open), idle (silent, or half a frame, past its read deadline)."
 	counter("stund_stream_connections_closed_total", streamHelp, l("reason", "per_ip_limit"), func() uint64 { return s.Limits().StreamRefused })
 	counter("stund_stream_connections_closed_total", streamHelp, l("reason", "idle"), func() uint64 { return s.Limits().StreamIdle })
+}
 
+// registerOps registers operations: reloads and natprobe probes.
+func (s *Server) registerOps(m metricSet) {
+	o := &s.ops
+	counter, gauge := m.counter, m.gauge
 	// Operations.
 	const reloadHelp = "Configuration reloads (SIGHUP), by result: ok or error (the old settings were kept)."
 	counter("stund_reloads_total", reloadHelp, l("result", "ok"), o.reloads.Load)
@@ -226,5 +268,4 @@ func (s *Server) newRegistry() *prometheus.Registry {
 		}
 		return 0
 	})
-	return reg
 }
