@@ -212,19 +212,29 @@ func (s *Server) closeSockets() {
 	s.streamAt = map[net.Listener]int{}
 }
 
-// startTURN builds the binder and pion's TURN server on top of the
-// wrapped sockets.
+// startTURN builds the stages a packet passes (the pipeline, in the order
+// of docs/design.md) and pion's TURN server on top of the wrapped sockets.
 func (s *Server) startTURN() error {
+	s.buildState()
+	s.buildStages()
+	tc := s.pionConfig()
+	ts, err := turn.NewServer(tc)
+	if err != nil {
+		return fmt.Errorf("turn: %w", err)
+	}
+	s.turn = ts
+	if s.pionNonce.current() == nil {
+		_ = ts.Close()
+		return fmt.Errorf("turn: pion did not mint a nonce on its private port")
+	}
+	return nil
+}
+
+// buildState makes what the stages share: the peer policy, credentials,
+// quotas and limits, the allocation ledger, the fleet state.
+func (s *Server) buildState() {
 	cfg := s.cfg
-	s.binder = newBinder(binderConfig{
-		Grid:        s.gridAddr,
-		Advertise:   cfg.Advertise,
-		Software:    cfg.Software,
-		RFC5780Lean: cfg.RFC5780Lean,
-	})
-
 	s.live.swap(s.buildPolicy(cfg)) // Reload swaps it
-
 	s.auth = NewAuthenticator(Credentials{Realm: cfg.Realm, Users: cfg.Users, Secrets: cfg.AuthSecrets})
 	s.quotas = NewQuotas(cfg.UserQuota, cfg.TotalQuota)
 	s.initLimits(cfg.abuse)
@@ -246,9 +256,22 @@ func (s *Server) startTURN() error {
 	for _, l := range s.tls {
 		s.tlsAt[stunwire.AddrPortOf(l.Addr())] = true
 	}
-	s.data = &dataPlane{led: s.led}
 	s.authLog = newAuthLog(s.log, &s.ops)
 	s.pionNonce = newPionNonces()
+}
+
+// buildStages makes the stages each gets as arguments: the Binding
+// responder, the TURN front, the data plane, and what the UDP sockets and
+// the stream connections route to.
+func (s *Server) buildStages() {
+	cfg := s.cfg
+	s.binder = newBinder(binderConfig{
+		Grid:        s.gridAddr,
+		Advertise:   cfg.Advertise,
+		Software:    cfg.Software,
+		RFC5780Lean: cfg.RFC5780Lean,
+	})
+	s.data = &dataPlane{led: s.led}
 	s.front = newTurnFront(frontDeps{
 		auth: s.auth, policy: &s.live, led: s.led, pion: s.pionNonce,
 		allowUnauth: s.allowUnauth, authFailed: s.authLog.failed, admitAllocate: s.admitAllocate,
@@ -257,15 +280,18 @@ func (s *Server) startTURN() error {
 	binding := &bindingStage{binder: s.binder, noteProbe: s.noteProbe}
 	s.udp = &udpDeps{binding: binding, front: s.front, data: s.data, demux: &s.demux, allowUnauth: s.allowUnauth, grid: &s.grid, requests: &s.ops.requestsBy}
 	s.stream = &streamDeps{binding: binding, front: s.front, data: s.data, led: s.led, limits: &s.limits, demux: &s.demux, requests: &s.ops.requestsBy}
-	udp, stream := s.udp, s.stream
+}
 
+// pionConfig is pion's configuration: its hooks, and every socket and
+// listener wrapped so that our stages see each packet first.
+func (s *Server) pionConfig() turn.ServerConfig {
+	cfg := s.cfg
 	lf := cfg.LoggerFactory
 	if lf == nil {
 		f := logging.NewDefaultLoggerFactory()
 		f.DefaultLogLevel = logging.LogLevelDisabled
 		lf = f
 	}
-
 	tc := turn.ServerConfig{
 		Realm: cfg.Realm,
 		// The front has verified every request pion sees (front.go), so
@@ -288,7 +314,7 @@ func (s *Server) startTURN() error {
 			// One read loop per socket of the cell (udpsock.go).
 			for _, c := range s.gridSocks[i][p] {
 				tc.PacketConnConfigs = append(tc.PacketConnConfigs, turn.PacketConnConfig{
-					PacketConn:            &stunPacketConn{PacketConn: c, deps: udp, at: endpoint{ip: i, port: p}, local: s.gridAddr[i][p]},
+					PacketConn:            &stunPacketConn{PacketConn: c, deps: s.udp, at: endpoint{ip: i, port: p}, local: s.gridAddr[i][p]},
 					RelayAddressGenerator: s.relayGen(i),
 					PermissionHandler:     s.live.permissionHandler(),
 				})
@@ -301,21 +327,12 @@ func (s *Server) startTURN() error {
 			tr = trTLS
 		}
 		tc.ListenerConfigs = append(tc.ListenerConfigs, turn.ListenerConfig{
-			Listener:              &stunListener{Listener: l, deps: stream, ip: i, tr: tr},
+			Listener:              &stunListener{Listener: l, deps: s.stream, ip: i, tr: tr},
 			RelayAddressGenerator: s.relayGen(i),
 			PermissionHandler:     s.live.permissionHandler(),
 		})
 	}
-	ts, err := turn.NewServer(tc)
-	if err != nil {
-		return fmt.Errorf("turn: %w", err)
-	}
-	s.turn = ts
-	if s.pionNonce.current() == nil {
-		_ = ts.Close()
-		return fmt.Errorf("turn: pion did not mint a nonce on its private port")
-	}
-	return nil
+	return tc
 }
 
 // relayGen returns the relay address generator for allocations made
