@@ -105,113 +105,177 @@ func adminToken(c *cli.Context, keys *yamlKeys, admAddr string) (string, error) 
 // listener and the server, reload on SIGHUP, stop when ctx ends (SIGINT,
 // SIGTERM).
 func serve(c *cli.Context, stdout io.Writer) error {
-	keys := keysOf(c)
-	cfg, demoPass, err := buildConfig(c, keys)
-	if err != nil {
-		return configError{err}
-	}
-	admAddr, err := metricsAddr(c, keys)
-	if err != nil {
-		return configError{err}
-	}
-	logger := cfg.Logger
-	var onHUP []func() // what else a SIGHUP reopens
-	var certs *certreload.Reloader
-	if cfg.TLSConfig != nil {
-		if certs, err = certreload.New(c.String(fCert), c.String(fKey), logger); err != nil {
-			return configError{fmt.Errorf("%s: %v%s", fCert, err, keys.where(fCert))}
-		}
-		cfg.TLSConfig.GetCertificate = certs.GetCertificate
-		ctx, cancel := context.WithCancel(c.Context)
-		watched := make(chan struct{})
-		go func() { certs.Watch(ctx, certreload.PollInterval); close(watched) }()
-		defer func() { cancel(); <-watched }()
-	}
-
+	n := &node{c: c, stdout: stdout, keys: keysOf(c)}
+	defer n.cleanup()
 	// Registered before anything is bound, so that a SIGHUP arriving
 	// during start-up is a reload, never the default action (exit), and a
 	// SIGTERM is a drain.
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
-	term := make(chan os.Signal, 2)
-	signal.Notify(term, syscall.SIGTERM)
-	defer signal.Stop(term)
-
-	if path := c.String(fUsageLog); path != "" {
-		usage, err := logfile.Open(path)
-		if err != nil {
-			return configError{fmt.Errorf("%s: %v%s", fUsageLog, err, keys.where(fUsageLog))}
+	n.hup = make(chan os.Signal, 1)
+	signal.Notify(n.hup, syscall.SIGHUP)
+	n.term = make(chan os.Signal, 2)
+	signal.Notify(n.term, syscall.SIGTERM)
+	n.later(func() { signal.Stop(n.hup); signal.Stop(n.term) })
+	for _, step := range []func() error{n.configure, n.certificates, n.usageLog, n.startAdmin, n.startServer} {
+		if err := step(); err != nil {
+			return err
 		}
-		defer usage.Close()
-		cfg.UsageLog = usage
-		reopen := func() {
-			if err := usage.Reopen(); err != nil {
-				logger.Error("usage log not reopened; still writing to the old file", "file", path, "error", err)
-			}
-		}
-		onHUP = append(onHUP, reopen)
 	}
+	return n.run()
+}
 
-	if c.Bool(fPprof) && admAddr == "" {
-		return configError{fmt.Errorf("%s needs --%s: the profiler is served on the admin listener%s", fPprof, fMetrics, keys.where(fPprof))}
+// node is one run of stund: what serve's steps set up, and what is undone
+// when it ends (in reverse).
+type node struct {
+	c        *cli.Context
+	stdout   io.Writer
+	keys     *yamlKeys
+	cfg      server.Config
+	demoPass string
+	admAddr  string
+	logger   *slog.Logger
+	certs    *certreload.Reloader
+	adm      *admin.Handler
+	srv      *server.Server
+	hup      chan os.Signal
+	term     chan os.Signal
+	onHUP    []func() // what else a SIGHUP reopens
+	undo     []func()
+}
+
+func (n *node) later(f func()) { n.undo = append(n.undo, f) }
+
+func (n *node) cleanup() {
+	for i := len(n.undo) - 1; i >= 0; i-- {
+		n.undo[i]()
 	}
-	token, err := adminToken(c, keys, admAddr)
+}
+
+// configure builds the server's configuration from flags, environment and
+// the YAML file.
+func (n *node) configure() (err error) {
+	if n.cfg, n.demoPass, err = buildConfig(n.c, n.keys); err != nil {
+		return configError{err}
+	}
+	if n.admAddr, err = metricsAddr(n.c, n.keys); err != nil {
+		return configError{err}
+	}
+	n.logger = n.cfg.Logger
+	return nil
+}
+
+// certificates serves the TLS certificate through a reloader that follows
+// the files (SIGHUP, or a change on disk).
+func (n *node) certificates() (err error) {
+	if n.cfg.TLSConfig == nil {
+		return nil
+	}
+	if n.certs, err = certreload.New(n.c.String(fCert), n.c.String(fKey), n.logger); err != nil {
+		return configError{fmt.Errorf("%s: %v%s", fCert, err, n.keys.where(fCert))}
+	}
+	n.cfg.TLSConfig.GetCertificate = n.certs.GetCertificate
+	ctx, cancel := context.WithCancel(n.c.Context)
+	watched := make(chan struct{})
+	go func() { n.certs.Watch(ctx, certreload.PollInterval); close(watched) }()
+	n.later(func() { cancel(); <-watched })
+	n.onHUP = append(n.onHUP, func() { _ = n.certs.Reload() }) // a failure is logged and keeps the old certificate
+	return nil
+}
+
+// usageLog opens --usage-log, reopened on SIGHUP for logrotate.
+func (n *node) usageLog() error {
+	path := n.c.String(fUsageLog)
+	if path == "" {
+		return nil
+	}
+	usage, err := logfile.Open(path)
+	if err != nil {
+		return configError{fmt.Errorf("%s: %v%s", fUsageLog, err, n.keys.where(fUsageLog))}
+	}
+	n.later(func() { _ = usage.Close() })
+	n.cfg.UsageLog = usage
+	n.onHUP = append(n.onHUP, func() {
+		if err := usage.Reopen(); err != nil {
+			n.logger.Error("usage log not reopened; still writing to the old file", "file", path, "error", err)
+		}
+	})
+	return nil
+}
+
+// startAdmin starts the admin listener, before the server, so that
+// /healthz answers while stund starts.
+func (n *node) startAdmin() error {
+	c := n.c
+	if c.Bool(fPprof) && n.admAddr == "" {
+		return configError{fmt.Errorf("%s needs --%s: the profiler is served on the admin listener%s", fPprof, fMetrics, n.keys.where(fPprof))}
+	}
+	token, err := adminToken(c, n.keys, n.admAddr)
 	if err != nil {
 		return configError{err}
 	}
-	adm := &admin.Handler{Pprof: c.Bool(fPprof)}
-	adm.SetToken(token)
-	if admAddr != "" {
-		ln, err := net.Listen("tcp", admAddr)
-		if err != nil {
-			return fmt.Errorf("%s: %w", fMetrics, err)
-		}
-		// The relay must never reach the admin listener (its pprof shows
-		// the command line, secrets included): the server refuses its
-		// port on every address of the host (RFC 8656 §17).
-		if a, ok := ln.Addr().(*net.TCPAddr); ok {
-			cfg.ProtectedListeners = append(cfg.ProtectedListeners, a.AddrPort())
-		}
-		hs := &http.Server{Handler: adm, ReadHeaderTimeout: 5 * time.Second}
-		go func() { _ = hs.Serve(ln) }()
-		defer func() {
-			ctx, cancel := context.WithTimeout(context.Background(), adminShutdownTimeout)
-			defer cancel()
-			_ = hs.Shutdown(ctx)
-		}()
-		paths := "/metrics /healthz /readyz"
-		if adm.Pprof {
-			paths += " /debug/pprof/"
-		}
-		if token != "" {
-			paths += " /allocations /users/ /drain"
-		}
-		fmt.Fprintf(stdout, "stund: admin on http://%s (%s)\n", ln.Addr(), paths)
+	n.adm = &admin.Handler{Pprof: c.Bool(fPprof)}
+	n.adm.SetToken(token)
+	if n.admAddr == "" {
+		return nil
 	}
-
-	srv, err := server.New(cfg)
+	ln, err := net.Listen("tcp", n.admAddr)
 	if err != nil {
+		return fmt.Errorf("%s: %w", fMetrics, err)
+	}
+	// The relay must never reach the admin listener (its pprof shows the
+	// command line, secrets included): the server refuses its port on
+	// every address of the host (RFC 8656 §17).
+	if a, ok := ln.Addr().(*net.TCPAddr); ok {
+		n.cfg.ProtectedListeners = append(n.cfg.ProtectedListeners, a.AddrPort())
+	}
+	hs := &http.Server{Handler: n.adm, ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = hs.Serve(ln) }()
+	n.later(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), adminShutdownTimeout)
+		defer cancel()
+		_ = hs.Shutdown(ctx)
+	})
+	paths := "/metrics /healthz /readyz"
+	if n.adm.Pprof {
+		paths += " /debug/pprof/"
+	}
+	if token != "" {
+		paths += " /allocations /users/ /drain"
+	}
+	fmt.Fprintf(n.stdout, "stund: admin on http://%s (%s)\n", ln.Addr(), paths)
+	return nil
+}
+
+// startServer binds and starts the server and attaches it to the admin
+// listener.
+func (n *node) startServer() (err error) {
+	if n.srv, err = server.New(n.cfg); err != nil {
 		return err
 	}
-	srv.Registry().MustRegister(buildInfo())
-	if certs != nil {
-		srv.Registry().MustRegister(certMetrics(certs)...)
+	n.srv.Registry().MustRegister(buildInfo())
+	if n.certs != nil {
+		n.srv.Registry().MustRegister(certMetrics(n.certs)...)
 	}
-	adm.Attach(srv)
-	if demoPass != "" {
-		fmt.Fprintf(stdout, "stund: demo TURN user %q password %q realm %q\n", demoUser, demoPass, cfg.Realm)
+	n.adm.Attach(n.srv)
+	if n.demoPass != "" {
+		fmt.Fprintf(n.stdout, "stund: demo TURN user %q password %q realm %q\n", demoUser, n.demoPass, n.cfg.Realm)
 	}
 	var bound []string
-	for _, row := range srv.Grid() {
+	for _, row := range n.srv.Grid() {
 		for _, a := range row {
 			if a.IsValid() { // single-IP mode has no alternate row
 				bound = append(bound, a.String())
 			}
 		}
 	}
-	fmt.Fprintf(stdout, "stund: listening on udp %s\n", strings.Join(bound, " "))
+	fmt.Fprintf(n.stdout, "stund: listening on udp %s\n", strings.Join(bound, " "))
+	return nil
+}
 
+// run serves until SIGINT (at once), a second SIGTERM (at once), or the
+// end of a drain (SIGTERM or POST /drain: when the last allocation ends or
+// --drain-timeout runs out); SIGHUP reloads.
+func (n *node) run() error {
+	c, srv, logger := n.c, n.srv, n.logger
 	args, _ := c.App.Metadata["args"].([]string)
 	var drained chan error
 	started := srv.DrainStarted()
@@ -220,7 +284,7 @@ func serve(c *cli.Context, stdout io.Writer) error {
 		case <-c.Context.Done():
 			logger.Info("shutting down", "allocations", srv.AllocationCount())
 			return srv.Close()
-		case <-term:
+		case <-n.term:
 			if srv.Draining() {
 				logger.Info("second SIGTERM: stopping now", "allocations", srv.AllocationCount())
 				return srv.Close()
@@ -241,12 +305,9 @@ func serve(c *cli.Context, stdout io.Writer) error {
 				logger.Info("drained: no allocation left")
 			}
 			return srv.Close()
-		case <-hup:
-			demoPass = reload(srv, adm, args, demoPass, logger, stdout, c.App.ErrWriter)
-			if certs != nil {
-				_ = certs.Reload() // a failure is logged and keeps the old certificate
-			}
-			for _, f := range onHUP {
+		case <-n.hup:
+			n.demoPass = reload(srv, n.adm, args, n.demoPass, logger, n.stdout, c.App.ErrWriter)
+			for _, f := range n.onHUP {
 				f()
 			}
 		}
