@@ -1,6 +1,7 @@
 package server
 
 import (
+	"encoding/binary"
 	"errors"
 	"io"
 	"net"
@@ -60,6 +61,52 @@ func fuzzSeeds() [][]byte {
 		{0x00, 0x01, 0x00, 0x04, 0x21, 0x12, 0xa4, 0x42, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x20, 0x00, 0x00}, // XOR-MAPPED-ADDRESS of length 0
 		[]byte("GET / HTTP/1.1\r\n\r\n"),
 	}
+}
+
+// streamBoundarySeeds are streams of frames at the 16-bit length
+// boundaries (a frame of 65535, 65536 and 65552 bytes, where a 16-bit
+// frame size wraps), STUN lengths that are not a multiple of 4, ChannelData
+// of 0 to 5 bytes (whose padded frames are shorter than a STUN header), and
+// RFC 6062 control flows (Connect, ConnectionBind) between them.
+func streamBoundarySeeds() [][]byte {
+	stunLen := func(length int) []byte { // a Send indication announcing length, whole
+		m := make([]byte, 20+length)
+		binary.BigEndian.PutUint16(m[0:], 0x0016)
+		binary.BigEndian.PutUint16(m[2:], uint16(length))
+		binary.BigEndian.PutUint32(m[4:], 0x2112A442)
+		return m
+	}
+	chanData := func(n int) []byte {
+		m := make([]byte, 4+(n+3)&^3)
+		binary.BigEndian.PutUint16(m[0:], 0x4001)
+		binary.BigEndian.PutUint16(m[2:], uint16(n))
+		return m
+	}
+	connect := stun.MustBuild(stun.TransactionID, stun.NewType(stun.MethodConnect, stun.ClassRequest),
+		stun.RawAttribute{Type: stun.AttrXORPeerAddress, Value: []byte{0, 1, 0x21, 0x12, 0x5e, 0x12, 0xa4, 0x43}}).Raw
+	bindConn := stun.MustBuild(stun.TransactionID, stun.NewType(stun.MethodConnectionBind, stun.ClassRequest),
+		stun.RawAttribute{Type: stun.AttrConnectionID, Value: []byte{0, 0, 0, 1}}).Raw
+	bind := stun.MustBuild(stun.TransactionID, stun.BindingRequest).Raw
+	join := func(parts ...[]byte) []byte {
+		var out []byte
+		for _, p := range parts {
+			out = append(out, p...)
+		}
+		return out
+	}
+	var seeds [][]byte
+	for _, n := range []int{65515, 65516, 65532, maxStreamSTUN - 20, maxStreamSTUN - 19} {
+		seeds = append(seeds, join(stunLen(n), bind))
+	}
+	for _, n := range []int{65531, 65532, 65535} {
+		seeds = append(seeds, join(chanData(n), bind))
+	}
+	bad := stunLen(8)
+	binary.BigEndian.PutUint16(bad[2:], 10) // not a multiple of 4
+	seeds = append(seeds, join(bind, bad, bind))
+	seeds = append(seeds, join(chanData(0), chanData(1), chanData(2), chanData(3), chanData(4), chanData(5), bind))
+	seeds = append(seeds, join(connect, chanData(4), bindConn, []byte("raw peer bytes after ConnectionBind")))
+	return seeds
 }
 
 // zeroLengthPeerSend is a Send indication whose XOR-PEER-ADDRESS has
@@ -197,6 +244,9 @@ func (c *fakeStreamConn) SetWriteDeadline(time.Time) error { return nil }
 func FuzzDemuxStream(f *testing.F) {
 	for _, s := range fuzzSeeds() {
 		f.Add([]byte{3, 200, 0}, append(append([]byte{}, s...), s...))
+	}
+	for _, s := range streamBoundarySeeds() {
+		f.Add([]byte{1, 7, 255}, s)
 	}
 	s := fuzzServer(f)
 	f.Fuzz(func(t *testing.T, chunks, stream []byte) {
