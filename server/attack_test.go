@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/pion/stun/v4"
+	"github.com/pion/turn/v5"
 	"github.com/stund/stund/internal/stunwire"
 	"github.com/stund/stund/internal/testutil"
 )
@@ -488,4 +489,53 @@ func (c *frontClient) wantUnauthorized(r *stun.Message) {
 	if errorCode(r) != 401 {
 		c.t.Fatalf("%v code %d, want 401", r.Type, errorCode(r))
 	}
+}
+
+// TestDataPlaneCarriesRelayedData: on an established allocation, Send
+// indications, ChannelData and the peer's datagrams (as Data indications
+// and as ChannelData) are relayed by stund's data plane, not by pion,
+// over UDP and over TCP; a Data indication is well formed (pion's client
+// decodes it) and ChannelData over a stream is padded to 4.
+func TestDataPlaneCarriesRelayedData(t *testing.T) {
+	s := startStreamServer(t, nil)
+	for _, network := range []string{"udp", "tcp"} {
+		t.Run(network, func(t *testing.T) {
+			before := s.data.stats().Relayed
+			var cl *turn.Client
+			if network == "udp" {
+				cl = allocClient(t, s.Server, "udp4", "alice")
+			} else {
+				cl = newTCPTURNClient(t, s.TCPAddrs()[0], "alice", "alice-pw")
+			}
+			relay, err := cl.Allocate()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer relay.Close()
+			peer := udpPeer(t, "udp4")
+			from := relayToPeer(t, relay, peer, "first, by Send") // Send indication before the channel
+			peerToClient(t, peer, relay, from, "back, odd len")   // 13 bytes: padding over TCP
+			for i := 0; i < 20; i++ {                             // pion's client binds a channel meanwhile
+				relayToPeer(t, relay, peer, "later")
+				peerToClient(t, peer, relay, from, "again")
+			}
+			if got := s.data.stats().Relayed - before; got < 21 {
+				t.Fatalf("the data plane relayed %d client datagrams, want all 21", got)
+			}
+			if got := s.relayToClient(stunwire.AddrPortOf(relay.LocalAddr())); got < 21 {
+				t.Fatalf("the data plane wrote %d of the peer's 21 datagrams to the client", got)
+			}
+		})
+	}
+}
+
+// relayToClient is how many peer datagrams the relay socket on the
+// relayed address wrote to its client.
+func (s *Server) relayToClient(relayed netip.AddrPort) uint64 {
+	s.led.mu.RLock()
+	defer s.led.mu.RUnlock()
+	if rs := s.led.sockets[relayed]; rs != nil {
+		return rs.toClient.Load()
+	}
+	return 0
 }

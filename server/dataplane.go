@@ -2,26 +2,42 @@ package server
 
 import (
 	"encoding/binary"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"sync"
 	"sync/atomic"
 
 	"github.com/stund/stund/internal/stunwire"
 )
 
-// dataPlane relays ChannelData from clients to peers (RFC 8656 §12.5),
-// over UDP and streams alike, without pion: one ledger lookup from the
-// 5-tuple to the allocation, the channel's peer and its permission checked
-// there, then the relay socket's policy, cap and counters (relaysock.go).
-// pion keeps the control plane (Allocate, Refresh, permissions, channels)
-// and the peer-to-client direction.
+// The relay data plane: relayed data on established allocations, both
+// directions, without pion (which keeps the control plane: Allocate,
+// Refresh, permissions, channels, RFC 6062).
+//
+//   - client to peer: ChannelData (RFC 8656 §12.5) and Send indications
+//     (RFC 8656 §10.2) arriving on a listener are looked up in the ledger by
+//     5-tuple (one lookup), checked against the channel and the peer's
+//     permission there, and written by the allocation's relay socket
+//     (relaysock.go: policy, cap, counters);
+//   - peer to client: a relay socket's read loop checks the permission
+//     first, then wraps the datagram as ChannelData on the peer's channel
+//     or as a Data indication (RFC 8656 §11.3, §12.6) and writes it straight
+//     to the client's 5-tuple or connection.
+//
+// Per packet: no allocation, no goroutine switch, one map lookup per
+// direction under a read lock.
+
+// dataPlane relays client-to-peer data.
 type dataPlane struct {
 	led *ledger
 
-	relayed   atomic.Uint64 // ChannelData frames sent on to a peer
+	relayed   atomic.Uint64 // ChannelData frames and Send indications sent on to a peer
 	noChannel atomic.Uint64 // dropped: no allocation, channel or permission
-	malformed atomic.Uint64 // dropped: length field past the frame
+	malformed atomic.Uint64 // dropped: length past the frame, bad attributes
 }
 
-// DataPlaneStats counts the ChannelData the data plane saw.
+// DataPlaneStats counts what the data plane saw from clients.
 type DataPlaneStats struct {
 	Relayed, NoChannel, Malformed uint64
 }
@@ -59,4 +75,171 @@ func (d *dataPlane) fromClient(t fiveTuple, frame []byte) {
 	if _, err := a.sock.send(data, peer); err == nil {
 		d.relayed.Add(1)
 	}
+}
+
+// knownInSend lists the comprehension-required attributes a Send
+// indication may carry (RFC 8656 §10.2, §18); with any other the
+// indication is discarded (RFC 8489 §7.3.2).
+func knownInSend(t uint16) bool {
+	switch t {
+	case stunwire.AttrXORPeerAddress, stunwire.AttrData, stunwire.AttrDontFragment:
+		return true
+	}
+	return false
+}
+
+// send relays one Send indication (already framed) that arrived on t; false
+// when it is not a well-formed Send indication on an allocation we relay
+// for, and pion should see it (it then drops it as we would).
+func (d *dataPlane) send(t fiveTuple, msg []byte) bool {
+	h, err := stunwire.ParseHeader(msg)
+	if err != nil || h.Type != stunwire.MessageType(stunwire.MethodSend, stunwire.ClassIndication) {
+		return false
+	}
+	a := d.led.lookup(t)
+	if a == nil || a.sock == nil {
+		d.noChannel.Add(1)
+		return true // RFC 8656 §10.2: no allocation, discarded
+	}
+	sc, err := stunwire.Check(msg, knownInSend)
+	if err != nil || len(sc.Unknown()) > 0 {
+		d.malformed.Add(1)
+		return true
+	}
+	var peer netip.AddrPort
+	var data []byte
+	havePeer, haveData := false, false
+	it := stunwire.NewAttrs(msg)
+	for {
+		typ, val, _, ok := it.Next()
+		if !ok {
+			break
+		}
+		switch typ {
+		case stunwire.AttrXORPeerAddress:
+			if peer, err = stunwire.ParseXORAddress(val, &h.ID); err != nil {
+				d.malformed.Add(1)
+				return true
+			}
+			havePeer = true
+		case stunwire.AttrData:
+			data, haveData = val, true
+		}
+	}
+	// RFC 8656 §10.2: both are mandatory; no permission, no relay.
+	if !havePeer || !haveData {
+		d.malformed.Add(1)
+		return true
+	}
+	peer = stunwire.Unmap(peer)
+	if !a.permitted(peer.Addr()) {
+		d.noChannel.Add(1)
+		return true
+	}
+	if _, err := a.sock.send(data, peer); err == nil {
+		d.relayed.Add(1)
+	}
+	return true
+}
+
+// clientWriter is the way back to an allocation's client.
+type clientWriter interface {
+	// writeClient sends one datagram or frame to the client.
+	writeClient(b []byte) error
+	// stream reports whether the client is on TCP/TLS, where ChannelData
+	// is padded to 4 (RFC 8656 §12.5).
+	stream() bool
+}
+
+// udpClient is a UDP client reached from the listener socket its 5-tuple
+// names.
+type udpClient struct {
+	conn net.PacketConn
+	uc   *net.UDPConn
+	to   netip.AddrPort
+}
+
+func (u *udpClient) writeClient(b []byte) error {
+	var err error
+	if u.uc != nil {
+		_, err = u.uc.WriteToUDPAddrPort(b, u.to)
+	} else {
+		_, err = u.conn.WriteTo(b, net.UDPAddrFromAddrPort(u.to))
+	}
+	return err
+}
+
+func (*udpClient) stream() bool { return false }
+
+// streamClients are the TCP/TLS connections by 5-tuple, while they last.
+type streamClients struct {
+	mu    sync.RWMutex
+	conns map[fiveTuple]*streamConn
+}
+
+func (s *streamClients) add(t fiveTuple, c *streamConn) {
+	s.mu.Lock()
+	if s.conns == nil {
+		s.conns = map[fiveTuple]*streamConn{}
+	}
+	s.conns[t] = c
+	s.mu.Unlock()
+}
+
+func (s *streamClients) remove(t fiveTuple, c *streamConn) {
+	s.mu.Lock()
+	if s.conns[t] == c {
+		delete(s.conns, t)
+	}
+	s.mu.Unlock()
+}
+
+func (s *streamClients) get(t fiveTuple) *streamConn {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.conns[t]
+}
+
+// Room in a relay socket's buffer before the payload, for the largest
+// header the payload gets toward the client: a Data indication with an
+// IPv6 XOR-PEER-ADDRESS, 20 + (4+20) + 4 = 48 bytes.
+const relayHeadroom = stunwire.HeaderSize + 24 + 4
+
+// relayBufSize bounds a datagram from a peer: a full Ethernet-MTU UDP
+// payload and more; the relay reads one datagram at a time into this.
+const relayBufSize = 2048
+
+// wrapForClient puts the header for a datagram from peer in front of
+// buf[relayHeadroom:relayHeadroom+n] (and the padding after it) and
+// returns the message: ChannelData on channel ch, else a Data indication.
+func wrapForClient(buf []byte, n int, peer netip.AddrPort, ch uint16, stream bool) []byte {
+	payload := relayHeadroom
+	if ch != 0 {
+		// RFC 8656 §12.4; padded to 4 over streams only (§12.5).
+		start := payload - stunwire.ChannelDataHeaderSize
+		binary.BigEndian.PutUint16(buf[start:], ch)
+		binary.BigEndian.PutUint16(buf[start+2:], uint16(n))
+		end := payload + n
+		if stream {
+			end = payload + (n+3)&^3
+			clear(buf[payload+n : end])
+		}
+		return buf[start:end]
+	}
+	// RFC 8656 §11.3: a Data indication with XOR-PEER-ADDRESS and DATA.
+	var id [16]byte
+	binary.BigEndian.PutUint32(id[0:4], stunwire.MagicCookie)
+	binary.BigEndian.PutUint64(id[4:12], rand.Uint64())
+	binary.BigEndian.PutUint32(id[12:16], rand.Uint32())
+	var hdr [relayHeadroom]byte
+	h := stunwire.AppendHeader(hdr[:0], stunwire.MessageType(stunwire.MethodData, stunwire.ClassIndication), &id)
+	h = stunwire.AppendXORAddress(h, stunwire.AttrXORPeerAddress, peer, &id)
+	h = binary.BigEndian.AppendUint16(h, stunwire.AttrData)
+	h = binary.BigEndian.AppendUint16(h, uint16(n))
+	start := payload - len(h)
+	copy(buf[start:], h)
+	end := payload + (n+3)&^3 // attributes are padded to 4 (RFC 8489 §14)
+	clear(buf[payload+n : end])
+	binary.BigEndian.PutUint16(buf[start+2:], uint16(end-start-stunwire.HeaderSize))
+	return buf[start:end]
 }

@@ -54,6 +54,12 @@ func (b *bindingStage) answer(buf, pkt []byte, src, local netip.AddrPort, at end
 	return reply.Msg, ok
 }
 
+// isSend reports whether a STUN message is a Send indication (RFC 8656
+// §10.2), by its type alone.
+func isSend(b []byte) bool {
+	return len(b) >= 2 && uint16(b[0])<<8|uint16(b[1]) == stunwire.MessageType(stunwire.MethodSend, stunwire.ClassIndication)
+}
+
 // udpDeps is what a grid socket needs from the server.
 type udpDeps struct {
 	binding *bindingStage
@@ -105,6 +111,9 @@ func (c *stunPacketConn) ReadFrom(p []byte) (int, net.Addr, error) {
 		case stunwire.KindChannelData:
 			c.deps.data.fromClient(fiveTuple{src: stunwire.AddrPortOf(addr), dst: c.local}, pkt)
 		case stunwire.KindSTUN:
+			if isSend(pkt) && c.deps.data.send(fiveTuple{src: stunwire.AddrPortOf(addr), dst: c.local}, pkt) {
+				continue // a Send indication on an allocation: the data plane's
+			}
 			c.deps.requests[trUDP][1].Add(1)
 			if n := c.toFront(p, pkt, addr); n > 0 {
 				return n, addr, nil

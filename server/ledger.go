@@ -73,8 +73,13 @@ type allocation struct {
 	// installs and expires them.
 	perms map[netip.Addr]struct{}
 	// chans maps a channel number to its peer (RFC 8656 §12), as pion
-	// binds and expires channels.
-	chans map[uint16]netip.AddrPort
+	// binds and expires channels; peerChans is the reverse, for the
+	// peer-to-client direction.
+	chans     map[uint16]netip.AddrPort
+	peerChans map[netip.AddrPort]uint16
+	// client is the way back to the client (its UDP 5-tuple or its
+	// TCP/TLS connection); nil when unknown, and pion relays instead.
+	client clientWriter
 	// end is why the allocation is ending, when something other than
 	// expiry ends it; empty means expired.
 	end string
@@ -134,6 +139,18 @@ func (a *allocation) channelPeer(ch uint16) (netip.AddrPort, bool) {
 	return peer, ok
 }
 
+// peerRoute says how a datagram from peer reaches the client: on a
+// channel (ch != 0), in a Data indication (ch == 0), or not at all (no
+// permission, RFC 8656 §9).
+func (a *allocation) peerRoute(peer netip.AddrPort) (ch uint16, ok bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if _, ok = a.perms[peer.Addr()]; !ok {
+		return 0, false
+	}
+	return a.peerChans[peer], true
+}
+
 // permCount is the number of permissions installed.
 func (a *allocation) permCount() int {
 	a.mu.Lock()
@@ -156,6 +173,9 @@ type ledger struct {
 	// relayBytesBy are the server's relayed-byte counters by client
 	// transport (metrics.go); nil in tests that need none.
 	relayBytesBy *[numTransports][2]atomic.Uint64
+	// clientOf finds the way back to a 5-tuple's client (dataplane.go);
+	// nil: pion relays toward clients.
+	clientOf func(fiveTuple) clientWriter
 }
 
 func newLedger() *ledger {
@@ -178,7 +198,10 @@ func (l *ledger) lookup(t fiveTuple) *allocation {
 func (l *ledger) created(t fiveTuple, transport, user, realm string, relay netip.AddrPort) *allocation {
 	a := &allocation{
 		id: newAllocID(), tuple: t, transport: transport, user: user, realm: realm, relay: relay, created: time.Now(),
-		perms: map[netip.Addr]struct{}{}, chans: map[uint16]netip.AddrPort{},
+		perms: map[netip.Addr]struct{}{}, chans: map[uint16]netip.AddrPort{}, peerChans: map[netip.AddrPort]uint16{},
+	}
+	if l.clientOf != nil {
+		a.client = l.clientOf(t)
 	}
 	l.mu.Lock()
 	a.usage = new(usageCounters)
@@ -283,6 +306,7 @@ func (l *ledger) chanCreated(t fiveTuple, ch uint16, peer netip.AddrPort) {
 	if a := l.lookup(t); a != nil {
 		a.mu.Lock()
 		a.chans[ch] = peer
+		a.peerChans[peer] = ch
 		a.mu.Unlock()
 	}
 }
@@ -290,6 +314,9 @@ func (l *ledger) chanCreated(t fiveTuple, ch uint16, peer netip.AddrPort) {
 func (l *ledger) chanDeleted(t fiveTuple, ch uint16) {
 	if a := l.lookup(t); a != nil {
 		a.mu.Lock()
+		if peer, ok := a.chans[ch]; ok && a.peerChans[peer] == ch {
+			delete(a.peerChans, peer)
+		}
 		delete(a.chans, ch)
 		a.mu.Unlock()
 	}

@@ -53,8 +53,15 @@ type relaySocket struct {
 	by atomic.Pointer[[2]atomic.Uint64]
 
 	// usage is the allocation's usage, each way (usage records).
-	usage     usageCounters
-	strangers atomic.Uint64 // datagrams from peers without a permission
+	usage          usageCounters
+	strangers      atomic.Uint64 // datagrams from peers without a permission
+	oversize       atomic.Uint64 // datagrams too large for rbuf, dropped
+	toClient       atomic.Uint64 // datagrams the data plane wrote to the client
+	toClientErrors atomic.Uint64 // writes toward the client that failed
+
+	// rbuf is the read loop's buffer: relayHeadroom for the header the
+	// datagram gets toward the client, then the datagram and its padding.
+	rbuf []byte
 
 	closeOnce sync.Once
 	// onClose gives the port back to the relay port ledger (relaygen.go).
@@ -132,21 +139,35 @@ func (s *relaySocket) send(b []byte, to netip.AddrPort) (int, error) {
 	return n, err
 }
 
-// ReadFrom returns the next datagram from a permitted peer, within the
-// user's cap. On a kernel socket it reads without allocating the peer's
-// address: it hands pion the same *net.UDPAddr while the peer stays the
-// same (pion only looks the address up, never keeps or changes it).
+// ReadFrom is pion's read loop on the relay socket. Each datagram from a
+// permitted peer, within the user's cap, goes straight to the client as
+// ChannelData or a Data indication (dataplane.go); ReadFrom returns only on
+// an error (the socket closed: pion then deletes the allocation), or with a
+// datagram for pion to relay when the way to the client is not known.
 func (s *relaySocket) ReadFrom(b []byte) (int, net.Addr, error) {
+	if s.rbuf == nil {
+		s.rbuf = make([]byte, relayHeadroom+relayBufSize+3)
+	}
 	for {
-		n, ap, addr, err := s.read(b)
+		payload := s.rbuf[relayHeadroom : relayHeadroom+relayBufSize]
+		n, ap, addr, err := s.read(payload)
 		if err != nil {
 			return n, addr, err
 		}
 		// RFC 8656 §9: no permission, no relay; dropped before the cap
 		// is charged, so strangers cannot spend a user's bandwidth.
 		a := s.alloc.Load()
-		if a == nil || !a.permitted(ap.Addr()) {
+		var ch uint16
+		ok := false
+		if a != nil {
+			ch, ok = a.peerRoute(ap)
+		}
+		if !ok {
 			s.strangers.Add(1)
+			continue
+		}
+		if n == relayBufSize {
+			s.oversize.Add(1) // possibly truncated: never relay part of a datagram
 			continue
 		}
 		if s.bwu != nil && !s.bw.take(&s.bwu.in, n) {
@@ -156,7 +177,14 @@ func (s *relaySocket) ReadFrom(b []byte) (int, net.Addr, error) {
 		s.ops.relayBytesIn.Add(uint64(n))
 		s.usage.in(n)
 		s.by.Load()[1].Add(uint64(n)) // a is set, so by is
-		return n, addr, nil
+		if a.client == nil {
+			return copy(b, payload[:n]), addr, nil // pion knows the way
+		}
+		if err := a.client.writeClient(wrapForClient(s.rbuf, n, ap, ch, a.client.stream())); err != nil {
+			s.toClientErrors.Add(1)
+		} else {
+			s.toClient.Add(1)
+		}
 	}
 }
 

@@ -52,8 +52,9 @@ type Server struct {
 	fleet     fleet       // drain and alternates (fleet.go)
 	usage     *usageSink  // usage records as JSON lines; nil: log only
 	tlsAt     map[netip.AddrPort]bool
-	udp       *udpDeps    // what the grid sockets route to (demux.go)
-	stream    *streamDeps // what TCP/TLS connections route to (stream.go)
+	clients   streamClients // TCP/TLS clients by 5-tuple, for relayed data (dataplane.go)
+	udp       *udpDeps      // what the grid sockets route to (demux.go)
+	stream    *streamDeps   // what TCP/TLS connections route to (stream.go)
 	auth      *Authenticator
 	quotas    *Quotas
 	front     *turnFront // auth and RFC 8656 checks in front of pion (front.go)
@@ -279,7 +280,8 @@ func (s *Server) buildStages() {
 	}, cfg.PrimaryIP.Unmap().Is4(), DefaultNonceLifetime)
 	binding := &bindingStage{binder: s.binder, noteProbe: s.noteProbe}
 	s.udp = &udpDeps{binding: binding, front: s.front, data: s.data, demux: &s.demux, allowUnauth: s.allowUnauth, grid: &s.grid, requests: &s.ops.requestsBy}
-	s.stream = &streamDeps{binding: binding, front: s.front, data: s.data, led: s.led, limits: &s.limits, demux: &s.demux, requests: &s.ops.requestsBy}
+	s.led.clientOf = s.clientOf
+	s.stream = &streamDeps{binding: binding, front: s.front, data: s.data, led: s.led, clients: &s.clients, limits: &s.limits, demux: &s.demux, requests: &s.ops.requestsBy}
 }
 
 // pionConfig is pion's configuration: its hooks, and every socket and
@@ -409,6 +411,26 @@ func (s *Server) eventHandler() turn.EventHandler {
 			s.led.chanDeleted(tupleOf(src, dst), number)
 		},
 	}
+}
+
+// clientOf is the way back to a 5-tuple's client for relayed data: the
+// grid socket its datagrams arrived on, or its TCP/TLS connection.
+func (s *Server) clientOf(t fiveTuple) clientWriter {
+	if t.tcp {
+		if c := s.clients.get(t); c != nil {
+			return c
+		}
+		return nil
+	}
+	for i := range s.gridAddr {
+		for p, a := range s.gridAddr[i] {
+			if a == t.dst && s.grid[i][p] != nil {
+				uc, _ := s.grid[i][p].(*net.UDPConn)
+				return &udpClient{conn: s.grid[i][p], uc: uc, to: t.src}
+			}
+		}
+	}
+	return nil
 }
 
 // transportOf names the transport of a 5-tuple: TLS listeners have

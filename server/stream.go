@@ -79,6 +79,7 @@ type streamDeps struct {
 	front   *turnFront
 	data    *dataPlane
 	led     *ledger
+	clients *streamClients // the way back to stream clients (dataplane.go)
 	limits  *limits
 	demux   *demuxStats
 	// requests counts requests by transport and kind (metrics.go).
@@ -136,8 +137,27 @@ func (c *streamConn) admit() bool {
 		return false
 	}
 	c.acquired.Store(true)
+	c.deps.clients.add(c.tuple(), c)
 	return true
 }
+
+// tuple is the connection's 5-tuple (RFC 8656 §2).
+func (c *streamConn) tuple() fiveTuple { return fiveTuple{src: c.remote, dst: c.local, tcp: true} }
+
+// writeClient sends relayed data (ChannelData, Data indications) to the
+// client (dataplane.go).
+func (c *streamConn) writeClient(b []byte) error {
+	if c.raw.Load() {
+		return net.ErrClosed // an RFC 6062 data connection carries no frames
+	}
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	_ = c.Conn.SetWriteDeadline(time.Now().Add(streamWriteTimeout))
+	_, err := c.Conn.Write(b)
+	return err
+}
+
+func (*streamConn) stream() bool { return true }
 
 // RemoteAddr is the client's address (from the PROXY protocol header when
 // one was required): what pion keys the allocation by, as we do.
@@ -246,7 +266,7 @@ func (c *streamConn) frameLoop() {
 		if err != nil {
 			// RFC 6062 §5.3 (and pion): an allocation ends with its
 			// control connection.
-			if a := c.deps.led.lookup(fiveTuple{src: c.remote, dst: c.local, tcp: true}); a != nil {
+			if a := c.deps.led.lookup(c.tuple()); a != nil {
 				a.ending(endClosed)
 			}
 			c.readErr = err
@@ -255,10 +275,12 @@ func (c *streamConn) frameLoop() {
 		started = true
 		switch {
 		case kind == stunwire.KindChannelData:
-			c.deps.data.fromClient(fiveTuple{src: c.remote, dst: c.local, tcp: true}, frame)
+			c.deps.data.fromClient(c.tuple(), frame)
 		case isBinding(frame):
 			c.deps.requests[c.tr][0].Add(1)
 			c.answerBinding(frame)
+		case kind == stunwire.KindSTUN && isSend(frame) && c.deps.data.send(c.tuple(), frame):
+			// A Send indication on an allocation: the data plane's.
 		case kind == stunwire.KindSTUN:
 			c.deps.requests[c.tr][1].Add(1)
 			if !c.toFront(frame) {
@@ -417,6 +439,7 @@ func (c *streamConn) Write(b []byte) (int, error) {
 func (c *streamConn) Close() error {
 	c.closeOnce.Do(func() {
 		if c.acquired.Load() {
+			c.deps.clients.remove(c.tuple(), c)
 			c.deps.limits.conns.release(c.remote.Addr())
 		}
 	})
