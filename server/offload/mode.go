@@ -1,0 +1,82 @@
+package offload
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+)
+
+// Mode says whether the kernel relay is used.
+type Mode int
+
+const (
+	// ModeOff never loads the program.
+	ModeOff Mode = iota
+	// ModeAuto loads it when the kernel and privileges allow, and
+	// otherwise leaves the relay to userspace with one logged reason.
+	ModeAuto
+	// ModeEBPF requires it: New fails when it cannot be loaded.
+	ModeEBPF
+)
+
+// ParseMode reads the --offload flag's value.
+func ParseMode(s string) (Mode, error) {
+	switch s {
+	case "off":
+		return ModeOff, nil
+	case "auto":
+		return ModeAuto, nil
+	case "ebpf":
+		return ModeEBPF, nil
+	}
+	return ModeOff, fmt.Errorf("offload: unknown mode %q (want auto, ebpf or off)", s)
+}
+
+func (m Mode) String() string {
+	switch m {
+	case ModeOff:
+		return "off"
+	case ModeAuto:
+		return "auto"
+	case ModeEBPF:
+		return "ebpf"
+	}
+	return fmt.Sprintf("Mode(%d)", int(m))
+}
+
+// Config says where the program attaches.
+type Config struct {
+	Mode Mode
+	// Interfaces to attach to by name; empty means every interface that
+	// holds one of Addrs (loopback for 127.0.0.0/8).
+	Interfaces []string
+	// Addrs are the server's listening IPs and relay IPs.
+	Addrs  []netip.Addr
+	Logger *slog.Logger
+}
+
+// Channel is one bound channel of one UDP allocation: the 5-tuple
+// client<->server, the relayed address and the peer.
+type Channel struct {
+	Client, Server netip.AddrPort
+	Number         uint16
+	Relay, Peer    netip.AddrPort
+}
+
+// Counters are what the kernel relayed for one channel, summed over CPUs.
+// Bytes are application data: the 4-byte ChannelData header and padding
+// are not counted, as the userspace relay counts them.
+type Counters struct {
+	PktsToPeer, BytesToPeer, PktsToClient, BytesToClient uint64
+}
+
+// ErrUnsupported is returned by Install for a channel the kernel path does
+// not relay (an IPv6 address); the channel stays in userspace.
+var ErrUnsupported = errors.New("offload: channel not supported in the kernel (IPv4 only)")
+
+// RFC 8656 §12: channel numbers 0x4000 through 0x4FFF.
+const (
+	chanMin = 0x4000
+	chanMax = 0x4FFF
+)

@@ -1,0 +1,387 @@
+package offload
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/rlimit"
+)
+
+// Values of relay.c's chan_val.dir.
+const (
+	dirToPeer   = 1
+	dirToClient = 2
+)
+
+// ARPHRD_* values of /sys/class/net/<if>/type the program can parse: it
+// expects a 14-byte Ethernet header in front of IPv4, which loopback
+// carries too.
+const (
+	arphrdEther    = "1"
+	arphrdLoopback = "772"
+)
+
+// The sysctl bpf_fib_lookup needs on the interface the program names in
+// its lookups (loopback, see doc.go).
+const loForwarding = "/proc/sys/net/ipv4/conf/lo/forwarding"
+
+// Offload is the loaded program, its maps and its attachments.
+type Offload struct {
+	log   *slog.Logger
+	objs  relayObjects
+	links []link.Link
+	// sync is an array of maps: updating it makes the kernel wait for
+	// every running BPF program to finish (synchronize_rcu), which is how
+	// Remove knows no CPU still relays with the deleted entry.
+	sync, syncInner *ebpf.Map
+	ncpu            int
+	loFwdSet        bool
+
+	mu     sync.Mutex
+	closed bool
+}
+
+// New loads and attaches the program. In ModeAuto any error means the
+// kernel path is unavailable (kernel, privileges, interfaces): New returns
+// nil and the reason, and the caller logs it once and relays in userspace.
+// In ModeEBPF the same error is meant to stop the server. ModeOff returns
+// nil, nil.
+func New(cfg Config) (*Offload, error) {
+	if cfg.Mode == ModeOff {
+		return nil, nil
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	o, err := load(cfg, log)
+	if err != nil {
+		return nil, fmt.Errorf("offload (%s): %w", cfg.Mode, err)
+	}
+	return o, nil
+}
+
+func load(cfg Config, log *slog.Logger) (*Offload, error) {
+	ifaces, err := pickInterfaces(cfg)
+	if err != nil {
+		return nil, err
+	}
+	// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later
+	// ones ignore it, and failing to raise it is not itself a reason.
+	_ = rlimit.RemoveMemlock()
+
+	o := &Offload{log: log}
+	if err := loadRelayObjects(&o.objs, nil); err != nil {
+		return nil, fmt.Errorf("load program: %w", err)
+	}
+	if o.ncpu, err = ebpf.PossibleCPU(); err != nil {
+		o.Close()
+		return nil, err
+	}
+	inner := &ebpf.MapSpec{Name: "stund_sync_in", Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1}
+	if o.syncInner, err = ebpf.NewMap(inner); err != nil {
+		o.Close()
+		return nil, fmt.Errorf("sync map: %w", err)
+	}
+	if o.sync, err = ebpf.NewMap(&ebpf.MapSpec{Name: "stund_sync", Type: ebpf.ArrayOfMaps,
+		KeySize: 4, ValueSize: 4, MaxEntries: 1, InnerMap: inner}); err != nil {
+		o.Close()
+		return nil, fmt.Errorf("sync map: %w", err)
+	}
+	if err := o.enableLoForwarding(); err != nil {
+		o.Close()
+		return nil, err
+	}
+	for _, ifc := range ifaces {
+		l, err := link.AttachTCX(link.TCXOptions{
+			Interface: ifc.Index,
+			Program:   o.objs.StundRelay,
+			Attach:    ebpf.AttachTCXIngress,
+		})
+		if err != nil {
+			o.Close()
+			return nil, fmt.Errorf("attach to %s ingress (TCX, Linux 6.6+): %w", ifc.Name, err)
+		}
+		o.links = append(o.links, l)
+		log.Info("offload: UDP ChannelData relayed in the kernel", "interface", ifc.Name)
+	}
+	return o, nil
+}
+
+// pickInterfaces resolves cfg.Interfaces, or finds the interfaces holding
+// cfg.Addrs, and refuses any the program cannot parse.
+func pickInterfaces(cfg Config) ([]net.Interface, error) {
+	var out []net.Interface
+	if len(cfg.Interfaces) > 0 {
+		for _, name := range cfg.Interfaces {
+			ifc, err := net.InterfaceByName(name)
+			if err != nil {
+				return nil, fmt.Errorf("interface %q: %w", name, err)
+			}
+			out = append(out, *ifc)
+		}
+	} else {
+		all, err := net.Interfaces()
+		if err != nil {
+			return nil, err
+		}
+		for _, ifc := range all {
+			if holdsAny(ifc, cfg.Addrs) {
+				out = append(out, ifc)
+			}
+		}
+		if len(out) == 0 {
+			return nil, fmt.Errorf("no interface holds any of %v", cfg.Addrs)
+		}
+	}
+	for _, ifc := range out {
+		b, err := os.ReadFile("/sys/class/net/" + ifc.Name + "/type")
+		if err != nil {
+			return nil, fmt.Errorf("interface %s: %w", ifc.Name, err)
+		}
+		if t := strings.TrimSpace(string(b)); t != arphrdEther && t != arphrdLoopback {
+			return nil, fmt.Errorf("interface %s: link type %s is neither Ethernet nor loopback", ifc.Name, t)
+		}
+	}
+	return out, nil
+}
+
+// holdsAny reports whether ifc has one of addrs assigned; loopback holds
+// all of 127.0.0.0/8 (and ::1) whatever its listed prefix.
+func holdsAny(ifc net.Interface, addrs []netip.Addr) bool {
+	ias, err := ifc.Addrs()
+	if err != nil {
+		return false
+	}
+	for _, a := range addrs {
+		a = a.Unmap()
+		if ifc.Flags&net.FlagLoopback != 0 && a.IsLoopback() {
+			return true
+		}
+		for _, ia := range ias {
+			ipn, ok := ia.(*net.IPNet)
+			if !ok {
+				continue
+			}
+			if ip, ok := netip.AddrFromSlice(ipn.IP); ok && ip.Unmap() == a {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// loFwdUsers counts the Offloads of this process in one network namespace
+// that rely on the forwarding flag New set, so that the last Close restores
+// it. One counter per process is enough: servers run one Offload, tests
+// create theirs in fresh namespaces where the flag starts off.
+var (
+	loFwdMu    sync.Mutex
+	loFwdUsers int
+)
+
+func (o *Offload) enableLoForwarding() error {
+	b, err := os.ReadFile(loForwarding)
+	if err != nil {
+		return fmt.Errorf("read %s: %w", loForwarding, err)
+	}
+	if strings.TrimSpace(string(b)) != "0" {
+		return nil
+	}
+	if err := os.WriteFile(loForwarding, []byte("1\n"), 0o644); err != nil {
+		return fmt.Errorf("enable %s (the kernel's route lookup requires it): %w", loForwarding, err)
+	}
+	loFwdMu.Lock()
+	loFwdUsers++
+	loFwdMu.Unlock()
+	o.loFwdSet = true
+	o.log.Info("offload: enabled net.ipv4.conf.lo.forwarding for the kernel's route lookup; no outside packet enters through loopback")
+	return nil
+}
+
+func (o *Offload) restoreLoForwarding() {
+	if !o.loFwdSet {
+		return
+	}
+	o.loFwdSet = false
+	loFwdMu.Lock()
+	defer loFwdMu.Unlock()
+	loFwdUsers--
+	if loFwdUsers == 0 {
+		_ = os.WriteFile(loForwarding, []byte("0\n"), 0o644)
+	}
+}
+
+// Close detaches the program from every interface and releases the maps;
+// packets then take the userspace path.
+func (o *Offload) Close() error {
+	if o == nil {
+		return nil
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.closed {
+		return nil
+	}
+	o.closed = true
+	var errs []error
+	for _, l := range o.links {
+		errs = append(errs, l.Close())
+	}
+	o.links = nil
+	errs = append(errs, o.objs.Close())
+	if o.sync != nil {
+		errs = append(errs, o.sync.Close())
+	}
+	if o.syncInner != nil {
+		errs = append(errs, o.syncInner.Close())
+	}
+	o.restoreLoForwarding()
+	return errors.Join(errs...)
+}
+
+var errClosed = errors.New("offload: closed")
+
+// keys returns the map keys and values of both directions of ch.
+func keys(ch Channel) (toPeer, toClient relayChanKey, vPeer, vClient relayChanVal, err error) {
+	c, s, r, p := unmap(ch.Client), unmap(ch.Server), unmap(ch.Relay), unmap(ch.Peer)
+	for _, ap := range []netip.AddrPort{c, s, r, p} {
+		if !ap.Addr().Is4() {
+			return toPeer, toClient, vPeer, vClient, ErrUnsupported
+		}
+	}
+	if ch.Number < chanMin || ch.Number > chanMax {
+		return toPeer, toClient, vPeer, vClient, fmt.Errorf("offload: channel number %#x outside 0x4000-0x4FFF", ch.Number)
+	}
+	toPeer = relayChanKey{Saddr: be32(c), Daddr: be32(s), Sport: be16(c), Dport: be16(s), Chan: ch.Number}
+	vPeer = relayChanVal{Saddr: be32(r), Daddr: be32(p), Sport: be16(r), Dport: be16(p), Chan: ch.Number, Dir: dirToPeer}
+	toClient = relayChanKey{Saddr: be32(p), Daddr: be32(r), Sport: be16(p), Dport: be16(r)}
+	vClient = relayChanVal{Saddr: be32(s), Daddr: be32(c), Sport: be16(s), Dport: be16(c), Chan: ch.Number, Dir: dirToClient}
+	return toPeer, toClient, vPeer, vClient, nil
+}
+
+func unmap(ap netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+// be32 and be16 give the value whose in-memory bytes are the address or
+// port in network order, as the program compares them with the packet.
+func be32(ap netip.AddrPort) uint32 {
+	a := ap.Addr().As4()
+	return binary.NativeEndian.Uint32(a[:])
+}
+
+func be16(ap netip.AddrPort) uint16 {
+	var b [2]byte
+	binary.BigEndian.PutUint16(b[:], ap.Port())
+	return binary.NativeEndian.Uint16(b[:])
+}
+
+// Install relays both directions of ch in the kernel. Installing it again
+// refreshes the entry and keeps its counters.
+func (o *Offload) Install(ch Channel) error {
+	kp, kc, vp, vc, err := keys(ch)
+	if err != nil {
+		return err
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.closed {
+		return errClosed
+	}
+	zero := make([]relayChanCtr, o.ncpu)
+	// Counters first: a packet relayed as soon as the channel entry
+	// exists must find its counter.
+	for _, k := range []relayChanKey{kp, kc} {
+		if err := o.objs.RelayCtrs.Update(k, zero, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
+			return fmt.Errorf("offload: install counters: %w", err)
+		}
+	}
+	if err := o.objs.RelayChans.Update(kp, vp, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("offload: install to-peer: %w", err)
+	}
+	if err := o.objs.RelayChans.Update(kc, vc, ebpf.UpdateAny); err != nil {
+		_ = o.objs.RelayChans.Delete(kp)
+		return fmt.Errorf("offload: install to-client: %w", err)
+	}
+	return nil
+}
+
+// Remove stops relaying ch in the kernel: when it returns no CPU relays
+// another packet of it, and its packets reach the userspace sockets.
+func (o *Offload) Remove(ch Channel) error {
+	_, err := o.RemoveCounters(ch)
+	return err
+}
+
+// RemoveCounters is Remove that also returns the channel's final counters,
+// read after the kernel stopped relaying it, so that no relayed packet is
+// missing from the usage figures.
+func (o *Offload) RemoveCounters(ch Channel) (Counters, error) {
+	kp, kc, _, _, err := keys(ch)
+	if err != nil {
+		return Counters{}, err
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.closed {
+		return Counters{}, errClosed
+	}
+	for _, k := range []relayChanKey{kp, kc} {
+		if err := o.objs.RelayChans.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return Counters{}, fmt.Errorf("offload: remove: %w", err)
+		}
+	}
+	// Wait for programs that looked the entry up before the delete.
+	if err := o.sync.Put(uint32(0), o.syncInner); err != nil {
+		return Counters{}, fmt.Errorf("offload: remove: wait for running programs: %w", err)
+	}
+	c, err := o.counters(kp, kc)
+	for _, k := range []relayChanKey{kp, kc} {
+		_ = o.objs.RelayCtrs.Delete(k)
+	}
+	return c, err
+}
+
+// Counters returns what the kernel relayed for ch so far.
+func (o *Offload) Counters(ch Channel) (Counters, error) {
+	kp, kc, _, _, err := keys(ch)
+	if err != nil {
+		return Counters{}, err
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.closed {
+		return Counters{}, errClosed
+	}
+	return o.counters(kp, kc)
+}
+
+func (o *Offload) counters(kp, kc relayChanKey) (Counters, error) {
+	var c Counters
+	var per []relayChanCtr
+	if err := o.objs.RelayCtrs.Lookup(kp, &per); err != nil {
+		return c, fmt.Errorf("offload: counters: %w", err)
+	}
+	for _, v := range per {
+		c.PktsToPeer += v.Pkts
+		c.BytesToPeer += v.Bytes
+	}
+	if err := o.objs.RelayCtrs.Lookup(kc, &per); err != nil {
+		return c, fmt.Errorf("offload: counters: %w", err)
+	}
+	for _, v := range per {
+		c.PktsToClient += v.Pkts
+		c.BytesToClient += v.Bytes
+	}
+	return c, nil
+}

@@ -1,0 +1,488 @@
+//go:build ignore
+
+// SPDX-License-Identifier: GPL-2.0
+//
+// stund's kernel relay for bound UDP ChannelData channels (RFC 8656 §12).
+// One TC ingress program (see doc.go for why TC and not XDP) that turns
+//
+//   client -> server  ChannelData  into  relay -> peer   raw data, and
+//   peer   -> relay   raw data     into  server -> client ChannelData.
+//
+// Userspace is the authority: a packet is touched only when its exact
+// 5-tuple (and channel number) is in relay_chans. Everything else, and
+// every packet this program cannot finish (route unknown, too big for the
+// egress MTU, helper failure before the first write), returns TC_ACT_OK
+// untouched so that the userspace relay sees exactly what it would have
+// seen without us.
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+char __license[] SEC("license") = "GPL";
+
+// The Ethernet header the program expects in front of IPv4: userspace only
+// attaches to Ethernet-like devices and loopback, which carry one as well.
+#define L3_OFF ETH_HLEN
+#define L4_OFF (L3_OFF + sizeof(struct iphdr))
+#define CSUM_OFF (L4_OFF + offsetof(struct udphdr, check))
+#define DATA_OFF (L4_OFF + sizeof(struct udphdr))
+
+// RFC 8656 §12.4: the ChannelData header is a 2-byte channel number and a
+// 2-byte length of the application data that follows.
+#define CHDR_LEN 4
+
+// The largest application data relayed in the kernel: above a typical
+// 1500-byte MTU's UDP payload, so media never falls back; anything larger
+// (jumbo or loopback datagrams) goes to userspace. It bounds the copy loop.
+#define MAX_DATA 2048
+// The copy loop moves the data in chunks of this many bytes through the
+// stack (512 bytes of BPF stack in all, so half of it at most).
+#define CHUNK 256
+#define MAX_CHUNKS (MAX_DATA / CHUNK)
+
+// RFC 8656 §12: channel numbers 0x4000 through 0x4FFF.
+#define CHAN_MIN 0x4000
+#define CHAN_MAX 0x4FFF
+
+// Loopback's ifindex in every network namespace: local delivery is only
+// taken for packets that arrived there (see finish()).
+#define LOOPBACK_IFINDEX 1
+
+// <sys/socket.h> is not for BPF targets; AF_INET is the same on every Linux.
+#define AF_INET 2
+
+// RFC 8656 §14 (TTL, preferred behaviour): the outgoing TTL is the smaller
+// of the incoming TTL minus one and the default; 64 is Linux's default.
+#define DEFAULT_TTL 64
+
+#define DIR_TO_PEER 1
+#define DIR_TO_CLIENT 2
+
+// Key of one direction of one channel: the packet's addresses and ports as
+// they arrive (network byte order) and, toward the peer, the channel
+// number (host order); 0 toward the client, where the datagram has none.
+struct chan_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u16 chan;
+	__u16 pad;
+};
+
+// What to make of a matching packet: the new addresses and ports, the
+// direction and, toward the client, the channel number to prepend.
+struct chan_val {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u16 chan;
+	__u8 dir;
+	__u8 pad;
+};
+
+// Per-CPU counters of one direction: packets and application bytes (the
+// ChannelData header and padding excluded), summed by userspace.
+struct chan_ctr {
+	__u64 pkts;
+	__u64 bytes;
+};
+
+// Two entries per channel. The size is the number of channel directions a
+// server may offload; once full, Install fails and the channel stays in
+// userspace.
+#define MAX_ENTRIES 131072
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_ENTRIES);
+	__type(key, struct chan_key);
+	__type(value, struct chan_val);
+} relay_chans SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, MAX_ENTRIES);
+	__type(key, struct chan_key);
+	__type(value, struct chan_ctr);
+} relay_ctrs SEC(".maps");
+
+// Why packets that matched a channel were nevertheless left to userspace,
+// per CPU, so that an operator can see the kernel path declining.
+enum {
+	PASS_NO_ROUTE = 0, // no route, or forwarding lookups disabled
+	PASS_FRAG_NEEDED, // larger than the egress MTU
+	PASS_LOCAL_NOT_LO, // peer on this host but packet not from loopback
+	PASS_HELPER, // a helper failed before the packet was modified
+	ABORTED, // a helper failed after it was modified: dropped
+	PASS_MAX,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, PASS_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} relay_stats SEC(".maps");
+
+static __always_inline void stat(__u32 reason)
+{
+	__u64 *v = bpf_map_lookup_elem(&relay_stats, &reason);
+	if (v)
+		*v += 1;
+}
+
+// Where the rewritten packet goes.
+enum { GO_REDIRECT = 1, GO_LOCAL };
+
+// route decides, before the packet is touched, how the rewritten packet
+// will leave: redirected out of the interface the kernel's route for the
+// new destination names (bpf_redirect_neigh resolves the next hop), or
+// delivered up the local stack when the destination is on this host and
+// the packet came in on loopback (its route is already the local one).
+// Any other outcome leaves the packet to userspace. The lookup is made as
+// if the packet had arrived on loopback: the route to the peer is what
+// matters, and loopback is the one interface where enabling forwarding
+// (which the helper insists on) forwards nobody's traffic.
+static __always_inline int route(struct __sk_buff *skb, const struct chan_val *v,
+				 __u16 tot_len, __u32 *ifindex)
+{
+	struct bpf_fib_lookup fib = {};
+	fib.family = AF_INET;
+	fib.l4_protocol = IPPROTO_UDP;
+	fib.sport = v->sport;
+	fib.dport = v->dport;
+	fib.tot_len = tot_len;
+	fib.ipv4_src = v->saddr;
+	fib.ipv4_dst = v->daddr;
+	fib.ifindex = LOOPBACK_IFINDEX;
+
+	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	switch (rc) {
+	case BPF_FIB_LKUP_RET_SUCCESS:
+	case BPF_FIB_LKUP_RET_NO_NEIGH:
+		*ifindex = fib.ifindex;
+		return GO_REDIRECT;
+	case BPF_FIB_LKUP_RET_NOT_FWDED:
+		// A local destination. Only a packet that came in on loopback
+		// carries the local route already and may go up the stack.
+		if (skb->ingress_ifindex == LOOPBACK_IFINDEX)
+			return GO_LOCAL;
+		stat(PASS_LOCAL_NOT_LO);
+		return 0;
+	case BPF_FIB_LKUP_RET_FRAG_NEEDED:
+		stat(PASS_FRAG_NEEDED);
+		return 0;
+	default:
+		stat(PASS_NO_ROUTE);
+		return 0;
+	}
+}
+
+// rewrite_ip sets the new addresses, total length and TTL of the IPv4
+// header and carries the address and length changes into the UDP
+// checksum's pseudo header; the helpers keep both checksums right for
+// every checksum state the skb may be in (BPF_F_PSEUDO_HDR updates a
+// CHECKSUM_PARTIAL pseudo sum, BPF_F_MARK_MANGLED_0 keeps "no checksum").
+static __always_inline int rewrite_ip(struct __sk_buff *skb, const struct iphdr *old,
+				      const struct chan_val *v, __u16 new_tot)
+{
+	__be16 tot = bpf_htons(new_tot);
+	__be16 ulen = bpf_htons(new_tot - sizeof(struct iphdr));
+	__be16 old_ulen = bpf_htons(bpf_ntohs(old->tot_len) - sizeof(struct iphdr));
+	__u8 ttl = old->ttl - 1;
+	if (ttl > DEFAULT_TTL)
+		ttl = DEFAULT_TTL;
+	__be16 old_tp = bpf_htons(((__u16)old->ttl << 8) | IPPROTO_UDP);
+	__be16 new_tp = bpf_htons(((__u16)ttl << 8) | IPPROTO_UDP);
+	const __u64 l4 = BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0;
+
+	if (bpf_l4_csum_replace(skb, CSUM_OFF, old->saddr, v->saddr, l4 | 4) ||
+	    bpf_l4_csum_replace(skb, CSUM_OFF, old->daddr, v->daddr, l4 | 4) ||
+	    bpf_l4_csum_replace(skb, CSUM_OFF, old_ulen, ulen, l4 | 2))
+		return -1;
+	if (bpf_l3_csum_replace(skb, L3_OFF + offsetof(struct iphdr, check), old->saddr, v->saddr, 4) ||
+	    bpf_l3_csum_replace(skb, L3_OFF + offsetof(struct iphdr, check), old->daddr, v->daddr, 4) ||
+	    bpf_l3_csum_replace(skb, L3_OFF + offsetof(struct iphdr, check), old->tot_len, tot, 2) ||
+	    bpf_l3_csum_replace(skb, L3_OFF + offsetof(struct iphdr, check), old_tp, new_tp, 2))
+		return -1;
+	if (bpf_skb_store_bytes(skb, L3_OFF + offsetof(struct iphdr, saddr), &v->saddr, 4, 0) ||
+	    bpf_skb_store_bytes(skb, L3_OFF + offsetof(struct iphdr, daddr), &v->daddr, 4, 0) ||
+	    bpf_skb_store_bytes(skb, L3_OFF + offsetof(struct iphdr, tot_len), &tot, 2, 0) ||
+	    bpf_skb_store_bytes(skb, L3_OFF + offsetof(struct iphdr, ttl), &ttl, 1, 0))
+		return -1;
+	return 0;
+}
+
+// rewrite_udp sets the new ports and length of the UDP header; these are
+// not in the pseudo header, so the helper leaves a CHECKSUM_PARTIAL sum
+// alone (the device or the stack sums the header itself).
+static __always_inline int rewrite_udp(struct __sk_buff *skb, const struct udphdr *old,
+				       const struct chan_val *v, __u16 new_ulen)
+{
+	__be16 ulen = bpf_htons(new_ulen);
+	const __u64 l4 = BPF_F_MARK_MANGLED_0;
+
+	if (bpf_l4_csum_replace(skb, CSUM_OFF, old->source, v->sport, l4 | 2) ||
+	    bpf_l4_csum_replace(skb, CSUM_OFF, old->dest, v->dport, l4 | 2) ||
+	    bpf_l4_csum_replace(skb, CSUM_OFF, old->len, ulen, l4 | 2))
+		return -1;
+	if (bpf_skb_store_bytes(skb, L4_OFF + offsetof(struct udphdr, source), &v->sport, 2, 0) ||
+	    bpf_skb_store_bytes(skb, L4_OFF + offsetof(struct udphdr, dest), &v->dport, 2, 0) ||
+	    bpf_skb_store_bytes(skb, L4_OFF + offsetof(struct udphdr, len), &ulen, 2, 0))
+		return -1;
+	return 0;
+}
+
+// chunk_len is min(left, CHUNK) in a form the verifier can bound: the
+// empty asm stops clang from folding the range checks into a wider
+// register the verifier cannot follow; 0 means a bug, not a length.
+static __always_inline __u64 chunk_len(__u32 left)
+{
+	__u64 len = left;
+	if (len > CHUNK)
+		len = CHUNK;
+	asm volatile("" : "+r"(len));
+	if (len < 1 || len > CHUNK)
+		return 0;
+	return len;
+}
+
+// move_down copies n bytes from DATA_OFF+CHDR_LEN to DATA_OFF, front to
+// back, so that every chunk is read before its bytes are overwritten. The
+// IP and UDP headers stay where they are: moving them instead (as
+// bpf_skb_adjust_room does) would leave a CHECKSUM_PARTIAL skb's
+// csum_start pointing 4 bytes off, and a device would then write the
+// checksum into the payload.
+static __always_inline int move_down(struct __sk_buff *skb, __u32 n)
+{
+	__u8 buf[CHUNK];
+	for (__u32 i = 0; i < MAX_CHUNKS; i++) {
+		__u32 done = i * CHUNK;
+		if (done >= n)
+			break;
+		__u64 len = chunk_len(n - done);
+		if (!len)
+			return -1;
+		if (bpf_skb_load_bytes(skb, DATA_OFF + CHDR_LEN + done, buf, len) ||
+		    bpf_skb_store_bytes(skb, DATA_OFF + done, buf, len, 0))
+			return -1;
+	}
+	return 0;
+}
+
+// move_up copies n bytes from DATA_OFF to DATA_OFF+CHDR_LEN, back to front.
+static __always_inline int move_up(struct __sk_buff *skb, __u32 n)
+{
+	__u8 buf[CHUNK];
+	for (__u32 i = 0; i < MAX_CHUNKS; i++) {
+		__u32 done = i * CHUNK;
+		if (done >= n)
+			break;
+		__u64 len = chunk_len(n - done);
+		if (!len)
+			return -1;
+		__u32 at = n - done - len;
+		if (at > MAX_DATA)
+			return -1;
+		if (bpf_skb_load_bytes(skb, DATA_OFF + at, buf, len) ||
+		    bpf_skb_store_bytes(skb, DATA_OFF + CHDR_LEN + at, buf, len, 0))
+			return -1;
+	}
+	return 0;
+}
+
+static __always_inline void count(const struct chan_key *k, __u32 bytes)
+{
+	struct chan_ctr *c = bpf_map_lookup_elem(&relay_ctrs, k);
+	if (c) {
+		c->pkts += 1;
+		c->bytes += bytes;
+	}
+}
+
+static __always_inline int finish(int how, __u32 ifindex)
+{
+	if (how == GO_LOCAL)
+		return TC_ACT_OK;
+	return bpf_redirect_neigh(ifindex, NULL, 0, 0);
+}
+
+// to_peer: RFC 8656 §12.5, a ChannelData message from the client is
+// relayed to the peer as a UDP datagram carrying only the application
+// data, from the relayed transport address.
+static __always_inline int to_peer(struct __sk_buff *skb, const struct chan_key *k,
+				   const struct chan_val *v, const struct iphdr *ip,
+				   const struct udphdr *udp, __u32 chdr, __u16 payload)
+{
+	__u16 n = bpf_ntohl(chdr) & 0xffff;
+	// RFC 8656 §12.4: a Length larger than the datagram holds is
+	// malformed; §12.5: over UDP up to 3 bytes of padding may follow.
+	if (n > MAX_DATA || (__u32)n + CHDR_LEN > payload || payload - CHDR_LEN - n > 3)
+		return TC_ACT_OK;
+	__u16 new_tot = sizeof(struct iphdr) + sizeof(struct udphdr) + n;
+
+	__u32 ifindex = 0;
+	int how = route(skb, v, new_tot, &ifindex);
+	if (!how)
+		return TC_ACT_OK;
+
+	// The padding's share of the UDP checksum, read while it is still
+	// there: the 16-bit words from the even offset that holds the last
+	// data byte when n is odd, up to the end of the datagram.
+	__u32 pad_from = DATA_OFF + CHDR_LEN + (n & ~1);
+	__u64 pad_len = DATA_OFF + payload - pad_from;
+	__be32 tail_old = 0, tail_new = 0;
+	asm volatile("" : "+r"(pad_len));
+	if (pad_len > 4)
+		return TC_ACT_OK;
+	if (pad_len > 0) {
+		if (bpf_skb_load_bytes(skb, pad_from, &tail_old, pad_len)) {
+			stat(PASS_HELPER);
+			return TC_ACT_OK;
+		}
+		if (n & 1)
+			*(__u8 *)&tail_new = *(__u8 *)&tail_old;
+	}
+
+	// From here on the packet is ours; a failure drops it rather than
+	// hand userspace a half-rewritten datagram.
+	__be32 zero = 0;
+	if (bpf_l4_csum_replace(skb, CSUM_OFF, chdr, zero, BPF_F_MARK_MANGLED_0 | 4) ||
+	    bpf_l4_csum_replace(skb, CSUM_OFF, tail_old, tail_new,
+				BPF_F_MARK_MANGLED_0 | 4))
+		goto abort;
+	if (move_down(skb, n))
+		goto abort;
+	if (bpf_skb_change_tail(skb, L3_OFF + new_tot, 0))
+		goto abort;
+	if (rewrite_udp(skb, udp, v, new_tot - sizeof(struct iphdr)) ||
+	    rewrite_ip(skb, ip, v, new_tot))
+		goto abort;
+	count(k, n);
+	return finish(how, ifindex);
+abort:
+	stat(ABORTED);
+	return TC_ACT_SHOT;
+}
+
+// to_client: RFC 8656 §12.5, a datagram from the peer to the relayed
+// address is sent to the client as a ChannelData message. Over UDP the
+// padding is optional and this program sends none: the datagram ends
+// with the data, as Length says.
+static __always_inline int to_client(struct __sk_buff *skb, const struct chan_key *k,
+				     const struct chan_val *v, const struct iphdr *ip,
+				     const struct udphdr *udp, __u16 payload)
+{
+	__u16 n = payload;
+	if (n > MAX_DATA)
+		return TC_ACT_OK;
+	__u16 new_tot = sizeof(struct iphdr) + sizeof(struct udphdr) + CHDR_LEN + n;
+
+	__u32 ifindex = 0;
+	int how = route(skb, v, new_tot, &ifindex);
+	if (!how)
+		return TC_ACT_OK;
+
+	__be32 chdr = bpf_htonl(((__u32)v->chan << 16) | n);
+	__be32 zero = 0;
+	if (bpf_skb_change_tail(skb, L3_OFF + new_tot, 0))
+		goto abort;
+	if (move_up(skb, n))
+		goto abort;
+	if (bpf_skb_store_bytes(skb, DATA_OFF, &chdr, CHDR_LEN, 0) ||
+	    bpf_l4_csum_replace(skb, CSUM_OFF, zero, chdr, BPF_F_MARK_MANGLED_0 | 4))
+		goto abort;
+	if (rewrite_udp(skb, udp, v, new_tot - sizeof(struct iphdr)) ||
+	    rewrite_ip(skb, ip, v, new_tot))
+		goto abort;
+	count(k, n);
+	return finish(how, ifindex);
+abort:
+	stat(ABORTED);
+	return TC_ACT_SHOT;
+}
+
+SEC("tc")
+int stund_relay(struct __sk_buff *skb)
+{
+	// IPv6 and everything else is userspace's.
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	// A GSO super-packet holds many datagrams; userspace splits them.
+	if (skb->gso_segs > 1)
+		return TC_ACT_OK;
+
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	if (data + DATA_OFF > end) {
+		if (skb->len < DATA_OFF || bpf_skb_pull_data(skb, DATA_OFF))
+			return TC_ACT_OK;
+		data = (void *)(long)skb->data;
+		end = (void *)(long)skb->data_end;
+		if (data + DATA_OFF > end)
+			return TC_ACT_OK;
+	}
+	struct ethhdr *eth = data;
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	struct iphdr ip = *(struct iphdr *)(data + L3_OFF);
+	struct udphdr udp = *(struct udphdr *)(data + L4_OFF);
+
+	// No IP options, no fragments (the first one's UDP length would
+	// not match), and lengths that agree with each other and the skb.
+	if (ip.version != 4 || ip.ihl != 5 || ip.protocol != IPPROTO_UDP)
+		return TC_ACT_OK;
+	if (ip.frag_off & bpf_htons(0x3fff))
+		return TC_ACT_OK;
+	// RFC 8656 §14: a TTL that would reach 0 is not relayed; userspace
+	// decides what to do with it.
+	if (ip.ttl <= 1)
+		return TC_ACT_OK;
+	__u16 tot = bpf_ntohs(ip.tot_len);
+	__u16 ulen = bpf_ntohs(udp.len);
+	if (tot != sizeof(struct iphdr) + ulen || ulen < sizeof(struct udphdr))
+		return TC_ACT_OK;
+	// Ethernet may pad short frames; only an exact fit is handled here.
+	if (skb->len != L3_OFF + tot)
+		return TC_ACT_OK;
+	__u16 payload = ulen - sizeof(struct udphdr);
+
+	struct chan_key k = {
+		.saddr = ip.saddr,
+		.daddr = ip.daddr,
+		.sport = udp.source,
+		.dport = udp.dest,
+	};
+
+	// RFC 8656 §12.4: a ChannelData message starts with the bits 01 and
+	// a channel number in 0x4000-0x4FFF.
+	if (payload >= CHDR_LEN) {
+		__be32 chdr;
+		if (bpf_skb_load_bytes(skb, DATA_OFF, &chdr, CHDR_LEN))
+			return TC_ACT_OK;
+		__u16 chan = bpf_ntohl(chdr) >> 16;
+		if (chan >= CHAN_MIN && chan <= CHAN_MAX) {
+			k.chan = chan;
+			struct chan_val *v = bpf_map_lookup_elem(&relay_chans, &k);
+			if (v && v->dir == DIR_TO_PEER) {
+				struct chan_val val = *v;
+				return to_peer(skb, &k, &val, &ip, &udp, chdr, payload);
+			}
+			k.chan = 0;
+		}
+	}
+	struct chan_val *v = bpf_map_lookup_elem(&relay_chans, &k);
+	if (v && v->dir == DIR_TO_CLIENT) {
+		struct chan_val val = *v;
+		return to_client(skb, &k, &val, &ip, &udp, payload);
+	}
+	return TC_ACT_OK;
+}
