@@ -14,20 +14,13 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/rlimit"
+	"golang.org/x/sys/unix"
 )
 
 // Values of relay.c's chan_val.dir.
 const (
 	dirToPeer   = 1
 	dirToClient = 2
-)
-
-// ARPHRD_* values of /sys/class/net/<if>/type the program can parse: it
-// expects a 14-byte Ethernet header in front of IPv4, which loopback
-// carries too.
-const (
-	arphrdEther    = "1"
-	arphrdLoopback = "772"
 )
 
 // The sysctl bpf_fib_lookup needs on the interface the program names in
@@ -118,7 +111,8 @@ func load(cfg Config, log *slog.Logger) (*Offload, error) {
 }
 
 // pickInterfaces resolves cfg.Interfaces, or finds the interfaces holding
-// cfg.Addrs, and refuses any the program cannot parse.
+// cfg.Addrs, and refuses any the program cannot parse: it expects a 14-byte
+// Ethernet header in front of IPv4, which loopback carries too.
 func pickInterfaces(cfg Config) ([]net.Interface, error) {
 	var out []net.Interface
 	if len(cfg.Interfaces) > 0 {
@@ -144,15 +138,35 @@ func pickInterfaces(cfg Config) ([]net.Interface, error) {
 		}
 	}
 	for _, ifc := range out {
-		b, err := os.ReadFile("/sys/class/net/" + ifc.Name + "/type")
+		t, err := linkType(ifc.Name)
 		if err != nil {
 			return nil, fmt.Errorf("interface %s: %w", ifc.Name, err)
 		}
-		if t := strings.TrimSpace(string(b)); t != arphrdEther && t != arphrdLoopback {
-			return nil, fmt.Errorf("interface %s: link type %s is neither Ethernet nor loopback", ifc.Name, t)
+		if t != unix.ARPHRD_ETHER && t != unix.ARPHRD_LOOPBACK {
+			return nil, fmt.Errorf("interface %s: link type %d is neither Ethernet nor loopback", ifc.Name, t)
 		}
 	}
 	return out, nil
+}
+
+// linkType is the interface's ARPHRD_* type. It asks the kernel through a
+// socket rather than /sys/class/net, which shows the namespace sysfs was
+// mounted in, not the caller's.
+func linkType(name string) (uint16, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0, err
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq(name)
+	if err != nil {
+		return 0, err
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFHWADDR, ifr); err != nil {
+		return 0, fmt.Errorf("SIOCGIFHWADDR: %w", err)
+	}
+	// ifr_hwaddr is a sockaddr whose family is the link type.
+	return ifr.Uint16(), nil
 }
 
 // holdsAny reports whether ifc has one of addrs assigned; loopback holds

@@ -22,50 +22,98 @@ import (
 // arrives within microseconds, so this only ends a broken run.
 const wait = 5 * time.Second
 
-// rig is the fake server, relay, client and peer of one test, all on
-// loopback inside the test's own network namespace.
+// rig is the fake server, relay, client and peer of one test. The client,
+// peer and stranger live in the edge namespace, the server, relay and the
+// program in the srv namespace; on loopback both are the same one.
 type rig struct {
-	ns                          *netns
+	edge, srv                   *netns
 	server, relay, client, peer *net.UDPConn
 	stranger                    *net.UDPConn
-	raw                         int // IPPROTO_RAW socket: full checksums
+	strangerAddr                netip.AddrPort
+	raw                         int // IPPROTO_RAW socket in edge: full checksums
 	ch                          Channel
 	off                         *Offload
 }
 
 func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
 
+// newRig puts everyone on loopback with distinct 127.x addresses in one
+// fresh namespace: the peer is local, so the program hands the rewritten
+// packet up the local stack.
 func newRig(t *testing.T) *rig {
 	needRoot(t)
-	r := &rig{ns: newNetns(t)}
-	r.ch = Channel{
+	ns := newNetns(t)
+	return openRig(t, ns, ns, Channel{
 		Client: ap("127.0.0.3:40000"),
 		Server: ap("127.0.0.1:3478"),
 		Number: 0x4001,
 		Relay:  ap("127.0.0.2:50000"),
 		Peer:   ap("127.0.0.4:60000"),
+	}, ap("127.0.0.5:60000"))
+}
+
+// newVethRig puts the server and relay in one namespace and the client,
+// peer and stranger in another, joined by a veth pair: the program runs on
+// a real Ethernet interface and must route and redirect the rewritten
+// packet back out of it (bpf_fib_lookup, bpf_redirect_neigh).
+func newVethRig(t *testing.T) *rig {
+	needRoot(t)
+	srv, edge := newNetns(t), newNetns(t)
+	srv.ip(t, "link", "add", "o0", "type", "veth", "peer", "name", "o1", "netns", edge.name)
+	srv.ip(t, "addr", "add", "10.200.0.1/24", "dev", "o0")
+	srv.ip(t, "addr", "add", "10.200.0.4/24", "dev", "o0")
+	srv.ip(t, "link", "set", "o0", "up")
+	for _, a := range []string{"10.200.0.2/24", "10.200.0.3/24", "10.200.0.5/24"} {
+		edge.ip(t, "addr", "add", a, "dev", "o1")
 	}
+	edge.ip(t, "link", "set", "o1", "up")
+	return openRig(t, edge, srv, Channel{
+		Client: ap("10.200.0.2:40000"),
+		Server: ap("10.200.0.1:3478"),
+		Number: 0x4ABC,
+		Relay:  ap("10.200.0.4:50000"),
+		Peer:   ap("10.200.0.3:60000"),
+	}, ap("10.200.0.5:60000"))
+}
+
+func openRig(t *testing.T, edge, srv *netns, ch Channel, stranger netip.AddrPort) *rig {
+	r := &rig{edge: edge, srv: srv, ch: ch, strangerAddr: stranger}
 	var err error
-	r.ns.do(t, func() {
-		listen := func(a netip.AddrPort) *net.UDPConn {
-			c, lerr := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(a))
-			if lerr != nil && err == nil {
-				err = lerr
+	listen := func(a netip.AddrPort) *net.UDPConn {
+		c, lerr := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(a))
+		if lerr != nil && err == nil {
+			err = lerr
+		}
+		return c
+	}
+	edge.do(t, func() {
+		r.client = listen(ch.Client)
+		r.peer = listen(ch.Peer)
+		r.stranger = listen(stranger)
+		if err == nil {
+			r.raw, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.do(t, func() {
+		r.server = listen(ch.Server)
+		r.relay = listen(ch.Relay)
+		if err == nil {
+			r.off, err = New(Config{Mode: ModeEBPF, Addrs: []netip.Addr{ch.Server.Addr(), ch.Relay.Addr()}})
+		}
+	})
+	t.Cleanup(func() {
+		for _, c := range []*net.UDPConn{r.server, r.relay, r.client, r.peer, r.stranger} {
+			if c != nil {
+				c.Close()
 			}
-			return c
 		}
-		r.server = listen(r.ch.Server)
-		r.relay = listen(r.ch.Relay)
-		r.client = listen(r.ch.Client)
-		r.peer = listen(r.ch.Peer)
-		r.stranger = listen(ap("127.0.0.5:60000"))
-		if err != nil {
-			return
+		if r.raw > 0 {
+			unix.Close(r.raw)
 		}
-		if r.raw, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW); err != nil {
-			return
-		}
-		r.off, err = New(Config{Mode: ModeEBPF, Addrs: []netip.Addr{r.ch.Server.Addr(), r.ch.Relay.Addr()}})
+		r.off.Close()
 	})
 	if err != nil {
 		// Only a kernel without BPF is a reason to skip; as root, anything
@@ -75,13 +123,6 @@ func newRig(t *testing.T) *rig {
 		}
 		t.Fatalf("%+v", err)
 	}
-	t.Cleanup(func() {
-		for _, c := range []*net.UDPConn{r.server, r.relay, r.client, r.peer, r.stranger} {
-			c.Close()
-		}
-		unix.Close(r.raw)
-		r.off.Close()
-	})
 	return r
 }
 
@@ -210,8 +251,11 @@ var marker = []byte("marker: not ChannelData")
 
 var sizes = []int{0, 1, 3, 4, 100, 1200}
 
-func TestRelayBothWays(t *testing.T) {
-	r := newRig(t)
+func TestRelayBothWays(t *testing.T) { relayBothWays(t, newRig(t)) }
+
+func TestRelayBothWaysVeth(t *testing.T) { relayBothWays(t, newVethRig(t)) }
+
+func relayBothWays(t *testing.T, r *rig) {
 	if err := r.off.Install(r.ch); err != nil {
 		t.Fatal(err)
 	}
@@ -249,7 +293,7 @@ func TestRelayBothWays(t *testing.T) {
 	r.send(t, r.client, r.ch.Server, marker)
 	expect(t, "server socket", r.server, r.ch.Client, marker)
 	r.send(t, r.stranger, r.ch.Relay, marker)
-	expect(t, "relay socket", r.relay, ap("127.0.0.5:60000"), marker)
+	expect(t, "relay socket", r.relay, r.strangerAddr, marker)
 
 	got, err := r.off.Counters(r.ch)
 	if err != nil {
@@ -309,7 +353,7 @@ func TestNotOwnedPassesUntouched(t *testing.T) {
 		{"Length beyond the datagram", r.client, r.ch.Client, r.ch.Server, r.server, append(chanData(r.ch.Number, payload(8, 2), false)[:4], payload(6, 2)...)},
 		{"more than 3 bytes after the data", r.client, r.ch.Client, r.ch.Server, r.server, append(chanData(r.ch.Number, payload(8, 3), false), 0, 0, 0, 0)},
 		{"STUN Binding request", r.client, r.ch.Client, r.ch.Server, r.server, stunBinding()},
-		{"stranger to the relay", r.stranger, ap("127.0.0.5:60000"), r.ch.Relay, r.relay, payload(100, 4)},
+		{"stranger to the relay", r.stranger, r.strangerAddr, r.ch.Relay, r.relay, payload(100, 4)},
 		{"peer to the server", r.peer, r.ch.Peer, r.ch.Server, r.server, chanData(r.ch.Number, payload(10, 5), false)},
 	}
 	for _, c := range cases {
@@ -341,19 +385,19 @@ func TestCloseDetaches(t *testing.T) {
 		t.Fatal(err)
 	}
 	var lo int
-	r.ns.do(t, func() {
+	r.srv.do(t, func() {
 		ifc, err := net.InterfaceByName("lo")
 		if err == nil {
 			lo = ifc.Index
 		}
 	})
-	if n := tcxPrograms(t, r.ns, lo); n != 1 {
+	if n := tcxPrograms(t, r.srv, lo); n != 1 {
 		t.Fatalf("%d programs on lo ingress before Close, want 1", n)
 	}
 	if err := r.off.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if n := tcxPrograms(t, r.ns, lo); n != 0 {
+	if n := tcxPrograms(t, r.srv, lo); n != 0 {
 		t.Fatalf("%d programs on lo ingress after Close, want 0", n)
 	}
 	msg := chanData(r.ch.Number, payload(20, 1), false)
