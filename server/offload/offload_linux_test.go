@@ -40,7 +40,7 @@ func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
 // newRig puts everyone on loopback with distinct 127.x addresses in one
 // fresh namespace: the peer is local, so the program hands the rewritten
 // packet up the local stack.
-func newRig(t *testing.T) *rig {
+func newRig(t testing.TB) *rig {
 	needRoot(t)
 	ns := newNetns(t)
 	return openRig(t, ns, ns, Channel{
@@ -76,7 +76,7 @@ func newVethRig(t *testing.T) *rig {
 	}, ap("10.200.0.5:60000"))
 }
 
-func openRig(t *testing.T, edge, srv *netns, ch Channel, stranger netip.AddrPort) *rig {
+func openRig(t testing.TB, edge, srv *netns, ch Channel, stranger netip.AddrPort) *rig {
 	r := &rig{edge: edge, srv: srv, ch: ch, strangerAddr: stranger}
 	var err error
 	listen := func(a netip.AddrPort) *net.UDPConn {
