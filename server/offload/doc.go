@@ -53,7 +53,8 @@
 // Toward the peer: the application data only, padding removed (RFC 8656
 // §12.5). Toward the client: the 4-byte ChannelData header and the data,
 // without padding (over UDP the padding is optional, RFC 8656 §12.5). The
-// TTL is the smaller of the incoming TTL minus one and 64 (RFC 8656 §14,
-// preferred behaviour); DSCP, ECN and DF are kept as they came. IPv4 only:
-// IPv6 channels stay in userspace (Install returns ErrUnsupported).
+// TTL is one less than the incoming one, and DSCP, ECN and DF are kept as
+// they came (RFC 8656 §14, preferred behaviour); a packet whose TTL would
+// reach 0 goes to userspace. IPv4 only: IPv6 channels stay in userspace
+// (Install returns ErrUnsupported).
 package offload

@@ -131,7 +131,12 @@ func openRig(t testing.TB, edge, srv *netns, ch Channel, stranger netip.AddrPort
 // receiving socket verifies it, so a wrong rewrite would be dropped.
 func (r *rig) sendRaw(t *testing.T, from, to netip.AddrPort, payload []byte, breakCsum bool) {
 	t.Helper()
-	pkt := udp4(from, to, payload)
+	r.sendRawTTL(t, from, to, payload, breakCsum, 64)
+}
+
+func (r *rig) sendRawTTL(t *testing.T, from, to netip.AddrPort, payload []byte, breakCsum bool, ttl byte) {
+	t.Helper()
+	pkt := udp4(from, to, payload, ttl)
 	if breakCsum {
 		pkt[26] ^= 0x5a
 	}
@@ -141,12 +146,12 @@ func (r *rig) sendRaw(t *testing.T, from, to netip.AddrPort, payload []byte, bre
 	}
 }
 
-func udp4(from, to netip.AddrPort, payload []byte) []byte {
+func udp4(from, to netip.AddrPort, payload []byte, ttl byte) []byte {
 	ulen := 8 + len(payload)
 	pkt := make([]byte, 20+ulen)
 	pkt[0] = 0x45
 	binary.BigEndian.PutUint16(pkt[2:], uint16(len(pkt)))
-	pkt[8] = 64
+	pkt[8] = ttl
 	pkt[9] = unix.IPPROTO_UDP
 	s, d := from.Addr().As4(), to.Addr().As4()
 	copy(pkt[12:], s[:])
@@ -498,4 +503,52 @@ func parent(d string) string {
 		return "/"
 	}
 	return d[:i]
+}
+
+// TestTTL: the relayed packet leaves with the TTL one less than it came
+// (RFC 8656 §14), and a packet that would leave with TTL 0 is left to
+// userspace.
+func TestTTL(t *testing.T) {
+	r := newRig(t)
+	if err := r.off.Install(r.ch); err != nil {
+		t.Fatal(err)
+	}
+	rc, err := r.peer.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_RECVTTL, 1)
+	}); err != nil || serr != nil {
+		t.Fatal(err, serr)
+	}
+	data := payload(33, 7)
+	r.sendRawTTL(t, r.ch.Client, r.ch.Server, chanData(r.ch.Number, data, true), false, 50)
+	buf, oob := make([]byte, 2048), make([]byte, 128)
+	_ = r.peer.SetReadDeadline(time.Now().Add(wait))
+	n, oobn, _, from, err := r.peer.ReadMsgUDPAddrPort(buf, oob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if from != r.ch.Relay || !bytes.Equal(buf[:n], data) {
+		t.Fatalf("peer got % x from %v", head(buf[:n]), from)
+	}
+	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+	if err != nil {
+		t.Fatal(err)
+	}
+	ttl := -1
+	for _, m := range msgs {
+		if m.Header.Level == unix.IPPROTO_IP && m.Header.Type == unix.IP_TTL && len(m.Data) >= 4 {
+			ttl = int(binary.NativeEndian.Uint32(m.Data))
+		}
+	}
+	if ttl != 49 {
+		t.Fatalf("relayed TTL %d, want 49 (sent with 50)", ttl)
+	}
+
+	last := chanData(r.ch.Number, payload(8, 1), false)
+	r.sendRawTTL(t, r.ch.Client, r.ch.Server, last, false, 1)
+	expect(t, "TTL 1 to the server socket", r.server, r.ch.Client, last)
 }

@@ -57,10 +57,6 @@ char __license[] SEC("license") = "GPL";
 // <sys/socket.h> is not for BPF targets; AF_INET is the same on every Linux.
 #define AF_INET 2
 
-// RFC 8656 §14 (TTL, preferred behaviour): the outgoing TTL is the smaller
-// of the incoming TTL minus one and the default; 64 is Linux's default.
-#define DEFAULT_TTL 64
-
 #define DIR_TO_PEER 1
 #define DIR_TO_CLIENT 2
 
@@ -197,9 +193,9 @@ static __always_inline int rewrite_ip(struct __sk_buff *skb, const struct iphdr 
 	__be16 tot = bpf_htons(new_tot);
 	__be16 ulen = bpf_htons(new_tot - sizeof(struct iphdr));
 	__be16 old_ulen = bpf_htons(bpf_ntohs(old->tot_len) - sizeof(struct iphdr));
+	// RFC 8656 §14 (UDP-to-UDP relay, preferred behaviour): the outgoing
+	// TTL is one less than the incoming one; DSCP, ECN and DF are copied.
 	__u8 ttl = old->ttl - 1;
-	if (ttl > DEFAULT_TTL)
-		ttl = DEFAULT_TTL;
 	__be16 old_tp = bpf_htons(((__u16)old->ttl << 8) | IPPROTO_UDP);
 	__be16 new_tp = bpf_htons(((__u16)ttl << 8) | IPPROTO_UDP);
 	const __u64 l4 = BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0;
@@ -416,8 +412,9 @@ int stund_relay(struct __sk_buff *skb)
 	// IPv6 and everything else is userspace's.
 	if (skb->protocol != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
-	// A GSO super-packet holds many datagrams; userspace splits them.
-	if (skb->gso_segs > 1)
+	// A GSO or GRO super-packet holds many datagrams; userspace splits
+	// them.
+	if (skb->gso_size || skb->gso_segs > 1)
 		return TC_ACT_OK;
 
 	void *data = (void *)(long)skb->data;
@@ -442,16 +439,18 @@ int stund_relay(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if (ip.frag_off & bpf_htons(0x3fff))
 		return TC_ACT_OK;
-	// RFC 8656 §14: a TTL that would reach 0 is not relayed; userspace
-	// decides what to do with it.
+	// RFC 8656 §14: a TTL that would reach 0 is not relayed here;
+	// userspace decides what to do with it.
 	if (ip.ttl <= 1)
 		return TC_ACT_OK;
 	__u16 tot = bpf_ntohs(ip.tot_len);
 	__u16 ulen = bpf_ntohs(udp.len);
 	if (tot != sizeof(struct iphdr) + ulen || ulen < sizeof(struct udphdr))
 		return TC_ACT_OK;
-	// Ethernet may pad short frames; only an exact fit is handled here.
-	if (skb->len != L3_OFF + tot)
+	// Ethernet pads frames shorter than 60 bytes, so the skb may be longer
+	// than the IP packet; the rewrite sets the exact new length
+	// (bpf_skb_change_tail), which cuts that padding as ip_rcv would.
+	if (skb->len < L3_OFF + tot)
 		return TC_ACT_OK;
 	__u16 payload = ulen - sizeof(struct udphdr);
 
