@@ -300,11 +300,17 @@ func be16(ap netip.AddrPort) uint16 {
 	return binary.NativeEndian.Uint16(b[:])
 }
 
-// Install relays both directions of ch in the kernel. Installing it again
-// refreshes the entry and keeps its counters.
-func (o *Offload) Install(ch Channel) error {
-	kp, kc, vp, vc, err := keys(ch)
-	if err != nil {
+// channel is one channel's map keys and values, both directions.
+type channel struct {
+	kp, kc relayChanKey // to the peer, to the client
+	vp, vc relayChanVal
+}
+
+// with runs fn on ch's keys and values under the lock of an open Offload.
+func (o *Offload) with(ch Channel, fn func(c channel) error) error {
+	var c channel
+	var err error
+	if c.kp, c.kc, c.vp, c.vc, err = keys(ch); err != nil {
 		return err
 	}
 	o.mu.Lock()
@@ -312,22 +318,30 @@ func (o *Offload) Install(ch Channel) error {
 	if o.closed {
 		return errClosed
 	}
-	zero := make([]relayChanCtr, o.ncpu)
-	// Counters first: a packet relayed as soon as the channel entry
-	// exists must find its counter.
-	for _, k := range []relayChanKey{kp, kc} {
-		if err := o.objs.RelayCtrs.Update(k, zero, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
-			return fmt.Errorf("offload: install counters: %w", err)
+	return fn(c)
+}
+
+// Install relays both directions of ch in the kernel. Installing it again
+// refreshes the entry and keeps its counters.
+func (o *Offload) Install(ch Channel) error {
+	return o.with(ch, func(c channel) error {
+		zero := make([]relayChanCtr, o.ncpu)
+		// Counters first: a packet relayed as soon as the channel entry
+		// exists must find its counter.
+		for _, k := range []relayChanKey{c.kp, c.kc} {
+			if err := o.objs.RelayCtrs.Update(k, zero, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
+				return fmt.Errorf("offload: install counters: %w", err)
+			}
 		}
-	}
-	if err := o.objs.RelayChans.Update(kp, vp, ebpf.UpdateAny); err != nil {
-		return fmt.Errorf("offload: install to-peer: %w", err)
-	}
-	if err := o.objs.RelayChans.Update(kc, vc, ebpf.UpdateAny); err != nil {
-		_ = o.objs.RelayChans.Delete(kp)
-		return fmt.Errorf("offload: install to-client: %w", err)
-	}
-	return nil
+		if err := o.objs.RelayChans.Update(c.kp, c.vp, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("offload: install to-peer: %w", err)
+		}
+		if err := o.objs.RelayChans.Update(c.kc, c.vc, ebpf.UpdateAny); err != nil {
+			_ = o.objs.RelayChans.Delete(c.kp)
+			return fmt.Errorf("offload: install to-client: %w", err)
+		}
+		return nil
+	})
 }
 
 // Remove stops relaying ch in the kernel: when it returns no CPU relays
@@ -341,61 +355,52 @@ func (o *Offload) Remove(ch Channel) error {
 // read after the kernel stopped relaying it, so that no relayed packet is
 // missing from the usage figures.
 func (o *Offload) RemoveCounters(ch Channel) (Counters, error) {
-	kp, kc, _, _, err := keys(ch)
-	if err != nil {
-		return Counters{}, err
-	}
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if o.closed {
-		return Counters{}, errClosed
-	}
-	for _, k := range []relayChanKey{kp, kc} {
-		if err := o.objs.RelayChans.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return Counters{}, fmt.Errorf("offload: remove: %w", err)
+	var out Counters
+	err := o.with(ch, func(c channel) error {
+		for _, k := range []relayChanKey{c.kp, c.kc} {
+			if err := o.objs.RelayChans.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return fmt.Errorf("offload: remove: %w", err)
+			}
 		}
-	}
-	// Wait for programs that looked the entry up before the delete.
-	if err := o.sync.Put(uint32(0), o.syncInner); err != nil {
-		return Counters{}, fmt.Errorf("offload: remove: wait for running programs: %w", err)
-	}
-	c, err := o.counters(kp, kc)
-	for _, k := range []relayChanKey{kp, kc} {
-		_ = o.objs.RelayCtrs.Delete(k)
-	}
-	return c, err
+		// Wait for programs that looked the entry up before the delete.
+		if err := o.sync.Put(uint32(0), o.syncInner); err != nil {
+			return fmt.Errorf("offload: remove: wait for running programs: %w", err)
+		}
+		var err error
+		out, err = o.counters(c)
+		for _, k := range []relayChanKey{c.kp, c.kc} {
+			_ = o.objs.RelayCtrs.Delete(k)
+		}
+		return err
+	})
+	return out, err
 }
 
 // Counters returns what the kernel relayed for ch so far.
 func (o *Offload) Counters(ch Channel) (Counters, error) {
-	kp, kc, _, _, err := keys(ch)
-	if err != nil {
-		return Counters{}, err
-	}
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if o.closed {
-		return Counters{}, errClosed
-	}
-	return o.counters(kp, kc)
+	var out Counters
+	err := o.with(ch, func(c channel) error {
+		var err error
+		out, err = o.counters(c)
+		return err
+	})
+	return out, err
 }
 
-func (o *Offload) counters(kp, kc relayChanKey) (Counters, error) {
-	var c Counters
-	var per []relayChanCtr
-	if err := o.objs.RelayCtrs.Lookup(kp, &per); err != nil {
-		return c, fmt.Errorf("offload: counters: %w", err)
+func (o *Offload) counters(c channel) (Counters, error) {
+	var out Counters
+	for _, d := range []struct {
+		k           relayChanKey
+		pkts, bytes *uint64
+	}{{c.kp, &out.PktsToPeer, &out.BytesToPeer}, {c.kc, &out.PktsToClient, &out.BytesToClient}} {
+		var per []relayChanCtr
+		if err := o.objs.RelayCtrs.Lookup(d.k, &per); err != nil {
+			return Counters{}, fmt.Errorf("offload: counters: %w", err)
+		}
+		for _, v := range per {
+			*d.pkts += v.Pkts
+			*d.bytes += v.Bytes
+		}
 	}
-	for _, v := range per {
-		c.PktsToPeer += v.Pkts
-		c.BytesToPeer += v.Bytes
-	}
-	if err := o.objs.RelayCtrs.Lookup(kc, &per); err != nil {
-		return c, fmt.Errorf("offload: counters: %w", err)
-	}
-	for _, v := range per {
-		c.PktsToClient += v.Pkts
-		c.BytesToClient += v.Bytes
-	}
-	return c, nil
+	return out, nil
 }

@@ -23,6 +23,7 @@
 #include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
+#include <stdbool.h>
 
 char __license[] SEC("license") = "GPL";
 
@@ -251,14 +252,18 @@ static __always_inline __u64 chunk_len(__u32 left)
 	return len;
 }
 
-// move_down copies n bytes from DATA_OFF+CHDR_LEN to DATA_OFF, front to
-// back, so that every chunk is read before its bytes are overwritten. The
-// IP and UDP headers stay where they are: moving them instead (as
-// bpf_skb_adjust_room does) would leave a CHECKSUM_PARTIAL skb's
-// csum_start pointing 4 bytes off, and a device would then write the
+// move_data copies the n data bytes between DATA_OFF+CHDR_LEN (where they
+// sit behind a ChannelData header) and DATA_OFF (right behind the UDP
+// header): down when the header goes, up when it comes. Down copies front
+// to back and up back to front, so every chunk is read before its bytes
+// are overwritten. The IP and UDP headers stay where they are: moving them
+// instead (as bpf_skb_adjust_room does) would leave a CHECKSUM_PARTIAL
+// skb's csum_start pointing 4 bytes off, and a device would then write the
 // checksum into the payload.
-static __always_inline int move_down(struct __sk_buff *skb, __u32 n)
+static __always_inline int move_data(struct __sk_buff *skb, __u32 n, bool up)
 {
+	__u32 from = up ? DATA_OFF : DATA_OFF + CHDR_LEN;
+	__u32 to = up ? DATA_OFF + CHDR_LEN : DATA_OFF;
 	__u8 buf[CHUNK];
 	for (__u32 i = 0; i < MAX_CHUNKS; i++) {
 		__u32 done = i * CHUNK;
@@ -267,29 +272,9 @@ static __always_inline int move_down(struct __sk_buff *skb, __u32 n)
 		__u64 len = chunk_len(n - done);
 		if (!len)
 			return -1;
-		if (bpf_skb_load_bytes(skb, DATA_OFF + CHDR_LEN + done, buf, len) ||
-		    bpf_skb_store_bytes(skb, DATA_OFF + done, buf, len, 0))
-			return -1;
-	}
-	return 0;
-}
-
-// move_up copies n bytes from DATA_OFF to DATA_OFF+CHDR_LEN, back to front.
-static __always_inline int move_up(struct __sk_buff *skb, __u32 n)
-{
-	__u8 buf[CHUNK];
-	for (__u32 i = 0; i < MAX_CHUNKS; i++) {
-		__u32 done = i * CHUNK;
-		if (done >= n)
-			break;
-		__u64 len = chunk_len(n - done);
-		if (!len)
-			return -1;
-		__u32 at = n - done - len;
-		if (at > MAX_DATA)
-			return -1;
-		if (bpf_skb_load_bytes(skb, DATA_OFF + at, buf, len) ||
-		    bpf_skb_store_bytes(skb, DATA_OFF + CHDR_LEN + at, buf, len, 0))
+		__u32 at = up ? n - done - len : done;
+		if (bpf_skb_load_bytes(skb, from + at, buf, len) ||
+		    bpf_skb_store_bytes(skb, to + at, buf, len, 0))
 			return -1;
 	}
 	return 0;
@@ -304,8 +289,25 @@ static __always_inline void count(const struct chan_key *k, __u32 bytes)
 	}
 }
 
-static __always_inline int finish(int how, __u32 ifindex)
+// drop ends a packet that failed after it was modified: handing userspace
+// a half-rewritten datagram would be worse than losing it.
+static __always_inline int drop(void)
 {
+	stat(ABORTED);
+	return TC_ACT_SHOT;
+}
+
+// deliver finishes a rewrite whose data is in place: the UDP and IP
+// headers, the counter, and the way out that route() chose.
+static __always_inline int deliver(struct __sk_buff *skb, const struct chan_key *k,
+				   const struct chan_val *v, const struct iphdr *ip,
+				   const struct udphdr *udp, __u16 new_tot, __u32 n, int how,
+				   __u32 ifindex)
+{
+	if (rewrite_udp(skb, udp, v, new_tot - sizeof(struct iphdr)) ||
+	    rewrite_ip(skb, ip, v, new_tot))
+		return drop();
+	count(k, n);
 	if (how == GO_LOCAL)
 		return TC_ACT_OK;
 	return bpf_redirect_neigh(ifindex, NULL, 0, 0);
@@ -348,25 +350,17 @@ static __always_inline int to_peer(struct __sk_buff *skb, const struct chan_key 
 			*(__u8 *)&tail_new = *(__u8 *)&tail_old;
 	}
 
-	// From here on the packet is ours; a failure drops it rather than
-	// hand userspace a half-rewritten datagram.
+	// From here on the packet is ours (see drop).
 	__be32 zero = 0;
 	if (bpf_l4_csum_replace(skb, CSUM_OFF, chdr, zero, BPF_F_MARK_MANGLED_0 | 4) ||
 	    bpf_l4_csum_replace(skb, CSUM_OFF, tail_old, tail_new,
 				BPF_F_MARK_MANGLED_0 | 4))
-		goto abort;
-	if (move_down(skb, n))
-		goto abort;
+		return drop();
+	if (move_data(skb, n, false))
+		return drop();
 	if (bpf_skb_change_tail(skb, L3_OFF + new_tot, 0))
-		goto abort;
-	if (rewrite_udp(skb, udp, v, new_tot - sizeof(struct iphdr)) ||
-	    rewrite_ip(skb, ip, v, new_tot))
-		goto abort;
-	count(k, n);
-	return finish(how, ifindex);
-abort:
-	stat(ABORTED);
-	return TC_ACT_SHOT;
+		return drop();
+	return deliver(skb, k, v, ip, udp, new_tot, n, how, ifindex);
 }
 
 // to_client: RFC 8656 §12.5, a datagram from the peer to the relayed
@@ -390,20 +384,13 @@ static __always_inline int to_client(struct __sk_buff *skb, const struct chan_ke
 	__be32 chdr = bpf_htonl(((__u32)v->chan << 16) | n);
 	__be32 zero = 0;
 	if (bpf_skb_change_tail(skb, L3_OFF + new_tot, 0))
-		goto abort;
-	if (move_up(skb, n))
-		goto abort;
+		return drop();
+	if (move_data(skb, n, true))
+		return drop();
 	if (bpf_skb_store_bytes(skb, DATA_OFF, &chdr, CHDR_LEN, 0) ||
 	    bpf_l4_csum_replace(skb, CSUM_OFF, zero, chdr, BPF_F_MARK_MANGLED_0 | 4))
-		goto abort;
-	if (rewrite_udp(skb, udp, v, new_tot - sizeof(struct iphdr)) ||
-	    rewrite_ip(skb, ip, v, new_tot))
-		goto abort;
-	count(k, n);
-	return finish(how, ifindex);
-abort:
-	stat(ABORTED);
-	return TC_ACT_SHOT;
+		return drop();
+	return deliver(skb, k, v, ip, udp, new_tot, n, how, ifindex);
 }
 
 SEC("tc")
