@@ -552,3 +552,45 @@ func TestTTL(t *testing.T) {
 	r.sendRawTTL(t, r.ch.Client, r.ch.Server, last, false, 1)
 	expect(t, "TTL 1 to the server socket", r.server, r.ch.Client, last)
 }
+
+// TestLargestData: data up to 2048 bytes is relayed in the kernel; one
+// byte more goes to the userspace socket untouched.
+func TestLargestData(t *testing.T) {
+	r := newRig(t)
+	if err := r.off.Install(r.ch); err != nil {
+		t.Fatal(err)
+	}
+	data := payload(2048, 3)
+	r.send(t, r.client, r.ch.Server, chanData(r.ch.Number, data, false))
+	expect(t, "2048 bytes to the peer", r.peer, r.ch.Relay, data)
+	big := chanData(r.ch.Number, payload(2049, 4), true)
+	r.send(t, r.client, r.ch.Server, big)
+	expect(t, "2049 bytes to the server socket", r.server, r.ch.Client, big)
+	r.send(t, r.peer, r.ch.Relay, data)
+	expect(t, "2048 bytes to the client", r.client, r.ch.Server, chanData(r.ch.Number, data, false))
+	r.send(t, r.peer, r.ch.Relay, big)
+	expect(t, "2049+ bytes to the relay socket", r.relay, r.ch.Peer, big)
+}
+
+// TestTooBigForTheLink: a peer datagram that fills the veth's 1500-byte
+// MTU cannot take the 4-byte ChannelData header without fragmenting, so
+// the kernel leaves it to userspace (which may fragment) and counts why.
+func TestTooBigForTheLink(t *testing.T) {
+	r := newVethRig(t)
+	if err := r.off.Install(r.ch); err != nil {
+		t.Fatal(err)
+	}
+	full := payload(1500-20-8, 5)
+	r.send(t, r.peer, r.ch.Relay, full)
+	expect(t, "full-MTU datagram to the relay socket", r.relay, r.ch.Peer, full)
+	fits := payload(1500-20-8-4, 6)
+	r.send(t, r.peer, r.ch.Relay, fits)
+	expect(t, "largest datagram that fits, to the client", r.client, r.ch.Server, chanData(r.ch.Number, fits, false))
+	d, err := r.off.Declined()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d != (Declined{TooBig: 1}) {
+		t.Fatalf("declined %+v, want TooBig 1 only", d)
+	}
+}
