@@ -45,8 +45,9 @@
 // 4-byte header) stays with userspace. bpf_fib_lookup refuses to answer
 // unless forwarding is enabled on the interface the lookup names; the
 // program names loopback, where forwarding lets no outside packet through,
-// and New enables net.ipv4.conf.lo.forwarding when it is off (and Close
-// turns it off again).
+// and New enables net.ipv4.conf.lo.forwarding and net.ipv6.conf.lo.forwarding
+// when they are off (and Close turns them off again; without the IPv6 one,
+// IPv6 channels stay in userspace).
 //
 // # What the kernel emits
 //
@@ -55,6 +56,7 @@
 // without padding (over UDP the padding is optional, RFC 8656 §12.5). The
 // TTL is one less than the incoming one, and DSCP, ECN and DF are kept as
 // they came (RFC 8656 §14, preferred behaviour); a packet whose TTL would
-// reach 0 goes to userspace. IPv4 only: IPv6 channels stay in userspace
-// (Install returns ErrUnsupported).
+// reach 0 goes to userspace. IPv4 and IPv6 alike, as long as all four
+// addresses of a channel are of one family (Install returns ErrUnsupported
+// otherwise); IPv6 packets with extension headers go to userspace.
 package offload

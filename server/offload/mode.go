@@ -72,8 +72,11 @@ type Counters struct {
 }
 
 // ErrUnsupported is returned by Install for a channel the kernel path does
-// not relay (an IPv6 address); the channel stays in userspace.
-var ErrUnsupported = errors.New("offload: channel not supported in the kernel (IPv4 only)")
+// not relay: client and peer sides of different address families (the
+// program rewrites addresses in place, it does not translate IPv4 to IPv6),
+// scoped addresses, or IPv6 on a kernel where New could not enable it. The
+// channel stays in userspace.
+var ErrUnsupported = errors.New("offload: channel not supported in the kernel")
 
 // RFC 8656 §12: channel numbers 0x4000 through 0x4FFF.
 const (

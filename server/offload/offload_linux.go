@@ -23,10 +23,6 @@ const (
 	dirToClient = 2
 )
 
-// The sysctl bpf_fib_lookup needs on the interface the program names in
-// its lookups (loopback, see doc.go).
-const loForwarding = "/proc/sys/net/ipv4/conf/lo/forwarding"
-
 // Offload is the loaded program, its maps and its attachments.
 type Offload struct {
 	log   *slog.Logger
@@ -37,7 +33,10 @@ type Offload struct {
 	// Remove knows no CPU still relays with the deleted entry.
 	sync, syncInner *ebpf.Map
 	ncpu            int
-	loFwdSet        bool
+	flipped         []flipped
+	// v6 says whether IPv6 channels can be installed: the kernel has
+	// IPv6 and the route lookup for it is allowed.
+	v6 bool
 
 	mu     sync.Mutex
 	closed bool
@@ -90,9 +89,14 @@ func load(cfg Config, log *slog.Logger) (*Offload, error) {
 		o.Close()
 		return nil, fmt.Errorf("sync map: %w", err)
 	}
-	if err := o.enableLoForwarding(); err != nil {
+	if err := o.enableForwarding(loForwarding4); err != nil {
 		o.Close()
 		return nil, err
+	}
+	if err := o.enableForwarding(loForwarding6); err != nil {
+		log.Info("offload: IPv6 channels stay in userspace", "reason", err)
+	} else {
+		o.v6 = true
 	}
 	for _, ifc := range ifaces {
 		l, err := link.AttachTCX(link.TCXOptions{
@@ -194,45 +198,72 @@ func holdsAny(ifc net.Interface, addrs []netip.Addr) bool {
 	return false
 }
 
-// loFwdUsers counts the Offloads of this process in one network namespace
-// that rely on the forwarding flag New set, so that the last Close restores
-// it. One counter per process is enough: servers run one Offload, tests
-// create theirs in fresh namespaces where the flag starts off.
-var (
-	loFwdMu    sync.Mutex
-	loFwdUsers int
+// The sysctls bpf_fib_lookup needs on the interface the program names in
+// its lookups (loopback, see doc.go), per address family.
+const (
+	loForwarding4 = "/proc/sys/net/ipv4/conf/lo/forwarding"
+	loForwarding6 = "/proc/sys/net/ipv6/conf/lo/forwarding"
 )
 
-func (o *Offload) enableLoForwarding() error {
-	b, err := os.ReadFile(loForwarding)
+// flipped is a forwarding sysctl an Offload turned on. The file stays open
+// because a /proc/sys/net file belongs to the network namespace it was
+// opened in, and Close may run on a thread in another one.
+type flipped struct {
+	f   *os.File
+	key string // path and namespace, for loFwdUsers
+}
+
+// loFwdUsers counts, per sysctl and network namespace, the Offloads of this
+// process that rely on a flag one of them turned on, so that the last
+// Close turns it off again.
+var (
+	loFwdMu    sync.Mutex
+	loFwdUsers = map[string]int{}
+)
+
+// enableForwarding turns the sysctl at path on if it is off; an error
+// means the flag could not be read or set.
+func (o *Offload) enableForwarding(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
-		return fmt.Errorf("read %s: %w", loForwarding, err)
+		return err
 	}
-	if strings.TrimSpace(string(b)) != "0" {
+	b := make([]byte, 8)
+	n, err := f.ReadAt(b, 0)
+	if n == 0 {
+		f.Close()
+		return fmt.Errorf("read %s: %w", path, err)
+	}
+	if strings.TrimSpace(string(b[:n])) != "0" {
+		f.Close()
 		return nil
 	}
-	if err := os.WriteFile(loForwarding, []byte("1\n"), 0o644); err != nil {
-		return fmt.Errorf("enable %s (the kernel's route lookup requires it): %w", loForwarding, err)
+	if _, err := f.WriteAt([]byte("1\n"), 0); err != nil {
+		f.Close()
+		return fmt.Errorf("enable %s (the kernel's route lookup requires it): %w", path, err)
 	}
+	ns, _ := os.Readlink("/proc/thread-self/ns/net")
+	key := path + " " + ns
 	loFwdMu.Lock()
-	loFwdUsers++
+	loFwdUsers[key]++
 	loFwdMu.Unlock()
-	o.loFwdSet = true
-	o.log.Info("offload: enabled net.ipv4.conf.lo.forwarding for the kernel's route lookup; no outside packet enters through loopback")
+	o.flipped = append(o.flipped, flipped{f: f, key: key})
+	o.log.Info("offload: enabled forwarding on loopback for the kernel's route lookup; no outside packet enters through loopback", "sysctl", path)
 	return nil
 }
 
-func (o *Offload) restoreLoForwarding() {
-	if !o.loFwdSet {
-		return
-	}
-	o.loFwdSet = false
+func (o *Offload) restoreForwarding() {
 	loFwdMu.Lock()
 	defer loFwdMu.Unlock()
-	loFwdUsers--
-	if loFwdUsers == 0 {
-		_ = os.WriteFile(loForwarding, []byte("0\n"), 0o644)
+	for _, fl := range o.flipped {
+		loFwdUsers[fl.key]--
+		if loFwdUsers[fl.key] == 0 {
+			delete(loFwdUsers, fl.key)
+			_, _ = fl.f.WriteAt([]byte("0\n"), 0)
+		}
+		fl.f.Close()
 	}
+	o.flipped = nil
 }
 
 // Close detaches the program from every interface and releases the maps;
@@ -259,27 +290,31 @@ func (o *Offload) Close() error {
 	if o.syncInner != nil {
 		errs = append(errs, o.syncInner.Close())
 	}
-	o.restoreLoForwarding()
+	o.restoreForwarding()
 	return errors.Join(errs...)
 }
 
 var errClosed = errors.New("offload: closed")
 
 // keys returns the map keys and values of both directions of ch.
-func keys(ch Channel) (toPeer, toClient relayChanKey, vPeer, vClient relayChanVal, err error) {
+func keys(ch Channel, v6 bool) (toPeer, toClient relayChanKey, vPeer, vClient relayChanVal, err error) {
 	c, s, r, p := unmap(ch.Client), unmap(ch.Server), unmap(ch.Relay), unmap(ch.Peer)
+	// The program rewrites addresses in place: it cannot turn an IPv4
+	// packet into an IPv6 one (RFC 8656 §13's translations stay in
+	// userspace).
+	is6 := c.Addr().Is6()
 	for _, ap := range []netip.AddrPort{c, s, r, p} {
-		if !ap.Addr().Is4() {
+		if !ap.Addr().IsValid() || ap.Addr().Is6() != is6 || ap.Addr().Zone() != "" || (is6 && !v6) {
 			return toPeer, toClient, vPeer, vClient, ErrUnsupported
 		}
 	}
 	if ch.Number < chanMin || ch.Number > chanMax {
 		return toPeer, toClient, vPeer, vClient, fmt.Errorf("offload: channel number %#x outside 0x4000-0x4FFF", ch.Number)
 	}
-	toPeer = relayChanKey{Saddr: be32(c), Daddr: be32(s), Sport: be16(c), Dport: be16(s), Chan: ch.Number}
-	vPeer = relayChanVal{Saddr: be32(r), Daddr: be32(p), Sport: be16(r), Dport: be16(p), Chan: ch.Number, Dir: dirToPeer}
-	toClient = relayChanKey{Saddr: be32(p), Daddr: be32(r), Sport: be16(p), Dport: be16(r)}
-	vClient = relayChanVal{Saddr: be32(s), Daddr: be32(c), Sport: be16(s), Dport: be16(c), Chan: ch.Number, Dir: dirToClient}
+	toPeer = relayChanKey{Saddr: words(c), Daddr: words(s), Sport: be16(c), Dport: be16(s), Chan: ch.Number}
+	vPeer = relayChanVal{Saddr: words(r), Daddr: words(p), Sport: be16(r), Dport: be16(p), Chan: ch.Number, Dir: dirToPeer}
+	toClient = relayChanKey{Saddr: words(p), Daddr: words(r), Sport: be16(p), Dport: be16(r)}
+	vClient = relayChanVal{Saddr: words(s), Daddr: words(c), Sport: be16(s), Dport: be16(c), Chan: ch.Number, Dir: dirToClient}
 	return toPeer, toClient, vPeer, vClient, nil
 }
 
@@ -287,11 +322,20 @@ func unmap(ap netip.AddrPort) netip.AddrPort {
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
 
-// be32 and be16 give the value whose in-memory bytes are the address or
-// port in network order, as the program compares them with the packet.
-func be32(ap netip.AddrPort) uint32 {
-	a := ap.Addr().As4()
-	return binary.NativeEndian.Uint32(a[:])
+// words and be16 give the values whose in-memory bytes are the address or
+// port in network order, as the program compares them with the packet; an
+// IPv4 address takes the first word, the others stay 0.
+func words(ap netip.AddrPort) (w [4]uint32) {
+	if a := ap.Addr(); a.Is4() {
+		b := a.As4()
+		w[0] = binary.NativeEndian.Uint32(b[:])
+		return w
+	}
+	b := ap.Addr().As16()
+	for i := range w {
+		w[i] = binary.NativeEndian.Uint32(b[4*i:])
+	}
+	return w
 }
 
 func be16(ap netip.AddrPort) uint16 {
@@ -310,7 +354,7 @@ type channel struct {
 func (o *Offload) with(ch Channel, fn func(c channel) error) error {
 	var c channel
 	var err error
-	if c.kp, c.kc, c.vp, c.vc, err = keys(ch); err != nil {
+	if c.kp, c.kc, c.vp, c.vc, err = keys(ch, o.v6); err != nil {
 		return err
 	}
 	o.mu.Lock()

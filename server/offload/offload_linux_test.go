@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -52,35 +53,73 @@ func newRig(t testing.TB) *rig {
 	}, ap("127.0.0.5:60000"))
 }
 
+// newRig6 is newRig over IPv6: addresses from fd00::/64 on loopback.
+func newRig6(t testing.TB) *rig {
+	needRoot(t)
+	ns := newNetns(t)
+	for i := 1; i <= 5; i++ {
+		ns.ip(t, "-6", "addr", "add", fmt.Sprintf("fd00::%d/128", i), "dev", "lo")
+	}
+	return openRig(t, ns, ns, Channel{
+		Client: ap("[fd00::3]:40000"),
+		Server: ap("[fd00::1]:3478"),
+		Number: 0x4001,
+		Relay:  ap("[fd00::2]:50000"),
+		Peer:   ap("[fd00::4]:60000"),
+	}, ap("[fd00::5]:60000"))
+}
+
 // newVethRig puts the server and relay in one namespace and the client,
 // peer and stranger in another, joined by a veth pair: the program runs on
 // a real Ethernet interface and must route and redirect the rewritten
 // packet back out of it (bpf_fib_lookup, bpf_redirect_neigh).
-func newVethRig(t *testing.T) *rig {
+func newVethRig(t testing.TB) *rig {
+	return vethRig(t, nil, []string{"10.200.0.1/24", "10.200.0.4/24"},
+		[]string{"10.200.0.2/24", "10.200.0.3/24", "10.200.0.5/24"}, Channel{
+			Client: ap("10.200.0.2:40000"),
+			Server: ap("10.200.0.1:3478"),
+			Number: 0x4ABC,
+			Relay:  ap("10.200.0.4:50000"),
+			Peer:   ap("10.200.0.3:60000"),
+		}, ap("10.200.0.5:60000"))
+}
+
+// newVethRig6 is newVethRig over IPv6 (neighbour discovery instead of ARP).
+func newVethRig6(t testing.TB) *rig {
+	return vethRig(t, []string{"nodad"}, []string{"fd01::1/64", "fd01::4/64"},
+		[]string{"fd01::2/64", "fd01::3/64", "fd01::5/64"}, Channel{
+			Client: ap("[fd01::2]:40000"),
+			Server: ap("[fd01::1]:3478"),
+			Number: 0x4ABC,
+			Relay:  ap("[fd01::4]:50000"),
+			Peer:   ap("[fd01::3]:60000"),
+		}, ap("[fd01::5]:60000"))
+}
+
+// vethRig builds the two namespaces and the veth pair; addrFlags follow
+// every address (nodad: the IPv6 addresses are usable at once).
+func vethRig(t testing.TB, addrFlags, srvAddrs, edgeAddrs []string, ch Channel, stranger netip.AddrPort) *rig {
 	needRoot(t)
 	srv, edge := newNetns(t), newNetns(t)
 	srv.ip(t, "link", "add", "o0", "type", "veth", "peer", "name", "o1", "netns", edge.name)
-	srv.ip(t, "addr", "add", "10.200.0.1/24", "dev", "o0")
-	srv.ip(t, "addr", "add", "10.200.0.4/24", "dev", "o0")
-	srv.ip(t, "link", "set", "o0", "up")
-	for _, a := range []string{"10.200.0.2/24", "10.200.0.3/24", "10.200.0.5/24"} {
-		edge.ip(t, "addr", "add", a, "dev", "o1")
+	for _, side := range []struct {
+		ns    *netns
+		dev   string
+		addrs []string
+	}{{srv, "o0", srvAddrs}, {edge, "o1", edgeAddrs}} {
+		for _, a := range side.addrs {
+			side.ns.ip(t, append([]string{"addr", "add", a, "dev", side.dev}, addrFlags...)...)
+		}
+		side.ns.ip(t, "link", "set", side.dev, "up")
 	}
-	edge.ip(t, "link", "set", "o1", "up")
-	return openRig(t, edge, srv, Channel{
-		Client: ap("10.200.0.2:40000"),
-		Server: ap("10.200.0.1:3478"),
-		Number: 0x4ABC,
-		Relay:  ap("10.200.0.4:50000"),
-		Peer:   ap("10.200.0.3:60000"),
-	}, ap("10.200.0.5:60000"))
+	return openRig(t, edge, srv, ch, stranger)
 }
 
 func openRig(t testing.TB, edge, srv *netns, ch Channel, stranger netip.AddrPort) *rig {
 	r := &rig{edge: edge, srv: srv, ch: ch, strangerAddr: stranger}
 	var err error
 	listen := func(a netip.AddrPort) *net.UDPConn {
-		c, lerr := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(a))
+		c, lerr := net.ListenUDP("udp", net.UDPAddrFromAddrPort(a))
 		if lerr != nil && err == nil {
 			err = lerr
 		}
@@ -91,7 +130,13 @@ func openRig(t testing.TB, edge, srv *netns, ch Channel, stranger netip.AddrPort
 		r.peer = listen(ch.Peer)
 		r.stranger = listen(stranger)
 		if err == nil {
-			r.raw, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
+			// IPPROTO_RAW implies that the datagram carries its own IP
+			// header, for IPv6 too.
+			family := unix.AF_INET
+			if ch.Client.Addr().Is6() {
+				family = unix.AF_INET6
+			}
+			r.raw, err = unix.Socket(family, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
 		}
 	})
 	if err != nil {
@@ -136,11 +181,18 @@ func (r *rig) sendRaw(t *testing.T, from, to netip.AddrPort, payload []byte, bre
 
 func (r *rig) sendRawTTL(t *testing.T, from, to netip.AddrPort, payload []byte, breakCsum bool, ttl byte) {
 	t.Helper()
-	pkt := udp4(from, to, payload, ttl)
-	if breakCsum {
-		pkt[26] ^= 0x5a
+	var pkt []byte
+	var sa unix.Sockaddr
+	if to.Addr().Is4() {
+		pkt = udp4(from, to, payload, ttl)
+		sa = &unix.SockaddrInet4{Addr: to.Addr().As4()}
+	} else {
+		pkt = udp6(from, to, payload, ttl)
+		sa = &unix.SockaddrInet6{Addr: to.Addr().As16()}
 	}
-	sa := &unix.SockaddrInet4{Addr: to.Addr().As4()}
+	if breakCsum {
+		pkt[len(pkt)-len(payload)-2] ^= 0x5a // the UDP checksum
+	}
 	if err := unix.Sendto(r.raw, pkt, 0, sa); err != nil {
 		t.Fatal(err)
 	}
@@ -167,6 +219,34 @@ func udp4(from, to netip.AddrPort, payload []byte, ttl byte) []byte {
 	copy(pseudo[4:], d[:])
 	pseudo[9] = unix.IPPROTO_UDP
 	binary.BigEndian.PutUint16(pseudo[10:], uint16(ulen))
+	c := ^csum(uint32(csum(0, pseudo)), u)
+	if c == 0 {
+		c = 0xffff
+	}
+	binary.BigEndian.PutUint16(u[6:], c)
+	return pkt
+}
+
+func udp6(from, to netip.AddrPort, payload []byte, hops byte) []byte {
+	ulen := 8 + len(payload)
+	pkt := make([]byte, 40+ulen)
+	pkt[0] = 0x60
+	binary.BigEndian.PutUint16(pkt[4:], uint16(ulen))
+	pkt[6] = unix.IPPROTO_UDP
+	pkt[7] = hops
+	s, d := from.Addr().As16(), to.Addr().As16()
+	copy(pkt[8:], s[:])
+	copy(pkt[24:], d[:])
+	u := pkt[40:]
+	binary.BigEndian.PutUint16(u[0:], from.Port())
+	binary.BigEndian.PutUint16(u[2:], to.Port())
+	binary.BigEndian.PutUint16(u[4:], uint16(ulen))
+	copy(u[8:], payload)
+	pseudo := make([]byte, 40)
+	copy(pseudo, s[:])
+	copy(pseudo[16:], d[:])
+	binary.BigEndian.PutUint32(pseudo[32:], uint32(ulen))
+	pseudo[39] = unix.IPPROTO_UDP
 	c := ^csum(uint32(csum(0, pseudo)), u)
 	if c == 0 {
 		c = 0xffff
@@ -260,6 +340,10 @@ func TestRelayBothWays(t *testing.T) { relayBothWays(t, newRig(t)) }
 
 func TestRelayBothWaysVeth(t *testing.T) { relayBothWays(t, newVethRig(t)) }
 
+func TestRelayBothWaysIPv6(t *testing.T) { relayBothWays(t, newRig6(t)) }
+
+func TestRelayBothWaysVethIPv6(t *testing.T) { relayBothWays(t, newVethRig6(t)) }
+
 func relayBothWays(t *testing.T, r *rig) {
 	if err := r.off.Install(r.ch); err != nil {
 		t.Fatal(err)
@@ -333,10 +417,11 @@ func relayBothWays(t *testing.T, r *rig) {
 // TestRelayBothWays would have been dropped had their checksum been wrong:
 // without it, a broken rewrite could pass unnoticed.
 func TestChecksumIsVerified(t *testing.T) {
-	r := newRig(t)
-	r.sendRaw(t, r.ch.Client, r.ch.Server, []byte("bad checksum"), true)
-	r.sendRaw(t, r.ch.Client, r.ch.Server, marker, false)
-	expect(t, "server socket", r.server, r.ch.Client, marker)
+	for _, r := range []*rig{newRig(t), newRig6(t)} {
+		r.sendRaw(t, r.ch.Client, r.ch.Server, []byte("bad checksum"), true)
+		r.sendRaw(t, r.ch.Client, r.ch.Server, marker, false)
+		expect(t, "server socket", r.server, r.ch.Client, marker)
+	}
 }
 
 // TestNotOwnedPassesUntouched: what does not match an installed channel
@@ -399,11 +484,19 @@ func TestCloseDetaches(t *testing.T) {
 	if n := tcxPrograms(t, r.srv, lo); n != 1 {
 		t.Fatalf("%d programs on lo ingress before Close, want 1", n)
 	}
+	if got := sysctl(t, r.srv, loForwarding4) + sysctl(t, r.srv, loForwarding6); got != "11" {
+		t.Fatalf("loopback forwarding (v4, v6) %q while loaded, want 11", got)
+	}
 	if err := r.off.Close(); err != nil {
 		t.Fatal(err)
 	}
 	if n := tcxPrograms(t, r.srv, lo); n != 0 {
 		t.Fatalf("%d programs on lo ingress after Close, want 0", n)
+	}
+	// Close runs on a thread outside the namespace: the flags must still
+	// be restored in the namespace New found them in.
+	if got := sysctl(t, r.srv, loForwarding4) + sysctl(t, r.srv, loForwarding6); got != "00" {
+		t.Fatalf("loopback forwarding (v4, v6) %q after Close, want 00 as New found them", got)
 	}
 	msg := chanData(r.ch.Number, payload(20, 1), false)
 	r.send(t, r.client, r.ch.Server, msg)
@@ -593,4 +686,43 @@ func TestTooBigForTheLink(t *testing.T) {
 	if d != (Declined{TooBig: 1}) {
 		t.Fatalf("declined %+v, want TooBig 1 only", d)
 	}
+}
+
+// TestKeysRefuseWhatTheProgramCannotRewrite: a channel whose client side
+// and peer side differ in address family, or that needs IPv6 where it is
+// off, stays in userspace.
+func TestKeysRefuseWhatTheProgramCannotRewrite(t *testing.T) {
+	v4 := Channel{Client: ap("192.0.2.1:1"), Server: ap("192.0.2.2:3478"), Number: 0x4000,
+		Relay: ap("192.0.2.2:50000"), Peer: ap("198.51.100.1:2")}
+	if _, _, _, _, err := keys(v4, false); err != nil {
+		t.Fatalf("IPv4 channel: %v", err)
+	}
+	mixed := v4
+	mixed.Peer = ap("[2001:db8::1]:2")
+	if _, _, _, _, err := keys(mixed, true); !errors.Is(err, ErrUnsupported) {
+		t.Fatalf("IPv4 client, IPv6 peer: %v, want ErrUnsupported", err)
+	}
+	v6 := Channel{Client: ap("[2001:db8::1]:1"), Server: ap("[2001:db8::2]:3478"), Number: 0x4FFF,
+		Relay: ap("[2001:db8::2]:50000"), Peer: ap("[2001:db8::3]:2")}
+	if _, _, _, _, err := keys(v6, false); !errors.Is(err, ErrUnsupported) {
+		t.Fatalf("IPv6 with IPv6 off: %v, want ErrUnsupported", err)
+	}
+	if _, _, _, _, err := keys(v6, true); err != nil {
+		t.Fatalf("IPv6 channel: %v", err)
+	}
+	bad := v4
+	bad.Number = 0x5000
+	if _, _, _, _, err := keys(bad, false); err == nil || errors.Is(err, ErrUnsupported) {
+		t.Fatalf("channel 0x5000: %v, want an out-of-range error", err)
+	}
+}
+
+func sysctl(t *testing.T, ns *netns, path string) string {
+	var b []byte
+	var err error
+	ns.do(t, func() { b, err = os.ReadFile(path) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
 }

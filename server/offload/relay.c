@@ -19,6 +19,7 @@
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <linux/udp.h>
 #include <bpf/bpf_endian.h>
@@ -27,12 +28,14 @@
 
 char __license[] SEC("license") = "GPL";
 
-// The Ethernet header the program expects in front of IPv4: userspace only
+// The Ethernet header the program expects in front of IP: userspace only
 // attaches to Ethernet-like devices and loopback, which carry one as well.
 #define L3_OFF ETH_HLEN
-#define L4_OFF (L3_OFF + sizeof(struct iphdr))
-#define CSUM_OFF (L4_OFF + offsetof(struct udphdr, check))
-#define DATA_OFF (L4_OFF + sizeof(struct udphdr))
+// Where the UDP header starts: no IPv4 options, no IPv6 extension headers
+// (packets with either go to userspace).
+#define L4_OFF4 (L3_OFF + sizeof(struct iphdr))
+#define L4_OFF6 (L3_OFF + sizeof(struct ipv6hdr))
+#define UDP_HLEN sizeof(struct udphdr)
 
 // RFC 8656 §12.4: the ChannelData header is a 2-byte channel number and a
 // 2-byte length of the application data that follows.
@@ -55,8 +58,9 @@ char __license[] SEC("license") = "GPL";
 // taken for packets that arrived there (see finish()).
 #define LOOPBACK_IFINDEX 1
 
-// <sys/socket.h> is not for BPF targets; AF_INET is the same on every Linux.
+// <sys/socket.h> is not for BPF targets; these are the same on every Linux.
 #define AF_INET 2
+#define AF_INET6 10
 
 #define DIR_TO_PEER 1
 #define DIR_TO_CLIENT 2
@@ -64,9 +68,10 @@ char __license[] SEC("license") = "GPL";
 // Key of one direction of one channel: the packet's addresses and ports as
 // they arrive (network byte order) and, toward the peer, the channel
 // number (host order); 0 toward the client, where the datagram has none.
+// IPv4 addresses take the first word, the other three are 0.
 struct chan_key {
-	__be32 saddr;
-	__be32 daddr;
+	__be32 saddr[4];
+	__be32 daddr[4];
 	__be16 sport;
 	__be16 dport;
 	__u16 chan;
@@ -76,8 +81,8 @@ struct chan_key {
 // What to make of a matching packet: the new addresses and ports, the
 // direction and, toward the client, the channel number to prepend.
 struct chan_val {
-	__be32 saddr;
-	__be32 daddr;
+	__be32 saddr[4];
+	__be32 daddr[4];
 	__be16 sport;
 	__be16 dport;
 	__u16 chan;
@@ -139,6 +144,26 @@ static __always_inline void stat(__u32 reason)
 // Where the rewritten packet goes.
 enum { GO_REDIRECT = 1, GO_LOCAL };
 
+// pkt is what the program read of one datagram before touching it.
+struct pkt {
+	bool v6;
+	__u32 l4; // offset of the UDP header
+	__u8 ttl; // IPv4 TTL or IPv6 hop limit
+	struct udphdr udp;
+	__be32 saddr[4], daddr[4];
+	__be16 ip_len; // IPv4 total length or IPv6 payload length, as read
+};
+
+static __always_inline __u32 csum_off(const struct pkt *p)
+{
+	return p->l4 + offsetof(struct udphdr, check);
+}
+
+static __always_inline __u32 data_off(const struct pkt *p)
+{
+	return p->l4 + UDP_HLEN;
+}
+
 // route decides, before the packet is touched, how the rewritten packet
 // will leave: redirected out of the interface the kernel's route for the
 // new destination names (bpf_redirect_neigh resolves the next hop), or
@@ -147,19 +172,28 @@ enum { GO_REDIRECT = 1, GO_LOCAL };
 // Any other outcome leaves the packet to userspace. The lookup is made as
 // if the packet had arrived on loopback: the route to the peer is what
 // matters, and loopback is the one interface where enabling forwarding
-// (which the helper insists on) forwards nobody's traffic.
-static __always_inline int route(struct __sk_buff *skb, const struct chan_val *v,
-				 __u16 tot_len, __u32 *ifindex)
+// (which the helper insists on) forwards nobody's traffic. new_ulen is the
+// rewritten UDP length; the helper checks the whole packet against the
+// egress MTU.
+static __always_inline int route(struct __sk_buff *skb, const struct pkt *p,
+				 const struct chan_val *v, __u16 new_ulen, __u32 *ifindex)
 {
 	struct bpf_fib_lookup fib = {};
-	fib.family = AF_INET;
 	fib.l4_protocol = IPPROTO_UDP;
 	fib.sport = v->sport;
 	fib.dport = v->dport;
-	fib.tot_len = tot_len;
-	fib.ipv4_src = v->saddr;
-	fib.ipv4_dst = v->daddr;
 	fib.ifindex = LOOPBACK_IFINDEX;
+	if (p->v6) {
+		fib.family = AF_INET6;
+		fib.tot_len = sizeof(struct ipv6hdr) + new_ulen;
+		__builtin_memcpy(fib.ipv6_src, v->saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, v->daddr, 16);
+	} else {
+		fib.family = AF_INET;
+		fib.tot_len = sizeof(struct iphdr) + new_ulen;
+		fib.ipv4_src = v->saddr[0];
+		fib.ipv4_dst = v->daddr[0];
+	}
 
 	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	switch (rc) {
@@ -183,36 +217,64 @@ static __always_inline int route(struct __sk_buff *skb, const struct chan_val *v
 	}
 }
 
-// rewrite_ip sets the new addresses, total length and TTL of the IPv4
-// header and carries the address and length changes into the UDP
-// checksum's pseudo header; the helpers keep both checksums right for
-// every checksum state the skb may be in (BPF_F_PSEUDO_HDR updates a
-// CHECKSUM_PARTIAL pseudo sum, BPF_F_MARK_MANGLED_0 keeps "no checksum").
-static __always_inline int rewrite_ip(struct __sk_buff *skb, const struct iphdr *old,
-				      const struct chan_val *v, __u16 new_tot)
+// rewrite_addrs sets the new addresses in the IP header and carries them
+// into the UDP checksum's pseudo header (and, for IPv4, the header
+// checksum). The helpers keep the checksums right for every checksum state
+// the skb may be in: BPF_F_PSEUDO_HDR updates a CHECKSUM_PARTIAL pseudo
+// sum, BPF_F_MARK_MANGLED_0 keeps an IPv4 "no checksum".
+static __always_inline int rewrite_addrs(struct __sk_buff *skb, const struct pkt *p,
+					 const struct chan_val *v)
 {
-	__be16 tot = bpf_htons(new_tot);
-	__be16 ulen = bpf_htons(new_tot - sizeof(struct iphdr));
-	__be16 old_ulen = bpf_htons(bpf_ntohs(old->tot_len) - sizeof(struct iphdr));
-	// RFC 8656 §14 (UDP-to-UDP relay, preferred behaviour): the outgoing
-	// TTL is one less than the incoming one; DSCP, ECN and DF are copied.
-	__u8 ttl = old->ttl - 1;
-	__be16 old_tp = bpf_htons(((__u16)old->ttl << 8) | IPPROTO_UDP);
-	__be16 new_tp = bpf_htons(((__u16)ttl << 8) | IPPROTO_UDP);
-	const __u64 l4 = BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0;
+	const __u64 l4 = BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | 4;
+	__u32 words = p->v6 ? 4 : 1;
+	__u32 src = L3_OFF + (p->v6 ? offsetof(struct ipv6hdr, saddr) : offsetof(struct iphdr, saddr));
+	__u32 dst = L3_OFF + (p->v6 ? offsetof(struct ipv6hdr, daddr) : offsetof(struct iphdr, daddr));
+	__u32 l3sum = L3_OFF + offsetof(struct iphdr, check);
+	for (__u32 i = 0; i < 4; i++) {
+		if (i >= words)
+			break;
+		if (bpf_l4_csum_replace(skb, csum_off(p), p->saddr[i], v->saddr[i], l4) ||
+		    bpf_l4_csum_replace(skb, csum_off(p), p->daddr[i], v->daddr[i], l4))
+			return -1;
+		if (!p->v6 && (bpf_l3_csum_replace(skb, l3sum, p->saddr[i], v->saddr[i], 4) ||
+			       bpf_l3_csum_replace(skb, l3sum, p->daddr[i], v->daddr[i], 4)))
+			return -1;
+	}
+	if (bpf_skb_store_bytes(skb, src, v->saddr, words * 4, 0) ||
+	    bpf_skb_store_bytes(skb, dst, v->daddr, words * 4, 0))
+		return -1;
+	return 0;
+}
 
-	if (bpf_l4_csum_replace(skb, CSUM_OFF, old->saddr, v->saddr, l4 | 4) ||
-	    bpf_l4_csum_replace(skb, CSUM_OFF, old->daddr, v->daddr, l4 | 4) ||
-	    bpf_l4_csum_replace(skb, CSUM_OFF, old_ulen, ulen, l4 | 2))
+// rewrite_ip sets the IP length and the TTL or hop limit, and carries the
+// UDP length change into the pseudo header (IPv6's is 32 bits wide, its
+// upper half stays 0).
+static __always_inline int rewrite_ip(struct __sk_buff *skb, const struct pkt *p,
+				      __u16 new_ulen)
+{
+	__be16 old_ulen = p->udp.len;
+	__be16 ulen = bpf_htons(new_ulen);
+	if (bpf_l4_csum_replace(skb, csum_off(p), old_ulen, ulen,
+				BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | 2))
 		return -1;
-	if (bpf_l3_csum_replace(skb, L3_OFF + offsetof(struct iphdr, check), old->saddr, v->saddr, 4) ||
-	    bpf_l3_csum_replace(skb, L3_OFF + offsetof(struct iphdr, check), old->daddr, v->daddr, 4) ||
-	    bpf_l3_csum_replace(skb, L3_OFF + offsetof(struct iphdr, check), old->tot_len, tot, 2) ||
-	    bpf_l3_csum_replace(skb, L3_OFF + offsetof(struct iphdr, check), old_tp, new_tp, 2))
+	// RFC 8656 §14 (UDP-to-UDP relay, preferred behaviour): the outgoing
+	// TTL is one less than the incoming one; DSCP, ECN and DF (and IPv6's
+	// traffic class) are copied.
+	__u8 ttl = p->ttl - 1;
+	if (p->v6) {
+		if (bpf_skb_store_bytes(skb, L3_OFF + offsetof(struct ipv6hdr, payload_len), &ulen, 2, 0) ||
+		    bpf_skb_store_bytes(skb, L3_OFF + offsetof(struct ipv6hdr, hop_limit), &ttl, 1, 0))
+			return -1;
+		return 0;
+	}
+	__u32 l3sum = L3_OFF + offsetof(struct iphdr, check);
+	__be16 tot = bpf_htons(sizeof(struct iphdr) + new_ulen);
+	__be16 old_tp = bpf_htons(((__u16)p->ttl << 8) | IPPROTO_UDP);
+	__be16 new_tp = bpf_htons(((__u16)ttl << 8) | IPPROTO_UDP);
+	if (bpf_l3_csum_replace(skb, l3sum, p->ip_len, tot, 2) ||
+	    bpf_l3_csum_replace(skb, l3sum, old_tp, new_tp, 2))
 		return -1;
-	if (bpf_skb_store_bytes(skb, L3_OFF + offsetof(struct iphdr, saddr), &v->saddr, 4, 0) ||
-	    bpf_skb_store_bytes(skb, L3_OFF + offsetof(struct iphdr, daddr), &v->daddr, 4, 0) ||
-	    bpf_skb_store_bytes(skb, L3_OFF + offsetof(struct iphdr, tot_len), &tot, 2, 0) ||
+	if (bpf_skb_store_bytes(skb, L3_OFF + offsetof(struct iphdr, tot_len), &tot, 2, 0) ||
 	    bpf_skb_store_bytes(skb, L3_OFF + offsetof(struct iphdr, ttl), &ttl, 1, 0))
 		return -1;
 	return 0;
@@ -221,19 +283,20 @@ static __always_inline int rewrite_ip(struct __sk_buff *skb, const struct iphdr 
 // rewrite_udp sets the new ports and length of the UDP header; these are
 // not in the pseudo header, so the helper leaves a CHECKSUM_PARTIAL sum
 // alone (the device or the stack sums the header itself).
-static __always_inline int rewrite_udp(struct __sk_buff *skb, const struct udphdr *old,
+static __always_inline int rewrite_udp(struct __sk_buff *skb, const struct pkt *p,
 				       const struct chan_val *v, __u16 new_ulen)
 {
 	__be16 ulen = bpf_htons(new_ulen);
-	const __u64 l4 = BPF_F_MARK_MANGLED_0;
+	const __u64 l4 = BPF_F_MARK_MANGLED_0 | 2;
+	__u32 at = p->l4;
 
-	if (bpf_l4_csum_replace(skb, CSUM_OFF, old->source, v->sport, l4 | 2) ||
-	    bpf_l4_csum_replace(skb, CSUM_OFF, old->dest, v->dport, l4 | 2) ||
-	    bpf_l4_csum_replace(skb, CSUM_OFF, old->len, ulen, l4 | 2))
+	if (bpf_l4_csum_replace(skb, csum_off(p), p->udp.source, v->sport, l4) ||
+	    bpf_l4_csum_replace(skb, csum_off(p), p->udp.dest, v->dport, l4) ||
+	    bpf_l4_csum_replace(skb, csum_off(p), p->udp.len, ulen, l4))
 		return -1;
-	if (bpf_skb_store_bytes(skb, L4_OFF + offsetof(struct udphdr, source), &v->sport, 2, 0) ||
-	    bpf_skb_store_bytes(skb, L4_OFF + offsetof(struct udphdr, dest), &v->dport, 2, 0) ||
-	    bpf_skb_store_bytes(skb, L4_OFF + offsetof(struct udphdr, len), &ulen, 2, 0))
+	if (bpf_skb_store_bytes(skb, at + offsetof(struct udphdr, source), &v->sport, 2, 0) ||
+	    bpf_skb_store_bytes(skb, at + offsetof(struct udphdr, dest), &v->dport, 2, 0) ||
+	    bpf_skb_store_bytes(skb, at + offsetof(struct udphdr, len), &ulen, 2, 0))
 		return -1;
 	return 0;
 }
@@ -252,18 +315,18 @@ static __always_inline __u64 chunk_len(__u32 left)
 	return len;
 }
 
-// move_data copies the n data bytes between DATA_OFF+CHDR_LEN (where they
-// sit behind a ChannelData header) and DATA_OFF (right behind the UDP
+// move_data copies the n data bytes between data_off+CHDR_LEN (where they
+// sit behind a ChannelData header) and data_off (right behind the UDP
 // header): down when the header goes, up when it comes. Down copies front
 // to back and up back to front, so every chunk is read before its bytes
 // are overwritten. The IP and UDP headers stay where they are: moving them
 // instead (as bpf_skb_adjust_room does) would leave a CHECKSUM_PARTIAL
 // skb's csum_start pointing 4 bytes off, and a device would then write the
 // checksum into the payload.
-static __always_inline int move_data(struct __sk_buff *skb, __u32 n, bool up)
+static __always_inline int move_data(struct __sk_buff *skb, const struct pkt *p, __u32 n, bool up)
 {
-	__u32 from = up ? DATA_OFF : DATA_OFF + CHDR_LEN;
-	__u32 to = up ? DATA_OFF + CHDR_LEN : DATA_OFF;
+	__u32 from = up ? data_off(p) : data_off(p) + CHDR_LEN;
+	__u32 to = up ? data_off(p) + CHDR_LEN : data_off(p);
 	__u8 buf[CHUNK];
 	for (__u32 i = 0; i < MAX_CHUNKS; i++) {
 		__u32 done = i * CHUNK;
@@ -300,12 +363,11 @@ static __always_inline int drop(void)
 // deliver finishes a rewrite whose data is in place: the UDP and IP
 // headers, the counter, and the way out that route() chose.
 static __always_inline int deliver(struct __sk_buff *skb, const struct chan_key *k,
-				   const struct chan_val *v, const struct iphdr *ip,
-				   const struct udphdr *udp, __u16 new_tot, __u32 n, int how,
-				   __u32 ifindex)
+				   const struct chan_val *v, const struct pkt *p, __u16 new_ulen,
+				   __u32 n, int how, __u32 ifindex)
 {
-	if (rewrite_udp(skb, udp, v, new_tot - sizeof(struct iphdr)) ||
-	    rewrite_ip(skb, ip, v, new_tot))
+	if (rewrite_udp(skb, p, v, new_ulen) || rewrite_ip(skb, p, new_ulen) ||
+	    rewrite_addrs(skb, p, v))
 		return drop();
 	count(k, n);
 	if (how == GO_LOCAL)
@@ -317,26 +379,26 @@ static __always_inline int deliver(struct __sk_buff *skb, const struct chan_key 
 // relayed to the peer as a UDP datagram carrying only the application
 // data, from the relayed transport address.
 static __always_inline int to_peer(struct __sk_buff *skb, const struct chan_key *k,
-				   const struct chan_val *v, const struct iphdr *ip,
-				   const struct udphdr *udp, __u32 chdr, __u16 payload)
+				   const struct chan_val *v, const struct pkt *p, __u32 chdr,
+				   __u16 payload)
 {
 	__u16 n = bpf_ntohl(chdr) & 0xffff;
 	// RFC 8656 §12.4: a Length larger than the datagram holds is
 	// malformed; §12.5: over UDP up to 3 bytes of padding may follow.
 	if (n > MAX_DATA || (__u32)n + CHDR_LEN > payload || payload - CHDR_LEN - n > 3)
 		return TC_ACT_OK;
-	__u16 new_tot = sizeof(struct iphdr) + sizeof(struct udphdr) + n;
+	__u16 new_ulen = UDP_HLEN + n;
 
 	__u32 ifindex = 0;
-	int how = route(skb, v, new_tot, &ifindex);
+	int how = route(skb, p, v, new_ulen, &ifindex);
 	if (!how)
 		return TC_ACT_OK;
 
 	// The padding's share of the UDP checksum, read while it is still
 	// there: the 16-bit words from the even offset that holds the last
 	// data byte when n is odd, up to the end of the datagram.
-	__u32 pad_from = DATA_OFF + CHDR_LEN + (n & ~1);
-	__u64 pad_len = DATA_OFF + payload - pad_from;
+	__u32 pad_from = data_off(p) + CHDR_LEN + (n & ~1);
+	__u64 pad_len = data_off(p) + payload - pad_from;
 	__be32 tail_old = 0, tail_new = 0;
 	asm volatile("" : "+r"(pad_len));
 	if (pad_len > 4)
@@ -352,15 +414,14 @@ static __always_inline int to_peer(struct __sk_buff *skb, const struct chan_key 
 
 	// From here on the packet is ours (see drop).
 	__be32 zero = 0;
-	if (bpf_l4_csum_replace(skb, CSUM_OFF, chdr, zero, BPF_F_MARK_MANGLED_0 | 4) ||
-	    bpf_l4_csum_replace(skb, CSUM_OFF, tail_old, tail_new,
-				BPF_F_MARK_MANGLED_0 | 4))
+	if (bpf_l4_csum_replace(skb, csum_off(p), chdr, zero, BPF_F_MARK_MANGLED_0 | 4) ||
+	    bpf_l4_csum_replace(skb, csum_off(p), tail_old, tail_new, BPF_F_MARK_MANGLED_0 | 4))
 		return drop();
-	if (move_data(skb, n, false))
+	if (move_data(skb, p, n, false))
 		return drop();
-	if (bpf_skb_change_tail(skb, L3_OFF + new_tot, 0))
+	if (bpf_skb_change_tail(skb, p->l4 + new_ulen, 0))
 		return drop();
-	return deliver(skb, k, v, ip, udp, new_tot, n, how, ifindex);
+	return deliver(skb, k, v, p, new_ulen, n, how, ifindex);
 }
 
 // to_client: RFC 8656 §12.5, a datagram from the peer to the relayed
@@ -368,91 +429,120 @@ static __always_inline int to_peer(struct __sk_buff *skb, const struct chan_key 
 // padding is optional and this program sends none: the datagram ends
 // with the data, as Length says.
 static __always_inline int to_client(struct __sk_buff *skb, const struct chan_key *k,
-				     const struct chan_val *v, const struct iphdr *ip,
-				     const struct udphdr *udp, __u16 payload)
+				     const struct chan_val *v, const struct pkt *p, __u16 payload)
 {
 	__u16 n = payload;
 	if (n > MAX_DATA)
 		return TC_ACT_OK;
-	__u16 new_tot = sizeof(struct iphdr) + sizeof(struct udphdr) + CHDR_LEN + n;
+	__u16 new_ulen = UDP_HLEN + CHDR_LEN + n;
 
 	__u32 ifindex = 0;
-	int how = route(skb, v, new_tot, &ifindex);
+	int how = route(skb, p, v, new_ulen, &ifindex);
 	if (!how)
 		return TC_ACT_OK;
 
 	__be32 chdr = bpf_htonl(((__u32)v->chan << 16) | n);
 	__be32 zero = 0;
-	if (bpf_skb_change_tail(skb, L3_OFF + new_tot, 0))
+	if (bpf_skb_change_tail(skb, p->l4 + new_ulen, 0))
 		return drop();
-	if (move_data(skb, n, true))
+	if (move_data(skb, p, n, true))
 		return drop();
-	if (bpf_skb_store_bytes(skb, DATA_OFF, &chdr, CHDR_LEN, 0) ||
-	    bpf_l4_csum_replace(skb, CSUM_OFF, zero, chdr, BPF_F_MARK_MANGLED_0 | 4))
+	if (bpf_skb_store_bytes(skb, data_off(p), &chdr, CHDR_LEN, 0) ||
+	    bpf_l4_csum_replace(skb, csum_off(p), zero, chdr, BPF_F_MARK_MANGLED_0 | 4))
 		return drop();
-	return deliver(skb, k, v, ip, udp, new_tot, n, how, ifindex);
+	return deliver(skb, k, v, p, new_ulen, n, how, ifindex);
+}
+
+// parse4 reads an IPv4 header: no options, no fragments (the first one's
+// UDP length would not match), UDP.
+static __always_inline int parse4(struct __sk_buff *skb, struct pkt *p)
+{
+	struct iphdr ip;
+	if (bpf_skb_load_bytes(skb, L3_OFF, &ip, sizeof(ip)))
+		return -1;
+	if (ip.version != 4 || ip.ihl != 5 || ip.protocol != IPPROTO_UDP)
+		return -1;
+	if (ip.frag_off & bpf_htons(0x3fff))
+		return -1;
+	__u16 ulen = bpf_ntohs(ip.tot_len);
+	if (ulen < sizeof(struct iphdr))
+		return -1;
+	p->v6 = false;
+	p->l4 = L4_OFF4;
+	p->ttl = ip.ttl;
+	p->ip_len = ip.tot_len;
+	p->saddr[0] = ip.saddr;
+	p->daddr[0] = ip.daddr;
+	return ulen - sizeof(struct iphdr);
+}
+
+// parse6 reads an IPv6 header whose next header is UDP: extension headers
+// (fragments among them) go to userspace.
+static __always_inline int parse6(struct __sk_buff *skb, struct pkt *p)
+{
+	struct ipv6hdr ip;
+	if (bpf_skb_load_bytes(skb, L3_OFF, &ip, sizeof(ip)))
+		return -1;
+	if (ip.version != 6 || ip.nexthdr != IPPROTO_UDP)
+		return -1;
+	p->v6 = true;
+	p->l4 = L4_OFF6;
+	p->ttl = ip.hop_limit;
+	p->ip_len = ip.payload_len;
+	__builtin_memcpy(p->saddr, &ip.saddr, 16);
+	__builtin_memcpy(p->daddr, &ip.daddr, 16);
+	return bpf_ntohs(ip.payload_len);
 }
 
 SEC("tc")
 int stund_relay(struct __sk_buff *skb)
 {
-	// IPv6 and everything else is userspace's.
-	if (skb->protocol != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
 	// A GSO or GRO super-packet holds many datagrams; userspace splits
 	// them.
 	if (skb->gso_size || skb->gso_segs > 1)
 		return TC_ACT_OK;
 
-	void *data = (void *)(long)skb->data;
-	void *end = (void *)(long)skb->data_end;
-	if (data + DATA_OFF > end) {
-		if (skb->len < DATA_OFF || bpf_skb_pull_data(skb, DATA_OFF))
-			return TC_ACT_OK;
-		data = (void *)(long)skb->data;
-		end = (void *)(long)skb->data_end;
-		if (data + DATA_OFF > end)
-			return TC_ACT_OK;
-	}
-	struct ethhdr *eth = data;
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
+	struct pkt p = {};
+	int l3_payload;
+	if (skb->protocol == bpf_htons(ETH_P_IP))
+		l3_payload = parse4(skb, &p);
+	else if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		l3_payload = parse6(skb, &p);
+	else
 		return TC_ACT_OK;
-	struct iphdr ip = *(struct iphdr *)(data + L3_OFF);
-	struct udphdr udp = *(struct udphdr *)(data + L4_OFF);
-
-	// No IP options, no fragments (the first one's UDP length would
-	// not match), and lengths that agree with each other and the skb.
-	if (ip.version != 4 || ip.ihl != 5 || ip.protocol != IPPROTO_UDP)
-		return TC_ACT_OK;
-	if (ip.frag_off & bpf_htons(0x3fff))
+	if (l3_payload < 0)
 		return TC_ACT_OK;
 	// RFC 8656 §14: a TTL that would reach 0 is not relayed here;
 	// userspace decides what to do with it.
-	if (ip.ttl <= 1)
+	if (p.ttl <= 1)
 		return TC_ACT_OK;
-	__u16 tot = bpf_ntohs(ip.tot_len);
-	__u16 ulen = bpf_ntohs(udp.len);
-	if (tot != sizeof(struct iphdr) + ulen || ulen < sizeof(struct udphdr))
+	if (bpf_skb_load_bytes(skb, p.l4, &p.udp, sizeof(p.udp)))
+		return TC_ACT_OK;
+	__u16 ulen = bpf_ntohs(p.udp.len);
+	if (ulen != l3_payload || ulen < UDP_HLEN)
+		return TC_ACT_OK;
+	// IPv6 has no "no checksum"; a zero one is the receiver's to reject.
+	if (p.v6 && p.udp.check == 0)
 		return TC_ACT_OK;
 	// Ethernet pads frames shorter than 60 bytes, so the skb may be longer
 	// than the IP packet; the rewrite sets the exact new length
 	// (bpf_skb_change_tail), which cuts that padding as ip_rcv would.
-	if (skb->len < L3_OFF + tot)
+	if (skb->len < p.l4 + ulen)
 		return TC_ACT_OK;
-	__u16 payload = ulen - sizeof(struct udphdr);
+	__u16 payload = ulen - UDP_HLEN;
 
 	struct chan_key k = {
-		.saddr = ip.saddr,
-		.daddr = ip.daddr,
-		.sport = udp.source,
-		.dport = udp.dest,
+		.sport = p.udp.source,
+		.dport = p.udp.dest,
 	};
+	__builtin_memcpy(k.saddr, p.saddr, 16);
+	__builtin_memcpy(k.daddr, p.daddr, 16);
 
 	// RFC 8656 §12.4: a ChannelData message starts with the bits 01 and
 	// a channel number in 0x4000-0x4FFF.
 	if (payload >= CHDR_LEN) {
 		__be32 chdr;
-		if (bpf_skb_load_bytes(skb, DATA_OFF, &chdr, CHDR_LEN))
+		if (bpf_skb_load_bytes(skb, data_off(&p), &chdr, CHDR_LEN))
 			return TC_ACT_OK;
 		__u16 chan = bpf_ntohl(chdr) >> 16;
 		if (chan >= CHAN_MIN && chan <= CHAN_MAX) {
@@ -460,7 +550,7 @@ int stund_relay(struct __sk_buff *skb)
 			struct chan_val *v = bpf_map_lookup_elem(&relay_chans, &k);
 			if (v && v->dir == DIR_TO_PEER) {
 				struct chan_val val = *v;
-				return to_peer(skb, &k, &val, &ip, &udp, chdr, payload);
+				return to_peer(skb, &k, &val, &p, chdr, payload);
 			}
 			k.chan = 0;
 		}
@@ -468,7 +558,7 @@ int stund_relay(struct __sk_buff *skb)
 	struct chan_val *v = bpf_map_lookup_elem(&relay_chans, &k);
 	if (v && v->dir == DIR_TO_CLIENT) {
 		struct chan_val val = *v;
-		return to_client(skb, &k, &val, &ip, &udp, payload);
+		return to_client(skb, &k, &val, &p, payload);
 	}
 	return TC_ACT_OK;
 }

@@ -21,8 +21,8 @@ type relayChanCtr struct {
 
 type relayChanKey struct {
 	_     structs.HostLayout
-	Saddr uint32
-	Daddr uint32
+	Saddr [4]uint32
+	Daddr [4]uint32
 	Sport uint16
 	Dport uint16
 	Chan  uint16
@@ -31,8 +31,8 @@ type relayChanKey struct {
 
 type relayChanVal struct {
 	_     structs.HostLayout
-	Saddr uint32
-	Daddr uint32
+	Saddr [4]uint32
+	Daddr [4]uint32
 	Sport uint16
 	Dport uint16
 	Chan  uint16
