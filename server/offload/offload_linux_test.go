@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 )
@@ -725,4 +726,71 @@ func sysctl(t *testing.T, ns *netns, path string) string {
 		t.Fatal(err)
 	}
 	return strings.TrimSpace(string(b))
+}
+
+// TestChainContinues: a packet the program leaves alone goes on to the
+// next program on the same hook (an operator's firewall, say), while one
+// it relays does not. A counting program attached after ours tells.
+func TestChainContinues(t *testing.T) {
+	r := newRig(t)
+	if err := r.off.Install(r.ch); err != nil {
+		t.Fatal(err)
+	}
+	counter, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer counter.Close()
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:    ebpf.SchedCLS,
+		License: "GPL",
+		Instructions: asm.Instructions{
+			asm.StoreImm(asm.RFP, -4, 0, asm.Word),
+			asm.LoadMapPtr(asm.R1, counter.FD()),
+			asm.Mov.Reg(asm.R2, asm.RFP),
+			asm.Add.Imm(asm.R2, -4),
+			asm.FnMapLookupElem.Call(),
+			asm.JEq.Imm(asm.R0, 0, "out"),
+			asm.Mov.Imm(asm.R1, 1),
+			asm.StoreXAdd(asm.R0, asm.R1, asm.DWord),
+			asm.Mov.Imm(asm.R0, 0).WithSymbol("out"), // TC_ACT_OK
+			asm.Return(),
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer prog.Close()
+	var l link.Link
+	r.srv.do(t, func() {
+		var ifc *net.Interface
+		if ifc, err = net.InterfaceByName("lo"); err == nil {
+			l, err = link.AttachTCX(link.TCXOptions{Interface: ifc.Index, Program: prog,
+				Attach: ebpf.AttachTCXIngress, Anchor: link.Tail()})
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	seen := func() uint64 {
+		var v uint64
+		if err := counter.Lookup(uint32(0), &v); err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+
+	data := payload(10, 1)
+	r.send(t, r.client, r.ch.Server, chanData(r.ch.Number, data, false))
+	expect(t, "relayed", r.peer, r.ch.Relay, data)
+	if n := seen(); n != 0 {
+		t.Fatalf("the next program saw %d packets after a relayed one, want 0", n)
+	}
+	other := chanData(0x4002, data, false)
+	r.send(t, r.client, r.ch.Server, other)
+	expect(t, "not ours", r.server, r.ch.Client, other)
+	if n := seen(); n == 0 {
+		t.Fatal("the next program never saw the packet ours left alone")
+	}
 }

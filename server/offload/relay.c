@@ -11,7 +11,7 @@
 // Userspace is the authority: a packet is touched only when its exact
 // 5-tuple (and channel number) is in relay_chans. Everything else, and
 // every packet this program cannot finish (route unknown, too big for the
-// egress MTU, helper failure before the first write), returns TC_ACT_OK
+// egress MTU, helper failure before the first write), returns NOT_OURS
 // untouched so that the userspace relay sees exactly what it would have
 // seen without us.
 
@@ -27,6 +27,13 @@
 #include <stdbool.h>
 
 char __license[] SEC("license") = "GPL";
+
+// The verdict for a packet this program leaves alone. TC_ACT_UNSPEC is
+// TCX_NEXT: the programs attached after this one on the same hook (an
+// operator's firewall, another datapath) still see the packet, and when
+// there are none it goes up the stack as if nothing were attached.
+// TC_ACT_OK would end the chain here.
+#define NOT_OURS TC_ACT_UNSPEC
 
 // The Ethernet header the program expects in front of IP: userspace only
 // attaches to Ethernet-like devices and loopback, which carry one as well.
@@ -386,13 +393,13 @@ static __always_inline int to_peer(struct __sk_buff *skb, const struct chan_key 
 	// RFC 8656 §12.4: a Length larger than the datagram holds is
 	// malformed; §12.5: over UDP up to 3 bytes of padding may follow.
 	if (n > MAX_DATA || (__u32)n + CHDR_LEN > payload || payload - CHDR_LEN - n > 3)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	__u16 new_ulen = UDP_HLEN + n;
 
 	__u32 ifindex = 0;
 	int how = route(skb, p, v, new_ulen, &ifindex);
 	if (!how)
-		return TC_ACT_OK;
+		return NOT_OURS;
 
 	// The padding's share of the UDP checksum, read while it is still
 	// there: the 16-bit words from the even offset that holds the last
@@ -402,11 +409,11 @@ static __always_inline int to_peer(struct __sk_buff *skb, const struct chan_key 
 	__be32 tail_old = 0, tail_new = 0;
 	asm volatile("" : "+r"(pad_len));
 	if (pad_len > 4)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	if (pad_len > 0) {
 		if (bpf_skb_load_bytes(skb, pad_from, &tail_old, pad_len)) {
 			stat(PASS_HELPER);
-			return TC_ACT_OK;
+			return NOT_OURS;
 		}
 		if (n & 1)
 			*(__u8 *)&tail_new = *(__u8 *)&tail_old;
@@ -433,13 +440,13 @@ static __always_inline int to_client(struct __sk_buff *skb, const struct chan_ke
 {
 	__u16 n = payload;
 	if (n > MAX_DATA)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	__u16 new_ulen = UDP_HLEN + CHDR_LEN + n;
 
 	__u32 ifindex = 0;
 	int how = route(skb, p, v, new_ulen, &ifindex);
 	if (!how)
-		return TC_ACT_OK;
+		return NOT_OURS;
 
 	__be32 chdr = bpf_htonl(((__u32)v->chan << 16) | n);
 	__be32 zero = 0;
@@ -500,7 +507,7 @@ int stund_relay(struct __sk_buff *skb)
 	// A GSO or GRO super-packet holds many datagrams; userspace splits
 	// them.
 	if (skb->gso_size || skb->gso_segs > 1)
-		return TC_ACT_OK;
+		return NOT_OURS;
 
 	struct pkt p = {};
 	int l3_payload;
@@ -509,26 +516,26 @@ int stund_relay(struct __sk_buff *skb)
 	else if (skb->protocol == bpf_htons(ETH_P_IPV6))
 		l3_payload = parse6(skb, &p);
 	else
-		return TC_ACT_OK;
+		return NOT_OURS;
 	if (l3_payload < 0)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	// RFC 8656 §14: a TTL that would reach 0 is not relayed here;
 	// userspace decides what to do with it.
 	if (p.ttl <= 1)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	if (bpf_skb_load_bytes(skb, p.l4, &p.udp, sizeof(p.udp)))
-		return TC_ACT_OK;
+		return NOT_OURS;
 	__u16 ulen = bpf_ntohs(p.udp.len);
 	if (ulen != l3_payload || ulen < UDP_HLEN)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	// IPv6 has no "no checksum"; a zero one is the receiver's to reject.
 	if (p.v6 && p.udp.check == 0)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	// Ethernet pads frames shorter than 60 bytes, so the skb may be longer
 	// than the IP packet; the rewrite sets the exact new length
 	// (bpf_skb_change_tail), which cuts that padding as ip_rcv would.
 	if (skb->len < p.l4 + ulen)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	__u16 payload = ulen - UDP_HLEN;
 
 	struct chan_key k = {
@@ -543,7 +550,7 @@ int stund_relay(struct __sk_buff *skb)
 	if (payload >= CHDR_LEN) {
 		__be32 chdr;
 		if (bpf_skb_load_bytes(skb, data_off(&p), &chdr, CHDR_LEN))
-			return TC_ACT_OK;
+			return NOT_OURS;
 		__u16 chan = bpf_ntohl(chdr) >> 16;
 		if (chan >= CHAN_MIN && chan <= CHAN_MAX) {
 			k.chan = chan;
@@ -560,5 +567,5 @@ int stund_relay(struct __sk_buff *skb)
 		struct chan_val val = *v;
 		return to_client(skb, &k, &val, &p, payload);
 	}
-	return TC_ACT_OK;
+	return NOT_OURS;
 }
