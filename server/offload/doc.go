@@ -8,26 +8,31 @@
 // server to the client, without the packets ever reaching a socket.
 // Userspace stays the authority: a packet is touched only when its exact
 // 5-tuple and channel number are installed, and Remove stops the kernel
-// path before it returns. Everything else (Send indications, STUN, IPv6,
-// fragments, IP options, malformed or oversized ChannelData, destinations
-// the kernel cannot route) passes to the userspace sockets untouched.
+// path before it returns. Everything else (Send indications, STUN,
+// fragments, IP options and IPv6 extension headers, malformed or oversized
+// ChannelData, destinations the kernel cannot route) passes untouched to
+// the next program on the hook, if any, and to the userspace sockets.
 //
 // # TC ingress, not XDP
 //
-// The program runs at TC ingress (attached through TCX links, Linux 6.6+),
-// not XDP, because:
-//   - loopback and veth have no native XDP; generic XDP runs after the skb
-//     exists anyway, so XDP buys nothing there and XDP_REDIRECT from
-//     generic XDP cannot hand a packet to the local stack of another
-//     address;
-//   - a packet from a local socket (loopback, veth from a container) is
+// The program runs at TC ingress (attached through TCX links, Linux 6.6+,
+// behind whatever programs were on the hook before it), not XDP. This was
+// reasoned out, not measured against an XDP version:
+//   - loopback and veth have no native XDP. Generic XDP runs after the skb
+//     is built, so it saves nothing over TC there, and loopback is where a
+//     relay with local peers (and every test) lives;
+//   - a packet from a local socket (loopback, or veth from a container) is
 //     CHECKSUM_PARTIAL: its UDP checksum field holds only the pseudo-header
-//     sum. The TC checksum helpers (bpf_l4_csum_replace with
-//     BPF_F_PSEUDO_HDR) know the skb's checksum state and keep it right;
-//     XDP sees raw bytes and would have to guess;
+//     sum and the device fills in the rest. The TC checksum helpers
+//     (bpf_l4_csum_replace with BPF_F_PSEUDO_HDR) know the skb's checksum
+//     state and keep it right; XDP sees bytes without that state and would
+//     have to guess;
 //   - bpf_redirect_neigh (TC only) resolves the next hop's MAC through the
-//     kernel's neighbour table, so a peer whose ARP entry is not yet known
-//     is still relayed instead of falling back.
+//     kernel's neighbour table, so a peer whose ARP or NDP entry is not yet
+//     known is still relayed; XDP_REDIRECT needs the MAC already known.
+//
+// The price is the skb allocation XDP would save on a NIC with native XDP;
+// an XDP front for such NICs can come later without changing the maps.
 //
 // The data is moved inside the packet (bpf_skb_load_bytes/store_bytes in
 // 256-byte chunks) rather than the headers (bpf_skb_adjust_room): moving

@@ -51,7 +51,8 @@ type Config struct {
 	// Interfaces to attach to by name; empty means every interface that
 	// holds one of Addrs (loopback for 127.0.0.0/8).
 	Interfaces []string
-	// Addrs are the server's listening IPs and relay IPs.
+	// Addrs are the server's listening IPs and relay IPs. An unspecified
+	// address (0.0.0.0, ::) is held by no interface: name Interfaces then.
 	Addrs  []netip.Addr
 	Logger *slog.Logger
 }

@@ -103,6 +103,9 @@ func load(cfg Config, log *slog.Logger) (*Offload, error) {
 			Interface: ifc.Index,
 			Program:   o.objs.StundRelay,
 			Attach:    ebpf.AttachTCXIngress,
+			// Last: programs already there (an operator's firewall)
+			// see every packet before this one relays it.
+			Anchor: link.Tail(),
 		})
 		if err != nil {
 			o.Close()
