@@ -72,6 +72,17 @@ type Counters struct {
 	PktsToPeer, BytesToPeer, PktsToClient, BytesToClient uint64
 }
 
+// Declined counts, since New and over all channels, the packets of an
+// installed channel that the kernel left to userspace, and those it
+// dropped after it had begun to rewrite them (a helper failed midway).
+type Declined struct {
+	NoRoute          uint64 // no route to the new destination
+	TooBig           uint64 // larger than the egress MTU once rewritten
+	LocalNotLoopback uint64 // destination on this host, packet not from loopback
+	Helper           uint64 // a helper failed before the packet was touched
+	Aborted          uint64 // dropped: a helper failed after the packet was touched
+}
+
 // ErrUnsupported is returned by Install for a channel the kernel path does
 // not relay: client and peer sides of different address families (the
 // program rewrites addresses in place, it does not translate IPv4 to IPv6),

@@ -452,17 +452,6 @@ func (o *Offload) counters(c channel) (Counters, error) {
 	return out, nil
 }
 
-// Declined counts, since New and over all channels, the packets of an
-// installed channel that the kernel left to userspace, and those it
-// dropped after it had begun to rewrite them (a helper failed midway).
-type Declined struct {
-	NoRoute          uint64 // no route to the new destination
-	TooBig           uint64 // larger than the egress MTU once rewritten
-	LocalNotLoopback uint64 // destination on this host, packet not from loopback
-	Helper           uint64 // a helper failed before the packet was touched
-	Aborted          uint64 // dropped: a helper failed after the packet was touched
-}
-
 // Declined returns the counts, summed over CPUs, in relay.c's order.
 func (o *Offload) Declined() (Declined, error) {
 	o.mu.Lock()
