@@ -794,3 +794,102 @@ func TestChainContinues(t *testing.T) {
 		t.Fatal("the next program never saw the packet ours left alone")
 	}
 }
+
+// TestRemoveUnderTraffic: with the client sending while the channel is
+// removed, every datagram ends up exactly once either at the peer (relayed
+// by the kernel, and then counted) or at the server socket (after
+// Remove), and the final counters are what the peer received.
+func TestRemoveUnderTraffic(t *testing.T) {
+	r := newRig(t)
+	if err := r.off.Install(r.ch); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []*net.UDPConn{r.peer, r.server} {
+		forceReadBuffer(t, c, 8<<20)
+	}
+	const (
+		before = 500   // datagrams sent before Remove starts
+		total  = 20000 // an upper bound; the loop ends soon after Remove
+	)
+	data := payload(100, 9)
+	msg := chanData(r.ch.Number, data, false)
+	atPeer, atServer := make(chan int, 1), make(chan int, 1)
+	drain := func(c *net.UDPConn, want []byte, out chan<- int) {
+		buf := make([]byte, 2048)
+		n := 0
+		for i := 0; i < total; i++ {
+			// Quiet for this long means the sender is done: loopback
+			// delivers within microseconds.
+			_ = c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+			m, _, err := c.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				break
+			}
+			if bytes.Equal(buf[:m], want) {
+				n++
+			}
+		}
+		out <- n
+	}
+	go drain(r.peer, data, atPeer)
+	go drain(r.server, msg, atServer)
+
+	// The first datagrams go while the channel is installed, then Remove
+	// starts while the client keeps sending, and ten more follow once it
+	// has returned: those must all reach the server socket.
+	removed := make(chan Counters, 1)
+	var final Counters
+	sent, after := 0, -1
+	for sent < total && after < 10 {
+		if sent == before {
+			go func() {
+				c, err := r.off.RemoveCounters(r.ch)
+				if err != nil {
+					t.Error(err)
+				}
+				removed <- c
+			}()
+		}
+		if after < 0 {
+			select {
+			case final = <-removed:
+				after = 0
+			default:
+			}
+		}
+		r.send(t, r.client, r.ch.Server, msg)
+		sent++
+		if after >= 0 {
+			after++
+		}
+	}
+	if after < 0 {
+		final = <-removed
+	}
+	p, srv := <-atPeer, <-atServer
+	if p+srv != sent {
+		t.Fatalf("peer %d + server socket %d = %d datagrams, sent %d", p, srv, p+srv, sent)
+	}
+	if final.PktsToPeer != uint64(p) || final.BytesToPeer != uint64(p*len(data)) {
+		t.Fatalf("final counters %+v, the peer received %d datagrams", final, p)
+	}
+	if p < before || (after >= 0 && srv < after) {
+		t.Fatalf("peer %d, server socket %d: want at least %d before Remove and %d after it returned", p, srv, before, after)
+	}
+	t.Logf("relayed by the kernel %d, by userspace after Remove %d", p, srv)
+}
+
+// forceReadBuffer sets SO_RCVBUFFORCE (root may exceed rmem_max), so that
+// no datagram is lost while a test's reader is descheduled.
+func forceReadBuffer(t testing.TB, c *net.UDPConn, n int) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, n)
+	}); err != nil || serr != nil {
+		t.Fatal(err, serr)
+	}
+}
