@@ -297,7 +297,12 @@ func (o *Offload) Close() error {
 	return errors.Join(errs...)
 }
 
-var errClosed = errors.New("offload: closed")
+var (
+	errClosed = errors.New("offload: closed")
+	// errNotLoaded is what a nil Offload (ModeOff, or ModeAuto that fell
+	// back) answers, so that callers need not check for nil first.
+	errNotLoaded = errors.New("offload: not loaded")
+)
 
 // keys returns the map keys and values of both directions of ch.
 func keys(ch Channel, v6 bool) (toPeer, toClient relayChanKey, vPeer, vClient relayChanVal, err error) {
@@ -355,6 +360,9 @@ type channel struct {
 
 // with runs fn on ch's keys and values under the lock of an open Offload.
 func (o *Offload) with(ch Channel, fn func(c channel) error) error {
+	if o == nil {
+		return errNotLoaded
+	}
 	var c channel
 	var err error
 	if c.kp, c.kc, c.vp, c.vc, err = keys(ch, o.v6); err != nil {
@@ -454,6 +462,9 @@ func (o *Offload) counters(c channel) (Counters, error) {
 
 // Declined returns the counts, summed over CPUs, in relay.c's order.
 func (o *Offload) Declined() (Declined, error) {
+	if o == nil {
+		return Declined{}, errNotLoaded
+	}
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	if o.closed {

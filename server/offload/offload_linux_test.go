@@ -543,6 +543,18 @@ func TestModeOff(t *testing.T) {
 	if o != nil || err != nil {
 		t.Fatalf("New(ModeOff) = %v, %v; want nil, nil", o, err)
 	}
+	// A nil Offload answers with an error rather than a panic.
+	ch := Channel{Client: ap("192.0.2.1:1"), Server: ap("192.0.2.2:3478"), Number: 0x4000,
+		Relay: ap("192.0.2.2:50000"), Peer: ap("198.51.100.1:2")}
+	if err := o.Install(ch); !errors.Is(err, errNotLoaded) {
+		t.Fatalf("nil Install: %v", err)
+	}
+	if _, err := o.Counters(ch); !errors.Is(err, errNotLoaded) {
+		t.Fatalf("nil Counters: %v", err)
+	}
+	if err := o.Close(); err != nil {
+		t.Fatalf("nil Close: %v", err)
+	}
 }
 
 // TestAutoWithoutPrivileges runs New(ModeAuto) in a child process with
