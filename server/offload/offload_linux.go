@@ -73,6 +73,11 @@ func load(cfg Config, log *slog.Logger) (*Offload, error) {
 
 	o := &Offload{log: log}
 	if err := loadRelayObjects(&o.objs, nil); err != nil {
+		if errors.Is(err, unix.EPERM) {
+			// The library's own hint (MEMLOCK) misleads on kernels
+			// that no longer charge BPF memory to it.
+			return nil, fmt.Errorf("load program: not permitted: needs CAP_BPF and CAP_NET_ADMIN (or root): %w", err)
+		}
 		return nil, fmt.Errorf("load program: %w", err)
 	}
 	if o.ncpu, err = ebpf.PossibleCPU(); err != nil {

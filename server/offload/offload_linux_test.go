@@ -566,6 +566,9 @@ func TestAutoWithoutPrivileges(t *testing.T) {
 		if o != nil || err == nil {
 			t.Fatalf("New(ModeAuto) unprivileged = %v, %v; want nil and a reason", o, err)
 		}
+		if !strings.Contains(err.Error(), "CAP_BPF") {
+			t.Fatalf("reason %q does not say which privileges are missing", err)
+		}
 		t.Logf("reason: %v", err)
 		return
 	}
