@@ -121,3 +121,25 @@ SOAK_FLAGS ?=
 soak:
 	$(GO) build -o $(BIN)/stund ./cmd/stund
 	$(GO) run ./soak -stund $(BIN)/stund -duration $(SOAK_DURATION) $(SOAK_FLAGS)
+
+# bpf-generate: recompile server/offload's eBPF program and its Go bindings
+# (bpf2go; needs clang, llvm and libbpf-dev from Debian). The output is
+# committed so that `go build` needs no clang.
+.PHONY: bpf-generate bpf-check
+BPF_PKG = server/offload
+bpf-generate:
+	cd $(BPF_PKG) && $(GO) generate ./
+
+# bpf-check: regenerate into a temporary directory with the go:generate
+# line's own arguments and fail if the result differs from what is
+# committed (CI runs it after installing clang).
+bpf-check:
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	cd $(BPF_PKG); \
+	args=$$(sed -n 's|^//go:generate go run github.com/cilium/ebpf/cmd/bpf2go ||p' gen.go); \
+	test -n "$$args" || { echo "bpf-check: no bpf2go go:generate line in $(BPF_PKG)/gen.go"; exit 1; }; \
+	eval "GOPACKAGE=offload $(GO) run github.com/cilium/ebpf/cmd/bpf2go -output-dir $$tmp $$args"; \
+	for f in relay_bpfel.go relay_bpfel.o; do \
+		cmp -s "$$f" "$$tmp/$$f" || { echo "bpf-check: $(BPF_PKG)/$$f is stale: run make bpf-generate and commit"; exit 1; }; \
+	done; \
+	echo "bpf-check: $(BPF_PKG) generated files match relay.c"
