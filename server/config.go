@@ -3,6 +3,7 @@ package server
 import (
 	"crypto/tls"
 	"fmt"
+	"github.com/stund/stund/server/offload"
 	"io"
 	"log/slog"
 	"net/netip"
@@ -111,6 +112,11 @@ type Config struct {
 	// each direction, summed over all the user's allocations; datagrams
 	// over it are dropped and counted (bandwidth.go). 0 means no cap.
 	MaxBPS int64
+	// Offload relays the ChannelData of UDP allocations in the kernel
+	// (--offload): ModeAuto when the kernel and privileges allow, ModeEBPF
+	// or fail, ModeOff (the zero value) never.
+	Offload offload.Mode
+
 	// AlternateServers are named, round robin, in 300 Try Alternate
 	// answers to new Allocates while the node drains or is full (RFC 8489
 	// §10, RFC 8656 §7.2): --alternate-server.

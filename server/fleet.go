@@ -105,7 +105,13 @@ func (s *Server) Allocations(user string) []admin.Allocation {
 	as := s.led.all(user)
 	out := make([]admin.Allocation, 0, len(as))
 	for _, a := range as {
-		out = append(out, a.view())
+		v := a.view()
+		k := s.kern.live(a) // what the kernel relayed and has not booked yet
+		v.PktsOut += k.PktsToPeer
+		v.BytesOut += k.BytesToPeer
+		v.PktsIn += k.PktsToClient
+		v.BytesIn += k.BytesToClient
+		out = append(out, v)
 	}
 	return out
 }

@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"github.com/stund/stund/internal/stunwire"
+	"github.com/stund/stund/server/offload"
 	"io"
 	"net"
 	"net/netip"
@@ -80,6 +81,9 @@ type allocation struct {
 	// client is the way back to the client (its UDP 5-tuple or its
 	// TCP/TLS connection); nil when unknown, and pion relays instead.
 	client clientWriter
+	// kernel are the channels relayed in the kernel now (kernel.go;
+	// guarded by kernelRelay.mu).
+	kernel map[uint16]offload.Channel
 	// end is why the allocation is ending, when something other than
 	// expiry ends it; empty means expired.
 	end string

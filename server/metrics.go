@@ -171,7 +171,7 @@ func (s *Server) registerAllocations(m metricSet) {
 // registerRelay registers relayed data.
 func (s *Server) registerRelay(m metricSet) {
 	o := &s.ops
-	counter := m.counter
+	counter, gauge := m.counter, m.gauge
 	// Relayed data (UDP relays).
 	const pktHelp = "Packets relayed over UDP relays: to_peer (client to peer) or from_peer (peer to client)."
 	const byteHelp = "Payload bytes relayed over UDP relays: to_peer or from_peer."
@@ -179,6 +179,9 @@ func (s *Server) registerRelay(m metricSet) {
 	counter("stund_relay_packets_total", pktHelp, l("direction", "from_peer"), o.relayPktsIn.Load)
 	counter("stund_relay_bytes_total", byteHelp, l("direction", "to_peer"), o.relayBytesOut.Load)
 	counter("stund_relay_bytes_total", byteHelp, l("direction", "from_peer"), o.relayBytesIn.Load)
+	gauge("stund_offloaded_channels", "UDP channels relayed in the kernel (eBPF) now; their traffic is added to the relay counters when each leaves the kernel.", func() float64 {
+		return float64(s.kern.offloaded(s.led.all("")))
+	})
 	const peerConnHelp = "RFC 6062 peer connections refused at the per-allocation or per-user bound: connect (Connect answered 447) or accept (a peer's connection to a relayed address closed at once)."
 	counter("stund_peer_connections_refused_total", peerConnHelp, l("direction", "connect"), o.peerConnRefusedOut.Load)
 	counter("stund_peer_connections_refused_total", peerConnHelp, l("direction", "accept"), o.peerConnRefusedIn.Load)

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/stund/stund/internal/stunwire"
+	"github.com/stund/stund/server/offload"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -45,12 +46,13 @@ type Server struct {
 	streamAt  map[net.Listener]int // listener -> ip index
 	binder    *binder
 	turn      *turn.Server
-	led       *ledger     // the allocations (ledger.go)
-	data      *dataPlane  // ChannelData toward peers (dataplane.go)
-	authLog   *authLog    // failed authentications (authlog.go)
-	pionNonce *pionNonces // pion's nonces from its private port (piontap.go)
-	fleet     fleet       // drain and alternates (fleet.go)
-	usage     *usageSink  // usage records as JSON lines; nil: log only
+	led       *ledger      // the allocations (ledger.go)
+	data      *dataPlane   // ChannelData toward peers (dataplane.go)
+	authLog   *authLog     // failed authentications (authlog.go)
+	pionNonce *pionNonces  // pion's nonces from its private port (piontap.go)
+	kern      *kernelRelay // channels relayed in the kernel (kernel.go); nil: none
+	fleet     fleet        // drain and alternates (fleet.go)
+	usage     *usageSink   // usage records as JSON lines; nil: log only
 	tlsAt     map[netip.AddrPort]bool
 	clients   streamClients // TCP/TLS clients by 5-tuple, for relayed data (dataplane.go)
 	udp       *udpDeps      // what the grid sockets route to (demux.go)
@@ -110,6 +112,11 @@ func New(cfg Config) (*Server, error) {
 	}
 
 	if err := s.startTURN(); err != nil {
+		s.closeSockets()
+		return nil, err
+	}
+	if err := s.startOffload(); err != nil {
+		_ = s.turn.Close()
 		s.closeSockets()
 		return nil, err
 	}
@@ -380,6 +387,7 @@ func (s *Server) eventHandler() turn.EventHandler {
 		OnAllocationDeleted: func(src, dst net.Addr, proto, user, realm string) {
 			s.quotas.OnDeleted(user)
 			if a := s.led.deleted(tupleOf(src, dst)); a != nil {
+				s.kern.removeAll(a)
 				s.allocationEnded(a)
 			}
 			s.ops.allocDeleted.Add(1)
@@ -392,25 +400,68 @@ func (s *Server) eventHandler() turn.EventHandler {
 		// would be a line per peer, too many at info.
 		OnPermissionCreated: func(src, dst net.Addr, _, _, _ string, _ net.Addr, peer net.IP) {
 			s.ops.permCreated.Add(1)
-			if a, ok := netip.AddrFromSlice(peer); ok {
-				s.led.permCreated(tupleOf(src, dst), a.Unmap())
+			if ip, ok := netip.AddrFromSlice(peer); ok {
+				t := tupleOf(src, dst)
+				s.led.permCreated(t, ip.Unmap())
+				if a := s.led.lookup(t); a != nil {
+					s.kern.installPeer(a, ip.Unmap())
+				}
 			}
 		},
 		OnPermissionDeleted: func(src, dst net.Addr, _, _, _ string, _ net.Addr, peer net.IP) {
 			s.ops.permDeleted.Add(1)
-			if a, ok := netip.AddrFromSlice(peer); ok {
-				s.led.permDeleted(tupleOf(src, dst), a.Unmap())
+			if ip, ok := netip.AddrFromSlice(peer); ok {
+				t := tupleOf(src, dst)
+				if a := s.led.lookup(t); a != nil {
+					s.kern.removePeer(a, ip.Unmap()) // the kernel stops first
+				}
+				s.led.permDeleted(t, ip.Unmap())
 			}
 		},
 		OnChannelCreated: func(src, dst net.Addr, _, _, _ string, _, peer net.Addr, number uint16) {
 			s.ops.chanCreated.Add(1)
-			s.led.chanCreated(tupleOf(src, dst), number, stunwire.AddrPortOf(peer))
+			t := tupleOf(src, dst)
+			s.led.chanCreated(t, number, stunwire.AddrPortOf(peer))
+			if a := s.led.lookup(t); a != nil {
+				s.kern.install(a, number, stunwire.AddrPortOf(peer))
+			}
 		},
 		OnChannelDeleted: func(src, dst net.Addr, _, _, _ string, _, _ net.Addr, number uint16) {
 			s.ops.chanDeleted.Add(1)
-			s.led.chanDeleted(tupleOf(src, dst), number)
+			t := tupleOf(src, dst)
+			if a := s.led.lookup(t); a != nil {
+				s.kern.remove(a, number) // the kernel stops first
+			}
+			s.led.chanDeleted(t, number)
 		},
 	}
+}
+
+// startOffload loads the kernel relay (kernel.go) as Config.Offload asks:
+// in auto mode a kernel or privileges that do not allow it leave the relay
+// in userspace, with one logged reason.
+func (s *Server) startOffload() error {
+	if s.cfg.Offload == offload.ModeOff {
+		return nil
+	}
+	o, err := offload.New(offload.Config{Mode: s.cfg.Offload, Addrs: s.ips(), Logger: s.log})
+	if err != nil {
+		if s.cfg.Offload == offload.ModeEBPF {
+			return fmt.Errorf("offload: %w", err)
+		}
+		s.log.Info("UDP channels are relayed in userspace: the kernel relay is not available", "reason", err.Error())
+		return nil
+	}
+	if o == nil {
+		return nil
+	}
+	s.kern = &kernelRelay{o: o, ops: &s.ops, capped: s.limits.bw != nil, log: s.log}
+	if s.kern.capped {
+		s.log.Info("UDP channels are relayed in userspace: --max-bps is set, and the kernel relay does not enforce it")
+	} else {
+		s.log.Info("UDP channels are relayed in the kernel (eBPF)")
+	}
+	return nil
 }
 
 // clientOf is the way back to a 5-tuple's client for relayed data: the
@@ -474,6 +525,9 @@ func (s *Server) Close() error {
 		if s.turn != nil {
 			s.closeErr = s.turn.Close() // closes the wrapped grid and listeners, the tap, and the allocations
 			s.endAll()
+			if s.kern != nil {
+				_ = s.kern.o.Close() // detaches the program
+			}
 		}
 		// Close only: the read loops may still be answering a Binding
 		// from the grid while they unwind, so the grid must not be
