@@ -135,12 +135,7 @@ func TestKillAndUsageRecords(t *testing.T) {
 	}
 
 	recs := map[string]UsageRecord{}
-	sc := bufio.NewScanner(strings.NewReader(usage.String()))
-	for sc.Scan() {
-		var r UsageRecord
-		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
-			t.Fatalf("usage line %q: %v", sc.Text(), err)
-		}
+	for _, r := range usageRecords(t, usage.String()) {
 		recs[userName(r.User)] = r
 	}
 	a, b := recs["alice"], recs["bob"]
@@ -159,4 +154,19 @@ func TestKillAndUsageRecords(t *testing.T) {
 	if _, err := netip.ParseAddrPort(a.Client); err != nil {
 		t.Errorf("client %q: %v", a.Client, err)
 	}
+}
+
+// usageRecords parses JSON usage lines.
+func usageRecords(t *testing.T, lines string) []UsageRecord {
+	t.Helper()
+	var out []UsageRecord
+	sc := bufio.NewScanner(strings.NewReader(lines))
+	for sc.Scan() {
+		var r UsageRecord
+		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
+			t.Fatalf("usage line %q: %v", sc.Text(), err)
+		}
+		out = append(out, r)
+	}
+	return out
 }

@@ -1,0 +1,107 @@
+package server
+
+import (
+	"net"
+	"net/netip"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/stund/stund/internal/testutil"
+	"github.com/stund/stund/server/offload"
+)
+
+// needOffload skips unless this process may load BPF programs (root);
+// STUND_REQUIRE_OFFLOAD=1 (CI) turns the skip into a failure.
+func needOffload(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		return
+	}
+	if os.Getenv("STUND_REQUIRE_OFFLOAD") == "1" {
+		t.Fatal("the kernel relay tests need root")
+	}
+	t.Skip("the kernel relay needs root (CAP_BPF, CAP_NET_ADMIN)")
+}
+
+// TestKernelRelay: through a real stund with --offload ebpf, a bound UDP
+// channel is relayed by the kernel both ways, byte-exact; the data plane
+// in userspace sees none of that ChannelData; when the channel's
+// allocation ends its usage record counts what the peer received; and
+// without a channel (Send/Data indications) userspace relays as before.
+func TestKernelRelay(t *testing.T) {
+	needOffload(t)
+	var usage testutil.SyncBuffer
+	s := startTURNServer(t, func(c *Config) {
+		c.Offload = offload.ModeEBPF
+		c.AllowPeers = mustPrefixes(t, "127.0.0.0/8")
+		c.UsageLog = &usage
+	})
+	if s.kern == nil {
+		t.Fatal("--offload ebpf started without the kernel relay")
+	}
+	cl := allocClient(t, s, "udp4", "alice")
+	relay, err := cl.Allocate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer := udpPeer(t, "udp4")
+	relayToPeer(t, relay, peer, "hello") // permission, then pion's client binds a channel
+	waitFor(t, "the channel in the kernel", func() bool { return s.kern.offloaded(s.led.all("")) == 1 })
+
+	before := s.data.stats().Relayed
+	buf := make([]byte, 1500)
+	const n = 50
+	for i := 0; i < n; i++ {
+		msg := []byte{byte(i), 'k', 'e', 'r', 'n', 'e', 'l'}[:1+i%7]
+		if _, err := relay.WriteTo(msg, peer.LocalAddr()); err != nil {
+			t.Fatal(err)
+		}
+		_ = peer.SetReadDeadline(time.Now().Add(e2eTimeout))
+		m, _, err := peer.ReadFrom(buf)
+		if err != nil || string(buf[:m]) != string(msg) {
+			d, _ := s.kern.o.Declined()
+			t.Fatalf("to peer %d: %q, %v; want %q (declined %+v, kernel %+v)", i, buf[:m], err, msg, d, s.kern.live(s.led.all("")[0]))
+		}
+		if _, err := peer.WriteTo(msg, relay.LocalAddr()); err != nil {
+			t.Fatal(err)
+		}
+		_ = relay.SetReadDeadline(time.Now().Add(e2eTimeout))
+		m, _, err = relay.ReadFrom(buf)
+		if err != nil || string(buf[:m]) != string(msg) {
+			t.Fatalf("to client %d: %q, %v; want %q", i, buf[:m], err, msg)
+		}
+	}
+	if got := s.data.stats().Relayed - before; got > 2 {
+		t.Fatalf("userspace relayed %d of the %d ChannelData frames of an offloaded channel", got, n)
+	}
+	as := s.Allocations("alice")
+	if len(as) != 1 || as[0].PktsOut < n || as[0].PktsIn < n {
+		t.Fatalf("live usage %+v: the kernel's %d packets each way are missing", as, n)
+	}
+	// The permission expires (pion's event, as its timer would fire it):
+	// the kernel stops relaying at once, and so does userspace.
+	a := s.led.all("alice")[0]
+	s.eventHandler().OnPermissionDeleted(udpAddrOf(a.tuple.src), udpAddrOf(a.tuple.dst), "UDP", a.user, a.realm, nil, peer.LocalAddr().(*net.UDPAddr).IP)
+	if s.kern.offloaded(s.led.all("")) != 0 {
+		t.Fatal("the channel stayed in the kernel after its peer's permission ended")
+	}
+	if _, err := relay.WriteTo([]byte("late"), peer.LocalAddr()); err != nil {
+		t.Fatal(err)
+	}
+	_ = peer.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if m, _, err := peer.ReadFrom(buf); err == nil {
+		t.Fatalf("relayed %q after the permission ended", buf[:m])
+	}
+	relay.Close() // Refresh 0: the allocation ends, the usage is booked
+	waitFor(t, "the allocation to end", func() bool { return len(s.Allocations("")) == 0 })
+	if s.kern.offloaded(s.led.all("")) != 0 {
+		t.Fatal("a channel stayed in the kernel after its allocation ended")
+	}
+	recs := usageRecords(t, usage.String())
+	if len(recs) != 1 || recs[0].PktsOut < n || recs[0].PktsIn < n {
+		t.Fatalf("usage records %+v: want the kernel's %d packets each way", recs, n)
+	}
+}
+
+func udpAddrOf(ap netip.AddrPort) *net.UDPAddr { return net.UDPAddrFromAddrPort(ap) }
