@@ -81,6 +81,7 @@ const (
 	fDrainTime   = "drain-timeout"
 	fUsageLog    = "usage-log"
 	fProxyFrom   = "proxy-protocol-from"
+	fOffload     = "offload"
 )
 
 // Embedded defaults: stund with no flags runs on any Linux box, where the
@@ -119,6 +120,7 @@ func flags() []cli.Flag {
 		altsrc.NewFloat64Flag(&cli.Float64Flag{Name: fAllocRate, EnvVars: envName(fAllocRate), Value: server.DefaultAllocRate, Usage: "Allocates per second per user, burst 4 s' worth (486 beyond; -1 unlimited)"}),
 		altsrc.NewInt64Flag(&cli.Int64Flag{Name: fMaxBPS, EnvVars: envName(fMaxBPS), Usage: "cap on each user's relayed UDP traffic in `BITS` per second, each direction, over all the user's allocations; datagrams over it are dropped and counted (0: no cap)"}),
 		altsrc.NewIntFlag(&cli.IntFlag{Name: fMaxConnsIP, EnvVars: envName(fMaxConnsIP), Value: server.DefaultMaxConnsPerIP, Usage: "concurrent TCP/TLS connections per source IP or IPv6 /64; more are closed at accept (-1 unlimited)"}),
+		altsrc.NewStringFlag(&cli.StringFlag{Name: fOffload, EnvVars: envName(fOffload), Value: "auto", Usage: "relay bound UDP channels in the kernel (eBPF): `MODE` auto (when the kernel and privileges allow; logs why not), ebpf (fail to start without it) or off"}),
 		altsrc.NewStringSliceFlag(&cli.StringSliceFlag{Name: fProxyFrom, EnvVars: envName(fProxyFrom), Usage: "load balancer `CIDR` whose TCP/TLS connections must start with a PROXY protocol v1/v2 header naming the client (repeatable); from other sources a header is never honoured"}),
 		altsrc.NewStringSliceFlag(&cli.StringSliceFlag{Name: fAltServer, EnvVars: envName(fAltServer), Usage: "`IP:PORT` named (round robin) in 300 Try Alternate answers to new Allocates while draining or full (repeatable; without it: 508 while draining)"}),
 		altsrc.NewDurationFlag(&cli.DurationFlag{Name: fDrainTime, EnvVars: envName(fDrainTime), Value: defaultDrainTimeout, Usage: "after SIGTERM or POST /drain, how long existing allocations may run before stund exits anyway (a second SIGTERM, or SIGINT, exits at once)"}),

@@ -17,6 +17,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/stund/stund/server"
+	"github.com/stund/stund/server/offload"
 )
 
 // yamlKeys remembers where each key of the configuration file stands, so
@@ -320,6 +321,9 @@ func (fr flagReader) fleet(cfg *server.Config) (err error) {
 	}
 	if cfg.ProxyProtocolFrom, err = parsePrefixes(fr.c.StringSlice(fProxyFrom)); err != nil {
 		return fr.bad(fProxyFrom, "%v", err)
+	}
+	if cfg.Offload, err = offload.ParseMode(fr.c.String(fOffload)); err != nil {
+		return fr.bad(fOffload, "%q: give auto, ebpf or off", fr.c.String(fOffload))
 	}
 	if d := fr.c.Duration(fDrainTime); d <= 0 {
 		return fr.bad(fDrainTime, "%v: give a positive duration, e.g. 1h", d)
