@@ -84,7 +84,7 @@ bench-smoke:
 FUZZTIME ?= 60s
 FUZZ_TARGETS = ./internal/stunwire:FuzzParse ./server:FuzzBindingHandle \
 	./server:FuzzDemuxUDP ./server:FuzzDemuxStream ./classifier:FuzzParseMessage \
-	./cmd/stund:FuzzConfigYAML
+	./cmd/stund:FuzzConfigYAML ./server/sipmirror:FuzzHandle
 .PHONY: fuzz fuzz-smoke vulncheck soak
 fuzz:
 	@set -e; for ft in $(FUZZ_TARGETS); do \
