@@ -36,10 +36,11 @@ unit:
 # test: everything CI runs.
 test: unit natlab bench-smoke fuzz-smoke vulncheck
 
-# demo: stund on its embedded default (127.0.0.1 + 127.0.0.2) and natprobe
-# against it; stund keeps running for other clients until Ctrl-C.
+# demo: stund on its embedded default (127.0.0.1 + 127.0.0.2) with the SIP
+# mirror (UDP/TCP 5060-5065 must be free) and natprobe against it; stund
+# keeps running for other clients until Ctrl-C.
 demo: build
-	@$(BIN)/stund --rfc5780-always & pid=$$!; \
+	@$(BIN)/stund --rfc5780-always --sip-mirror & pid=$$!; \
 	trap 'kill $$pid 2>/dev/null' INT TERM EXIT; \
 	sleep 1; kill -0 $$pid 2>/dev/null || { echo "stund did not start (ports 3478/3479 in use?)"; exit 1; }; \
 	$(BIN)/natprobe 127.0.0.1; \

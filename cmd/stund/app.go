@@ -85,7 +85,7 @@ const (
 )
 
 func flags() []cli.Flag {
-	return []cli.Flag{
+	return append([]cli.Flag{
 		&cli.StringFlag{Name: fConfig, EnvVars: envName(fConfig), Usage: "YAML configuration `FILE` (keys are the flag names; see configs/stund.yaml)"},
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fPrimaryIP, EnvVars: envName(fPrimaryIP), Value: defaultPrimaryIP, Usage: "primary `IP` to bind (never the wildcard: replies must leave from it)"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fAlternateIP, EnvVars: envName(fAlternateIP), Value: defaultAlternateIP, Usage: "alternate `IP` for RFC 5780 CHANGE-REQUEST and OTHER-ADDRESS (empty or --single-ip: none)"}),
@@ -116,7 +116,7 @@ func flags() []cli.Flag {
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fLogFormat, EnvVars: envName(fLogFormat), Value: "text", Usage: "log `FORMAT`: text or json"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fMetrics, EnvVars: envName(fMetrics), Usage: "admin listener `ADDR` (host:port, e.g. 127.0.0.1:9641) serving /metrics (Prometheus), /healthz and /readyz; off when empty"}),
 		altsrc.NewBoolFlag(&cli.BoolFlag{Name: fPprof, EnvVars: envName(fPprof), Usage: "also serve Go's profiler under /debug/pprof/ on the --metrics listener (keep that listener private: profiles show internals and cost CPU while taken)"}),
-	}
+	}, sipFlags()...)
 }
 
 func newApp(stdout, stderr io.Writer) *cli.App {

@@ -67,6 +67,10 @@ func serve(c *cli.Context, stdout io.Writer) error {
 	if err != nil {
 		return configError{err}
 	}
+	sipCfg, sipOn, err := sipConfig(c, keys, cfg)
+	if err != nil {
+		return configError{err}
+	}
 	logger := cfg.Logger
 
 	// Registered before anything is bound, so that a SIGHUP arriving
@@ -103,6 +107,14 @@ func serve(c *cli.Context, stdout io.Writer) error {
 		return err
 	}
 	srv.Registry().MustRegister(buildInfo())
+	if sipOn {
+		mirror, err := startSIP(sipCfg, srv, stdout)
+		if err != nil {
+			_ = srv.Close()
+			return err
+		}
+		defer mirror.Close()
+	}
 	admin.SetServer(srv)
 	if demoPass != "" {
 		fmt.Fprintf(stdout, "stund: demo TURN user %q password %q realm %q\n", demoUser, demoPass, cfg.Realm)
