@@ -214,18 +214,15 @@ func sipVerdict(r *Report, in sipInputs) SIPRTP {
 	default:
 		add("port-contiguity", StatusBad, "consecutive local ports are not kept consecutive: announce RTCP explicitly (RFC 3605) or multiplex it (RFC 5761)")
 	}
-	switch {
-	case r.ALGDetected == nil:
-		add("no-alg", StatusUnknown, unknownWhy("alg_detected", "not measured"))
-	case *r.ALGDetected:
-		add("no-alg", StatusBad, "a middlebox rewrote the address inside a STUN reply; SIP ALGs rewrite SIP headers and SDP the same way and break calls: turn the SIP ALG off")
-	default:
-		add("no-alg", StatusGood, "no address inside the STUN payload was rewritten")
-	}
+	st, why := noALGProperty(r)
+	add("no-alg", st, why)
 
 	s.KeepaliveIntervalS, s.KeepaliveBasis = keepalive(r, noNAT, in.lifetimeMeasured)
 	s.ServerNeeds = serverNeeds(r, noNAT)
 	s.Summary = sipSummary(r, noNAT, s)
+	if h := ALGHeadline(r); h != "" {
+		s.Summary = h + " " + s.Summary
+	}
 	return s
 }
 

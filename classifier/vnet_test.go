@@ -264,7 +264,7 @@ func checks(r *Report, w want) []fieldCheck {
 		{"port_parity", str(r.PortParity), str(w.parity), r.PortParity == nil},
 		{"port_contiguity", str(r.PortContiguity), str(w.contig), r.PortContiguity == nil},
 		{"ip_pooling", poolStr(r.IPPooling), PoolingPaired, r.IPPooling == nil},
-		{"alg_detected", str(r.ALGDetected), false, r.ALGDetected == nil},
+		{"stun_payload_rewritten", str(r.STUNPayloadRewritten), false, r.STUNPayloadRewritten == nil},
 		{"legacy_type", r.LegacyType, w.legacy, r.LegacyType == LegacyInconclusive},
 	}
 }

@@ -113,6 +113,7 @@ type options struct {
 	timeout     time.Duration
 	watch       time.Duration // 0: one run; else repeat every watch and print changes
 	watchCount  int           // with watch: stop after this many runs; 0 = until Ctrl-C
+	sip         classifier.SIPConfig
 	net         transport.Net // nil = the host's network; tests pass a vnet
 	// probeFn runs one classification; nil means classifier.Probe. Tests
 	// inject a fake to drive --watch.
@@ -147,7 +148,7 @@ func newApp(stdout, stderr io.Writer, code *int) *cli.App {
 		EnableBashCompletion: true,
 		HideHelpCommand:      true,
 		Suggest:              true,
-		Flags: []cli.Flag{
+		Flags: append([]cli.Flag{
 			&cli.BoolFlag{Name: "json", Usage: "print one JSON object (schema natprobe/1); same as --format json"},
 			&cli.StringFlag{Name: "format", Value: "text", Usage: "output format: " + strings.Join(formats, ", ")},
 			&cli.BoolFlag{Name: "no-hairpin", Usage: "skip the hairpinning test (RFC 4787 §6)"},
@@ -163,7 +164,7 @@ func newApp(stdout, stderr io.Writer, code *int) *cli.App {
 			&cli.DurationFlag{Name: "timeout", Usage: "bound on the whole run (on each run with --watch)", DefaultText: defaultTimeout.String() + ", plus --lifetime-max with --lifetime"},
 			&cli.DurationFlag{Name: "watch", Usage: "repeat the probe every `DURATION` (at least " + minWatch.String() + ") and print only what changes; Ctrl-C stops"},
 			&cli.IntFlag{Name: "watch-count", Usage: "with --watch: stop after `N` runs (default: until Ctrl-C)"},
-		},
+		}, sipFlags()...),
 		OnUsageError: func(c *cli.Context, err error, _ bool) error {
 			return usageError{msg: err.Error()}
 		},
@@ -253,6 +254,9 @@ func parseOptions(c *cli.Context) (*options, error) {
 		turnPass:    c.String("turn-pass"),
 		turnSecret:  c.String("turn-secret"),
 		timeout:     c.Duration("timeout"),
+	}
+	if o.sip, err = sipOptions(c); err != nil {
+		return nil, err
 	}
 	if !contains(formats, o.format) {
 		return nil, usageError{fmt.Sprintf("--format %q: want one of %s", o.format, strings.Join(formats, ", "))}
@@ -447,6 +451,7 @@ func measure(parent context.Context, o *options, id string, stderr io.Writer) (r
 		Software:    software(id),
 		Progress:    progress.update,
 		Net:         o.net,
+		SIP:         o.sip,
 	}
 	probeFn := o.probeFn
 	if probeFn == nil {

@@ -211,6 +211,7 @@ type natprobeJSON struct {
 		Error          string  `json:"error"`
 	} `json:"relay"`
 	ALGDetected        *bool             `json:"alg_detected"`
+	STUNRewritten      *bool             `json:"stun_payload_rewritten"`
 	NATDetected        *bool             `json:"nat_detected"`
 	MappedAddress      string            `json:"mapped_address"`
 	LocalAddress       string            `json:"local_address"`
@@ -293,10 +294,11 @@ func runNatprobe(ctx context.Context, bin, ns string, port int, p profile, relay
 		(ap.Addr().String() != routerPubIP && !(p.Pool && ap.Addr().String() == routerPubIP2)) {
 		bad = append(bad, fmt.Sprintf("mapped_address %q, want a router public address", r.MappedAddress))
 	}
-	// No lab ruleset rewrites payloads: an ALG seen here is a false alarm
-	// (null is accepted only where loss may have hidden the evidence).
-	if (r.ALGDetected != nil && *r.ALGDetected) || (r.ALGDetected == nil && p.LossPct < 50) {
-		bad = append(bad, "alg_detected "+boolStr(r.ALGDetected)+", want false (no ALG in the lab)")
+	// No lab ruleset rewrites STUN payloads: a rewrite seen here is a
+	// false alarm (null is accepted only where loss may have hidden the
+	// evidence).
+	if (r.STUNRewritten != nil && *r.STUNRewritten) || (r.STUNRewritten == nil && p.LossPct < 50) {
+		bad = append(bad, "stun_payload_rewritten "+boolStr(r.STUNRewritten)+", want false (nothing rewrites STUN in the lab)")
 	}
 	if ap, perr := netip.ParseAddrPort(r.LocalAddress); perr != nil || ap.Addr().String() != clientIP {
 		bad = append(bad, fmt.Sprintf("local_address %q, want %s:port", r.LocalAddress, clientIP))

@@ -25,9 +25,11 @@ const (
 	maxFlows, maxSIPSources = 1024, 4096
 	// StampOffset is where the echo writes its stamp: after the 12-byte
 	// RTP fixed header (RFC 3550 §5.1), or the RTCP header and SSRC;
-	// StampLen bytes: the flow's receive count and its RFC 3550 §6.4.1
-	// interarrival jitter in RTP timestamp units, both big-endian uint32.
-	StampOffset, StampLen = 12, 8
+	// StampLen bytes, big-endian: the flow's receive count (uint32), its
+	// RFC 3550 §6.4.1 interarrival jitter in RTP timestamp units (uint32)
+	// and the source port the echo saw (uint16), which tells the prober
+	// whether the NAT kept RTP even and RTCP next to it.
+	StampOffset, StampLen = 12, 10
 	// rtpClock is G.711's RTP clock (RFC 3551 §4.5.14), which the jitter
 	// is computed in.
 	rtpClock = 8000
@@ -192,6 +194,7 @@ func (e *echo) stamp(p []byte, src netip.AddrPort, rtcp bool, now time.Time) boo
 	}
 	binary.BigEndian.PutUint32(p[StampOffset:], f.count)
 	binary.BigEndian.PutUint32(p[StampOffset+4:], uint32(f.jitter))
+	binary.BigEndian.PutUint16(p[StampOffset+8:], src.Port())
 	return true
 }
 

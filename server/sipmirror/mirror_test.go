@@ -331,6 +331,9 @@ func TestMediaEcho(t *testing.T) {
 		if n := binary.BigEndian.Uint32(got[StampOffset:]); n != uint32(i+1) {
 			t.Fatalf("echo %d: receive count %d, want %d", i, n, i+1)
 		}
+		if p := binary.BigEndian.Uint16(got[StampOffset+8:]); p != uint16(c.LocalAddr().(*net.UDPAddr).Port) {
+			t.Fatalf("echo %d: source port %d, sent from %v", i, p, c.LocalAddr())
+		}
 	}
 }
 

@@ -1,0 +1,486 @@
+package classifier
+
+// sipalg.go is the SIP ALG test: an INVITE with SDP over UDP and over TCP
+// to the SIP mirror's SIP port (where ALGs look) and to its control port
+// (where none does), compared field by field with what the mirror says it
+// received (server/sipmirror). It runs beside the NAT tests, on its own
+// sockets.
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/stund/stund/internal/sipmsg"
+)
+
+// SIPConfig is the SIP part of a run.
+type SIPConfig struct {
+	Skip        bool          // --no-sip: no SIP test at all
+	Port        uint16        // the mirror's SIP port; 0 = DefaultSIPPort
+	ControlPort uint16        // the mirror's control port; 0 = DefaultSIPControlPort
+	Call        time.Duration // --call: length of the call test; 0 = none
+}
+
+// SIP test constants.
+const (
+	// DefaultSIPPort and DefaultSIPControlPort are stund's defaults
+	// (server/sipmirror).
+	DefaultSIPPort        = 5060
+	DefaultSIPControlPort = 5062
+	// sipPadTo pads UDP INVITEs: the mirror never answers with more
+	// bytes than the request, and its answer (headers, SDP and the
+	// compressed request) stays under 1000 bytes for ours. 1200 leaves a
+	// margin and stays under RFC 3261 §18.1.1's 1300-byte UDP limit.
+	sipPadTo = 1200
+	// sipPace spaces UDP copies, as ICE's Ta (RFC 8445 §14.2).
+	sipPace = 50 * time.Millisecond
+	// sipSettle: a copy's silence counts only after this long (an answer
+	// may still be in flight before).
+	sipSettle = 300 * time.Millisecond
+	// sipAbsentGrace is how long past the NAT tests natprobe waits for a
+	// control-port answer before it decides the server has no mirror.
+	sipAbsentGrace = 200 * time.Millisecond
+	// tcpAttempts and tcpAttemptTimeout bound the TCP test: a connection
+	// that loss stalls is retried; a drop needs every SIP-port attempt
+	// to fail while the control port's succeed.
+	tcpAttempts       = 3
+	tcpAttemptTimeout = 2 * time.Second
+	// sipRTPPort is the SDP m= port of the INVITE: even (RFC 3550 §11),
+	// the ALG only rewrites it.
+	sipRTPPort = 49170
+)
+
+// sipResult is the SIP test's evidence.
+type sipResult struct {
+	ran       bool
+	offered   bool
+	udp, tcp  algEvidence
+	sym       *SymmetricResponse
+	mediaPort uint16
+	call      *CallReport
+}
+
+// sipTest runs the ALG test over UDP and TCP at once; stunDone closes when
+// the NAT tests have finished.
+func (p *prober) sipTest(ctx context.Context, stunDone <-chan struct{}) {
+	res := &p.sipRes
+	res.ran = true
+	offered := make(chan struct{})
+	var once sync.Once
+	markOffered := func() { once.Do(func() { close(offered) }) }
+	absent := make(chan struct{})
+	finished := make(chan struct{})
+	var watch sync.WaitGroup
+	watch.Add(1)
+	go func() {
+		defer watch.Done()
+		select {
+		case <-stunDone:
+		case <-offered:
+			return
+		case <-finished:
+			return
+		}
+		t := time.NewTimer(sipAbsentGrace)
+		defer t.Stop()
+		select {
+		case <-t.C:
+			close(absent)
+		case <-offered:
+		case <-finished:
+		}
+	}()
+	defer watch.Wait()
+	defer close(finished)
+	g := sipGate{offered: offered, markOffered: markOffered, absent: absent}
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); p.sipUDP(ctx, g) }()
+	go func() { defer wg.Done(); p.sipTCP(ctx, g) }()
+	wg.Wait()
+	select {
+	case <-offered:
+		res.offered = true
+	default:
+	}
+	res.udp.offered, res.tcp.offered = res.offered, res.offered
+	p.progress("SIP ALG: udp %s, tcp %s", algVerdictFor(res.udp).Verdict, algVerdictFor(res.tcp).Verdict)
+}
+
+// sipGate tells the transports whether the mirror is known to be there,
+// or given up on.
+type sipGate struct {
+	offered     <-chan struct{}
+	markOffered func()
+	absent      <-chan struct{}
+}
+
+// gaveUp reports whether the mirror was given up on.
+func (g sipGate) gaveUp() bool {
+	select {
+	case <-g.absent:
+		select {
+		case <-g.offered:
+			return false
+		default:
+			return true
+		}
+	default:
+		return false
+	}
+}
+
+func randToken() string {
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func (p *prober) invite(transport string, local, dst netip.AddrPort, pad int) []byte {
+	return sipmsg.Invite{
+		Transport: transport, Local: local, Server: dst, RTPPort: sipRTPPort,
+		CallID: randToken() + "@natprobe", Branch: "z9hG4bK" + randToken(), Tag: randToken(), PadTo: pad,
+	}.Build()
+}
+
+func (p *prober) sipPorts() (sip, ctl netip.AddrPort) {
+	sp, cp := p.cfg.SIP.Port, p.cfg.SIP.ControlPort
+	if sp == 0 {
+		sp = DefaultSIPPort
+	}
+	if cp == 0 {
+		cp = DefaultSIPControlPort
+	}
+	return netip.AddrPortFrom(p.primary.Addr(), sp), netip.AddrPortFrom(p.primary.Addr(), cp)
+}
+
+// sipAnswer is one mirror answer as it reached us.
+type sipAnswer struct {
+	report sipmsg.Report
+	viaSrc netip.AddrPort // received=/rport= of the answer's top Via
+}
+
+// readAnswer parses a mirror answer to the request with callID.
+func readAnswer(b []byte, stream bool, callID string) (sipAnswer, bool) {
+	m, err := sipmsg.Parse(b, stream)
+	if err != nil || m.Status != 200 {
+		return sipAnswer{}, false
+	}
+	if id, _ := m.Get("call-id"); id != callID {
+		return sipAnswer{}, false
+	}
+	rep, err := sipmsg.ParseReport(m.Body)
+	if err != nil {
+		return sipAnswer{}, false
+	}
+	a := sipAnswer{report: rep}
+	via, _ := m.Get("via")
+	var ip, port string
+	for _, prm := range strings.Split(via, ";")[1:] {
+		k, v, _ := strings.Cut(strings.TrimSpace(prm), "=")
+		switch strings.ToLower(k) {
+		case "received":
+			ip = v
+		case "rport":
+			port = v
+		}
+	}
+	if addr, err := netip.ParseAddr(ip); err == nil {
+		if n, err := strconv.ParseUint(port, 10, 16); err == nil {
+			a.viaSrc = netip.AddrPortFrom(addr.Unmap(), uint16(n))
+		}
+	}
+	return a, true
+}
+
+func callIDOf(req []byte) string {
+	m, err := sipmsg.Parse(req, false)
+	if err != nil {
+		return ""
+	}
+	id, _ := m.Get("call-id")
+	return id
+}
+
+// errTCPUnsupported: the network (pion vnet in tests) has no TCP.
+var errTCPUnsupported = errors.New("this network offers no TCP")
+
+// tcpTry is one TCP exchange with the mirror.
+type tcpTry struct {
+	req     []byte
+	ans     sipAnswer
+	ok      bool
+	refused bool
+	fail    string
+}
+
+// tcpExchange connects to dst, sends an INVITE and reads the answer.
+func (p *prober) tcpExchange(ctx context.Context, dst netip.AddrPort) tcpTry {
+	var t tcpTry
+	timeout := tcpAttemptTimeout
+	if d, ok := ctx.Deadline(); ok {
+		timeout = min(timeout, time.Until(d))
+	}
+	if timeout <= 0 {
+		t.fail = "no time left"
+		return t
+	}
+	d := p.a.net.CreateDialer(&net.Dialer{Timeout: timeout, LocalAddr: &net.TCPAddr{IP: p.localIP.AsSlice()}})
+	c, err := d.Dial("tcp", dst.String())
+	if err != nil {
+		t.refused = errors.Is(err, syscall.ECONNREFUSED)
+		t.fail = fmt.Sprintf("connect: %v", err)
+		if strings.Contains(err.Error(), "not supported") || strings.Contains(err.Error(), "unknown network") {
+			t.fail = errTCPUnsupported.Error()
+		}
+		return t
+	}
+	defer c.Close()
+	stop := context.AfterFunc(ctx, func() { _ = c.Close() })
+	defer stop()
+	_ = c.SetDeadline(time.Now().Add(timeout))
+	t.req = p.invite("TCP", addrPortOfTCP(c.LocalAddr()), dst, 0)
+	if _, err := c.Write(t.req); err != nil {
+		t.fail = fmt.Sprintf("sending the INVITE: %v", err)
+		return t
+	}
+	buf := make([]byte, 0, sipmsg.MaxHeader+sipmsg.MaxBody)
+	id := callIDOf(t.req)
+	for len(buf) < cap(buf) {
+		n, err := c.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if a, ok := readAnswer(buf, true, id); ok {
+			t.ans, t.ok = a, true
+			return t
+		}
+		if err != nil {
+			t.fail = fmt.Sprintf("no answer after the INVITE (%d bytes back): %v", len(buf), err)
+			return t
+		}
+	}
+	t.fail = "an oversized answer"
+	return t
+}
+
+func addrPortOfTCP(a net.Addr) netip.AddrPort {
+	if t, ok := a.(*net.TCPAddr); ok {
+		return unmap(t.AddrPort())
+	}
+	ap, _ := netip.ParseAddrPort(a.String())
+	return unmap(ap)
+}
+
+// sipTCP runs the TCP ALG test: both ports each attempt until the SIP port
+// answers, at most tcpAttempts.
+func (p *prober) sipTCP(ctx context.Context, g sipGate) {
+	ev := &p.sipRes.tcp
+	sipDst, ctlDst := p.sipPorts()
+	sipFails, ctlOK := 0, 0
+	for attempt := 0; attempt < tcpAttempts && ctx.Err() == nil; attempt++ {
+		var s, c tcpTry
+		var wg sync.WaitGroup
+		wg.Add(2)
+		go func() { defer wg.Done(); s = p.tcpExchange(ctx, sipDst) }()
+		go func() { defer wg.Done(); c = p.tcpExchange(ctx, ctlDst) }()
+		wg.Wait()
+		if c.ok {
+			g.markOffered()
+			ctlOK++
+			if !ev.control.answered {
+				ev.control = portEvidence{answered: true, received: c.ans.report.Request}
+				ev.sentControl = c.req
+			}
+		} else if ev.control.failure == "" {
+			ev.control.failure = c.fail
+		}
+		if s.ok {
+			ev.sip = portEvidence{answered: true, received: s.ans.report.Request}
+			ev.sent = s.req
+		} else {
+			sipFails++
+			ev.sip.failure = s.fail
+		}
+		if c.fail == errTCPUnsupported.Error() {
+			ev.undecided = errTCPUnsupported.Error()
+			return
+		}
+		if ev.sip.answered && ev.control.answered {
+			return
+		}
+		if !c.ok && !ev.control.answered {
+			// Nothing on the control port: wait until the UDP side
+			// finds the mirror, or both give up.
+			select {
+			case <-g.offered:
+			case <-g.absent:
+				if g.gaveUp() {
+					ev.undecided = "the control port did not answer over TCP: " + c.fail
+					return
+				}
+			case <-ctx.Done():
+			}
+		}
+	}
+	ev.silenceIsDrop = !ev.sip.answered && sipFails >= 2 && ctlOK >= 2 && sipFails == ctlOK
+	if !ev.sip.answered {
+		ev.undecided = fmt.Sprintf("%d TCP attempts to the SIP port failed (last: %s), %d to the control port succeeded", sipFails, ev.sip.failure, ctlOK)
+	}
+}
+
+// udpSIPSock is one UDP socket of the test: the INVITE it repeats, the
+// answers it got and the STUN mapping of the socket.
+type udpSIPSock struct {
+	conn    net.PacketConn
+	local   netip.AddrPort
+	dst     netip.AddrPort
+	req     []byte
+	callID  string
+	key     txKey
+	stun    []byte
+	stunDst netip.AddrPort // the STUN server's primary address
+
+	mu      sync.Mutex
+	sends   []time.Time
+	answers []sipAnswer
+	mapped  netip.AddrPort
+}
+
+func (p *prober) newUDPSIPSock(dst netip.AddrPort) (*udpSIPSock, error) {
+	network := "udp4"
+	if p.localIP.Is6() {
+		network = "udp6"
+	}
+	c, err := p.a.net.ListenUDP(network, net.UDPAddrFromAddrPort(netip.AddrPortFrom(p.localIP, 0)))
+	if err != nil {
+		return nil, err
+	}
+	s := &udpSIPSock{conn: c, local: addrPortOf(c.LocalAddr()), dst: dst, key: newKey(false), stunDst: p.primary}
+	s.req = p.invite("UDP", s.local, dst, sipPadTo)
+	s.callID = callIDOf(s.req)
+	s.stun = buildRequest(nil, s.key, p.cfg.Software, reqOpts{})
+	return s, nil
+}
+
+// read takes answers and STUN replies until the socket is closed.
+func (s *udpSIPSock) read() {
+	buf := make([]byte, 65536)
+	for {
+		n, _, err := s.conn.ReadFrom(buf)
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) || strings.Contains(err.Error(), "closed") {
+				return
+			}
+			continue
+		}
+		if a, ok := readAnswer(buf[:n], false, s.callID); ok {
+			s.mu.Lock()
+			s.answers = append(s.answers, a)
+			s.mu.Unlock()
+			continue
+		}
+		if m, err := parseMessage(buf[:n]); err == nil && m.key == s.key && m.class == classSuccess {
+			s.mu.Lock()
+			s.mapped = m.mappedOf()
+			s.mu.Unlock()
+		}
+	}
+}
+
+// state returns copies sent at least sipSettle ago, answers, and the first
+// answer and mapping.
+func (s *udpSIPSock) state(now time.Time) (settled, hits int, first sipAnswer, mapped netip.AddrPort) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, t := range s.sends {
+		if now.Sub(t) >= sipSettle {
+			settled++
+		}
+	}
+	if len(s.answers) > 0 {
+		first = s.answers[0]
+	}
+	return settled, len(s.answers), first, s.mapped
+}
+
+func (s *udpSIPSock) send(stun bool) {
+	s.mu.Lock()
+	s.sends = append(s.sends, time.Now())
+	need := !s.mapped.IsValid()
+	s.mu.Unlock()
+	_, _ = s.conn.WriteTo(s.req, net.UDPAddrFromAddrPort(s.dst))
+	if stun && need {
+		_, _ = s.conn.WriteTo(s.stun, net.UDPAddrFromAddrPort(s.stunDst))
+	}
+}
+
+// sipUDP runs the UDP ALG test: both ports in lockstep every sipPace until
+// the SIP port answers or its silence is beyond loss (hypergeomZero, as the
+// NAT tests' negative evidence), then the control port until it answers.
+func (p *prober) sipUDP(ctx context.Context, g sipGate) {
+	ev := &p.sipRes.udp
+	sipDst, ctlDst := p.sipPorts()
+	ss, err1 := p.newUDPSIPSock(sipDst)
+	cs, err2 := p.newUDPSIPSock(ctlDst)
+	if err := errors.Join(err1, err2); err != nil {
+		ev.undecided = fmt.Sprintf("cannot bind a UDP socket: %v", err)
+		return
+	}
+	var wg sync.WaitGroup
+	for _, s := range []*udpSIPSock{ss, cs} {
+		wg.Add(1)
+		go func() { defer wg.Done(); s.read() }()
+	}
+	defer func() { _ = ss.conn.Close(); _ = cs.conn.Close(); wg.Wait() }()
+	ev.sent, ev.sentControl = ss.req, cs.req
+	tick := time.NewTicker(sipPace)
+	defer tick.Stop()
+	var sipN, sipHits, ctlN, ctlHits int
+	var sipAns, ctlAns sipAnswer
+	var ctlMapped netip.AddrPort
+	for round := 0; round < maxSends; round++ {
+		now := time.Now()
+		sipN, sipHits, sipAns, _ = ss.state(now)
+		ctlN, ctlHits, ctlAns, ctlMapped = cs.state(now)
+		if ctlHits > 0 {
+			g.markOffered()
+		}
+		ev.silenceIsDrop = sipHits == 0 && hypergeomZero(ctlN, min(ctlHits, ctlN), sipN) < negativeAlpha
+		if (sipHits > 0 || ev.silenceIsDrop) && ctlHits > 0 && ctlMapped.IsValid() {
+			break
+		}
+		if ctlHits == 0 && g.gaveUp() {
+			break
+		}
+		if sipHits == 0 && !ev.silenceIsDrop {
+			ss.send(false)
+		}
+		if ctlHits == 0 || (sipHits == 0 && !ev.silenceIsDrop) || !ctlMapped.IsValid() {
+			cs.send(true)
+		}
+		select {
+		case <-ctx.Done():
+			round = maxSends
+		case <-tick.C:
+		}
+	}
+	if sipHits > 0 {
+		ev.sip = portEvidence{answered: true, received: sipAns.report.Request}
+		p.sipRes.mediaPort = sipAns.report.MediaPort
+	}
+	if ctlHits > 0 {
+		ev.control = portEvidence{answered: true, received: ctlAns.report.Request}
+		p.sipRes.mediaPort = ctlAns.report.MediaPort
+	}
+	ev.undecided = fmt.Sprintf("over UDP the SIP port answered %d of %d copies, the control port %d of %d", sipHits, sipN, ctlHits, ctlN)
+	p.sipRes.sym = symmetricVerdict(ctlMapped, ctlAns.report.Source, cs.local, ctlHits > 0, ctlAns.viaSrc)
+}
