@@ -12,6 +12,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	mrand "math/rand/v2"
 	"net"
 	"net/netip"
 	"strconv"
@@ -50,14 +51,19 @@ const (
 	// sipAbsentGrace is how long past the NAT tests natprobe waits for a
 	// control-port answer before it decides the server has no mirror.
 	sipAbsentGrace = 200 * time.Millisecond
-	// tcpAttempts and tcpAttemptTimeout bound the TCP test: a connection
-	// that loss stalls is retried; a drop needs every SIP-port attempt
-	// to fail while the control port's succeed.
+	// tcpAttempts and tcpAttemptTimeout bound the TCP test: three
+	// connections to each port at once, so that a drop (every SIP-port
+	// attempt failed, every control attempt worked) is not one unlucky
+	// connection; 2 s lets TCP retransmit a lost segment three times.
 	tcpAttempts       = 3
 	tcpAttemptTimeout = 2 * time.Second
-	// sipRTPPort is the SDP m= port of the INVITE: even (RFC 3550 §11),
-	// the ALG only rewrites it.
-	sipRTPPort = 49170
+	// sipRTPLo..sipRTPHi is where the INVITE's SDP m= port is drawn, even
+	// (RFC 3550 §11) and fresh for every INVITE: Linux's SIP helper
+	// keeps a media expectation per announced port for 3 minutes and
+	// drops a later INVITE from another socket announcing the same one
+	// (lab/README.md), so a fixed port would make one run's verdict
+	// depend on the run before.
+	sipRTPLo, sipRTPHi = 16384, 32766
 )
 
 // sipResult is the SIP test's evidence.
@@ -148,7 +154,7 @@ func randToken() string {
 
 func (p *prober) invite(transport string, local, dst netip.AddrPort, pad int) []byte {
 	return sipmsg.Invite{
-		Transport: transport, Local: local, Server: dst, RTPPort: sipRTPPort,
+		Transport: transport, Local: local, Server: dst, RTPPort: uint16(sipRTPLo + 2*mrand.IntN((sipRTPHi-sipRTPLo)/2+1)),
 		CallID: randToken() + "@natprobe", Branch: "z9hG4bK" + randToken(), Tag: randToken(), PadTo: pad,
 	}.Build()
 }
@@ -280,60 +286,68 @@ func addrPortOfTCP(a net.Addr) netip.AddrPort {
 	return unmap(ap)
 }
 
-// sipTCP runs the TCP ALG test: both ports each attempt until the SIP port
-// answers, at most tcpAttempts.
+// sipTCP runs the TCP ALG test: tcpAttempts connections to each port at
+// once (TCP retransmits within each; parallel attempts keep the test to one
+// tcpAttemptTimeout), a second round only when the control port's silence
+// left the mirror's presence to the UDP side to settle.
 func (p *prober) sipTCP(ctx context.Context, g sipGate) {
 	ev := &p.sipRes.tcp
 	sipDst, ctlDst := p.sipPorts()
-	sipFails, ctlOK := 0, 0
-	for attempt := 0; attempt < tcpAttempts && ctx.Err() == nil; attempt++ {
-		var s, c tcpTry
+	for round := 0; round < 2 && ctx.Err() == nil; round++ {
+		var s, c [tcpAttempts]tcpTry
 		var wg sync.WaitGroup
-		wg.Add(2)
-		go func() { defer wg.Done(); s = p.tcpExchange(ctx, sipDst) }()
-		go func() { defer wg.Done(); c = p.tcpExchange(ctx, ctlDst) }()
+		for i := range tcpAttempts {
+			wg.Add(2)
+			go func() { defer wg.Done(); s[i] = p.tcpExchange(ctx, sipDst) }()
+			go func() { defer wg.Done(); c[i] = p.tcpExchange(ctx, ctlDst) }()
+		}
 		wg.Wait()
-		if c.ok {
-			g.markOffered()
-			ctlOK++
-			if !ev.control.answered {
-				ev.control = portEvidence{answered: true, received: c.ans.report.Request}
-				ev.sentControl = c.req
+		sipOK, ctlOK := 0, 0
+		for i := range tcpAttempts {
+			if c[i].ok {
+				ctlOK++
+				if !ev.control.answered {
+					ev.control = portEvidence{answered: true, received: c[i].ans.report.Request}
+					ev.sentControl = c[i].req
+				}
+			} else {
+				ev.control.failure = c[i].fail
 			}
-		} else if ev.control.failure == "" {
-			ev.control.failure = c.fail
+			if s[i].ok {
+				sipOK++
+				if !ev.sip.answered {
+					ev.sip = portEvidence{answered: true, received: s[i].ans.report.Request}
+					ev.sent = s[i].req
+				}
+			} else {
+				ev.sip.failure = s[i].fail
+			}
 		}
-		if s.ok {
-			ev.sip = portEvidence{answered: true, received: s.ans.report.Request}
-			ev.sent = s.req
-		} else {
-			sipFails++
-			ev.sip.failure = s.fail
+		if ctlOK > 0 {
+			g.markOffered()
 		}
-		if c.fail == errTCPUnsupported.Error() {
+		if c[0].fail == errTCPUnsupported.Error() {
 			ev.undecided = errTCPUnsupported.Error()
 			return
 		}
-		if ev.sip.answered && ev.control.answered {
+		// A drop needs every SIP-port attempt to fail while every
+		// control attempt, on the same path at the same time, worked.
+		ev.silenceIsDrop = sipOK == 0 && ctlOK == tcpAttempts
+		ev.undecided = fmt.Sprintf("%d of %d TCP attempts to the SIP port answered (last failure: %s), %d of %d to the control port", sipOK, tcpAttempts, ev.sip.failure, ctlOK, tcpAttempts)
+		if ctlOK > 0 || ev.sip.answered {
 			return
 		}
-		if !c.ok && !ev.control.answered {
-			// Nothing on the control port: wait until the UDP side
-			// finds the mirror, or both give up.
-			select {
-			case <-g.offered:
-			case <-g.absent:
-				if g.gaveUp() {
-					ev.undecided = "the control port did not answer over TCP: " + c.fail
-					return
-				}
-			case <-ctx.Done():
+		// Nothing on the control port: wait until the UDP side finds
+		// the mirror (then try once more), or gives up on it.
+		select {
+		case <-g.offered:
+		case <-g.absent:
+			if g.gaveUp() {
+				ev.undecided = "the control port did not answer over TCP: " + ev.control.failure
+				return
 			}
+		case <-ctx.Done():
 		}
-	}
-	ev.silenceIsDrop = !ev.sip.answered && sipFails >= 2 && ctlOK >= 2 && sipFails == ctlOK
-	if !ev.sip.answered {
-		ev.undecided = fmt.Sprintf("%d TCP attempts to the SIP port failed (last: %s), %d to the control port succeeded", sipFails, ev.sip.failure, ctlOK)
 	}
 }
 

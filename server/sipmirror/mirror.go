@@ -65,9 +65,12 @@ const (
 	// maxMsgsPerConn bounds what one connection can ask: natprobe sends
 	// one request per connection, 16 leaves room for other testers.
 	maxMsgsPerConn = 16
-	// defaultMaxConnsPerIP bounds one source IP's open connections: the
-	// ALG test opens two at a time.
-	defaultMaxConnsPerIP = 8
+	// defaultMaxConnsPerIP bounds one source IP's open connections. One
+	// ALG test opens six at once (three per port), and a connection whose
+	// INVITE an ALG swallowed stays open here until msgTimeout: 32 lets a
+	// few testers behind one NAT run back to back, and holds at most
+	// 32 x 16 KiB of buffers per IP.
+	defaultMaxConnsPerIP = 32
 	// maxConns bounds open connections in total: each holds a goroutine
 	// and at most sipmsg.MaxHeader+MaxBody bytes of buffer.
 	maxConns = 512
