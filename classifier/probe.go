@@ -295,7 +295,7 @@ func (p *prober) run(ctx context.Context) (*Report, error) {
 	var sipWG sync.WaitGroup
 	if !p.cfg.SIP.Skip {
 		sipWG.Add(1)
-		go func() { defer sipWG.Done(); p.sipTest(testCtx, stunDone) }()
+		go func() { defer sipWG.Done(); p.sipTest(testCtx, ctx, stunDone) }()
 	}
 	waitAll := func() { wg.Wait(); close(stunDone); sipWG.Wait() }
 

@@ -78,7 +78,7 @@ type sipResult struct {
 
 // sipTest runs the ALG test over UDP and TCP at once; stunDone closes when
 // the NAT tests have finished.
-func (p *prober) sipTest(ctx context.Context, stunDone <-chan struct{}) {
+func (p *prober) sipTest(ctx, parent context.Context, stunDone <-chan struct{}) {
 	res := &p.sipRes
 	res.ran = true
 	offered := make(chan struct{})
@@ -121,6 +121,20 @@ func (p *prober) sipTest(ctx context.Context, stunDone <-chan struct{}) {
 	}
 	res.udp.offered, res.tcp.offered = res.offered, res.offered
 	p.progress("SIP ALG: udp %s, tcp %s", algVerdictFor(res.udp).Verdict, algVerdictFor(res.tcp).Verdict)
+	if p.cfg.SIP.Call <= 0 {
+		return
+	}
+	switch {
+	case !res.offered:
+		res.call = &CallReport{Error: "the server offers no SIP mirror, so no media echo"}
+	case res.mediaPort == 0:
+		res.call = &CallReport{Error: "the SIP mirror announced no media echo (its answer over UDP did not arrive, or the echo is off)"}
+	default:
+		p.progress("call test: %v of G.711 to the media echo", p.cfg.SIP.Call)
+		callCtx, cancel := context.WithTimeout(parent, p.cfg.SIP.Call+2*callDrain)
+		defer cancel()
+		res.call = p.callTest(callCtx, netip.AddrPortFrom(p.primary.Addr(), res.mediaPort))
+	}
 }
 
 // sipGate tells the transports whether the mirror is known to be there,

@@ -255,9 +255,7 @@ func parseOptions(c *cli.Context) (*options, error) {
 		turnSecret:  c.String("turn-secret"),
 		timeout:     c.Duration("timeout"),
 	}
-	if o.sip, err = sipOptions(c); err != nil {
-		return nil, err
-	}
+
 	if !contains(formats, o.format) {
 		return nil, usageError{fmt.Sprintf("--format %q: want one of %s", o.format, strings.Join(formats, ", "))}
 	}
@@ -273,8 +271,11 @@ func parseOptions(c *cli.Context) (*options, error) {
 	if c.IsSet("timeout") && o.timeout <= 0 {
 		return nil, usageError{fmt.Sprintf("--timeout %v: must be positive", o.timeout)}
 	}
+	if o.sip, err = sipOptions(c); err != nil {
+		return nil, err
+	}
 	if o.timeout == 0 {
-		o.timeout = defaultTimeout
+		o.timeout = defaultTimeout + o.sip.Call
 		if o.lifetime {
 			o.timeout += o.lifetimeMax
 		}

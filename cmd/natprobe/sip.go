@@ -5,23 +5,28 @@ package main
 import (
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/stund/stund/classifier"
 )
 
+// maxCall bounds --call: the media echo serves a flow for 30 s.
+const maxCall = 30 * time.Second
+
 func sipFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.BoolFlag{Name: "no-sip", Usage: "skip the SIP ALG test (by default it runs when the server offers a SIP mirror, stund --sip-mirror)"},
 		&cli.IntFlag{Name: "sip-port", Value: classifier.DefaultSIPPort, Usage: "the server's SIP mirror `PORT`, where ALGs look"},
 		&cli.IntFlag{Name: "sip-control-port", Value: classifier.DefaultSIPControlPort, Usage: "the server's SIP mirror control `PORT`, where no ALG looks"},
+		&cli.DurationFlag{Name: "call", Usage: "also run a G.711 call of `DURATION` (20 ms packets, e.g. 1s = 50 packets, at most 30s) to the server's media echo: loss, jitter, RTT, E-model MOS"},
 	}
 }
 
 // sipOptions reads the SIP flags.
 func sipOptions(c *cli.Context) (classifier.SIPConfig, error) {
-	s := classifier.SIPConfig{Skip: c.Bool("no-sip")}
+	s := classifier.SIPConfig{Skip: c.Bool("no-sip"), Call: c.Duration("call")}
 	for _, p := range []struct {
 		flag string
 		dst  *uint16
@@ -34,6 +39,12 @@ func sipOptions(c *cli.Context) (classifier.SIPConfig, error) {
 	}
 	if s.Port == s.ControlPort {
 		return s, usageError{fmt.Sprintf("--sip-port and --sip-control-port are both %d: the test compares the two", s.Port)}
+	}
+	if c.IsSet("call") && (s.Call < 20*time.Millisecond || s.Call > maxCall) {
+		return s, usageError{fmt.Sprintf("--call %v: between 20ms (one packet) and %v", s.Call, maxCall)}
+	}
+	if s.Skip && s.Call > 0 {
+		return s, usageError{"--call needs the SIP test: drop --no-sip"}
 	}
 	return s, nil
 }

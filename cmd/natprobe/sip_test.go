@@ -69,7 +69,7 @@ func TestSIPFlags(t *testing.T) {
 		}
 		return got, perr
 	}
-	if got, err := parse("--sip-port", "5070", "--sip-control-port", "5072"); err != nil || got.Port != 5070 || got.ControlPort != 5072 || got.Skip {
+	if got, err := parse("--sip-port", "5070", "--sip-control-port", "5072", "--call", "1s"); err != nil || got.Port != 5070 || got.ControlPort != 5072 || got.Call != time.Second || got.Skip {
 		t.Errorf("cfg %+v err %v", got, err)
 	}
 	if got, err := parse(); err != nil || got.Port != 5060 || got.ControlPort != 5062 || got.Call != 0 || got.Skip {
@@ -78,7 +78,7 @@ func TestSIPFlags(t *testing.T) {
 	if got, err := parse("--no-sip"); err != nil || !got.Skip {
 		t.Errorf("--no-sip: %+v err %v", got, err)
 	}
-	for _, bad := range [][]string{{"--sip-port", "0"}, {"--sip-control-port", "5060"}} {
+	for _, bad := range [][]string{{"--sip-port", "0"}, {"--sip-control-port", "5060"}, {"--call", "1m"}, {"--no-sip", "--call", "1s"}} {
 		var out, errb bytes.Buffer
 		if code := run(context.Background(), append(append([]string{"natprobe"}, bad...), "127.0.0.1"), &out, &errb); code != exitUsage {
 			t.Errorf("%v: code %d, want %d (%s)", bad, code, exitUsage, errb.String())
