@@ -51,12 +51,14 @@ const (
 	// sipAbsentGrace is how long past the NAT tests natprobe waits for a
 	// control-port answer before it decides the server has no mirror.
 	sipAbsentGrace = 200 * time.Millisecond
-	// tcpAttempts and tcpAttemptTimeout bound the TCP test: three
-	// connections to each port at once, so that a drop (every SIP-port
-	// attempt failed, every control attempt worked) is not one unlucky
-	// connection; 2 s lets TCP retransmit a lost segment three times.
-	tcpAttempts       = 3
-	tcpAttemptTimeout = 2 * time.Second
+	// tcpWave connections to each port at once, at most tcpWaves waves of
+	// tcpAttemptTimeout each: a SIP port that swallows every INVITE
+	// while the control port answers every one is a drop after two waves
+	// (1/C(24,12) < negativeAlpha); 1.5 s lets TCP retransmit a lost
+	// segment three times (Linux's 200 ms minimum RTO, doubling).
+	tcpWave           = 6
+	tcpWaves          = 3
+	tcpAttemptTimeout = 1500 * time.Millisecond
 	// sipRTPLo..sipRTPHi is where the INVITE's SDP m= port is drawn, even
 	// (RFC 3550 §11) and fresh for every INVITE: Linux's SIP helper
 	// keeps a media expectation per announced port for 3 minutes and
@@ -237,11 +239,12 @@ var errTCPUnsupported = errors.New("this network offers no TCP")
 
 // tcpTry is one TCP exchange with the mirror.
 type tcpTry struct {
-	req     []byte
-	ans     sipAnswer
-	ok      bool
-	refused bool
-	fail    string
+	req         []byte
+	ans         sipAnswer
+	ok          bool
+	established bool // the connection was made and the INVITE written
+	refused     bool
+	fail        string
 }
 
 // tcpExchange connects to dst, sends an INVITE and reads the answer.
@@ -274,6 +277,7 @@ func (p *prober) tcpExchange(ctx context.Context, dst netip.AddrPort) tcpTry {
 		t.fail = fmt.Sprintf("sending the INVITE: %v", err)
 		return t
 	}
+	t.established = true
 	buf := make([]byte, 0, sipmsg.MaxHeader+sipmsg.MaxBody)
 	id := callIDOf(t.req)
 	for len(buf) < cap(buf) {
@@ -300,24 +304,34 @@ func addrPortOfTCP(a net.Addr) netip.AddrPort {
 	return unmap(ap)
 }
 
-// sipTCP runs the TCP ALG test: tcpAttempts connections to each port at
-// once (TCP retransmits within each; parallel attempts keep the test to one
-// tcpAttemptTimeout), a second round only when the control port's silence
-// left the mirror's presence to the UDP side to settle.
+// sipTCP runs the TCP ALG test in waves of tcpWave connections to each
+// port at once. The SIP port's silence is a drop only as negative evidence
+// (hypergeomZero, like the UDP and NAT tests): among connections that were
+// established, the control port's answers must make it unlikely below
+// negativeAlpha that the SIP port's unanswered ones were loss.
 func (p *prober) sipTCP(ctx context.Context, g sipGate) {
 	ev := &p.sipRes.tcp
 	sipDst, ctlDst := p.sipPorts()
-	for round := 0; round < 2 && ctx.Err() == nil; round++ {
-		var s, c [tcpAttempts]tcpTry
+	var sipEst, ctlEst, ctlOK, sipAttempts, ctlAttempts int
+	for wave := 0; wave < tcpWaves && ctx.Err() == nil; wave++ {
+		var s, c [tcpWave]tcpTry
 		var wg sync.WaitGroup
-		for i := range tcpAttempts {
+		for i := range tcpWave {
 			wg.Add(2)
 			go func() { defer wg.Done(); s[i] = p.tcpExchange(ctx, sipDst) }()
 			go func() { defer wg.Done(); c[i] = p.tcpExchange(ctx, ctlDst) }()
 		}
 		wg.Wait()
-		sipOK, ctlOK := 0, 0
-		for i := range tcpAttempts {
+		if c[0].fail == errTCPUnsupported.Error() {
+			ev.undecided = errTCPUnsupported.Error()
+			return
+		}
+		for i := range tcpWave {
+			sipAttempts++
+			ctlAttempts++
+			if c[i].established {
+				ctlEst++
+			}
 			if c[i].ok {
 				ctlOK++
 				if !ev.control.answered {
@@ -327,40 +341,37 @@ func (p *prober) sipTCP(ctx context.Context, g sipGate) {
 			} else {
 				ev.control.failure = c[i].fail
 			}
-			if s[i].ok {
-				sipOK++
-				if !ev.sip.answered {
-					ev.sip = portEvidence{answered: true, received: s[i].ans.report.Request}
-					ev.sent = s[i].req
-				}
-			} else {
+			if s[i].established && !s[i].ok {
+				sipEst++
+			}
+			if s[i].ok && !ev.sip.answered {
+				ev.sip = portEvidence{answered: true, received: s[i].ans.report.Request}
+				ev.sent = s[i].req
+			} else if !s[i].ok {
 				ev.sip.failure = s[i].fail
 			}
 		}
 		if ctlOK > 0 {
 			g.markOffered()
 		}
-		if c[0].fail == errTCPUnsupported.Error() {
-			ev.undecided = errTCPUnsupported.Error()
+		ev.silenceIsDrop = !ev.sip.answered && hypergeomZero(ctlEst, ctlOK, sipEst) < negativeAlpha
+		ev.undecided = fmt.Sprintf("over TCP the SIP port answered none of %d connections (%d established; last: %s), the control port %d of %d (%d established)",
+			sipAttempts, sipEst, ev.sip.failure, ctlOK, ctlAttempts, ctlEst)
+		if (ev.sip.answered && ev.control.answered) || ev.silenceIsDrop {
 			return
 		}
-		// A drop needs every SIP-port attempt to fail while every
-		// control attempt, on the same path at the same time, worked.
-		ev.silenceIsDrop = sipOK == 0 && ctlOK == tcpAttempts
-		ev.undecided = fmt.Sprintf("%d of %d TCP attempts to the SIP port answered (last failure: %s), %d of %d to the control port", sipOK, tcpAttempts, ev.sip.failure, ctlOK, tcpAttempts)
-		if ctlOK > 0 || ev.sip.answered {
-			return
-		}
-		// Nothing on the control port: wait until the UDP side finds
-		// the mirror (then try once more), or gives up on it.
-		select {
-		case <-g.offered:
-		case <-g.absent:
-			if g.gaveUp() {
-				ev.undecided = "the control port did not answer over TCP: " + ev.control.failure
-				return
+		if ctlOK == 0 {
+			// Nothing on the control port: wait until the UDP side
+			// finds the mirror (then try again), or gives up on it.
+			select {
+			case <-g.offered:
+			case <-g.absent:
+				if g.gaveUp() {
+					ev.undecided = "the control port did not answer over TCP: " + ev.control.failure
+					return
+				}
+			case <-ctx.Done():
 			}
-		case <-ctx.Done():
 		}
 	}
 }

@@ -3,9 +3,11 @@ package classifier
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -322,5 +324,29 @@ func TestALGVerdictFromEvidence(t *testing.T) {
 		if str := fmt.Sprint(fmtBool(got)); (str != c.want && !(got == nil && c.want == "null")) || (got == nil && why == "") {
 			t.Errorf("%+v: alg_detected %s (%q), want %s", c.s, fmtBool(got), why, c.want)
 		}
+	}
+}
+
+// Captured on the lab's real Linux SIP ALG (nf_nat_sip, lab/README.md):
+// the INVITE as it left natprobe (router's inside interface) and as it
+// reached the server. The helper rewrote every 10.0.0.2 in Via, From,
+// Contact and SDP o=/c= into the NAT's 198.51.100.1 and fixed
+// Content-Length; it left the request-URI, To, Call-ID and m= alone.
+func TestDiffSIPCapturedLinuxALG(t *testing.T) {
+	sent, err1 := os.ReadFile("testdata/alg/nf_nat_sip-udp.sent")
+	got, err2 := os.ReadFile("testdata/alg/nf_nat_sip-udp.received")
+	if err := errors.Join(err1, err2); err != nil {
+		t.Fatal(err)
+	}
+	var fields []string
+	for _, c := range diffSIP(sent, got) {
+		fields = append(fields, c.Field)
+		if c.Field != fieldContentLength && (!strings.Contains(c.Sent, "10.0.0.2") || !strings.Contains(c.Received, "198.51.100.1")) {
+			t.Errorf("%s: %q → %q", c.Field, c.Sent, c.Received)
+		}
+	}
+	want := []string{fieldVia, fieldFrom, fieldContact, fieldContentLength, fieldSDPO, fieldSDPC}
+	if !slices.Equal(fields, want) {
+		t.Errorf("changed %v, want %v", fields, want)
 	}
 }

@@ -256,11 +256,15 @@ type Report struct {
 const (
 	attrSource  = "x-stund-source"
 	attrRequest = "x-stund-request"
+	attrMedia   = "x-stund-media"
 )
 
-// SDP returns the answer's body: an RFC 8866 session whose connection and
-// media lines announce the media echo at ip (port 0: none), and the report
-// in two attributes.
+// SDP returns the answer's body: an RFC 8866 session at ip whose media line
+// has port 0 (RFC 3264 §6: no stream), the media echo's port in an
+// attribute, and the report in two more. Port 0 because Linux's SIP helper
+// drops a message whose SDP announces an address and port it already
+// expects media on for another call (lab/README.md): every answer naming
+// the one echo port would be dropped after the first.
 func (r Report) SDP(ip netip.Addr) ([]byte, error) {
 	var z bytes.Buffer
 	w, err := flate.NewWriter(&z, flate.BestCompression)
@@ -280,7 +284,10 @@ func (r Report) SDP(ip netip.Addr) ([]byte, error) {
 	src := fmt.Sprintf("%s %s %s", r.Transport, r.Port, r.Source)
 	var b bytes.Buffer
 	fmt.Fprintf(&b, "v=0\r\no=stund 0 0 IN %s %s\r\ns=-\r\nc=IN %s %s\r\nt=0 0\r\n", fam, ip, fam, ip)
-	fmt.Fprintf(&b, "m=audio %d RTP/AVP 0 8\r\n", r.MediaPort)
+	b.WriteString("m=audio 0 RTP/AVP 0 8\r\n")
+	if r.MediaPort != 0 {
+		fmt.Fprintf(&b, "a=%s:%d\r\n", attrMedia, r.MediaPort)
+	}
 	fmt.Fprintf(&b, "a=%s:%s\r\n", attrSource, base64.StdEncoding.EncodeToString([]byte(src)))
 	fmt.Fprintf(&b, "a=%s:%s\r\n", attrRequest, base64.StdEncoding.EncodeToString(z.Bytes()))
 	return b.Bytes(), nil
@@ -297,9 +304,8 @@ func ParseReport(body []byte) (Report, error) {
 			src = l[len("a="+attrSource+":"):]
 		case strings.HasPrefix(l, "a="+attrRequest+":"):
 			req = l[len("a="+attrRequest+":"):]
-		case strings.HasPrefix(l, "m=audio "):
-			f := strings.Fields(l)
-			if p, err := strconv.ParseUint(f[1], 10, 16); err == nil {
+		case strings.HasPrefix(l, "a="+attrMedia+":"):
+			if p, err := strconv.ParseUint(l[len("a="+attrMedia+":"):], 10, 16); err == nil {
 				r.MediaPort = uint16(p)
 			}
 		}

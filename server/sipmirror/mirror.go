@@ -66,11 +66,11 @@ const (
 	// one request per connection, 16 leaves room for other testers.
 	maxMsgsPerConn = 16
 	// defaultMaxConnsPerIP bounds one source IP's open connections. One
-	// ALG test opens six at once (three per port), and a connection whose
-	// INVITE an ALG swallowed stays open here until msgTimeout: 32 lets a
-	// few testers behind one NAT run back to back, and holds at most
-	// 32 x 16 KiB of buffers per IP.
-	defaultMaxConnsPerIP = 32
+	// ALG test opens up to 36 (waves of six per port), and a connection
+	// whose INVITE an ALG swallowed stays open here until msgTimeout: 64
+	// lets testers behind one NAT run back to back, and holds at most
+	// 64 x 16 KiB of buffers per IP.
+	defaultMaxConnsPerIP = 64
 	// maxConns bounds open connections in total: each holds a goroutine
 	// and at most sipmsg.MaxHeader+MaxBody bytes of buffer.
 	maxConns = 512
