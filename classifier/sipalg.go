@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -315,13 +316,27 @@ func (p *prober) sipTCP(ctx context.Context, g sipGate) {
 	var sipEst, ctlEst, ctlOK, sipAttempts, ctlAttempts int
 	for wave := 0; wave < tcpWaves && ctx.Err() == nil; wave++ {
 		var s, c [tcpWave]tcpTry
+		// The wave ends early once both ports have answered: the rest
+		// would only confirm it.
+		waveCtx, endWave := context.WithCancel(ctx)
+		var answered [2]atomic.Bool
+		try := func(dst netip.AddrPort, out *tcpTry, port int) {
+			*out = p.tcpExchange(waveCtx, dst)
+			if out.ok {
+				answered[port].Store(true)
+				if answered[0].Load() && answered[1].Load() {
+					endWave()
+				}
+			}
+		}
 		var wg sync.WaitGroup
 		for i := range tcpWave {
 			wg.Add(2)
-			go func() { defer wg.Done(); s[i] = p.tcpExchange(ctx, sipDst) }()
-			go func() { defer wg.Done(); c[i] = p.tcpExchange(ctx, ctlDst) }()
+			go func() { defer wg.Done(); try(sipDst, &s[i], 0) }()
+			go func() { defer wg.Done(); try(ctlDst, &c[i], 1) }()
 		}
 		wg.Wait()
+		endWave()
 		if c[0].fail == errTCPUnsupported.Error() {
 			ev.undecided = errTCPUnsupported.Error()
 			return

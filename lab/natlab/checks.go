@@ -163,6 +163,7 @@ type observed struct {
 	Lifetime                                                               string // "[min,max]" or null
 	lifeMin, lifeMax                                                       float64
 	Relay                                                                  string // ok | fail | null
+	sip                                                                    string // the SIP verdicts, lossless profiles only
 	durationMs                                                             float64
 	extra                                                                  []string
 }
@@ -175,6 +176,9 @@ func (o observed) String() string {
 	}
 	if o.Relay != "" && o.Relay != "null" {
 		s += " relay=" + o.Relay
+	}
+	if o.sip != "" {
+		s += " " + o.sip
 	}
 	return s
 }
@@ -211,6 +215,7 @@ type natprobeJSON struct {
 		Error          string  `json:"error"`
 	} `json:"relay"`
 	ALGDetected        *bool             `json:"alg_detected"`
+	SIP                *sipJSON          `json:"sip"`
 	STUNRewritten      *bool             `json:"stun_payload_rewritten"`
 	NATDetected        *bool             `json:"nat_detected"`
 	MappedAddress      string            `json:"mapped_address"`
@@ -231,9 +236,13 @@ func boolStr(b *bool) string {
 // namespace and translates its report; problems with the report itself
 // (schema, addresses, exit status) come back as extra mismatches. relay is
 // the profile's expect.Relay ("" none, "auto", "forced").
-func runNatprobe(ctx context.Context, bin, ns string, port int, p profile, relay string, withLifetime bool) (observed, []string, error) {
+func runNatprobe(ctx context.Context, bin, ns string, port int, p profile, relay string, withLifetime, call bool) (observed, []string, error) {
 	args := []string{bin, "--json"}
 	limit := 30 * time.Second
+	if call {
+		args = append(args, "--call", fmt.Sprintf("%ds", callSeconds))
+		limit += callSeconds * time.Second
+	}
 	switch relay {
 	case "forced":
 		args = append(args, "--relay")
@@ -299,6 +308,21 @@ func runNatprobe(ctx context.Context, bin, ns string, port int, p profile, relay
 	// evidence).
 	if (r.STUNRewritten != nil && *r.STUNRewritten) || (r.STUNRewritten == nil && p.LossPct < 50) {
 		bad = append(bad, "stun_payload_rewritten "+boolStr(r.STUNRewritten)+", want false (nothing rewrites STUN in the lab)")
+	}
+	if port == stundPort {
+		// Only the stund beside the mirror: SIP verdicts against the
+		// kernel ALG's truth, the call's loss against the configured loss.
+		bad = append(bad, checkSIP(p, r.SIP, r.ALGDetected)...)
+		if p.LossPct == 0 {
+			o.sip = sipObserved(r.SIP)
+		} else {
+			o.extra = append(o.extra, sipObserved(r.SIP))
+		}
+		if call {
+			cb, line := checkCall(p, r.SIP)
+			bad = append(bad, cb...)
+			o.extra = append(o.extra, line)
+		}
 	}
 	if ap, perr := netip.ParseAddrPort(r.LocalAddress); perr != nil || ap.Addr().String() != clientIP {
 		bad = append(bad, fmt.Sprintf("local_address %q, want %s:port", r.LocalAddress, clientIP))

@@ -293,7 +293,9 @@ func runProfile(ctx context.Context, idx int, p profile, want map[string]bool, s
 		defer co.stop()
 	}
 	if stundBin != "" {
-		if st, err = startStund(ctx, stundBin, l.server, stundPort, stundAltPort, stundArgs...); err != nil {
+		// The SIP mirror on this stund only: the second one below
+		// would collide on its ports.
+		if st, err = startStund(ctx, stundBin, l.server, stundPort, stundAltPort, append([]string{"--sip-mirror"}, stundArgs...)...); err != nil {
 			fail("stund", err.Error())
 		}
 		defer st.stop()
@@ -374,7 +376,9 @@ func runProfile(ctx context.Context, idx int, p profile, want map[string]bool, s
 		var durs []string
 		seen := false
 		for i := 0; i < runs && ctx.Err() == nil; i++ {
-			o, b, err := runNatprobe(ctx, natprobeBin, l.client, stundPort, p, p.Want.Relay, p.Want.LifetimeS > 0)
+			// The first run on a loss profile also makes a call, whose
+			// loss each way must match the configured loss.
+			o, b, err := runNatprobe(ctx, natprobeBin, l.client, stundPort, p, p.Want.Relay, p.Want.LifetimeS > 0, i == 0 && p.LossPct > 0)
 			if err != nil {
 				bad = append(bad, fmt.Sprintf("run %d: %v", i+1, err))
 				continue
@@ -404,7 +408,7 @@ func runProfile(ctx context.Context, idx int, p profile, want map[string]bool, s
 		mark("natprobe", bad)
 	}
 	if want["coturn"] && co != nil && natprobeBin != "" {
-		o, bad, err := runNatprobe(ctx, natprobeBin, l.client, coturnPort, p, "", false)
+		o, bad, err := runNatprobe(ctx, natprobeBin, l.client, coturnPort, p, "", false, false)
 		if err != nil {
 			fail("natprobe→coturn", err.Error())
 			r.checks = append(r.checks, "coturn:FAIL")

@@ -75,6 +75,9 @@ type expect struct {
 	// mapping alone must make natprobe fall back to the relay), "forced"
 	// with --relay (a NAT that needs no relay). "" gives no credentials.
 	Relay string
+	// SIPALG: Linux's SIP ALG is on in the router (sipHelper); natprobe
+	// must report its rewrites, and none where it is off.
+	SIPALG bool
 }
 
 func (e expect) String() string {
@@ -86,7 +89,7 @@ func (e expect) String() string {
 	if e.Relay != "" {
 		s += " relay=ok(" + e.Relay + ")"
 	}
-	return s
+	return s + e.sipNote()
 }
 
 func orStar(s string) string {
@@ -361,3 +364,5 @@ var profiles = []profile{
 	lossy(25),
 	lossy(50),
 }
+
+func init() { profiles = append(profiles, sipProfiles()...) }
