@@ -259,8 +259,7 @@ func (p *prober) tcpExchange(ctx context.Context, dst netip.AddrPort) tcpTry {
 		t.fail = "no time left"
 		return t
 	}
-	d := p.a.net.CreateDialer(&net.Dialer{Timeout: timeout, LocalAddr: &net.TCPAddr{IP: p.localIP.AsSlice()}})
-	c, err := d.Dial("tcp", dst.String())
+	c, err := p.dialTCP(ctx, dst, timeout)
 	if err != nil {
 		t.refused = errors.Is(err, syscall.ECONNREFUSED)
 		t.fail = fmt.Sprintf("connect: %v", err)
@@ -295,6 +294,33 @@ func (p *prober) tcpExchange(ctx context.Context, dst netip.AddrPort) tcpTry {
 	}
 	t.fail = "an oversized answer"
 	return t
+}
+
+// dialTCP connects within timeout, or until ctx ends: transport.Dialer has
+// no context, so a dial that ctx abandons finishes (bounded by timeout) in
+// its own goroutine, which closes what it got.
+func (p *prober) dialTCP(ctx context.Context, dst netip.AddrPort, timeout time.Duration) (net.Conn, error) {
+	d := p.a.net.CreateDialer(&net.Dialer{Timeout: timeout, LocalAddr: &net.TCPAddr{IP: p.localIP.AsSlice()}})
+	type result struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		c, err := d.Dial("tcp", dst.String())
+		ch <- result{c, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.c, r.err
+	case <-ctx.Done():
+		go func() {
+			if r := <-ch; r.c != nil {
+				_ = r.c.Close()
+			}
+		}()
+		return nil, ctx.Err()
+	}
 }
 
 func addrPortOfTCP(a net.Addr) netip.AddrPort {
