@@ -117,7 +117,10 @@ type profile struct {
 	// Runs repeats the natprobe check (default once): the loss profiles
 	// prove the verdicts are stable, not lucky.
 	Runs int
-	Want expect
+	// Checks, when set, limits the profile to these checks (of those
+	// chosen with -checks).
+	Checks []string
+	Want   expect
 }
 
 // Shared rule fragments. Chain layout of every ruleset:
