@@ -6,6 +6,7 @@ package classifier
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 )
 
@@ -257,6 +258,10 @@ func noALGProperty(r *Report) (Status, string) {
 
 // algFindings says what the ALG did, per transport.
 func algFindings(s *SIPReport) string {
+	u, t := s.ALG["udp"], s.ALG["tcp"]
+	if u != nil && t != nil && u.Verdict == ALGRewrites && t.Verdict == ALGRewrites && slices.Equal(u.Changed, t.Changed) {
+		return "rewrites SIP over UDP and TCP (" + strings.Join(u.Changed, ", ") + ")"
+	}
 	var parts []string
 	for _, tr := range []string{"udp", "tcp"} {
 		a := s.ALG[tr]
