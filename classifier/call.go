@@ -13,6 +13,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/stund/stund/internal/rtpstat"
 )
 
 // CallReport is sip.rtp (and sip.rtp_relay): a G.711 call to the SIP
@@ -73,9 +75,7 @@ type callStats struct {
 	outJitter uint32 // the echo's jitter (RTP units) on it
 	rtpPort   uint16 // our RTP source port as the echo saw it
 	rtcpPort  uint16 // and RTCP's
-	jitter    float64
-	transit   uint32
-	have      bool
+	jitter    rtpstat.Jitter
 }
 
 // callTest runs a G.711 call of cfg.SIP.Call to the media echo at dst.
@@ -91,8 +91,8 @@ func (p *prober) callTest(ctx context.Context, dst netip.AddrPort) *CallReport {
 	start := time.Now()
 	var wg sync.WaitGroup
 	wg.Add(2)
-	go func() { defer wg.Done(); st.readRTP(rtp, start) }()
-	go func() { defer wg.Done(); st.readRTCP(rtcp) }()
+	go func() { defer wg.Done(); readAll(rtp, func(b []byte) { st.takeRTP(b, time.Since(start)) }) }()
+	go func() { defer wg.Done(); readAll(rtcp, st.takeRTCP) }()
 	ssrc := mrand.Uint32()
 	ts0 := mrand.Uint32()
 	pkt := make([]byte, rtpHeader+rtpPayload)
@@ -168,7 +168,8 @@ func (p *prober) bindRTPPair() (net.PacketConn, net.PacketConn, error) {
 	return nil, nil, fmt.Errorf("no free even/odd local port pair in %d tries: %v", rtpPortTries, lastErr)
 }
 
-func (st *callStats) readRTP(c net.PacketConn, start time.Time) {
+// readAll hands every datagram c reads to take until c is closed.
+func readAll(c net.PacketConn, take func([]byte)) {
 	buf := make([]byte, 2048)
 	for {
 		n, _, err := c.ReadFrom(buf)
@@ -178,54 +179,41 @@ func (st *callStats) readRTP(c net.PacketConn, start time.Time) {
 			}
 			continue
 		}
-		if n != rtpHeader+rtpPayload {
-			continue
-		}
-		now := time.Since(start)
-		b := buf[:n]
-		seq := binary.BigEndian.Uint16(b[2:])
-		st.mu.Lock()
-		if !st.got[seq] {
-			st.got[seq] = true
-			st.rtts = append(st.rtts, now-time.Duration(binary.BigEndian.Uint64(b[sendStampAt:])))
-			if int(seq) > st.topSeq {
-				st.topSeq = int(seq)
-				st.topCount = binary.BigEndian.Uint32(b[echoStamp:])
-				st.outJitter = binary.BigEndian.Uint32(b[echoStamp+4:])
-			}
-			st.rtpPort = binary.BigEndian.Uint16(b[echoStamp+8:])
-			// RFC 3550 §A.8 on the echoes as they reach us.
-			arrival := uint32(now.Nanoseconds() * 8000 / int64(time.Second))
-			transit := arrival - binary.BigEndian.Uint32(b[4:])
-			if st.have {
-				d := int64(int32(transit - st.transit))
-				if d < 0 {
-					d = -d
-				}
-				st.jitter += (float64(d) - st.jitter) / 16
-			}
-			st.transit, st.have = transit, true
-		}
-		st.mu.Unlock()
+		take(buf[:n])
 	}
 }
 
-func (st *callStats) readRTCP(c net.PacketConn) {
-	buf := make([]byte, 2048)
-	for {
-		n, _, err := c.ReadFrom(buf)
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) || strings.Contains(err.Error(), "closed") {
-				return
-			}
-			continue
-		}
-		if n >= echoStamp+echoStampLen {
-			st.mu.Lock()
-			st.rtcpPort = binary.BigEndian.Uint16(buf[echoStamp+8:])
-			st.mu.Unlock()
-		}
+// takeRTP records one echoed RTP packet.
+func (st *callStats) takeRTP(b []byte, now time.Duration) {
+	if len(b) != rtpHeader+rtpPayload {
+		return
 	}
+	seq := binary.BigEndian.Uint16(b[2:])
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.got[seq] {
+		return
+	}
+	st.got[seq] = true
+	st.rtts = append(st.rtts, now-time.Duration(binary.BigEndian.Uint64(b[sendStampAt:])))
+	if int(seq) > st.topSeq {
+		st.topSeq = int(seq)
+		st.topCount = binary.BigEndian.Uint32(b[echoStamp:])
+		st.outJitter = binary.BigEndian.Uint32(b[echoStamp+4:])
+	}
+	st.rtpPort = binary.BigEndian.Uint16(b[echoStamp+8:])
+	// RFC 3550 §A.8 on the echoes as they reach us, on the 8 kHz clock.
+	st.jitter.Add(uint32(now.Nanoseconds()*8000/int64(time.Second)), binary.BigEndian.Uint32(b[4:]))
+}
+
+// takeRTCP records the source port the echo saw for our RTCP.
+func (st *callStats) takeRTCP(b []byte) {
+	if len(b) < echoStamp+echoStampLen {
+		return
+	}
+	st.mu.Lock()
+	st.rtcpPort = binary.BigEndian.Uint16(b[echoStamp+8:])
+	st.mu.Unlock()
 }
 
 // report turns the gathered evidence into the call's figures.
@@ -247,7 +235,7 @@ func (st *callStats) report(sent int) *CallReport {
 	r.LossPctOut, r.LossPctIn = max(r.LossPctOut, 0), max(r.LossPctIn, 0)
 	// RTP timestamp units of 1/8 ms (8 kHz), to the microsecond.
 	r.JitterOutMS = math.Round(float64(st.outJitter)*125) / 1000
-	r.JitterInMS = math.Round(st.jitter*125) / 1000
+	r.JitterInMS = math.Round(st.jitter.Value()*125) / 1000
 	r.JitterMS = max(r.JitterOutMS, r.JitterInMS)
 	slices.Sort(st.rtts)
 	r.RTTMS = float64(st.rtts[len(st.rtts)/2].Microseconds()) / 1000

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -76,18 +77,9 @@ func TestSIPLoopbackClean(t *testing.T) {
 	if sr == nil || sr.SameMapping == nil || !*sr.SameMapping || !*sr.AnswerReachedSource || !*sr.ViaReceivedIntact || sr.SIPSource.Addr() != lo1 {
 		t.Errorf("symmetric response %+v", sr)
 	}
-	if p := property(r, "no-alg"); p.Status != StatusGood {
+	if p := propOf(r.SIPRTP, "no-alg"); p.Status != StatusGood {
 		t.Errorf("no-alg %+v", p)
 	}
-}
-
-func property(r *Report, name string) SIPProperty {
-	for _, p := range r.SIPRTP.Properties {
-		if p.Property == name {
-			return p
-		}
-	}
-	return SIPProperty{}
 }
 
 // A server without a mirror: not-offered on both, alg_detected null with a
@@ -103,12 +95,12 @@ func TestSIPNotOffered(t *testing.T) {
 	if r.Inconclusive() {
 		t.Errorf("inconclusive %v", r.InconclusiveFields)
 	}
-	if p := property(r, "no-alg"); p.Status != StatusUnknown {
+	if p := propOf(r.SIPRTP, "no-alg"); p.Status != StatusUnknown {
 		t.Errorf("no-alg %+v, want unknown without a mirror", p)
 	}
 	// --no-sip: no sip object at all.
 	r = probeSIP(t, addr, SIPConfig{Skip: true})
-	if r.SIP != nil || r.ALGDetected != nil || property(r, "no-alg").Status != StatusUnknown {
+	if r.SIP != nil || r.ALGDetected != nil || propOf(r.SIPRTP, "no-alg").Status != StatusUnknown {
 		t.Errorf("--no-sip: sip %+v alg %v", r.SIP, fmtBool(r.ALGDetected))
 	}
 }
@@ -146,36 +138,20 @@ func algProxy(t *testing.T, mirror netip.AddrPort, rewrite func([]byte) []byte) 
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = front.Close(); _ = back.Close(); _ = ln.Close() })
-	var client netip.AddrPort
-	clientCh := make(chan netip.AddrPort, 1)
-	go func() {
+	// Requests go to the mirror rewritten, answers back to the client.
+	var client atomic.Pointer[netip.AddrPort]
+	pump := func(from, to *net.UDPConn, dst func(src netip.AddrPort) netip.AddrPort, mod func([]byte) []byte) {
 		buf := make([]byte, 65536)
 		for {
-			n, from, err := front.ReadFromUDPAddrPort(buf)
+			n, src, err := from.ReadFromUDPAddrPort(buf)
 			if err != nil {
 				return
 			}
-			select {
-			case clientCh <- from:
-			default:
-			}
-			_, _ = back.WriteToUDPAddrPort(rewrite(bytes.Clone(buf[:n])), mirror)
+			_, _ = to.WriteToUDPAddrPort(mod(bytes.Clone(buf[:n])), dst(src))
 		}
-	}()
-	go func() {
-		buf := make([]byte, 65536)
-		for {
-			n, _, err := back.ReadFromUDPAddrPort(buf)
-			if err != nil {
-				return
-			}
-			select {
-			case client = <-clientCh:
-			default:
-			}
-			_, _ = front.WriteToUDPAddrPort(buf[:n], client)
-		}
-	}()
+	}
+	go pump(front, back, func(src netip.AddrPort) netip.AddrPort { client.Store(&src); return mirror }, rewrite)
+	go pump(back, front, func(netip.AddrPort) netip.AddrPort { return *client.Load() }, func(b []byte) []byte { return b })
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -222,8 +198,8 @@ func TestSIPRewritesAndDrops(t *testing.T) {
 			t.Errorf("via change %+v", c)
 		}
 	}
-	if !strings.HasPrefix(r.SIPRTP.Summary, "SIP ALG detected") || property(r, "no-alg").Status != StatusBad {
-		t.Errorf("summary %q no-alg %+v", r.SIPRTP.Summary, property(r, "no-alg"))
+	if !strings.HasPrefix(r.SIPRTP.Summary, "SIP ALG detected") || propOf(r.SIPRTP, "no-alg").Status != StatusBad {
+		t.Errorf("summary %q no-alg %+v", r.SIPRTP.Summary, propOf(r.SIPRTP, "no-alg"))
 	}
 }
 

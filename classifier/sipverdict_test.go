@@ -7,26 +7,31 @@ import (
 	"github.com/pion/transport/v5/vnet"
 )
 
+// needOf is the status of one server need of a SIP reading ("" if absent).
+func needOf(s SIPRTP, n string) NeedStatus {
+	for _, x := range s.ServerNeeds {
+		if x.Need == n {
+			return x.Status
+		}
+	}
+	return ""
+}
+
+// propOf is one judged property of a SIP reading (zero if absent).
+func propOf(s SIPRTP, n string) SIPProperty {
+	for _, x := range s.Properties {
+		if x.Property == n {
+			return x
+		}
+	}
+	return SIPProperty{}
+}
+
 // The SIP/RTP reading of each NAT property the older table left unguarded:
 // ADM needs a media relay like APDM; unmeasured hairpinning is unknown,
 // never good; pooling, parity and contiguity each way and unmeasured.
 func TestSIPVerdictProperties(t *testing.T) {
-	need := func(s SIPRTP, n string) NeedStatus {
-		for _, x := range s.ServerNeeds {
-			if x.Need == n {
-				return x.Status
-			}
-		}
-		return ""
-	}
-	prop := func(s SIPRTP, n string) SIPProperty {
-		for _, x := range s.Properties {
-			if x.Property == n {
-				return x
-			}
-		}
-		return SIPProperty{}
-	}
+	need, prop := needOf, propOf
 	nat := func(m Mapping, f Filtering, mod func(*Report)) SIPRTP {
 		yes := true
 		r := &Report{NATDetected: &yes, Mapping: m, Filtering: f, Reasons: map[string]string{}}

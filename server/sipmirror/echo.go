@@ -8,6 +8,8 @@ import (
 	"net/netip"
 	"sync"
 	"time"
+
+	"github.com/stund/stund/internal/rtpstat"
 )
 
 // Media echo limits.
@@ -56,10 +58,7 @@ type flow struct {
 	first, lastTok time.Time
 	tokens         float64
 	count          uint32
-	// RFC 3550 §A.8 jitter state.
-	transit uint32
-	jitter  float64
-	have    bool
+	jitter         rtpstat.Jitter
 }
 
 // echoTries bounds the search for a free even/odd pair when port is 0.
@@ -193,23 +192,13 @@ func (e *echo) stamp(p []byte, src netip.AddrPort, rtcp bool, now time.Time) boo
 		f.jitterAdd(p, now)
 	}
 	binary.BigEndian.PutUint32(p[StampOffset:], f.count)
-	binary.BigEndian.PutUint32(p[StampOffset+4:], uint32(f.jitter))
+	binary.BigEndian.PutUint32(p[StampOffset+4:], uint32(f.jitter.Value()))
 	binary.BigEndian.PutUint16(p[StampOffset+8:], src.Port())
 	return true
 }
 
-// jitterAdd is RFC 3550 §A.8: the transit time's variation, smoothed by
-// 1/16, in RTP timestamp units.
+// jitterAdd feeds the RFC 3550 jitter estimator with one RTP packet: its
+// arrival on the RTP clock, counted from the flow's first packet.
 func (f *flow) jitterAdd(p []byte, now time.Time) {
-	arrival := uint32(now.Sub(f.first).Nanoseconds() * rtpClock / int64(time.Second))
-	// Modulo 2^32, like the timestamps: a start near the wrap is fine.
-	transit := arrival - binary.BigEndian.Uint32(p[4:8])
-	if f.have {
-		d := int64(int32(transit - f.transit))
-		if d < 0 {
-			d = -d
-		}
-		f.jitter += (float64(d) - f.jitter) / 16
-	}
-	f.transit, f.have = transit, true
+	f.jitter.Add(uint32(now.Sub(f.first).Nanoseconds()*rtpClock/int64(time.Second)), binary.BigEndian.Uint32(p[4:8]))
 }

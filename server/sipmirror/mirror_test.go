@@ -374,14 +374,14 @@ func TestMediaJitter(t *testing.T) {
 	for i := range 50 {
 		f.jitterAdd(rtp(uint16(i), uint32(1e6+i*160), 172), t0.Add(time.Duration(i)*20*time.Millisecond))
 	}
-	if f.jitter != 0 {
-		t.Fatalf("jitter %v on a perfect stream", f.jitter)
+	if f.jitter.Value() != 0 {
+		t.Fatalf("jitter %v on a perfect stream", f.jitter.Value())
 	}
 	for i := 50; i < 250; i++ {
 		d := time.Duration(i%2) * 10 * time.Millisecond
 		f.jitterAdd(rtp(uint16(i), uint32(1e6+i*160), 172), t0.Add(time.Duration(i)*20*time.Millisecond+d))
 	}
-	if f.jitter < 70 || f.jitter > 90 { // 10 ms = 80 timestamp units
-		t.Fatalf("jitter %v units, want about 80", f.jitter)
+	if v := f.jitter.Value(); v < 70 || v > 90 { // 10 ms = 80 timestamp units
+		t.Fatalf("jitter %v units, want about 80", v)
 	}
 }
