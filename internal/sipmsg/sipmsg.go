@@ -104,6 +104,9 @@ func Parse(b []byte, stream bool) (*Message, error) {
 		if len(b) > MaxHeader {
 			return nil, ErrTooLarge
 		}
+		if stream && !bytes.Contains(b, []byte("\r\n")) {
+			return nil, ErrShort // the start line itself is still arriving
+		}
 		if !looksSIP(b) {
 			return nil, ErrNotSIP
 		}

@@ -385,3 +385,27 @@ func TestMediaJitter(t *testing.T) {
 		t.Fatalf("jitter %v units, want about 80", v)
 	}
 }
+
+// A stream message that arrives in pieces, the first shorter than the
+// request line, is answered once whole.
+func TestTCPMessageInPieces(t *testing.T) {
+	m := newMirror(t, Config{})
+	c, err := net.Dial("tcp", netip.AddrPortFrom(lo, uint16(m.Ports().SIP)).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	req := invite(netip.MustParseAddrPort("10.0.0.2:5060"), "TCP", 0)
+	for _, piece := range [][]byte{req[:5], req[5:300], req[300:]} {
+		if _, err := c.Write(piece); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(20 * time.Millisecond) // separate segments
+	}
+	_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	buf := make([]byte, 8192)
+	n, err := c.Read(buf)
+	if err != nil || !strings.HasPrefix(string(buf[:n]), "SIP/2.0 200 OK") {
+		t.Fatalf("answer %q, %v", buf[:n], err)
+	}
+}
