@@ -3,7 +3,10 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"io"
+	"net/netip"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -11,6 +14,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/stund/stund/classifier"
+	"github.com/stund/stund/server/sipmirror"
 )
 
 // algReport is fakeReport with a SIP ALG rewriting UDP and dropping TCP.
@@ -83,5 +87,52 @@ func TestSIPFlags(t *testing.T) {
 		if code := run(context.Background(), append(append([]string{"natprobe"}, bad...), "127.0.0.1"), &out, &errb); code != exitUsage {
 			t.Errorf("%v: code %d, want %d (%s)", bad, code, exitUsage, errb.String())
 		}
+	}
+}
+
+// natprobe against stund with its SIP mirror on loopback: the sip object
+// as docs/natprobe-json.md describes it, both transports clean, and the
+// call's figures with --call.
+func TestSIPJSONAgainstMirror(t *testing.T) {
+	s := startStundServer(t, false, "")
+	m, err := sipmirror.New(sipmirror.Config{IPs: []netip.Addr{s.Grid()[0][0].Addr()}, Allow: s.AllowUnauth})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	p := m.Ports()
+	r := natprobe(t, "--json", "--no-hairpin", "--sip-port", strconv.Itoa(p.SIP), "--sip-control-port", strconv.Itoa(p.Control),
+		"--call", "200ms", s.Grid()[0][0].String())
+	if r.code != exitClassified {
+		t.Fatalf("exit %d, stderr %q", r.code, r.stderr)
+	}
+	out := decodeOne(t, r.stdout)
+	checkSchema(t, out)
+	if out["alg_detected"] != false {
+		t.Errorf("alg_detected %v", out["alg_detected"])
+	}
+	sip, _ := out["sip"].(map[string]any)
+	alg, _ := sip["alg"].(map[string]any)
+	for _, tr := range []string{"udp", "tcp"} {
+		a, _ := alg[tr].(map[string]any)
+		if a["verdict"] != "none" || kind(a["changed"]) != "array" {
+			t.Errorf("sip.alg.%s = %v", tr, a)
+		}
+	}
+	sr, _ := sip["symmetric_response"].(map[string]any)
+	if sr["same_mapping"] != true || sr["answer_reached_source_port"] != true {
+		t.Errorf("symmetric_response %v", sr)
+	}
+	rtp, _ := sip["rtp"].(map[string]any)
+	for _, f := range []string{"loss_pct_out", "loss_pct_in", "jitter_ms", "rtt_ms", "r_factor", "mos", "packets"} {
+		if kind(rtp[f]) != "number" {
+			t.Errorf("sip.rtp.%s = %v", f, rtp[f])
+		}
+	}
+	if n, _ := rtp["packets"].(json.Number).Int64(); n != 10 {
+		t.Errorf("--call 200ms sent %v packets, want 10", rtp["packets"])
+	}
+	if sip["rtp_relay"] != nil {
+		t.Errorf("rtp_relay %v without a relay", sip["rtp_relay"])
 	}
 }
