@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	mrand "math/rand/v2"
 	"net"
@@ -84,15 +85,58 @@ func (p *prober) callTest(ctx context.Context, dst netip.AddrPort) *CallReport {
 	if err != nil {
 		return &CallReport{Error: err.Error()}
 	}
-	defer rtp.Close()
-	defer rtcp.Close()
-	n := int(p.cfg.SIP.Call / rtpInterval)
+	return runCall(ctx, rtp, rtcp, dst, int(p.cfg.SIP.Call/rtpInterval))
+}
+
+// RelayCall runs the call test through a TURN relay (relay.Path): RTP for
+// d from peer to the relayed address, echoed at the allocation alloc the
+// way the SIP mirror's media echo does, so that both legs of a relayed call
+// cross the real path and loss and jitter are known each way. There is no
+// RTCP (one allocation) and the peer's port is the OS's, so parity and
+// adjacency are not measured. It closes alloc and peer.
+func RelayCall(ctx context.Context, alloc, peer net.PacketConn, relayed netip.AddrPort, d time.Duration) *CallReport {
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); echoAt(alloc) }()
+	r := runCall(ctx, peer, nil, relayed, int(d/rtpInterval))
+	_ = alloc.Close()
+	wg.Wait()
+	return r
+}
+
+// echoAt echoes every RTP packet c receives to its source, stamped as
+// server/sipmirror's media echo stamps it (receive count, RFC 3550 jitter,
+// source port), until c is closed.
+func echoAt(c net.PacketConn) {
+	var count uint32
+	var j rtpstat.Jitter
+	start := time.Now()
+	readAll(c, func(b []byte, from net.Addr) {
+		if len(b) < echoStamp+echoStampLen {
+			return
+		}
+		count++
+		j.Add(uint32(time.Since(start).Nanoseconds()*8000/int64(time.Second)), binary.BigEndian.Uint32(b[4:]))
+		binary.BigEndian.PutUint32(b[echoStamp:], count)
+		binary.BigEndian.PutUint32(b[echoStamp+4:], uint32(j.Value()))
+		binary.BigEndian.PutUint16(b[echoStamp+8:], addrPortOf(from).Port())
+		_, _ = c.WriteTo(b, from)
+	})
+}
+
+// runCall sends n RTP packets every rtpInterval from rtp to dst (and RTCP
+// from rtcp to the next port, when rtcp is not nil), gathers the echoes
+// and closes both sockets.
+func runCall(ctx context.Context, rtp, rtcp net.PacketConn, dst netip.AddrPort, n int) *CallReport {
 	st := &callStats{got: map[uint16]bool{}, topSeq: -1}
 	start := time.Now()
 	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() { defer wg.Done(); readAll(rtp, func(b []byte) { st.takeRTP(b, time.Since(start)) }) }()
-	go func() { defer wg.Done(); readAll(rtcp, st.takeRTCP) }()
+	wg.Add(1)
+	go func() { defer wg.Done(); readAll(rtp, func(b []byte, _ net.Addr) { st.takeRTP(b, time.Since(start)) }) }()
+	if rtcp != nil {
+		wg.Add(1)
+		go func() { defer wg.Done(); readAll(rtcp, func(b []byte, _ net.Addr) { st.takeRTCP(b) }) }()
+	}
 	ssrc := mrand.Uint32()
 	ts0 := mrand.Uint32()
 	pkt := make([]byte, rtpHeader+rtpPayload)
@@ -113,7 +157,7 @@ func (p *prober) callTest(ctx context.Context, dst netip.AddrPort) *CallReport {
 		}
 		binary.BigEndian.PutUint64(pkt[sendStampAt:], uint64(time.Since(start)))
 		_, _ = rtp.WriteTo(pkt, to)
-		if time.Since(lastRTCP) >= rtcpEvery {
+		if rtcp != nil && time.Since(lastRTCP) >= rtcpEvery {
 			_, _ = rtcp.WriteTo(rtcpSR(ssrc), toRTCP)
 			lastRTCP = time.Now()
 		}
@@ -128,9 +172,15 @@ func (p *prober) callTest(ctx context.Context, dst netip.AddrPort) *CallReport {
 	case <-time.After(callDrain):
 	}
 	_ = rtp.Close()
-	_ = rtcp.Close()
+	if rtcp != nil {
+		_ = rtcp.Close()
+	}
 	wg.Wait()
-	return st.report(sent)
+	r := st.report(sent)
+	if rtcp == nil {
+		r.RTPParityKept, r.RTCPAdjacent = nil, nil
+	}
+	return r
 }
 
 // rtcpSR is a minimal RTCP sender report (RFC 3550 §6.4.1): header, SSRC,
@@ -168,18 +218,21 @@ func (p *prober) bindRTPPair() (net.PacketConn, net.PacketConn, error) {
 	return nil, nil, fmt.Errorf("no free even/odd local port pair in %d tries: %v", rtpPortTries, lastErr)
 }
 
-// readAll hands every datagram c reads to take until c is closed.
-func readAll(c net.PacketConn, take func([]byte)) {
+// readAll hands every datagram c reads to take until c is closed, or
+// fails maxReadErrors times in a row.
+func readAll(c net.PacketConn, take func(b []byte, from net.Addr)) {
 	buf := make([]byte, 2048)
-	for {
-		n, _, err := c.ReadFrom(buf)
+	for fails := 0; fails < maxReadErrors; {
+		n, from, err := c.ReadFrom(buf)
 		if err != nil {
-			if errors.Is(err, net.ErrClosed) || strings.Contains(err.Error(), "closed") {
+			if errors.Is(err, net.ErrClosed) || errors.Is(err, io.EOF) || strings.Contains(err.Error(), "closed") {
 				return
 			}
+			fails++
 			continue
 		}
-		take(buf[:n])
+		fails = 0
+		take(buf[:n], from)
 	}
 }
 

@@ -275,7 +275,7 @@ func parseOptions(c *cli.Context) (*options, error) {
 		return nil, err
 	}
 	if o.timeout == 0 {
-		o.timeout = defaultTimeout + o.sip.Call
+		o.timeout = defaultTimeout + 2*o.sip.Call // the call runs directly and maybe through the relay
 		if o.lifetime {
 			o.timeout += o.lifetimeMax
 		}
@@ -529,6 +529,7 @@ func measure(parent context.Context, o *options, id string, stderr io.Writer) (r
 			transports = []string{relay.TCP, relay.TLS}
 		}
 		rep.Relay, answered = proveRelay(ctx, o, cfg.Software, transports)
+		relayCall(ctx, o, cfg.Software, rep, progress.update)
 	}
 	if meta.udpBlocked != nil && answered {
 		// The server is up: UDP, and only UDP, is blocked on this path.
@@ -598,17 +599,7 @@ func software(id string) string {
 // server gave a STUN answer on the way (the relay works, or the server
 // refused a request): the server is then up on that transport.
 func proveRelay(ctx context.Context, o *options, software string, transports []string) (rr *classifier.RelayReport, answered bool) {
-	cfg := relay.Config{
-		Server:    o.server,
-		TLSServer: tlsServer(o),
-		Username:  o.turnUser,
-		Password:  o.turnPass,
-		Secret:    o.turnSecret,
-		TLSConfig: o.turnTLS,
-		Software:  software,
-		Net:       o.net,
-	}
-	p, err := relay.Prove(ctx, cfg, transports...)
+	p, err := relay.Prove(ctx, relayConfig(o, software), transports...)
 	rr = &classifier.RelayReport{
 		OK:        p.OK,
 		Transport: p.Transport,
@@ -626,6 +617,20 @@ func proveRelay(ctx context.Context, o *options, software string, transports []s
 	// Prove moves to the next transport only when one got no answer, so
 	// the last attempt's allocation or refusal is the server's answer.
 	return rr, p.OK || p.RelayedAddr.IsValid() || errors.As(err, &refused)
+}
+
+// relayConfig is the TURN client's configuration from the options.
+func relayConfig(o *options, software string) relay.Config {
+	return relay.Config{
+		Server:    o.server,
+		TLSServer: tlsServer(o),
+		Username:  o.turnUser,
+		Password:  o.turnPass,
+		Secret:    o.turnSecret,
+		TLSConfig: o.turnTLS,
+		Software:  software,
+		Net:       o.net,
+	}
 }
 
 // tlsServer is where TURN over TLS is: the server's host on --turn-tls-port

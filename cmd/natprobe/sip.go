@@ -3,6 +3,7 @@ package main
 // The SIP test's flags and its lines in the text and markdown reports.
 
 import (
+	"context"
 	"fmt"
 	"strings"
 	"time"
@@ -10,6 +11,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/stund/stund/classifier"
+	"github.com/stund/stund/relay"
 )
 
 // maxCall bounds --call: the media echo serves a flow for 30 s.
@@ -115,4 +117,23 @@ func callRow(name string, c *classifier.CallReport) row {
 	}
 	return row{name, fmt.Sprintf("MOS %.1f", c.MOS), fmt.Sprintf("%d packets: loss %.1f%% out, %.1f%% back; jitter %.1f ms; rtt %.1f ms; R %.0f (ITU-T G.107)",
 		c.Packets, c.LossPctOut, c.LossPctIn, c.JitterMS, c.RTTMS, c.RFactor), t}
+}
+
+// relayCall runs --call through the TURN relay natprobe just proved, over
+// the transport that worked, into sip.rtp_relay: the media path a phone
+// here would use when the NAT forces a relay.
+func relayCall(ctx context.Context, o *options, software string, rep *classifier.Report, progress func(string)) {
+	if o.sip.Call <= 0 || rep.SIP == nil || rep.Relay == nil || !rep.Relay.OK {
+		return
+	}
+	progress(fmt.Sprintf("call test through the relay: %v of G.711", o.sip.Call))
+	cfg := relayConfig(o, software)
+	cfg.Transport = rep.Relay.Transport
+	path, err := relay.OpenPath(ctx, cfg)
+	if err != nil {
+		rep.SIP.RTPRelay = &classifier.CallReport{Error: err.Error()}
+		return
+	}
+	defer path.Close()
+	rep.SIP.RTPRelay = classifier.RelayCall(ctx, path.Allocation(), path.Peer(), path.RelayedAddr(), o.sip.Call)
 }

@@ -136,3 +136,36 @@ func TestSIPJSONAgainstMirror(t *testing.T) {
 		t.Errorf("rtp_relay %v without a relay", sip["rtp_relay"])
 	}
 }
+
+// With --relay and --call the call also runs through the TURN relay:
+// sip.rtp_relay beside sip.rtp, every packet back on loopback, and no
+// parity or adjacency claim for a path whose ports natprobe did not pick.
+func TestRelayCallAgainstMirror(t *testing.T) {
+	s := startStundServer(t, false, "")
+	m, err := sipmirror.New(sipmirror.Config{IPs: []netip.Addr{s.Grid()[0][0].Addr()}, Allow: s.AllowUnauth})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	p := m.Ports()
+	r := natprobe(t, "--json", "--no-hairpin", "--relay", "--turn-user", testUser, "--turn-pass", testPass,
+		"--sip-port", strconv.Itoa(p.SIP), "--sip-control-port", strconv.Itoa(p.Control), "--call", "400ms", s.Grid()[0][0].String())
+	if r.code != exitClassified {
+		t.Fatalf("exit %d, stderr %q", r.code, r.stderr)
+	}
+	out := decodeOne(t, r.stdout)
+	sip, _ := out["sip"].(map[string]any)
+	for _, f := range []string{"rtp", "rtp_relay"} {
+		c, _ := sip[f].(map[string]any)
+		if n, _ := c["packets"].(json.Number).Int64(); n != 20 || c["error"] != nil {
+			t.Errorf("sip.%s = %v, want 20 packets and no error", f, c)
+		}
+		if lo, _ := c["loss_pct_out"].(json.Number).Float64(); lo != 0 {
+			t.Errorf("sip.%s.loss_pct_out %v on loopback", f, lo)
+		}
+	}
+	relayCall, _ := sip["rtp_relay"].(map[string]any)
+	if relayCall["rtp_parity_kept"] != nil || relayCall["rtcp_adjacent"] != nil {
+		t.Errorf("rtp_relay claims parity/adjacency: %v", relayCall)
+	}
+}
