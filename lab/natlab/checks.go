@@ -236,12 +236,12 @@ func boolStr(b *bool) string {
 // namespace and translates its report; problems with the report itself
 // (schema, addresses, exit status) come back as extra mismatches. relay is
 // the profile's expect.Relay ("" none, "auto", "forced").
-func runNatprobe(ctx context.Context, bin, ns string, port int, p profile, relay string, withLifetime, call bool) (observed, []string, error) {
+func runNatprobe(ctx context.Context, bin, ns string, port int, p profile, relay string, withLifetime bool, call time.Duration) (observed, []string, error) {
 	args := []string{bin, "--json"}
 	limit := 30 * time.Second
-	if call {
-		args = append(args, "--call", fmt.Sprintf("%ds", callSeconds))
-		limit += callSeconds * time.Second
+	if call > 0 {
+		args = append(args, "--call", call.String())
+		limit += 2 * call
 	}
 	switch relay {
 	case "forced":
@@ -318,7 +318,7 @@ func runNatprobe(ctx context.Context, bin, ns string, port int, p profile, relay
 		} else {
 			o.extra = append(o.extra, sipObserved(r.SIP))
 		}
-		if call {
+		if call > 0 {
 			cb, line := checkCall(p, r.SIP)
 			bad = append(bad, cb...)
 			o.extra = append(o.extra, line)

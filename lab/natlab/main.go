@@ -383,9 +383,10 @@ func runProfile(ctx context.Context, idx int, p profile, want map[string]bool, s
 		var durs []string
 		seen := false
 		for i := 0; i < runs && ctx.Err() == nil; i++ {
-			// The first run on a loss profile also makes a call, whose
-			// loss each way must match the configured loss.
-			o, b, err := runNatprobe(ctx, natprobeBin, l.client, stundPort, p, p.Want.Relay, p.Want.LifetimeS > 0, i == 0 && p.LossPct > 0)
+			// The first run on a loss profile, or on one whose NAT
+			// makes natprobe fall back to the relay, also makes a call
+			// (callFor), whose loss each way must match the profile's.
+			o, b, err := runNatprobe(ctx, natprobeBin, l.client, stundPort, p, p.Want.Relay, p.Want.LifetimeS > 0, callFor(p, i))
 			if err != nil {
 				bad = append(bad, fmt.Sprintf("run %d: %v", i+1, err))
 				continue
@@ -415,7 +416,7 @@ func runProfile(ctx context.Context, idx int, p profile, want map[string]bool, s
 		mark("natprobe", bad)
 	}
 	if want["coturn"] && co != nil && natprobeBin != "" {
-		o, bad, err := runNatprobe(ctx, natprobeBin, l.client, coturnPort, p, "", false, false)
+		o, bad, err := runNatprobe(ctx, natprobeBin, l.client, coturnPort, p, "", false, 0)
 		if err != nil {
 			fail("natprobe→coturn", err.Error())
 			r.checks = append(r.checks, "coturn:FAIL")

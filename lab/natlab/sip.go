@@ -9,6 +9,7 @@ import (
 	"math"
 	"slices"
 	"strings"
+	"time"
 )
 
 // sipHelper turns Linux's SIP ALG on (nf_conntrack_sip with nf_nat_sip for
@@ -43,14 +44,18 @@ type sipJSON struct {
 		Changed []string `json:"changed"`
 		Reason  string   `json:"reason"`
 	} `json:"alg"`
-	RTP *struct {
-		Packets    int     `json:"packets"`
-		LossPctOut float64 `json:"loss_pct_out"`
-		LossPctIn  float64 `json:"loss_pct_in"`
-		JitterMS   float64 `json:"jitter_ms"`
-		MOS        float64 `json:"mos"`
-		Error      string  `json:"error"`
-	} `json:"rtp"`
+	RTP      *callJSON `json:"rtp"`
+	RTPRelay *callJSON `json:"rtp_relay"`
+}
+
+// callJSON is sip.rtp or sip.rtp_relay.
+type callJSON struct {
+	Packets    int     `json:"packets"`
+	LossPctOut float64 `json:"loss_pct_out"`
+	LossPctIn  float64 `json:"loss_pct_in"`
+	JitterMS   float64 `json:"jitter_ms"`
+	MOS        float64 `json:"mos"`
+	Error      string  `json:"error"`
 }
 
 // sipObserved is the SIP verdict in one word per transport, for the table.
@@ -104,24 +109,58 @@ func checkSIP(p profile, s *sipJSON, algDetected *bool) []string {
 	return bad
 }
 
-// callSeconds is the call test's length on the loss profiles: 250 packets
+// lossyCall is the call test's length on the loss profiles: 250 packets
 // put each direction's loss estimate within 4.5 standard deviations of the
-// configured rate at about ±14 points even at 50 %.
-const callSeconds = 5
+// configured rate at about ±14 points even at 50 %. relayCall is the
+// lossless relay fallback's: there every packet must come back.
+const (
+	lossyCall = 5 * time.Second
+	relayCall = time.Second
+)
+
+// callFor is the call natprobe's run i on p makes (0: none): on the first
+// run of a loss profile, and of a profile whose NAT makes natprobe fall
+// back to the relay by itself, where the call then also runs through it.
+func callFor(p profile, i int) time.Duration {
+	switch {
+	case i > 0:
+		return 0
+	case p.LossPct > 0:
+		return lossyCall
+	case p.Want.Relay == "auto":
+		return relayCall
+	}
+	return 0
+}
 
 // checkCall compares the call test's loss each way with the profile's
 // configured loss: within 4.5 binomial standard deviations (for the packets
 // that direction saw), so that a correct measurement fails about once in
 // 150 000 checks.
 func checkCall(p profile, s *sipJSON) ([]string, string) {
-	if s == nil || s.RTP == nil {
-		return []string{"sip.rtp missing with --call"}, ""
-	}
-	c := s.RTP
-	if c.Error != "" {
-		return []string{"sip.rtp.error: " + c.Error}, ""
+	if s == nil {
+		return []string{"sip missing with --call"}, ""
 	}
 	q := float64(p.LossPct) / 100
+	bad, line := callLoss("sip.rtp", s.RTP, q)
+	if p.Want.Relay == "auto" {
+		// Through the relay each leg crosses the router twice: from
+		// the peer socket out to the relayed address, and from the
+		// TURN server in to natprobe's allocation.
+		b, l := callLoss("sip.rtp_relay", s.RTPRelay, 1-(1-q)*(1-q))
+		bad, line = append(bad, b...), line+"; relay "+l
+	}
+	return bad, line
+}
+
+// callLoss checks one call's loss each way against the rate q.
+func callLoss(name string, c *callJSON, q float64) ([]string, string) {
+	if c == nil {
+		return []string{name + " missing with --call"}, ""
+	}
+	if c.Error != "" {
+		return []string{name + ".error: " + c.Error}, ""
+	}
 	var bad []string
 	nOut := float64(c.Packets)
 	nIn := nOut * (1 - q)
@@ -133,7 +172,7 @@ func checkCall(p profile, s *sipJSON) ([]string, string) {
 		tol := 100 * 4.5 * math.Sqrt(q*(1-q)/d.n)
 		tol = max(tol, 2)
 		if math.Abs(d.got-100*q) > tol {
-			bad = append(bad, fmt.Sprintf("sip.rtp.%s %.1f, want %d ± %.1f", d.name, d.got, p.LossPct, tol))
+			bad = append(bad, fmt.Sprintf("%s.%s %.1f, want %.0f ± %.1f", name, d.name, d.got, 100*q, tol))
 		}
 	}
 	return bad, fmt.Sprintf("call %d pkts: loss out %.1f%% in %.1f%%, jitter %.2f ms, MOS %.2f", c.Packets, c.LossPctOut, c.LossPctIn, c.JitterMS, c.MOS)
@@ -171,12 +210,14 @@ func sipProfiles() []profile {
 	}
 	lossyAPDM := profile{
 		Name: "sipalg-apdm-loss-10",
-		Doc:  "random-apdf (APDM) with Linux's SIP ALG and 10% random loss both ways",
+		Doc:  "random-apdf (APDM) with Linux's SIP ALG and 10% random loss both ways; TURN fallback and a call through it",
 		Rules: ruleset("", "", "",
 			`oifname "r1" ip saddr 10.0.0.0/24 snat ip to 198.51.100.1 random`, lossRule(10)) + sipHelper,
 		LossPct: 10,
 		Runs:    3,
-		Want:    apdm.Want,
+		// The TURN fallback under loss: the relay proof, and the call
+		// through the relay with its doubled per-leg loss.
+		Want: func() expect { e := apdm.Want; e.Relay = "auto"; return e }(),
 	}
 	ps := []profile{eim, apdm, lossyALG, lossyAPDM}
 	for i := range ps {
