@@ -14,6 +14,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/stund/stund/classifier"
+	"github.com/stund/stund/server"
 	"github.com/stund/stund/server/sipmirror"
 )
 
@@ -90,17 +91,24 @@ func TestSIPFlags(t *testing.T) {
 	}
 }
 
-// natprobe against stund with its SIP mirror on loopback: the sip object
-// as docs/natprobe-json.md describes it, both transports clean, and the
-// call's figures with --call.
-func TestSIPJSONAgainstMirror(t *testing.T) {
+// startMirror runs stund and its SIP mirror on loopback, sharing the
+// server's per-IP budget as cmd/stund wires them.
+func startMirror(t *testing.T) (*server.Server, sipmirror.Ports) {
+	t.Helper()
 	s := startStundServer(t, false, "")
 	m, err := sipmirror.New(sipmirror.Config{IPs: []netip.Addr{s.Grid()[0][0].Addr()}, Allow: s.AllowUnauth})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer m.Close()
-	p := m.Ports()
+	t.Cleanup(func() { _ = m.Close() })
+	return s, m.Ports()
+}
+
+// natprobe against stund with its SIP mirror on loopback: the sip object
+// as docs/natprobe-json.md describes it, both transports clean, and the
+// call's figures with --call.
+func TestSIPJSONAgainstMirror(t *testing.T) {
+	s, p := startMirror(t)
 	r := natprobe(t, "--json", "--no-hairpin", "--sip-port", strconv.Itoa(p.SIP), "--sip-control-port", strconv.Itoa(p.Control),
 		"--call", "200ms", s.Grid()[0][0].String())
 	if r.code != exitClassified {
@@ -141,13 +149,7 @@ func TestSIPJSONAgainstMirror(t *testing.T) {
 // sip.rtp_relay beside sip.rtp, every packet back on loopback, and no
 // parity or adjacency claim for a path whose ports natprobe did not pick.
 func TestRelayCallAgainstMirror(t *testing.T) {
-	s := startStundServer(t, false, "")
-	m, err := sipmirror.New(sipmirror.Config{IPs: []netip.Addr{s.Grid()[0][0].Addr()}, Allow: s.AllowUnauth})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	p := m.Ports()
+	s, p := startMirror(t)
 	r := natprobe(t, "--json", "--no-hairpin", "--relay", "--turn-user", testUser, "--turn-pass", testPass,
 		"--sip-port", strconv.Itoa(p.SIP), "--sip-control-port", strconv.Itoa(p.Control), "--call", "400ms", s.Grid()[0][0].String())
 	if r.code != exitClassified {
