@@ -163,6 +163,8 @@ func New(cfg Config) (*Mirror, error) {
 	if m.media != nil {
 		m.media.start(&m.wg)
 	}
+	m.log.Info("SIP mirror listening", "ips", cfg.IPs, "sip", m.ports.SIP, "control", m.ports.Control,
+		"tls", m.ports.TLS, "media", m.ports.Media)
 	return m, nil
 }
 

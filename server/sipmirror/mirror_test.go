@@ -2,8 +2,10 @@ package sipmirror
 
 import (
 	"bytes"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -14,6 +16,7 @@ import (
 	"time"
 
 	"github.com/stund/stund/internal/sipmsg"
+	"github.com/stund/stund/internal/testutil"
 )
 
 var lo = netip.MustParseAddr("127.0.0.1")
@@ -407,5 +410,64 @@ func TestTCPMessageInPieces(t *testing.T) {
 	n, err := c.Read(buf)
 	if err != nil || !strings.HasPrefix(string(buf[:n]), "SIP/2.0 200 OK") {
 		t.Fatalf("answer %q, %v", buf[:n], err)
+	}
+}
+
+// SIP over TLS (RFC 3261 §26.2.1) on the TLS port when a certificate is
+// configured: the same answer, reported as transport tls; and the mirror
+// says where it listens in its log.
+func TestTLSAnswer(t *testing.T) {
+	cert, pool := testutil.SelfSigned(t)
+	var logs testutil.SyncBuffer
+	m := newMirror(t, Config{TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12},
+		Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if m.Ports().TLS == 0 {
+		t.Fatal("no TLS port bound")
+	}
+	if !strings.Contains(logs.String(), "SIP mirror listening") {
+		t.Errorf("log %q", logs.String())
+	}
+	c, err := tls.Dial("tcp", netip.AddrPortFrom(lo, uint16(m.Ports().TLS)).String(), &tls.Config{RootCAs: pool, ServerName: testutil.CertName})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	req := invite(netip.MustParseAddrPort("10.0.0.2:5061"), "TLS", 0)
+	if _, err := c.Write(req); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var buf []byte
+	tmp := make([]byte, 4096)
+	for {
+		n, err := c.Read(tmp)
+		buf = append(buf, tmp[:n]...)
+		if msg, perr := sipmsg.Parse(buf, true); perr == nil {
+			rep, err := sipmsg.ParseReport(msg.Body)
+			if err != nil || rep.Transport != "tls" || !bytes.Equal(rep.Request, req) {
+				t.Fatalf("report %+v, %v", rep, err)
+			}
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if m.Stats().Answers["tls"] != 1 {
+		t.Errorf("answers %v", m.Stats().Answers)
+	}
+}
+
+// Behind a cloud 1:1 NAT the answer's SDP names the public address.
+func TestAdvertisedAddressInSDP(t *testing.T) {
+	pub := netip.MustParseAddr("203.0.113.7")
+	m := newMirror(t, Config{Advertise: map[netip.Addr]netip.Addr{lo: pub}})
+	ans, _ := udpExchange(t, m.Ports().Control, invite(netip.MustParseAddrPort("10.0.0.2:5060"), "UDP", padTo))
+	msg, err := sipmsg.Parse(ans, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(msg.Body, []byte("c=IN IP4 203.0.113.7\r\n")) || bytes.Contains(msg.Body, []byte("127.0.0.1")) {
+		t.Errorf("SDP %q names the private address", msg.Body)
 	}
 }

@@ -20,7 +20,9 @@ func (m *Mirror) accept(ln net.Listener) {
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
-			// EMFILE and the like: back off a little rather than spin.
+			// EMFILE and the like: say so, and back off a little rather
+			// than spin.
+			m.log.Warn("SIP mirror: accept failed", "listener", l.Addr().String(), "error", err)
 			time.Sleep(10 * time.Millisecond)
 			continue
 		}
