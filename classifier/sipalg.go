@@ -432,6 +432,7 @@ type udpSIPSock struct {
 	mu      sync.Mutex
 	sends   []time.Time
 	answers []sipAnswer
+	arrived []time.Time // when each answer came
 	mapped  netip.AddrPort
 }
 
@@ -465,6 +466,7 @@ func (s *udpSIPSock) read() {
 		if a, ok := readAnswer(buf[:n], false, s.callID); ok {
 			s.mu.Lock()
 			s.answers = append(s.answers, a)
+			s.arrived = append(s.arrived, time.Now())
 			s.mu.Unlock()
 			continue
 		}
@@ -476,20 +478,37 @@ func (s *udpSIPSock) read() {
 	}
 }
 
-// state returns copies sent at least sipSettle ago, answers, and the first
-// answer and mapping.
-func (s *udpSIPSock) state(now time.Time) (settled, hits int, first sipAnswer, mapped netip.AddrPort) {
+// sockState is what one socket of the UDP test has seen so far.
+type sockState struct {
+	settled     int // copies sent at least sipSettle ago
+	settledHits int // answers that came by then: surely to those copies
+	hits        int // all answers
+	first       sipAnswer
+	mapped      netip.AddrPort
+}
+
+// state is the socket's sockState at now. As in the NAT tests' evidence
+// streams (txn.go evaluate), answers cannot be matched to copies, but one
+// that arrived by the cutoff surely answers a copy sent before it.
+func (s *udpSIPSock) state(now time.Time) sockState {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	st := sockState{hits: len(s.answers), mapped: s.mapped}
+	cutoff := now.Add(-sipSettle)
 	for _, t := range s.sends {
-		if now.Sub(t) >= sipSettle {
-			settled++
+		if !t.After(cutoff) {
+			st.settled++
+		}
+	}
+	for _, t := range s.arrived {
+		if !t.After(cutoff) {
+			st.settledHits++
 		}
 	}
 	if len(s.answers) > 0 {
-		first = s.answers[0]
+		st.first = s.answers[0]
 	}
-	return settled, len(s.answers), first, s.mapped
+	return st
 }
 
 func (s *udpSIPSock) send(stun bool) {
@@ -524,27 +543,24 @@ func (p *prober) sipUDP(ctx context.Context, g sipGate) {
 	ev.sent, ev.sentControl = ss.req, cs.req
 	tick := time.NewTicker(sipPace)
 	defer tick.Stop()
-	var sipN, sipHits, ctlN, ctlHits int
-	var sipAns, ctlAns sipAnswer
-	var ctlMapped netip.AddrPort
+	var sip, ctl sockState
 	for round := 0; round < maxSends; round++ {
 		now := time.Now()
-		sipN, sipHits, sipAns, _ = ss.state(now)
-		ctlN, ctlHits, ctlAns, ctlMapped = cs.state(now)
-		if ctlHits > 0 {
+		sip, ctl = ss.state(now), cs.state(now)
+		if ctl.hits > 0 {
 			g.markOffered()
 		}
-		ev.silenceIsDrop = sipHits == 0 && hypergeomZero(ctlN, min(ctlHits, ctlN), sipN) < negativeAlpha
-		if (sipHits > 0 || ev.silenceIsDrop) && ctlHits > 0 && ctlMapped.IsValid() {
+		ev.silenceIsDrop = sip.hits == 0 && hypergeomZero(ctl.settled, min(ctl.settledHits, ctl.settled), sip.settled) < negativeAlpha
+		if (sip.hits > 0 || ev.silenceIsDrop) && ctl.hits > 0 && ctl.mapped.IsValid() {
 			break
 		}
-		if ctlHits == 0 && g.gaveUp() {
+		if ctl.hits == 0 && g.gaveUp() {
 			break
 		}
-		if sipHits == 0 && !ev.silenceIsDrop {
+		if sip.hits == 0 && !ev.silenceIsDrop {
 			ss.send(false)
 		}
-		if ctlHits == 0 || (sipHits == 0 && !ev.silenceIsDrop) || !ctlMapped.IsValid() {
+		if ctl.hits == 0 || (sip.hits == 0 && !ev.silenceIsDrop) || !ctl.mapped.IsValid() {
 			cs.send(true)
 		}
 		select {
@@ -553,14 +569,14 @@ func (p *prober) sipUDP(ctx context.Context, g sipGate) {
 		case <-tick.C:
 		}
 	}
-	if sipHits > 0 {
-		ev.sip = portEvidence{answered: true, received: sipAns.report.Request}
-		p.sipRes.mediaPort = sipAns.report.MediaPort
+	if sip.hits > 0 {
+		ev.sip = portEvidence{answered: true, received: sip.first.report.Request}
+		p.sipRes.mediaPort = sip.first.report.MediaPort
 	}
-	if ctlHits > 0 {
-		ev.control = portEvidence{answered: true, received: ctlAns.report.Request}
-		p.sipRes.mediaPort = ctlAns.report.MediaPort
+	if ctl.hits > 0 {
+		ev.control = portEvidence{answered: true, received: ctl.first.report.Request}
+		p.sipRes.mediaPort = ctl.first.report.MediaPort
 	}
-	ev.undecided = fmt.Sprintf("over UDP the SIP port answered %d of %d copies, the control port %d of %d", sipHits, sipN, ctlHits, ctlN)
-	p.sipRes.sym = symmetricVerdict(ctlMapped, ctlAns.report.Source, cs.local, ctlHits > 0, ctlAns.viaSrc)
+	ev.undecided = fmt.Sprintf("over UDP the SIP port answered %d of %d copies, the control port %d of %d", sip.hits, sip.settled, ctl.hits, ctl.settled)
+	p.sipRes.sym = symmetricVerdict(ctl.mapped, ctl.first.report.Source, cs.local, ctl.hits > 0, ctl.first.viaSrc)
 }

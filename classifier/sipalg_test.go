@@ -326,3 +326,19 @@ func TestDiffSIPCapturedLinuxALG(t *testing.T) {
 		t.Errorf("changed %v, want %v", fields, want)
 	}
 }
+
+// A box that eats SIP on the SIP port over UDP too: drops on both
+// transports, decided by the exact test against the control port's
+// answers, and the advice first.
+func TestSIPDropsUDP(t *testing.T) {
+	t.Parallel()
+	addr, ports := startLoopbackMirror(t)
+	proxy := algProxy(t, netip.AddrPortFrom(lo1, uint16(ports.SIP)), func([]byte) []byte { return nil })
+	r := probeSIP(t, addr, SIPConfig{Port: proxy, ControlPort: uint16(ports.Control)})
+	if verdicts(r) != "drops/drops" || r.ALGDetected == nil || !*r.ALGDetected {
+		t.Fatalf("verdicts %s alg_detected %v reasons %v", verdicts(r), fmtBool(r.ALGDetected), r.Reasons)
+	}
+	if !strings.Contains(r.SIPRTP.Summary, "drops SIP over UDP") {
+		t.Errorf("summary %q", r.SIPRTP.Summary)
+	}
+}
