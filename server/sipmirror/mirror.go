@@ -35,6 +35,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -148,9 +149,18 @@ func New(cfg Config) (*Mirror, error) {
 	}
 	m := &Mirror{cfg: cfg, log: cfg.Logger, perIP: map[netip.Addr]int{}, conns: map[net.Conn]struct{}{}}
 	m.stats.init()
-	if err := m.bind(); err != nil {
+	for try := 1; ; try++ {
+		err := m.bind()
+		if err == nil {
+			break
+		}
 		m.closeAll()
-		return nil, err
+		// A free port picked for UDP may be taken for TCP (or the next
+		// IP) by then: pick again, a bounded number of times.
+		if !m.pickedFree() || !errors.Is(err, syscall.EADDRINUSE) || try == bindTries {
+			return nil, err
+		}
+		m.udp, m.lns, m.media, m.closing = nil, nil, nil, false
 	}
 	for i, c := range m.udp {
 		m.wg.Add(1)
@@ -166,6 +176,15 @@ func New(cfg Config) (*Mirror, error) {
 	m.log.Info("SIP mirror listening", "ips", cfg.IPs, "sip", m.ports.SIP, "control", m.ports.Control,
 		"tls", m.ports.TLS, "media", m.ports.Media)
 	return m, nil
+}
+
+// bindTries bounds New's attempts when it picks free ports.
+const bindTries = 8
+
+// pickedFree says whether some port is 0 in the Config (tests).
+func (m *Mirror) pickedFree() bool {
+	c := m.cfg
+	return c.SIPPort == 0 || c.ControlPort == 0 || (c.TLSConfig != nil && c.TLSPort == 0) || (!c.NoMedia && c.MediaPort == 0)
 }
 
 // udpPortName: the UDP sockets are bound SIP, control for each IP in turn.
