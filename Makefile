@@ -36,10 +36,11 @@ unit:
 # test: everything CI runs.
 test: unit natlab bench-smoke fuzz-smoke vulncheck
 
-# demo: stund on its embedded default (127.0.0.1 + 127.0.0.2) and natprobe
-# against it; stund keeps running for other clients until Ctrl-C.
+# demo: stund on its embedded default (127.0.0.1 + 127.0.0.2) with the SIP
+# mirror (UDP/TCP 5060-5065 must be free) and natprobe against it; stund
+# keeps running for other clients until Ctrl-C.
 demo: build
-	@$(BIN)/stund & pid=$$!; \
+	@$(BIN)/stund --sip-mirror & pid=$$!; \
 	trap 'kill $$pid 2>/dev/null' INT TERM EXIT; \
 	sleep 1; kill -0 $$pid 2>/dev/null || { echo "stund did not start (ports 3478/3479 in use?)"; exit 1; }; \
 	$(BIN)/natprobe 127.0.0.1; \
@@ -84,7 +85,7 @@ bench-smoke:
 FUZZTIME ?= 60s
 FUZZ_TARGETS = ./internal/stunwire:FuzzParse ./server:FuzzBindingHandle \
 	./server:FuzzDemuxUDP ./server:FuzzDemuxStream ./classifier:FuzzParseMessage \
-	./cmd/stund:FuzzConfigYAML
+	./cmd/stund:FuzzConfigYAML ./server/sipmirror:FuzzHandle
 .PHONY: fuzz fuzz-smoke vulncheck soak
 fuzz:
 	@set -e; for ft in $(FUZZ_TARGETS); do \

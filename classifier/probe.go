@@ -40,6 +40,8 @@ type Config struct {
 	Software    string           // SOFTWARE attribute of our requests (the CLI puts the probe ID here)
 	ProbeID     string           // Report.ProbeID: names the run, as the SOFTWARE attribute does
 	Progress    func(msg string) // optional progress callback, called from one goroutine at a time
+	// SIP is the SIP ALG test (on unless SIP.Skip) and the call test.
+	SIP SIPConfig
 	// Timeout bounds everything but the lifetime search. A clean path
 	// finishes in well under a second; loss makes the negative evidence
 	// (filtering, hairpinning) take longer, and a field still unsettled at
@@ -192,6 +194,7 @@ type prober struct {
 	portRes     portResult
 	hairRes     hairpinResult
 	lifetimeRes lifetimeResult
+	sipRes      sipResult
 }
 
 func (p *prober) progress(format string, args ...any) {
@@ -289,6 +292,16 @@ func (p *prober) run(ctx context.Context) (*Report, error) {
 		spawn(func() { p.lifetimeTest(lifeCtx) })
 	}
 
+	// The SIP test runs beside the NAT tests; it learns when they end so
+	// that a server without a mirror costs at most sipAbsentGrace more.
+	stunDone := make(chan struct{})
+	var sipWG sync.WaitGroup
+	if !p.cfg.SIP.Skip {
+		sipWG.Add(1)
+		go func() { defer sipWG.Done(); p.sipTest(testCtx, ctx, stunDone) }()
+	}
+	waitAll := func() { wg.Wait(); close(stunDone); sipWG.Wait() }
+
 	reach := time.NewTimer(min(reachTimeout, p.cfg.Timeout))
 	defer reach.Stop()
 	select {
@@ -297,7 +310,7 @@ func (p *prober) run(ctx context.Context) (*Report, error) {
 	case <-reach.C:
 		cancelTests()
 		cancelLife()
-		wg.Wait()
+		waitAll()
 		err := fmt.Errorf("%w (%s, %d requests in %s)", ErrUnreachable, p.primary, p.a.stats().Sent, min(reachTimeout, p.cfg.Timeout))
 		p.a.mu.Lock()
 		if p.a.writeErr != nil {
@@ -308,10 +321,10 @@ func (p *prober) run(ctx context.Context) (*Report, error) {
 	case <-ctx.Done():
 		cancelTests()
 		cancelLife()
-		wg.Wait()
+		waitAll()
 		return nil, ctx.Err()
 	}
-	wg.Wait()
+	waitAll()
 	rep := p.report()
 	p.mu.Lock()
 	notCapable := slices.Clone(p.notCapable)
@@ -642,10 +655,17 @@ func (p *prober) report() *Report {
 
 	p.reportLifetime(r)
 
-	// ALG: not a NAT ambiguity when unmeasured, a server limitation.
+	// ALG: the STUN payload check (not a NAT ambiguity when unmeasured, a
+	// server limitation), and the SIP test (sipalg.go).
 	alg, why := algVerdict(algPairs)
-	r.ALGDetected = alg
-	note(r, "alg_detected", why, false)
+	r.STUNPayloadRewritten = alg
+	note(r, "stun_payload_rewritten", why, false)
+	if alg != nil && *alg {
+		r.Anomalies = append(r.Anomalies, "a middlebox rewrote the mapped address inside a STUN reply (MAPPED-ADDRESS differs from XOR-MAPPED-ADDRESS)")
+	}
+	for f, w := range p.sipReport(r) {
+		note(r, f, w.why, w.unsettled)
+	}
 
 	lt, why := legacyType(r.NATDetected, r.Mapping, r.Filtering)
 	r.LegacyType = lt

@@ -31,7 +31,7 @@ func TestServerIgnoringChangeRequest(t *testing.T) {
 }
 
 // A middlebox rewriting MAPPED-ADDRESS (a generic ALG, RFC 5780 §3.6).
-func TestALGDetected(t *testing.T) {
+func TestSTUNPayloadRewritten(t *testing.T) {
 	t.Parallel()
 	nat := eimAPDF
 	tp := newTopo(t, topoOpts{nat: &nat, quirks: &responderQuirks{algRewrite: ap(lanHostIP + ":5000")}})
@@ -39,8 +39,12 @@ func TestALGDetected(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if r.ALGDetected == nil || !*r.ALGDetected {
-		t.Errorf("alg_detected = %v (%q)", fmtBool(r.ALGDetected), r.Reasons["alg_detected"])
+	if r.STUNPayloadRewritten == nil || !*r.STUNPayloadRewritten {
+		t.Errorf("stun_payload_rewritten = %v (%q)", fmtBool(r.STUNPayloadRewritten), r.Reasons["stun_payload_rewritten"])
+	}
+	// A STUN rewrite says nothing about SIP: the SIP verdict stays unmeasured.
+	if r.ALGDetected != nil {
+		t.Errorf("alg_detected = %v from a STUN rewrite, want null (no SIP mirror)", fmtBool(r.ALGDetected))
 	}
 	if r.MappedAddress.Addr().String() != natPublicIP {
 		t.Errorf("mapped address %s: XOR-MAPPED-ADDRESS must win over a rewritten MAPPED-ADDRESS", r.MappedAddress)

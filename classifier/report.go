@@ -103,8 +103,15 @@ type Report struct {
 	PortContiguity   *bool      `json:"port_contiguity"`   // RFC 4787 §4.2.3
 	IPPooling        *Pooling   `json:"ip_pooling"`        // RFC 4787 §4.1
 	MappingLifetime  *Lifetime  `json:"mapping_lifetime"`  // RFC 4787 §4.3, only with --lifetime
-	ALGDetected      *bool      `json:"alg_detected"`      // MAPPED-ADDRESS and XOR-MAPPED-ADDRESS disagree
+	ALGDetected      *bool      `json:"alg_detected"`      // a SIP ALG rewrites or drops SIP on some transport (SIP.ALG); false only when UDP and TCP tested clean
 	LegacyType       LegacyType `json:"legacy_type"`
+
+	// STUNPayloadRewritten: MAPPED-ADDRESS and XOR-MAPPED-ADDRESS
+	// disagree, a middlebox rewrote an address inside a STUN reply.
+	STUNPayloadRewritten *bool `json:"stun_payload_rewritten"`
+	// SIP is the SIP ALG, symmetric-response and call test (sipalg.go);
+	// nil with --no-sip.
+	SIP *SIPReport `json:"sip"`
 
 	SIPRTP SIPRTP       `json:"sip_rtp"`
 	Relay  *RelayReport `json:"relay"`

@@ -82,151 +82,188 @@ type sipInputs struct {
 
 // sipVerdict draws the SIP/RTP reading from a finished report.
 func sipVerdict(r *Report, in sipInputs) SIPRTP {
-	var s SIPRTP
-	noNAT := r.NATDetected != nil && !*r.NATDetected
-	add := func(prop string, st Status, why string) {
-		s.Properties = append(s.Properties, SIPProperty{prop, st, why})
-	}
-	unknownWhy := func(field, fallback string) string {
-		if why := r.Reasons[field]; why != "" {
-			return why
-		}
-		return fallback
-	}
 	if !in.reachable {
-		for _, p := range []string{"endpoint-independent-mapping", "address-independent-or-address-dependent-filtering",
-			"paired-ip-pooling", "no-port-preservation", "no-port-overloading", "port-parity-preservation",
-			"udp-refresh-5-min"} {
-			add(p, StatusUnknown, "no UDP reply from the server")
-		}
-		s.KeepaliveBasis = "UDP does not get through, so there is no UDP mapping to keep alive"
-		s.ServerNeeds = []ServerNeed{{"media-relay", NeedRequired, "UDP is blocked: SIP must use TCP or TLS, and media a TURN relay over TCP/TLS"}}
-		s.Summary = "UDP is blocked: SIP over UDP and RTP cannot work from here; use SIP over TCP/TLS and a TURN relay over TCP/TLS."
-		return s
+		return unreachableSIP()
 	}
+	j := &sipJudge{r: r, noNAT: r.NATDetected != nil && !*r.NATDetected}
+	j.mappingFiltering()
+	j.ports(in.overloading)
+	j.refresh(in.lifetimeMeasured)
+	j.beyondSummary()
+	s := SIPRTP{Properties: j.props}
+	s.KeepaliveIntervalS, s.KeepaliveBasis = keepalive(r, j.noNAT, in.lifetimeMeasured)
+	s.ServerNeeds = serverNeeds(r, j.noNAT)
+	s.Summary = sipSummary(r, j.noNAT, s)
+	if h := ALGHeadline(r); h != "" {
+		s.Summary = h + " " + s.Summary
+	}
+	return s
+}
 
+// unreachableSIP is the reading when no UDP reply came at all.
+func unreachableSIP() SIPRTP {
+	var s SIPRTP
+	for _, p := range []string{"endpoint-independent-mapping", "address-independent-or-address-dependent-filtering",
+		"paired-ip-pooling", "no-port-preservation", "no-port-overloading", "port-parity-preservation",
+		"udp-refresh-5-min"} {
+		s.Properties = append(s.Properties, SIPProperty{p, StatusUnknown, "no UDP reply from the server"})
+	}
+	s.KeepaliveBasis = "UDP does not get through, so there is no UDP mapping to keep alive"
+	s.ServerNeeds = []ServerNeed{{"media-relay", NeedRequired, "UDP is blocked: SIP must use TCP or TLS, and media a TURN relay over TCP/TLS"}}
+	s.Summary = "UDP is blocked: SIP over UDP and RTP cannot work from here; use SIP over TCP/TLS and a TURN relay over TCP/TLS."
+	return s
+}
+
+// sipJudge collects the judged properties of one report, in the seed's
+// order.
+type sipJudge struct {
+	r     *Report
+	noNAT bool
+	props []SIPProperty
+}
+
+func (j *sipJudge) add(prop string, st Status, why string) {
+	j.props = append(j.props, SIPProperty{prop, st, why})
+}
+
+// unknownWhy is the report's reason for an unsettled field, or fallback.
+func (j *sipJudge) unknownWhy(field, fallback string) string {
+	if why := j.r.Reasons[field]; why != "" {
+		return why
+	}
+	return fallback
+}
+
+// mappingFiltering judges the seed's items 1 and 2.
+func (j *sipJudge) mappingFiltering() {
+	r, noNAT := j.r, j.noNAT
 	// 1. Endpoint-independent mapping.
 	switch r.Mapping {
 	case MappingEndpointIndependent:
 		if noNAT {
-			add("endpoint-independent-mapping", StatusGood, "no NAT: the local address is the public one")
+			j.add("endpoint-independent-mapping", StatusGood, "no NAT: the local address is the public one")
 		} else {
-			add("endpoint-independent-mapping", StatusGood, "one external address per socket whatever the peer: an address learnt by STUN is valid in SDP toward every peer")
+			j.add("endpoint-independent-mapping", StatusGood, "one external address per socket whatever the peer: an address learnt by STUN is valid in SDP toward every peer")
 		}
 	case MappingAddressDependent, MappingAddressPortDependent:
-		add("endpoint-independent-mapping", StatusBad, fmt.Sprintf("%s: each peer sees another external port, so no address the phone can learn or put in SDP is the one the far end will see", r.Mapping))
+		j.add("endpoint-independent-mapping", StatusBad, fmt.Sprintf("%s: each peer sees another external port, so no address the phone can learn or put in SDP is the one the far end will see", r.Mapping))
 	default:
-		add("endpoint-independent-mapping", StatusUnknown, unknownWhy("mapping", "mapping not measured"))
+		j.add("endpoint-independent-mapping", StatusUnknown, j.unknownWhy("mapping", "mapping not measured"))
 	}
 
 	// 2. Address-independent or address-dependent filtering.
 	switch r.Filtering {
 	case FilteringEndpointIndependent:
-		add("address-independent-or-address-dependent-filtering", StatusGood, "endpoint-independent filtering: any peer can send to the phone's external address")
+		j.add("address-independent-or-address-dependent-filtering", StatusGood, "endpoint-independent filtering: any peer can send to the phone's external address")
 	case FilteringAddressDependent:
-		add("address-independent-or-address-dependent-filtering", StatusGood, "address-dependent filtering: a peer gets in once the phone has sent to its IP, which symmetric RTP (RFC 4961) does at call start")
+		j.add("address-independent-or-address-dependent-filtering", StatusGood, "address-dependent filtering: a peer gets in once the phone has sent to its IP, which symmetric RTP (RFC 4961) does at call start")
 	case FilteringAddressPortDependent:
-		add("address-independent-or-address-dependent-filtering", StatusBad, "address-and-port-dependent filtering: only the exact IP and port the phone sent to get in; a peer sending from another port than it advertised is dropped")
+		j.add("address-independent-or-address-dependent-filtering", StatusBad, "address-and-port-dependent filtering: only the exact IP and port the phone sent to get in; a peer sending from another port than it advertised is dropped")
 	default:
-		add("address-independent-or-address-dependent-filtering", StatusUnknown, unknownWhy("filtering", "filtering not measured"))
+		j.add("address-independent-or-address-dependent-filtering", StatusUnknown, j.unknownWhy("filtering", "filtering not measured"))
 	}
 
+}
+
+// ports judges items 3 to 6: pooling and the port assignment.
+func (j *sipJudge) ports(overloading bool) {
+	r, noNAT := j.r, j.noNAT
 	// 3. Paired IP address pooling.
 	switch {
 	case noNAT:
-		add("paired-ip-pooling", StatusGood, "no NAT: one address")
+		j.add("paired-ip-pooling", StatusGood, "no NAT: one address")
 	case r.IPPooling != nil && *r.IPPooling == PoolingPaired:
-		add("paired-ip-pooling", StatusGood, "every session from this host left from one external IP, so SIP and RTP share it")
+		j.add("paired-ip-pooling", StatusGood, "every session from this host left from one external IP, so SIP and RTP share it")
 	case r.IPPooling != nil:
-		add("paired-ip-pooling", StatusBad, "sessions from this host left from different external IPs: RTP may leave from another IP than the one in SDP or the one the SIP server sees")
+		j.add("paired-ip-pooling", StatusBad, "sessions from this host left from different external IPs: RTP may leave from another IP than the one in SDP or the one the SIP server sees")
 	default:
-		add("paired-ip-pooling", StatusUnknown, unknownWhy("ip_pooling", "pooling not measured"))
+		j.add("paired-ip-pooling", StatusUnknown, j.unknownWhy("ip_pooling", "pooling not measured"))
 	}
 
 	// 4. Not port preservation.
 	switch {
 	case noNAT:
-		add("no-port-preservation", StatusGood, "no NAT: no port is translated")
+		j.add("no-port-preservation", StatusGood, "no NAT: no port is translated")
 	case r.PortPreservation == nil:
-		add("no-port-preservation", StatusUnknown, unknownWhy("port_preservation", "port assignment not measured"))
+		j.add("no-port-preservation", StatusUnknown, j.unknownWhy("port_preservation", "port assignment not measured"))
 	case *r.PortPreservation:
-		add("no-port-preservation", StatusBad, "the NAT keeps local ports: two phones on 5060 behind it collide, and the second gets different treatment (RFC 4787 §4.2.1)")
+		j.add("no-port-preservation", StatusBad, "the NAT keeps local ports: two phones on 5060 behind it collide, and the second gets different treatment (RFC 4787 §4.2.1)")
 	default:
-		add("no-port-preservation", StatusGood, "external ports are assigned by the NAT, the same way for every phone")
+		j.add("no-port-preservation", StatusGood, "external ports are assigned by the NAT, the same way for every phone")
 	}
 
 	// 5. Not port overloading.
 	switch {
 	case noNAT:
-		add("no-port-overloading", StatusGood, "no NAT: no port is shared")
-	case in.overloading:
-		add("no-port-overloading", StatusBad, "two sockets of this host got the same external address toward the same server: replies for one reach the other (RFC 4787 REQ-3)")
+		j.add("no-port-overloading", StatusGood, "no NAT: no port is shared")
+	case overloading:
+		j.add("no-port-overloading", StatusBad, "two sockets of this host got the same external address toward the same server: replies for one reach the other (RFC 4787 REQ-3)")
 	default:
-		add("no-port-overloading", StatusUnknown, "overloading shows when two internal hosts use the same local port toward the same server; one host cannot test it (RFC 5780 §4)")
+		j.add("no-port-overloading", StatusUnknown, "overloading shows when two internal hosts use the same local port toward the same server; one host cannot test it (RFC 5780 §4)")
 	}
 
 	// 6. Port parity preservation (helpful).
 	switch {
 	case noNAT:
-		add("port-parity-preservation", StatusGood, "no NAT: ports are kept")
+		j.add("port-parity-preservation", StatusGood, "no NAT: ports are kept")
 	case r.PortParity == nil:
-		add("port-parity-preservation", StatusUnknown, unknownWhy("port_parity", "port parity not measured"))
+		j.add("port-parity-preservation", StatusUnknown, j.unknownWhy("port_parity", "port parity not measured"))
 	case *r.PortParity:
-		add("port-parity-preservation", StatusGood, "even local ports stay even outside: RTP on even, RTCP on the next odd port survive")
+		j.add("port-parity-preservation", StatusGood, "even local ports stay even outside: RTP on even, RTCP on the next odd port survive")
 	default:
-		add("port-parity-preservation", StatusBad, "parity is not kept: use rtcp-mux (RFC 5761) or a=rtcp (RFC 3605) rather than RTCP on RTP+1")
+		j.add("port-parity-preservation", StatusBad, "parity is not kept: use rtcp-mux (RFC 5761) or a=rtcp (RFC 3605) rather than RTCP on RTP+1")
 	}
 
+}
+
+// refresh judges item 7, the UDP refresh timer.
+func (j *sipJudge) refresh(lifetimeMeasured bool) {
+	r, noNAT := j.r, j.noNAT
 	// 7. UDP refresh timer of 5 minutes.
 	lt := r.MappingLifetime
 	switch {
 	case noNAT && r.Filtering == FilteringEndpointIndependent:
-		add("udp-refresh-5-min", StatusGood, "no NAT and no filter: nothing expires")
+		j.add("udp-refresh-5-min", StatusGood, "no NAT and no filter: nothing expires")
 	case lt != nil && lt.MinS >= refreshGoalS:
-		add("udp-refresh-5-min", StatusGood, fmt.Sprintf("idle mappings were still alive after %g s", lt.MinS))
+		j.add("udp-refresh-5-min", StatusGood, fmt.Sprintf("idle mappings were still alive after %g s", lt.MinS))
 	case lt != nil && lt.MaxS != nil && *lt.MaxS < refreshGoalS:
-		add("udp-refresh-5-min", StatusBad, fmt.Sprintf("idle mappings expired within %g s (alive at %g s), under the 5 minutes RFC 4787 §4.3 recommends", *lt.MaxS, lt.MinS))
+		j.add("udp-refresh-5-min", StatusBad, fmt.Sprintf("idle mappings expired within %g s (alive at %g s), under the 5 minutes RFC 4787 §4.3 recommends", *lt.MaxS, lt.MinS))
 	case lt != nil:
-		add("udp-refresh-5-min", StatusUnknown, fmt.Sprintf("alive after %g s, not tried past that (raise --lifetime-max to 300 s)", lt.MinS))
-	case !in.lifetimeMeasured:
-		add("udp-refresh-5-min", StatusUnknown, "not measured: run with --lifetime")
+		j.add("udp-refresh-5-min", StatusUnknown, fmt.Sprintf("alive after %g s, not tried past that (raise --lifetime-max to 300 s)", lt.MinS))
+	case !lifetimeMeasured:
+		j.add("udp-refresh-5-min", StatusUnknown, "not measured: run with --lifetime")
 	default:
-		add("udp-refresh-5-min", StatusUnknown, unknownWhy("mapping_lifetime", "the lifetime search was not decisive"))
+		j.add("udp-refresh-5-min", StatusUnknown, j.unknownWhy("mapping_lifetime", "the lifetime search was not decisive"))
 	}
 
+}
+
+// beyondSummary judges what the seed adds past its summary list.
+func (j *sipJudge) beyondSummary() {
+	r, noNAT := j.r, j.noNAT
 	// Beyond the summary list, from the same seed: hairpinning
 	// ("beneficial"), contiguity ("positive") and ALGs ("turn it off").
 	switch {
 	case r.Hairpinning == nil:
-		add("hairpinning", StatusUnknown, unknownWhy("hairpinning", "not measured (the hairpin test was skipped)"))
+		j.add("hairpinning", StatusUnknown, j.unknownWhy("hairpinning", "not measured (the hairpin test was skipped)"))
 	case *r.Hairpinning:
-		add("hairpinning", StatusGood, "a packet to this host's own external address comes back in: two phones at this site can reach each other's public addresses")
+		j.add("hairpinning", StatusGood, "a packet to this host's own external address comes back in: two phones at this site can reach each other's public addresses")
 	default:
-		add("hairpinning", StatusBad, "packets to the NAT's own external address are lost: calls between two phones at this site need media through a relay")
+		j.add("hairpinning", StatusBad, "packets to the NAT's own external address are lost: calls between two phones at this site need media through a relay")
 	}
 	switch {
 	case noNAT:
-		add("port-contiguity", StatusGood, "no NAT: ports are kept")
+		j.add("port-contiguity", StatusGood, "no NAT: ports are kept")
 	case r.PortContiguity == nil:
-		add("port-contiguity", StatusUnknown, unknownWhy("port_contiguity", "not measured"))
+		j.add("port-contiguity", StatusUnknown, j.unknownWhy("port_contiguity", "not measured"))
 	case *r.PortContiguity:
-		add("port-contiguity", StatusGood, "consecutive local ports stay consecutive outside: RTCP on RTP+1 survives")
+		j.add("port-contiguity", StatusGood, "consecutive local ports stay consecutive outside: RTCP on RTP+1 survives")
 	default:
-		add("port-contiguity", StatusBad, "consecutive local ports are not kept consecutive: announce RTCP explicitly (RFC 3605) or multiplex it (RFC 5761)")
+		j.add("port-contiguity", StatusBad, "consecutive local ports are not kept consecutive: announce RTCP explicitly (RFC 3605) or multiplex it (RFC 5761)")
 	}
-	switch {
-	case r.ALGDetected == nil:
-		add("no-alg", StatusUnknown, unknownWhy("alg_detected", "not measured"))
-	case *r.ALGDetected:
-		add("no-alg", StatusBad, "a middlebox rewrote the address inside a STUN reply; SIP ALGs rewrite SIP headers and SDP the same way and break calls: turn the SIP ALG off")
-	default:
-		add("no-alg", StatusGood, "no address inside the STUN payload was rewritten")
-	}
+	st, why := noALGProperty(r)
+	j.add("no-alg", st, why)
 
-	s.KeepaliveIntervalS, s.KeepaliveBasis = keepalive(r, noNAT, in.lifetimeMeasured)
-	s.ServerNeeds = serverNeeds(r, noNAT)
-	s.Summary = sipSummary(r, noNAT, s)
-	return s
 }
 
 // keepalive picks the interval: half the shortest idle time at which the

@@ -332,22 +332,8 @@ func TestHypergeomZero(t *testing.T) {
 }
 
 func TestSIPVerdict(t *testing.T) {
-	need := func(s SIPRTP, n string) NeedStatus {
-		for _, x := range s.ServerNeeds {
-			if x.Need == n {
-				return x.Status
-			}
-		}
-		return ""
-	}
-	prop := func(s SIPRTP, n string) Status {
-		for _, x := range s.Properties {
-			if x.Property == n {
-				return x.Status
-			}
-		}
-		return ""
-	}
+	need := needOf
+	prop := func(s SIPRTP, n string) Status { return propOf(s, n).Status }
 	base := func(nat bool, m Mapping, f Filtering) *Report {
 		r := &Report{NATDetected: &nat, Mapping: m, Filtering: f, Reasons: map[string]string{}}
 		r.LegacyType, _ = legacyType(r.NATDetected, m, f)

@@ -132,33 +132,19 @@ func proveOne(ctx context.Context, cfg Config, t string, attemptTimeout time.Dur
 	p = &Proof{Transport: t}
 	cfg.Transport = t
 
-	actx, cancel := context.WithTimeout(ctx, attemptTimeout)
-	a, err := Dial(actx, cfg)
-	cancel()
-	if err != nil {
-		p.Err = err
-
-		return p, !serverAnswered(err)
+	a, pr, err := openPath(ctx, cfg, attemptTimeout)
+	if a != nil {
+		defer a.Close()
+		p.RelayedAddr = a.RelayedAddr()
 	}
-	defer a.Close()
-	p.RelayedAddr = a.RelayedAddr()
-
-	pr, err := newPeer(ctx, cfg, attemptTimeout)
-	if err != nil {
-		p.Err = err
-
-		return p, false
+	if pr != nil {
+		defer pr.close()
+		p.Peer, p.PeerAddr = pr.kind, pr.addr
 	}
-	defer pr.close()
-	p.Peer, p.PeerAddr = pr.kind, pr.addr
-
-	pctx, cancel := context.WithTimeout(ctx, attemptTimeout)
-	err = a.Permit(pctx, pr.addr)
-	cancel()
 	if err != nil {
 		p.Err = err
 
-		return p, false
+		return p, a == nil && !serverAnswered(err)
 	}
 
 	exchange(ctx, a, pr, p)

@@ -112,6 +112,7 @@ type options struct {
 	timeout     time.Duration
 	watch       time.Duration // 0: one run; else repeat every watch and print changes
 	watchCount  int           // with watch: stop after this many runs; 0 = until Ctrl-C
+	sip         classifier.SIPConfig
 	net         transport.Net // nil = the host's network; tests pass a vnet
 	// probeFn runs one classification; nil means classifier.Probe. Tests
 	// inject a fake to drive --watch.
@@ -146,7 +147,7 @@ func newApp(stdout, stderr io.Writer, code *int) *cli.App {
 		EnableBashCompletion: true,
 		HideHelpCommand:      true,
 		Suggest:              true,
-		Flags: []cli.Flag{
+		Flags: append([]cli.Flag{
 			&cli.BoolFlag{Name: "json", Usage: "print one JSON object (schema natprobe/1); same as --format json"},
 			&cli.StringFlag{Name: "format", Value: "text", Usage: "output format: " + strings.Join(formats, ", ")},
 			&cli.BoolFlag{Name: "no-hairpin", Usage: "skip the hairpinning test (RFC 4787 §6)"},
@@ -162,7 +163,7 @@ func newApp(stdout, stderr io.Writer, code *int) *cli.App {
 			&cli.DurationFlag{Name: "timeout", Usage: "bound on the whole run (on each run with --watch)", DefaultText: defaultTimeout.String() + ", plus --lifetime-max with --lifetime"},
 			&cli.DurationFlag{Name: "watch", Usage: "repeat the probe every `DURATION` (at least " + minWatch.String() + ") and print only what changes; Ctrl-C stops"},
 			&cli.IntFlag{Name: "watch-count", Usage: "with --watch: stop after `N` runs (default: until Ctrl-C)"},
-		},
+		}, sipFlags()...),
 		OnUsageError: func(c *cli.Context, err error, _ bool) error {
 			return usageError{msg: err.Error()}
 		},
@@ -239,7 +240,7 @@ func parseOptions(c *cli.Context) (*options, error) {
 		turnSecret:  c.String("turn-secret"),
 		timeout:     c.Duration("timeout"),
 	}
-	for _, step := range []func(*cli.Context) error{o.parseFormat, o.parseTiming, o.parseTURN} {
+	for _, step := range []func(*cli.Context) error{o.parseFormat, o.parseSIP, o.parseTiming, o.parseTURN} {
 		if err := step(c); err != nil {
 			return nil, err
 		}
@@ -288,6 +289,12 @@ func (o *options) parseFormat(c *cli.Context) error {
 	return nil
 }
 
+// parseSIP reads the SIP test's flags (sip.go).
+func (o *options) parseSIP(c *cli.Context) (err error) {
+	o.sip, err = sipOptions(c)
+	return err
+}
+
 // parseTiming checks --lifetime-max, --timeout (defaulting it to cover the
 // lifetime search) and --watch/--watch-count.
 func (o *options) parseTiming(c *cli.Context) error {
@@ -298,7 +305,7 @@ func (o *options) parseTiming(c *cli.Context) error {
 		return usageError{fmt.Sprintf("--timeout %v: must be positive", o.timeout)}
 	}
 	if o.timeout == 0 {
-		o.timeout = defaultTimeout
+		o.timeout = defaultTimeout + 2*o.sip.Call // the call runs directly and maybe through the relay
 		if o.lifetime {
 			o.timeout += o.lifetimeMax
 		}
@@ -483,6 +490,7 @@ func measure(parent context.Context, o *options, id string, stderr io.Writer) (r
 		ProbeID:     id,
 		Progress:    progress.update,
 		Net:         o.net,
+		SIP:         o.sip,
 	}
 	probeFn := o.probeFn
 	if probeFn == nil {
@@ -525,6 +533,7 @@ func measure(parent context.Context, o *options, id string, stderr io.Writer) (r
 			// failure to reach the server.
 			fail = nil
 		}
+		relayCall(ctx, o, cfg.Software, rep, progress.update)
 	}
 	rep.DurationMS = time.Since(start).Milliseconds()
 
@@ -548,7 +557,13 @@ func proveRelay(ctx context.Context, o *options, rep *classifier.Report, softwar
 		// stream transports (RFC 8656 §3.1).
 		transports = []string{relay.TCP, relay.TLS}
 	}
-	p, err := relay.Prove(ctx, relay.Config{
+	p, err := relay.Prove(ctx, relayConfig(o, software), transports...)
+	return rep.SetRelay(p, err)
+}
+
+// relayConfig is the TURN client's configuration from the options.
+func relayConfig(o *options, software string) relay.Config {
+	return relay.Config{
 		Server:    o.server,
 		TLSServer: tlsServer(o),
 		Username:  o.turnUser,
@@ -557,8 +572,7 @@ func proveRelay(ctx context.Context, o *options, rep *classifier.Report, softwar
 		TLSConfig: o.turnTLS,
 		Software:  software,
 		Net:       o.net,
-	}, transports...)
-	return rep.SetRelay(p, err)
+	}
 }
 
 // software is the SOFTWARE attribute (RFC 8489 §14.14) of every request

@@ -113,26 +113,28 @@ func kind(v any) string {
 
 // The natprobe/1 schema (docs/natprobe-json.md): field → allowed kinds.
 var schema = map[string][]string{
-	"schema":            {"string"},
-	"server":            {"string"},
-	"local_address":     {"string"},
-	"mapped_address":    {"string"},
-	"nat_detected":      {"bool", "null"},
-	"mapping":           {"string"},
-	"filtering":         {"string"},
-	"hairpinning":       {"bool", "null"},
-	"port_preservation": {"bool", "null"},
-	"port_parity":       {"bool", "null"},
-	"port_contiguity":   {"bool", "null"},
-	"ip_pooling":        {"string", "null"},
-	"mapping_lifetime":  {"object", "null"},
-	"alg_detected":      {"bool", "null"},
-	"legacy_type":       {"string"},
-	"sip_rtp":           {"object"},
-	"relay":             {"object", "null"},
-	"reasons":           {"object"},
-	"duration_ms":       {"number"},
-	"probe_id":          {"string"},
+	"schema":                 {"string"},
+	"server":                 {"string"},
+	"local_address":          {"string"},
+	"mapped_address":         {"string"},
+	"nat_detected":           {"bool", "null"},
+	"mapping":                {"string"},
+	"filtering":              {"string"},
+	"hairpinning":            {"bool", "null"},
+	"port_preservation":      {"bool", "null"},
+	"port_parity":            {"bool", "null"},
+	"port_contiguity":        {"bool", "null"},
+	"ip_pooling":             {"string", "null"},
+	"mapping_lifetime":       {"object", "null"},
+	"alg_detected":           {"bool", "null"},
+	"stun_payload_rewritten": {"bool", "null"},
+	"sip":                    {"object", "null"},
+	"legacy_type":            {"string"},
+	"sip_rtp":                {"object"},
+	"relay":                  {"object", "null"},
+	"reasons":                {"object"},
+	"duration_ms":            {"number"},
+	"probe_id":               {"string"},
 }
 
 func checkSchema(t *testing.T, m map[string]any) {
@@ -468,7 +470,7 @@ func TestNotRFC5780(t *testing.T) {
 	if la, err := netip.ParseAddrPort(m["local_address"].(string)); err != nil || la.String() != m["mapped_address"] {
 		t.Errorf("local_address %v, mapped_address %v: equal without a NAT", m["local_address"], m["mapped_address"])
 	}
-	for _, f := range []string{"port_preservation", "port_parity", "port_contiguity", "alg_detected"} {
+	for _, f := range []string{"port_preservation", "port_parity", "port_contiguity", "stun_payload_rewritten"} {
 		if _, ok := m[f].(bool); !ok {
 			t.Errorf("%s = %v: measurable on one address", f, m[f])
 		}

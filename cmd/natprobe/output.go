@@ -242,13 +242,7 @@ func rows(rep *classifier.Report) []row {
 	} else {
 		add("mapping lifetime", "not measured", reason(rep, "mapping_lifetime", "use --lifetime to measure it"), toneNeutral)
 	}
-	if rep.ALGDetected != nil {
-		if *rep.ALGDetected {
-			add("ALG", "detected", "a middlebox rewrites addresses inside packets (MAPPED-ADDRESS ≠ XOR-MAPPED-ADDRESS)", toneBad)
-		} else {
-			add("ALG", "none seen", "addresses inside packets are left alone", toneGood)
-		}
-	}
+	rs = append(rs, sipRowsOf(rep)...)
 	lt := toneNeutral
 	switch rep.LegacyType {
 	case classifier.LegacySymmetric, classifier.LegacyUDPBlocked:
@@ -347,6 +341,9 @@ func renderText(w io.Writer, rep *classifier.Report, meta runMeta, color bool) e
 		}
 
 		return "\x1b[1m" + s + "\x1b[0m"
+	}
+	if h := classifier.ALGHeadline(rep); h != "" {
+		fmt.Fprintf(w, "%s\n\n", paint(toneBad, bold(h)))
 	}
 	fmt.Fprintf(w, "natprobe %s: %s at %s (probe id %s)\n\n", appVersion(), rep.Server, rfc3339(meta.time), rep.ProbeID)
 
@@ -512,6 +509,9 @@ func mdEscape(s string) string {
 // identity and the verdict first, then the behaviour table, the SIP/RTP
 // reading and what the SIP server side needs.
 func renderMarkdown(w io.Writer, rep *classifier.Report, meta runMeta) error {
+	if h := classifier.ALGHeadline(rep); h != "" {
+		fmt.Fprintf(w, "**%s**\n\n", mdEscape(h))
+	}
 	fmt.Fprintf(w, "### natprobe report: %s\n\n", mdEscape(rep.Server))
 	fmt.Fprintf(w, "| | |\n|---|---|\n")
 	fmt.Fprintf(w, "| verdict | %s |\n", mdEscape(verdict(rep)))

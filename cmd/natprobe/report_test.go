@@ -31,7 +31,7 @@ import (
 // behaviourRows are the rows every report's behaviour table carries, in
 // order (UDP and NAT only when the server answered, as it does here).
 var behaviourRows = []string{"UDP", "NAT", "mapping", "filtering", "hairpinning", "port preservation",
-	"port parity", "port contiguity", "IP pooling", "mapping lifetime", "ALG", "legacy type", "TURN relay"}
+	"port parity", "port contiguity", "IP pooling", "mapping lifetime", "SIP ALG (UDP)", "SIP ALG (TCP)", "legacy type", "TURN relay"}
 
 // mdTable is one markdown table: its header cells and its rows.
 type mdTable struct {

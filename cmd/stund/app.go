@@ -95,7 +95,7 @@ const (
 )
 
 func flags() []cli.Flag {
-	return []cli.Flag{
+	return append([]cli.Flag{
 		&cli.StringFlag{Name: fConfig, EnvVars: envName(fConfig), Usage: "YAML configuration `FILE` (keys are the flag names; see configs/stund.yaml)"},
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fPrimaryIP, EnvVars: envName(fPrimaryIP), Value: defaultPrimaryIP, Usage: "primary `IP` to bind (never the wildcard: replies must leave from it)"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fAlternateIP, EnvVars: envName(fAlternateIP), Value: defaultAlternateIP, Usage: "alternate `IP` for RFC 5780 CHANGE-REQUEST and OTHER-ADDRESS (empty or --single-ip: none)"}),
@@ -134,7 +134,7 @@ func flags() []cli.Flag {
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fAdminToken, EnvVars: envName(fAdminToken), Usage: "bearer `TOKEN` that turns on the operator API on the --metrics listener (allocations, kill, drain; stund ctl); at least 16 characters; prefer the environment or --admin-token-file to the command line, which other local users can read"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fAdminTokenF, EnvVars: envName(fAdminTokenF), Usage: "read the --admin-token from `FILE` (surrounding white space ignored; re-read on SIGHUP)"}),
 		altsrc.NewBoolFlag(&cli.BoolFlag{Name: fPprof, EnvVars: envName(fPprof), Usage: "also serve Go's profiler under /debug/pprof/ on the --metrics listener (keep that listener private: profiles show internals and cost CPU while taken)"}),
-	}
+	}, sipFlags()...)
 }
 
 func newApp(stdout, stderr io.Writer) *cli.App {

@@ -23,6 +23,7 @@ import (
 	"github.com/stund/stund/internal/logfile"
 	"github.com/stund/stund/server"
 	"github.com/stund/stund/server/admin"
+	"github.com/stund/stund/server/sipmirror"
 )
 
 // adminShutdownTimeout bounds the admin listener's graceful stop: a scrape
@@ -132,6 +133,8 @@ type node struct {
 	cfg      server.Config
 	demoPass string
 	admAddr  string
+	sipCfg   sipmirror.Config
+	sipOn    bool
 	logger   *slog.Logger
 	certs    *certreload.Reloader
 	adm      *admin.Handler
@@ -160,6 +163,9 @@ func (n *node) configure() (err error) {
 		return configError{err}
 	}
 	n.logger = n.cfg.Logger
+	if n.sipCfg, n.sipOn, err = sipConfig(n.c, n.keys, n.cfg); err != nil {
+		return configError{err}
+	}
 	return nil
 }
 
@@ -252,6 +258,14 @@ func (n *node) startServer() (err error) {
 		return err
 	}
 	n.srv.Registry().MustRegister(buildInfo())
+	if n.sipOn {
+		mirror, err := startSIP(n.sipCfg, n.srv, n.stdout)
+		if err != nil {
+			_ = n.srv.Close()
+			return err
+		}
+		n.later(func() { _ = mirror.Close() })
+	}
 	if n.certs != nil {
 		n.srv.Registry().MustRegister(certMetrics(n.certs)...)
 	}

@@ -158,6 +158,7 @@ type observed struct {
 	Lifetime                                                               string // "[min,max]" or null
 	lifeMin, lifeMax                                                       float64
 	Relay                                                                  string // ok | fail | null
+	sip                                                                    string // the SIP verdicts, lossless profiles only
 	durationMs                                                             float64
 	extra                                                                  []string
 }
@@ -170,6 +171,9 @@ func (o observed) String() string {
 	}
 	if o.Relay != "" && o.Relay != "null" {
 		s += " relay=" + o.Relay
+	}
+	if o.sip != "" {
+		s += " " + o.sip
 	}
 	return s
 }
@@ -206,6 +210,8 @@ type natprobeJSON struct {
 		Error          string  `json:"error"`
 	} `json:"relay"`
 	ALGDetected        *bool             `json:"alg_detected"`
+	SIP                *sipJSON          `json:"sip"`
+	STUNRewritten      *bool             `json:"stun_payload_rewritten"`
 	NATDetected        *bool             `json:"nat_detected"`
 	MappedAddress      string            `json:"mapped_address"`
 	LocalAddress       string            `json:"local_address"`
@@ -225,8 +231,8 @@ func boolStr(b *bool) string {
 // namespace and translates its report; problems with the report itself
 // (schema, addresses, exit status) come back as extra mismatches. relay is
 // the profile's expect.Relay ("" none, "auto", "forced").
-func runNatprobe(ctx context.Context, bin, ns string, port int, p profile, relay string, withLifetime bool) (observed, []string, error) {
-	args, limit := natprobeArgs(bin, port, relay, withLifetime)
+func runNatprobe(ctx context.Context, bin, ns string, port int, p profile, relay string, withLifetime bool, call time.Duration) (observed, []string, error) {
+	args, limit := natprobeArgs(bin, port, relay, withLifetime, call)
 	out, errOut, code, err := clientRun(ctx, ns, limit, args...)
 	var o observed
 	if err != nil {
@@ -243,6 +249,21 @@ func runNatprobe(ctx context.Context, bin, ns string, port int, p profile, relay
 	o = observedOf(&r, listed)
 	bad := reportMismatches(&r, &o, p, relay)
 	bad = append(bad, contractMismatches(&r, &o, listed, code, errOut)...)
+	if port == stundPort {
+		// Only the stund beside the mirror: SIP verdicts against the
+		// kernel ALG's truth, the call's loss against the configured loss.
+		bad = append(bad, checkSIP(p, r.SIP, r.ALGDetected)...)
+		if p.LossPct == 0 {
+			o.sip = sipObserved(r.SIP)
+		} else {
+			o.extra = append(o.extra, sipObserved(r.SIP))
+		}
+		if call > 0 {
+			cb, line := checkCall(p, r.SIP)
+			bad = append(bad, cb...)
+			o.extra = append(o.extra, line)
+		}
+	}
 	if len(bad) > 0 || code != 0 {
 		rs, _ := json.Marshal(r.Reasons)
 		o.extra = append(o.extra, fmt.Sprintf("exit=%d inconclusive=%v reasons=%s duration_ms=%g", code, r.InconclusiveFields, rs, r.DurationMs))
@@ -253,9 +274,13 @@ func runNatprobe(ctx context.Context, bin, ns string, port int, p profile, relay
 
 // natprobeArgs is natprobe's command line for a profile, and how long the
 // run may take.
-func natprobeArgs(bin string, port int, relay string, withLifetime bool) ([]string, time.Duration) {
+func natprobeArgs(bin string, port int, relay string, withLifetime bool, call time.Duration) ([]string, time.Duration) {
 	args := []string{bin, "--json"}
 	limit := 30 * time.Second
+	if call > 0 {
+		args = append(args, "--call", call.String())
+		limit += 2 * call
+	}
 	switch relay {
 	case "forced":
 		args = append(args, "--relay")
@@ -301,7 +326,7 @@ func observedOf(r *natprobeJSON, listed map[string]bool) observed {
 }
 
 // reportMismatches checks what the lab itself fixes: the schema, the
-// addresses, no ALG, and the relay's address, transport and loss; a failed
+// addresses, no STUN payload rewriting, and the relay's address, transport and loss; a failed
 // relay's error goes to o.extra.
 func reportMismatches(r *natprobeJSON, o *observed, p profile, relay string) []string {
 	var bad []string
@@ -315,10 +340,11 @@ func reportMismatches(r *natprobeJSON, o *observed, p profile, relay string) []s
 		(ap.Addr().String() != routerPubIP && !(p.Pool && ap.Addr().String() == routerPubIP2)) {
 		bad = append(bad, fmt.Sprintf("mapped_address %q, want a router public address", r.MappedAddress))
 	}
-	// No lab ruleset rewrites payloads: an ALG seen here is a false alarm
-	// (null is accepted only where loss may have hidden the evidence).
-	if (r.ALGDetected != nil && *r.ALGDetected) || (r.ALGDetected == nil && p.LossPct < 50) {
-		bad = append(bad, "alg_detected "+boolStr(r.ALGDetected)+", want false (no ALG in the lab)")
+	// No lab ruleset rewrites STUN payloads: a rewrite seen here is a
+	// false alarm (null is accepted only where loss may have hidden the
+	// evidence).
+	if (r.STUNRewritten != nil && *r.STUNRewritten) || (r.STUNRewritten == nil && p.LossPct < 50) {
+		bad = append(bad, "stun_payload_rewritten "+boolStr(r.STUNRewritten)+", want false (nothing rewrites STUN in the lab)")
 	}
 	if ap, perr := netip.ParseAddrPort(r.LocalAddress); perr != nil || ap.Addr().String() != clientIP {
 		bad = append(bad, fmt.Sprintf("local_address %q, want %s:port", r.LocalAddress, clientIP))

@@ -294,6 +294,13 @@ func summarise(ctx context.Context, results []result, chosen int, start time.Tim
 // lab down whatever happened.
 func runProfile(ctx context.Context, idx int, p profile, want map[string]bool, stundBin, natprobeBin, tmp string) (r result) {
 	start := time.Now()
+	if len(p.Checks) > 0 { // the profile runs only these of the chosen checks
+		only := map[string]bool{}
+		for _, c := range p.Checks {
+			only[c] = want[c]
+		}
+		want = only
+	}
 	pr := &profileRun{
 		ctx: ctx, p: p, want: want, natprobeBin: natprobeBin,
 		r:        result{p: p, ok: true, observed: "-"},
@@ -382,7 +389,8 @@ func (pr *profileRun) startServers(stundBin, dir string) {
 	if stundBin == "" {
 		return
 	}
-	if pr.st, err = startStund(ctx, stundBin, pr.l.server, stundPort, stundAltPort, stundArgs...); err != nil {
+	// The SIP mirror runs beside this stund (the natprobe runs' SIP test).
+	if pr.st, err = startStund(ctx, stundBin, pr.l.server, stundPort, stundAltPort, append([]string{"--sip-mirror"}, stundArgs...)...); err != nil {
 		pr.fail("stund", err.Error())
 	}
 }
@@ -481,7 +489,10 @@ func (pr *profileRun) checkNatprobe() {
 	var durs []string
 	seen := false
 	for i := 0; i < runs && pr.ctx.Err() == nil; i++ {
-		o, b, err := runNatprobe(pr.ctx, pr.natprobeBin, pr.l.client, stundPort, p, p.Want.Relay, p.Want.LifetimeS > 0)
+		// The first run on a loss profile, or on one whose NAT makes
+		// natprobe fall back to the relay, also makes a call (callFor),
+		// whose loss each way must match the profile's.
+		o, b, err := runNatprobe(pr.ctx, pr.natprobeBin, pr.l.client, stundPort, p, p.Want.Relay, p.Want.LifetimeS > 0, callFor(p, i))
 		if err != nil {
 			bad = append(bad, fmt.Sprintf("run %d: %v", i+1, err))
 			continue
@@ -517,7 +528,7 @@ func (pr *profileRun) checkNatprobeCoturn() {
 	if !pr.want["coturn"] || pr.co == nil || pr.natprobeBin == "" {
 		return
 	}
-	o, bad, err := runNatprobe(pr.ctx, pr.natprobeBin, pr.l.client, coturnPort, pr.p, "", false)
+	o, bad, err := runNatprobe(pr.ctx, pr.natprobeBin, pr.l.client, coturnPort, pr.p, "", false, 0)
 	if err != nil {
 		pr.fail("natprobe→coturn", err.Error())
 		pr.r.checks = append(pr.r.checks, "coturn:FAIL")

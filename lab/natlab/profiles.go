@@ -75,6 +75,9 @@ type expect struct {
 	// mapping alone must make natprobe fall back to the relay), "forced"
 	// with --relay (a NAT that needs no relay). "" gives no credentials.
 	Relay string
+	// SIPALG: Linux's SIP ALG is on in the router (sipHelper); natprobe
+	// must report its rewrites, and none where it is off.
+	SIPALG bool
 }
 
 func (e expect) String() string {
@@ -86,7 +89,7 @@ func (e expect) String() string {
 	if e.Relay != "" {
 		s += " relay=ok(" + e.Relay + ")"
 	}
-	return s
+	return s + e.sipNote()
 }
 
 func orStar(s string) string {
@@ -114,7 +117,10 @@ type profile struct {
 	// Runs repeats the natprobe check (default once): the loss profiles
 	// prove the verdicts are stable, not lucky.
 	Runs int
-	Want expect
+	// Checks, when set, limits the profile to these checks (of those
+	// chosen with -checks).
+	Checks []string
+	Want   expect
 }
 
 // Shared rule fragments. Chain layout of every ruleset:
@@ -361,3 +367,5 @@ var profiles = []profile{
 	lossy(25),
 	lossy(50),
 }
+
+func init() { profiles = append(profiles, sipProfiles()...) }
