@@ -18,11 +18,13 @@ build:
 
 # deps: what the tests need beyond Go, from Debian's packages (root).
 # nftables + iproute2: the NAT lab; coturn + stun-client: interop with
-# clients nobody here wrote; chromium: the WebRTC browser test.
+# clients nobody here wrote; chromium: the WebRTC browser test; clang, llvm
+# and libbpf-dev: bpf-check recompiles the kernel relay's eBPF program.
 deps:
 	DEBIAN_FRONTEND=noninteractive apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-		nftables iproute2 coturn stun-client chromium ca-certificates >/dev/null
+		nftables iproute2 coturn stun-client chromium ca-certificates \
+		clang llvm libbpf-dev >/dev/null
 	@# Debian may enable coturn's own service on 3478; stop that unit only,
 	@# never other turnserver processes (a concurrent lab or bench run's).
 	-command -v systemctl >/dev/null 2>&1 && systemctl disable --now coturn >/dev/null 2>&1 || true
@@ -34,7 +36,7 @@ unit:
 	STUND_REQUIRE_INTEROP=$${STUND_REQUIRE_INTEROP:-1} $(GO) test -count=1 -timeout 15m ./...
 
 # test: everything CI runs.
-test: unit natlab bench-smoke fuzz-smoke vulncheck
+test: unit bpf-check natlab bench-smoke fuzz-smoke vulncheck
 
 # demo: stund on its embedded default (127.0.0.1 + 127.0.0.2) with the SIP
 # mirror (UDP/TCP 5060-5065 must be free) and natprobe against it; stund
@@ -61,15 +63,17 @@ NATLAB_FLAGS ?=
 natlab:
 	$(GO) run ./lab/natlab $(if $(PROFILE),-profile $(PROFILE)) $(NATLAB_FLAGS)
 
-# bench: stund against coturn's turnserver on loopback, same workloads,
-# alternating rounds with fresh processes; prints medians and ratios
+# bench: stund (--offload auto: the kernel relay when root), the same
+# stund with --offload off (the "base" column) and coturn's turnserver on
+# loopback, same workloads, alternating rounds with fresh processes;
+# prints medians and ratios
 # (bench/README.md). About 5 minutes on 2 cores. BENCH_FLAGS passes more
 # flags, e.g. BENCH_FLAGS='-rounds 5'.
 BENCH_FLAGS ?=
 bench:
 	$(GO) build -o $(BIN)/stund ./cmd/stund
 	$(GO) build -o $(BIN)/stundbench ./bench/cmd/stundbench
-	$(BIN)/stundbench -stund $(BIN)/stund $(BENCH_FLAGS)
+	$(BIN)/stundbench -stund $(BIN)/stund -base $(BIN)/stund -base-args=--offload=off $(BENCH_FLAGS)
 
 # bench-smoke: seconds-long run of the same harness, so it cannot rot;
 # asserts only that both servers answered every workload, not speed.

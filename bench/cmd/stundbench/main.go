@@ -39,6 +39,7 @@ type opts struct {
 	relaySizes    []int
 	stund, coturn string
 	base          string // a second stund binary (A/B of a change), "" = none
+	baseArgs      string // extra flags for base
 	profDir       string // CPU profiles of stund (--pprof) per workload go here; "" = none
 	round         int    // the round being run (profile file names)
 	only          string
@@ -74,6 +75,7 @@ func main() {
 	flag.StringVar(&o.stund, "stund", "bin/stund", "stund binary")
 	flag.StringVar(&o.coturn, "turnserver", "turnserver", "coturn binary")
 	flag.StringVar(&o.base, "base", "", "also run this stund binary as server \"base\" (before/after a change, same run)")
+	flag.StringVar(&o.baseArgs, "base-args", "", "extra flags for the base server, space-separated (e.g. --offload=off: the same binary with the kernel relay off)")
 	flag.StringVar(&o.only, "only", "", "run only this server (stund, coturn or base)")
 	flag.StringVar(&o.profDir, "profile", "", "`DIR` for CPU profiles of stund (its --pprof) during Binding and each relay kind")
 	var work string
@@ -576,7 +578,7 @@ func startServer(o opts, name string, peer netip.AddrPort) (*server, error) {
 		}
 	case "base":
 		bin, port = o.base, basePort
-		args = stundArgs(port)
+		args = append(stundArgs(port), strings.Fields(o.baseArgs)...)
 	case "coturn":
 		bin, port = o.coturn, coturnPort
 		args = []string{"-n", "--no-tls", "--no-dtls", "--no-tcp", "--no-cli",
