@@ -142,6 +142,17 @@ func (sp *stundProcess) waitExit0(t *testing.T, after string) {
 	}
 }
 
+// drain sends SIGTERM and waits for the drain to be logged.
+func (sp *stundProcess) drain(t *testing.T) {
+	t.Helper()
+	if err := sp.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if !waitFor(func() bool { return strings.Contains(sp.errOut.String(), "draining") }) {
+		t.Fatalf("no drain logged after SIGTERM: %s", sp.errOut.String())
+	}
+}
+
 // TestSIGTERMProcess: SIGTERM drains a real stund process: the call in
 // progress keeps its allocation (a Refresh still succeeds) while new
 // Allocates are refused (508, no alternate), and stund exits 0 as soon as
@@ -149,12 +160,7 @@ func (sp *stundProcess) waitExit0(t *testing.T, after string) {
 func TestSIGTERMProcess(t *testing.T) {
 	sp, relay := startProcess(t)
 	relayAddr := relay.LocalAddr().String()
-	if err := sp.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	if !waitFor(func() bool { return strings.Contains(sp.errOut.String(), "draining") }) {
-		t.Fatalf("no drain logged after SIGTERM: %s", sp.errOut.String())
-	}
+	sp.drain(t)
 	if _, err := allocate(t, fmt.Sprintf("127.0.0.1:%d", sp.p), "alice", "alice-pw"); err == nil {
 		t.Fatal("a new Allocate succeeded while draining")
 	}
@@ -175,12 +181,7 @@ func TestSIGTERMProcess(t *testing.T) {
 func TestSecondSIGTERM(t *testing.T) {
 	sp, relay := startProcess(t)
 	relayAddr := relay.LocalAddr().String()
-	if err := sp.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	if !waitFor(func() bool { return strings.Contains(sp.errOut.String(), "draining") }) {
-		t.Fatalf("no drain logged after SIGTERM: %s", sp.errOut.String())
-	}
+	sp.drain(t)
 	if err := sp.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
