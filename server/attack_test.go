@@ -356,8 +356,26 @@ func TestAttackIndicationsNotAnswered(t *testing.T) {
 // TestAttackUnauthAnswersRateLimited: unauthenticated answers spend the
 // source's per-IP budget over streams too, not only over UDP.
 func TestAttackUnauthAnswersRateLimited(t *testing.T) {
+	// A server per transport: each starts with a full bucket.
+	for _, tr := range []string{"tcp", "tls"} {
+		t.Run(tr, func(t *testing.T) { unauthRateLimited(t, tr) })
+	}
+}
+
+func unauthRateLimited(t *testing.T, tr string) {
 	s := startStreamServer(t, func(c *Config) { c.UnauthRate = 1 })
-	s.eachStream(t, func(t *testing.T, dial func() net.Conn) {
+	dial := func() net.Conn { return dialTLS(t, s.TLSAddrs()[0], s.tlsCfg) }
+	if tr == "tcp" {
+		dial = func() net.Conn {
+			c, err := net.DialTimeout("tcp4", s.TCPAddrs()[0].String(), e2eTimeout)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { c.Close() })
+			return c
+		}
+	}
+	{
 		conn := dial()
 		var burst []byte
 		for i := 0; i < 30; i++ {
@@ -383,7 +401,7 @@ func TestAttackUnauthAnswersRateLimited(t *testing.T) {
 		if b := burstFor(1); answered > b+2 || answered == 0 {
 			t.Fatalf("%d of 30 unauthenticated Allocates answered, want 1 to %d (the per-IP budget)", answered, b+2)
 		}
-	})
+	}
 }
 
 // TestAttackAuthFailuresLogged: each failed authentication is one log
@@ -522,7 +540,12 @@ func TestDataPlaneCarriesRelayedData(t *testing.T) {
 			if got := s.data.stats().Relayed - before; got < 21 {
 				t.Fatalf("the data plane relayed %d client datagrams, want all 21", got)
 			}
-			if got := s.relayToClient(stunwire.AddrPortOf(relay.LocalAddr())); got < 21 {
+			// The counter moves just after the write the client saw.
+			relayed := stunwire.AddrPortOf(relay.LocalAddr())
+			for i := 0; i < 100 && s.relayToClient(relayed) < 21; i++ {
+				time.Sleep(10 * time.Millisecond)
+			}
+			if got := s.relayToClient(relayed); got < 21 {
 				t.Fatalf("the data plane wrote %d of the peer's 21 datagrams to the client", got)
 			}
 		})

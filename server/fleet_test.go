@@ -134,6 +134,8 @@ func TestKillAndUsageRecords(t *testing.T) {
 		t.Fatalf("Refresh after the kill: %v code %d, want 437", r.Type, errorCode(r))
 	}
 
+	// A record is written just after its allocation leaves the ledger.
+	waitFor(t, "both usage records", func() bool { return len(usageRecords(t, usage.String())) == 2 })
 	recs := map[string]UsageRecord{}
 	for _, r := range usageRecords(t, usage.String()) {
 		recs[userName(r.User)] = r
