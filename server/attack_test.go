@@ -537,17 +537,10 @@ func TestDataPlaneCarriesRelayedData(t *testing.T) {
 				relayToPeer(t, relay, peer, "later")
 				peerToClient(t, peer, relay, from, "again")
 			}
-			if got := s.data.stats().Relayed - before; got < 21 {
-				t.Fatalf("the data plane relayed %d client datagrams, want all 21", got)
-			}
-			// The counter moves just after the write the client saw.
+			// Counters move just after the write the far end saw.
+			waitFor(t, "the data plane's count of client datagrams", func() bool { return s.data.stats().Relayed-before >= 21 })
 			relayed := stunwire.AddrPortOf(relay.LocalAddr())
-			for i := 0; i < 100 && s.relayToClient(relayed) < 21; i++ {
-				time.Sleep(10 * time.Millisecond)
-			}
-			if got := s.relayToClient(relayed); got < 21 {
-				t.Fatalf("the data plane wrote %d of the peer's 21 datagrams to the client", got)
-			}
+			waitFor(t, "the data plane's count of the peer's datagrams", func() bool { return s.relayToClient(relayed) >= 21 })
 		})
 	}
 }

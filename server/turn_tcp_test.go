@@ -2,6 +2,7 @@ package server
 
 import (
 	"github.com/stund/stund/internal/stunwire"
+	"github.com/stund/stund/server/admin"
 	"net"
 	"net/netip"
 	"testing"
@@ -79,12 +80,19 @@ func TestTURNTCPAllocation(t *testing.T) {
 
 	// The allocation's usage counts what its peer connections carried,
 	// as a UDP relay's does (usage records).
-	as := s.Allocations("alice")
+	out := len("outbound: client to peer") + len("inbound: client to peer")
+	in := len("outbound: peer to client") + len("inbound: peer to client")
+	var as []admin.Allocation
+	// A write is counted just after the peer could read it.
+	for i := 0; i < 200; i++ {
+		if as = s.Allocations("alice"); len(as) == 1 && as[0].BytesOut >= uint64(out) && as[0].BytesIn >= uint64(in) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	if len(as) != 1 {
 		t.Fatalf("Allocations(alice) = %+v", as)
 	}
-	out := len("outbound: client to peer") + len("inbound: client to peer")
-	in := len("outbound: peer to client") + len("inbound: peer to client")
 	if as[0].BytesOut != uint64(out) || as[0].BytesIn != uint64(in) || as[0].Transport != "tcp" {
 		t.Fatalf("usage %d bytes to peers, %d from (%s), want %d and %d (tcp)", as[0].BytesOut, as[0].BytesIn, as[0].Transport, out, in)
 	}
