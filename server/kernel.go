@@ -23,7 +23,8 @@ import (
 type kernelRelay struct {
 	o      *offload.Offload
 	ops    *opsStats
-	capped bool // --max-bps is set: nothing is offloaded
+	policy *livePolicy // the port-level peer rules, checked before install
+	capped bool        // --max-bps is set: nothing is offloaded
 	log    *slog.Logger
 
 	// mu guards every allocation's kernel map (allocation.kernel).
@@ -46,7 +47,10 @@ func (k *kernelRelay) channelFor(a *allocation, ch uint16, peer netip.AddrPort) 
 // permission and the kernel can relay it.
 func (k *kernelRelay) install(a *allocation, ch uint16, peer netip.AddrPort) {
 	c, ok := k.channelFor(a, ch, peer)
-	if !ok || !a.permitted(peer.Addr()) {
+	// The kernel does not consult the peer policy per packet as the relay
+	// socket does (relaysock.go), so a peer the port-level rules refuse
+	// (the host's own listeners) stays in userspace, where it is refused.
+	if !ok || !a.permitted(peer.Addr()) || !k.policy.load().AllowedAddrPort(peer) {
 		return
 	}
 	k.mu.Lock()

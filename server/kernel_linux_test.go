@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stund/stund/internal/stunwire"
 	"github.com/stund/stund/internal/testutil"
 	"github.com/stund/stund/server/offload"
 )
@@ -104,3 +105,47 @@ func TestKernelRelay(t *testing.T) {
 }
 
 func udpAddrOf(ap netip.AddrPort) *net.UDPAddr { return net.UDPAddrFromAddrPort(ap) }
+
+// TestKernelRelayKeepsListenersOutOfReach: a channel to one of the host's
+// protected listeners (here the admin listener's stand-in) is never put in
+// the kernel, which does not check the peer policy per packet; userspace
+// refuses its data.
+func TestKernelRelayKeepsListenersOutOfReach(t *testing.T) {
+	needOffload(t)
+	admin := udpPeer(t, "udp4") // a UDP socket on a protected port
+	s := startTURNServer(t, func(c *Config) {
+		c.Offload = offload.ModeEBPF
+		c.AllowPeers = mustPrefixes(t, "127.0.0.0/8")
+		c.ProtectedListeners = []netip.AddrPort{stunwire.AddrPortOf(admin.LocalAddr())}
+	})
+	cl := allocClient(t, s, "udp4", "alice")
+	relay, err := cl.Allocate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer relay.Close()
+	for i := 0; i < 20; i++ { // pion's client binds a channel after the first writes
+		if _, err := relay.WriteTo([]byte("GET /debug/pprof/cmdline"), admin.LocalAddr()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "the channel", func() bool {
+		as := s.led.all("alice")
+		if len(as) != 1 {
+			return false
+		}
+		as[0].mu.Lock()
+		defer as[0].mu.Unlock()
+		return len(as[0].chans) == 1
+	})
+	if n := s.kern.offloaded(s.led.all("")); n != 0 {
+		t.Fatalf("%d channels to a protected listener in the kernel", n)
+	}
+	if _, err := relay.WriteTo([]byte("GET /debug/pprof/cmdline"), admin.LocalAddr()); err != nil {
+		t.Fatal(err)
+	}
+	_ = admin.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if n, _, err := admin.ReadFrom(make([]byte, 100)); err == nil {
+		t.Fatalf("the protected listener received %d bytes through the relay", n)
+	}
+}

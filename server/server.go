@@ -455,7 +455,7 @@ func (s *Server) startOffload() error {
 	if o == nil {
 		return nil
 	}
-	s.kern = &kernelRelay{o: o, ops: &s.ops, capped: s.limits.bw != nil, log: s.log}
+	s.kern = &kernelRelay{o: o, ops: &s.ops, policy: &s.live, capped: s.limits.bw != nil, log: s.log}
 	if s.kern.capped {
 		s.log.Info("UDP channels are relayed in userspace: --max-bps is set, and the kernel relay does not enforce it")
 	} else {
