@@ -184,3 +184,26 @@ func (k *kernelRelay) offloaded(as []*allocation) int {
 	}
 	return n
 }
+
+// recheck takes out of the kernel every channel whose peer the current
+// policy refuses (after a reload narrowed it), as the relay socket refuses
+// its next packet in userspace.
+func (k *kernelRelay) recheck(as []*allocation) {
+	if k == nil {
+		return
+	}
+	pol := k.policy.load()
+	for _, a := range as {
+		k.mu.Lock()
+		var gone []uint16
+		for ch, c := range a.kernel {
+			if !pol.Allowed(c.Peer.Addr()) || !pol.AllowedAddrPort(c.Peer) {
+				gone = append(gone, ch)
+			}
+		}
+		k.mu.Unlock()
+		for _, ch := range gone {
+			k.remove(a, ch)
+		}
+	}
+}

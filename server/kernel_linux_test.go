@@ -149,3 +149,37 @@ func TestKernelRelayKeepsListenersOutOfReach(t *testing.T) {
 		t.Fatalf("the protected listener received %d bytes through the relay", n)
 	}
 }
+
+// TestKernelRelayReloadNarrows: a reload that denies a peer takes its
+// channel out of the kernel at once, as userspace refuses its next packet.
+func TestKernelRelayReloadNarrows(t *testing.T) {
+	needOffload(t)
+	s := startTURNServer(t, func(c *Config) {
+		c.Offload = offload.ModeEBPF
+		c.AllowPeers = mustPrefixes(t, "127.0.0.0/8")
+	})
+	cl := allocClient(t, s, "udp4", "alice")
+	relay, err := cl.Allocate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer relay.Close()
+	peer := udpPeer(t, "udp4")
+	relayToPeer(t, relay, peer, "hello")
+	waitFor(t, "the channel in the kernel", func() bool { return s.kern.offloaded(s.led.all("")) == 1 })
+	cfg := s.cfg
+	cfg.DenyPeers = mustPrefixes(t, stunwire.AddrPortOf(peer.LocalAddr()).Addr().String()+"/32")
+	if err := s.Reload(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if n := s.kern.offloaded(s.led.all("")); n != 0 {
+		t.Fatalf("%d channels to a now-denied peer still in the kernel", n)
+	}
+	if _, err := relay.WriteTo([]byte("after the reload"), peer.LocalAddr()); err != nil {
+		t.Fatal(err)
+	}
+	_ = peer.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if n, _, err := peer.ReadFrom(make([]byte, 100)); err == nil {
+		t.Fatalf("the denied peer received %d bytes", n)
+	}
+}

@@ -85,6 +85,7 @@ func (s *Server) apply(cfg Config) (ReloadReport, error) {
 	}
 	s.quotas.SetLimits(cfg.UserQuota, cfg.TotalQuota)
 	s.live.swap(policy)
+	s.kern.recheck(s.led.all("")) // the kernel relay has no per-packet policy
 
 	s.log.Info("configuration reloaded",
 		"users", len(cfg.Users), "auth_secrets", len(cfg.AuthSecrets),
