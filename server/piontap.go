@@ -32,6 +32,9 @@ const (
 	// that does not answer within this leaves the previous nonce in use
 	// (or, at start, fails New).
 	pionMintWait = 2 * time.Second
+	// pionMintRetry spaces the attempts after a failed mint; the nonce in
+	// hand stays valid for 40 more minutes.
+	pionMintRetry = time.Minute
 )
 
 var (
@@ -62,6 +65,11 @@ func (p *pionNonces) current() []byte {
 	if v, err := p.tap.mint(); err == nil {
 		p.val, p.at = v, time.Now()
 		p.mints++
+	} else if p.val != nil {
+		// Keep the old nonce (valid 60 minutes) and try again in a
+		// minute, not on every request: a mint that fails waits
+		// pionMintWait, and a read loop must not pay that per packet.
+		p.at = time.Now().Add(-pionNonceRefresh + pionMintRetry)
 	}
 	return p.val
 }
