@@ -87,7 +87,7 @@ bench-smoke:
 # that fail land in the package's testdata/fuzz/ and are then replayed by
 # every plain `go test`; commit those.
 FUZZTIME ?= 60s
-FUZZ_TARGETS = ./internal/stunwire:FuzzParse ./server:FuzzBindingHandle \
+FUZZ_TARGETS = ./internal/stunwire:FuzzParse ./server/binding:FuzzBindingHandle \
 	./server:FuzzDemuxUDP ./server:FuzzDemuxStream ./classifier:FuzzParseMessage \
 	./cmd/stund:FuzzConfigYAML ./server/sipmirror:FuzzHandle
 .PHONY: fuzz fuzz-smoke vulncheck soak

@@ -148,7 +148,7 @@ type Config struct {
 	// OTHER-ADDRESS in its answer. That answer costs 56 bytes for a bare
 	// 20-byte request over IPv4 (2.8x), 92 over IPv6 (4.6x); lean mode
 	// keeps every answer within 2x, except the IPv6 mapped address alone
-	// (44 bytes for 20). binding.go states the rule.
+	// (44 bytes for 20). server/binding states the rule.
 	RFC5780Lean bool
 
 	// Software, when set, is sent in the SOFTWARE attribute. Empty by

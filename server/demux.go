@@ -1,6 +1,7 @@
 package server
 
 import (
+	"github.com/stund/stund/server/binding"
 	"net"
 	"net/netip"
 	"sync/atomic"
@@ -12,12 +13,15 @@ import (
 // whose ReadFrom, called only by pion's read loop for that socket, routes
 // every datagram once:
 //
-//	Binding          -> the RFC 5780 responder (binding.go), answered here
+//	Binding          -> the RFC 5780 responder (server/binding), answered here
 //	ChannelData      -> the relay data plane (dataplane.go), never pion
 //	other STUN       -> the TURN front (front.go), then pion
 //	anything else    -> dropped and counted
 //
 // The stream side (TCP, TLS) routes the same way after framing (stream.go).
+
+// endpoint is a cell of the RFC 5780 grid (binding.Endpoint).
+type endpoint = binding.Endpoint
 
 // demuxStats counts what the demultiplexer dropped before pion saw it.
 type demuxStats struct {
@@ -39,7 +43,7 @@ func (s *Server) Demux() DemuxStats {
 // bindingStage is the Binding responder as the listeners use it: the
 // natprobe probe log first, then the RFC 5780 answer.
 type bindingStage struct {
-	binder    *binder
+	binder    *binding.Responder
 	noteProbe func(pkt []byte, src netip.AddrPort, transport string)
 }
 
@@ -50,7 +54,7 @@ func (b *bindingStage) answer(buf, pkt []byte, src, local netip.AddrPort, at end
 		transport = "tcp"
 	}
 	b.noteProbe(pkt, src, transport)
-	reply, ok := b.binder.handle(buf, bindingRequest{Raw: pkt, Src: src, Local: local, At: at, Stream: stream})
+	reply, ok := b.binder.Handle(buf, binding.Request{Raw: pkt, Src: src, Local: local, At: at, Stream: stream})
 	return reply.Msg, ok
 }
 
@@ -102,7 +106,7 @@ func (c *stunPacketConn) ReadFrom(p []byte) (int, net.Addr, error) {
 		if err != nil {
 			return 0, addr, err
 		}
-		if isBinding(pkt) {
+		if binding.IsBinding(pkt) {
 			c.deps.requests[trUDP][0].Add(1)
 			c.answer(pkt, addr)
 			continue
@@ -167,7 +171,7 @@ func (c *stunPacketConn) answer(pkt []byte, from net.Addr) {
 	if c.batch != nil {
 		buf = c.batch.replyBuf()
 	}
-	reply, ok := c.deps.binding.binder.handle(buf, bindingRequest{Raw: pkt, Src: src, Local: c.local, At: c.at})
+	reply, ok := c.deps.binding.binder.Handle(buf, binding.Request{Raw: pkt, Src: src, Local: c.local, At: c.at})
 	c.deps.binding.noteProbe(pkt, src, "udp")
 	if !ok {
 		return
@@ -191,7 +195,7 @@ func (c *stunPacketConn) answer(pkt []byte, from net.Addr) {
 	// CHANGE-REQUEST replies leave by the named cell's first socket.
 	conn := c.PacketConn
 	if reply.From != c.at {
-		conn = c.deps.grid[reply.From.ip][reply.From.port]
+		conn = c.deps.grid[reply.From.IP][reply.From.Port]
 	}
 	if conn == nil {
 		return // the binder never names an absent cell; stay safe if it did

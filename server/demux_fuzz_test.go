@@ -3,6 +3,7 @@ package server
 import (
 	"encoding/binary"
 	"errors"
+	"github.com/stund/stund/server/binding"
 	"io"
 	"net"
 	"net/netip"
@@ -172,7 +173,7 @@ func FuzzDemuxUDP(f *testing.F) {
 			if k := stunwire.Classify(got); k != stunwire.KindSTUN && k != stunwire.KindChannelData {
 				t.Fatalf("demux passed a %v datagram to pion: % x", k, got)
 			}
-			if isBinding(got) {
+			if binding.IsBinding(got) {
 				t.Fatal("demux passed a Binding message to pion")
 			}
 		} else if !errors.Is(err, io.EOF) {
@@ -269,7 +270,7 @@ func FuzzDemuxStream(f *testing.F) {
 			if ferr != nil || fl != n || n > maxStreamSTUN {
 				t.Fatalf("pion got a partial, oversized or unframeable frame: %v len %d/%d (% x)", ferr, fl, n, got[:min(n, 32)])
 			}
-			if kind == stunwire.KindChannelData || isBinding(got) {
+			if kind == stunwire.KindChannelData || binding.IsBinding(got) {
 				t.Fatalf("pion got a %v frame", kind)
 			}
 		}

@@ -75,7 +75,7 @@ func runToolOnce(t *testing.T, path string, args ...string) (string, int) {
 // startInteropServer starts stund on 127.0.0.1 + 127.0.0.2 with its
 // default configuration: coturn's tools send a bare 20-byte Binding first
 // and only go on if its answer carries OTHER-ADDRESS, which two-IP stund
-// gives every request (binding.go).
+// gives every request (server/binding).
 func startInteropServer(t *testing.T) (*Server, [2][2]netip.AddrPort) {
 	t.Helper()
 	s := startServer(t, twoIPConfig())
@@ -146,7 +146,7 @@ func TestInteropNatdiscovery(t *testing.T) {
 	if strings.Contains(out, "Dependent") || strings.Contains(out, "timeout") || strings.Contains(out, "error") {
 		t.Errorf("unexpected verdict or failure in output")
 	}
-	if st := s.binder.stats.snapshot(); st.ChangeIP == 0 || st.ChangePort == 0 {
+	if st := s.binder.Stats(); st.ChangeIP == 0 || st.ChangePort == 0 {
 		t.Errorf("the filtering test should have used change-IP+port: %+v", st)
 	}
 }
@@ -169,7 +169,7 @@ func TestInteropStunClient(t *testing.T) {
 	if code&^(0x01|0x10) != 0 {
 		t.Errorf("exit 0x%02x: NAT type bits are not Open", code)
 	}
-	if st := s.binder.stats.snapshot(); st.RFC3489 == 0 || st.ChangeIP == 0 {
+	if st := s.binder.Stats(); st.RFC3489 == 0 || st.ChangeIP == 0 {
 		t.Errorf("expected RFC 3489 requests with change-IP: %+v", st)
 	}
 }

@@ -2,13 +2,14 @@ package server
 
 // metrics.go exposes the server's counters to Prometheus.
 //
-// The packet paths keep the atomic counters they already had (binding.go,
+// The packet paths keep the atomic counters they already had (server/binding,
 // demux.go) or get one atomic add (relay packets); the registry reads them
 // at scrape time through CounterFunc/GaugeFunc, so scraping costs the hot
 // path nothing. No metric has a per-user label: TURN REST usernames embed an
 // expiry, so their number is unbounded.
 
 import (
+	"github.com/stund/stund/server/binding"
 	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -189,29 +190,30 @@ func (s *Server) registerRelay(m metricSet) {
 
 // registerBinding registers Binding (RFC 8489 §7, RFC 5780 §6, §7).
 func (s *Server) registerBinding(m metricSet) {
-	bs := &s.binder.stats
+	bs := func() binding.Stats { return s.binder.Stats() }
 	counter := m.counter
 	// Binding (RFC 8489 §7, RFC 5780 §6/§7).
 	const bindHelp = "Binding requests that parsed, by form: rfc8489 (magic cookie) or rfc3489 (classic)."
 	counter("stund_binding_requests_total", bindHelp, l("form", "rfc8489"), func() uint64 {
-		r, c := bs.requests.Load(), bs.rfc3489.Load()
+		st := bs()
+		r, c := st.Requests, st.RFC3489
 		if c > r {
 			return 0
 		}
 		return r - c
 	})
-	counter("stund_binding_requests_total", bindHelp, l("form", "rfc3489"), bs.rfc3489.Load)
-	counter("stund_binding_indications_total", "Binding indications (keepalives), never answered (RFC 8489 §6.3.2).", nil, bs.indications.Load)
+	counter("stund_binding_requests_total", bindHelp, l("form", "rfc3489"), func() uint64 { return bs().RFC3489 })
+	counter("stund_binding_indications_total", "Binding indications (keepalives), never answered (RFC 8489 §6.3.2).", nil, func() uint64 { return bs().Indications })
 	const featHelp = "Successful Binding replies using an RFC 5780 feature: change_ip, change_port (CHANGE-REQUEST §7.2), response_port (§7.5), padding (§7.6)."
-	counter("stund_binding_rfc5780_total", featHelp, l("feature", "change_ip"), bs.changeIP.Load)
-	counter("stund_binding_rfc5780_total", featHelp, l("feature", "change_port"), bs.changePort.Load)
-	counter("stund_binding_rfc5780_total", featHelp, l("feature", "response_port"), bs.responsePort.Load)
-	counter("stund_binding_rfc5780_total", featHelp, l("feature", "padding"), bs.padding.Load)
+	counter("stund_binding_rfc5780_total", featHelp, l("feature", "change_ip"), func() uint64 { return bs().ChangeIP })
+	counter("stund_binding_rfc5780_total", featHelp, l("feature", "change_port"), func() uint64 { return bs().ChangePort })
+	counter("stund_binding_rfc5780_total", featHelp, l("feature", "response_port"), func() uint64 { return bs().ResponsePort })
+	counter("stund_binding_rfc5780_total", featHelp, l("feature", "padding"), func() uint64 { return bs().Padding })
 	const respHelp = "Binding responses sent, by result: success, 400 (Bad Request), 420 (Unknown Attribute)."
-	counter("stund_binding_responses_total", respHelp, l("result", "success"), bs.success.Load)
-	counter("stund_binding_responses_total", respHelp, l("result", "400"), bs.err400.Load)
-	counter("stund_binding_responses_total", respHelp, l("result", "420"), bs.err420.Load)
-	counter("stund_binding_over_budget_total", "Binding replies whose mandatory core exceeded the 2x amplification budget.", nil, bs.overBudget.Load)
+	counter("stund_binding_responses_total", respHelp, l("result", "success"), func() uint64 { return bs().Success })
+	counter("stund_binding_responses_total", respHelp, l("result", "400"), func() uint64 { return bs().Err400 })
+	counter("stund_binding_responses_total", respHelp, l("result", "420"), func() uint64 { return bs().Err420 })
+	counter("stund_binding_over_budget_total", "Binding replies whose mandatory core exceeded the 2x amplification budget.", nil, func() uint64 { return bs().OverBudget })
 }
 
 // registerFront registers the TURN front's answers.
@@ -237,11 +239,11 @@ func (s *Server) registerFront(m metricSet) {
 
 // registerDrops registers what was dropped before or instead of a reply.
 func (s *Server) registerDrops(m metricSet) {
-	bs, dm := &s.binder.stats, &s.demux
+	bs, dm := func() binding.Stats { return s.binder.Stats() }, &s.demux
 	counter := m.counter
 	// Dropped before or instead of a reply.
 	const dropHelp = "Packets dropped and counted, by reason: malformed (bad STUN framing, attribute or FINGERPRINT, Binding or TURN), not_stun (neither STUN nor ChannelData), stream_unframeable (TCP/TLS connections closed on junk), send_error (replies the kernel refused), rate_limited (unauthenticated replies over the per-source-IP rate), amplification (unauthenticated TURN answers over 2x their request), bandwidth (relayed datagrams over the per-user --max-bps cap)."
-	counter("stund_dropped_packets_total", dropHelp, l("reason", "malformed"), func() uint64 { return bs.malformed.Load() + s.Front().Malformed })
+	counter("stund_dropped_packets_total", dropHelp, l("reason", "malformed"), func() uint64 { return bs().Malformed + s.Front().Malformed })
 	counter("stund_dropped_packets_total", dropHelp, l("reason", "not_stun"), dm.junk.Load)
 	counter("stund_dropped_packets_total", dropHelp, l("reason", "stream_unframeable"), dm.streamJunk.Load)
 	counter("stund_dropped_packets_total", dropHelp, l("reason", "send_error"), dm.sendErrors.Load)

@@ -15,7 +15,7 @@ import (
 // Rate limits in front of everything a stranger can make stund send.
 //
 // A STUN server is a reflector: a spoofed Binding request makes it send a
-// reply to the victim. binding.go keeps each reply within 2x the request;
+// reply to the victim. server/binding keeps each reply within 2x the request;
 // this file keeps the number of replies per victim bounded as well, so the
 // server is never a useful amplifier or a cheap flood source. The same
 // limiter type bounds the Allocate rate of one user (a leaked credential
@@ -29,7 +29,7 @@ const (
 	// burst and a WebRTC client a handful per call; a hundred per second
 	// also leaves room for a few hundred clients behind one NAT doing
 	// keepalives, while a reflection victim receives at most 100
-	// replies/s of at most 2x their request size (binding.go).
+	// replies/s of at most 2x their request size (server/binding).
 	DefaultUnauthRate = 100
 	// DefaultAllocRate is how many Allocates one user may make per
 	// second (486 beyond, like the quota): a call needs one or two, so

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/stund/stund/internal/stunwire"
+	"github.com/stund/stund/server/binding"
 	"github.com/stund/stund/server/offload"
 	"log/slog"
 	"net"
@@ -44,7 +45,7 @@ type Server struct {
 	tcp       []net.Listener       // raw TCP listeners (primary port, each IP)
 	tls       []net.Listener       // TLS listeners (TLS port, each IP)
 	streamAt  map[net.Listener]int // listener -> ip index
-	binder    *binder
+	binder    *binding.Responder
 	turn      *turn.Server
 	led       *ledger      // the allocations (ledger.go)
 	data      *dataPlane   // ChannelData toward peers (dataplane.go)
@@ -273,7 +274,7 @@ func (s *Server) buildState() {
 // the stream connections route to.
 func (s *Server) buildStages() {
 	cfg := s.cfg
-	s.binder = newBinder(binderConfig{
+	s.binder = binding.New(binding.Config{
 		Grid:        s.gridAddr,
 		Advertise:   cfg.Advertise,
 		Software:    cfg.Software,
@@ -323,7 +324,7 @@ func (s *Server) pionConfig() turn.ServerConfig {
 			// One read loop per socket of the cell (udpsock.go).
 			for _, c := range s.gridSocks[i][p] {
 				tc.PacketConnConfigs = append(tc.PacketConnConfigs, turn.PacketConnConfig{
-					PacketConn:            &stunPacketConn{PacketConn: c, deps: s.udp, at: endpoint{ip: i, port: p}, local: s.gridAddr[i][p]},
+					PacketConn:            &stunPacketConn{PacketConn: c, deps: s.udp, at: endpoint{IP: i, Port: p}, local: s.gridAddr[i][p]},
 					RelayAddressGenerator: s.relayGen(i),
 					PermissionHandler:     s.live.permissionHandler(),
 				})

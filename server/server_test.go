@@ -265,7 +265,7 @@ func TestJunkIsDroppedAndCounted(t *testing.T) {
 		t.Fatalf("after junk: %v", m.Type)
 	}
 	st := s.Demux()
-	bs := s.binder.stats.snapshot()
+	bs := s.binder.Stats()
 	if got := st.Junk + bs.Malformed; got != uint64(len(junk)) {
 		t.Errorf("%d of %d junk datagrams counted: demux %+v binder %+v", got, len(junk), st, bs)
 	}
@@ -316,8 +316,15 @@ func changeFlags(ip, port bool) uint32 {
 	return v
 }
 
-// AddTo lets binding_test.go's rawAttr go into pion-built requests.
-func (a rawAttr) AddTo(m *stun.Message) error { m.Add(a.typ, a.val); return nil }
+// changeReq is CHANGE-REQUEST with flags (RFC 5780 §7.2).
+func changeReq(flags uint32) stun.RawAttribute {
+	return stun.RawAttribute{Type: stun.AttrChangeRequest, Value: binary.BigEndian.AppendUint32(nil, flags)}
+}
+
+// respPort is RESPONSE-PORT p (RFC 5780 §7.5).
+func respPort(p uint16) stun.RawAttribute {
+	return stun.RawAttribute{Type: stun.AttrResponsePort, Value: []byte{byte(p >> 8), byte(p), 0, 0}}
+}
 
 // TestFixedPortsAreExclusive: with fixed ports the grid binds several
 // SO_REUSEPORT sockets per address; a second server of the same user must

@@ -2,6 +2,7 @@ package server
 
 import (
 	"errors"
+	"github.com/stund/stund/server/binding"
 	"io"
 	"net"
 	"net/netip"
@@ -46,9 +47,6 @@ const (
 	// maxStreamChannelData is the largest ChannelData frame: header plus
 	// the 16-bit length padded to 4 (RFC 8656 §12.4, §12.5).
 	maxStreamChannelData = stunwire.ChannelDataHeaderSize + 65536
-	// maxStreamFrame is the largest frame a stream can carry at all
-	// (binding.go sizes stream answers by it).
-	maxStreamFrame = maxStreamChannelData
 	// pionQueue bounds the STUN frames that wait for pion on one
 	// connection (pion serves them one at a time); beyond it the framer
 	// waits, which only slows the connection that sent them.
@@ -106,7 +104,7 @@ func (l *stunListener) Accept() (net.Conn, error) {
 	}
 	// The listener is bound to an explicit address (never the wildcard),
 	// so its address is the connection's local address.
-	return newStreamConn(c, stunwire.AddrPortOf(l.Listener.Addr()), l.deps, endpoint{ip: l.ip}, l.tr), nil
+	return newStreamConn(c, stunwire.AddrPortOf(l.Listener.Addr()), l.deps, endpoint{IP: l.ip}, l.tr), nil
 }
 
 // newStreamConn starts framing c, accepted on local.
@@ -276,7 +274,7 @@ func (c *streamConn) frameLoop() {
 		switch {
 		case kind == stunwire.KindChannelData:
 			c.deps.data.fromClient(c.tuple(), frame)
-		case isBinding(frame):
+		case binding.IsBinding(frame):
 			c.deps.requests[c.tr][0].Add(1)
 			c.answerBinding(frame)
 		case kind == stunwire.KindSTUN && isSend(frame) && c.deps.data.send(c.tuple(), frame):

@@ -130,7 +130,7 @@ func benchKnown(t uint16) bool {
 }
 
 // BenchmarkCheck compares Check with the hand-written loop that
-// server/binding.go, server/front.go and classifier/wire.go each carried
+// server/binding, server/front.go and classifier/wire.go each carried
 // (FINGERPRINT check, MESSAGE-INTEGRITY offset, unknown
 // comprehension-required types into a fixed array), on the RFC 5769
 // request (six attributes, FINGERPRINT last). Run with -benchmem.

@@ -1,6 +1,8 @@
-package server
+// Package binding is the Binding responder: it answers STUN Binding
+// requests (RFC 8489 §7, RFC 5780 §6, RFC 3489 §8/§11) for every listener.
+package binding
 
-// binding.go answers STUN Binding itself (RFC 8489 §7, RFC 5780 §6, RFC 3489
+// It answers STUN Binding (RFC 8489 §7, RFC 5780 §6, RFC 3489
 // §8/§11) on the fast path, without heap allocation per packet; everything
 // else on the sockets goes to pion/turn.
 //
@@ -111,33 +113,39 @@ const (
 	reasonUnknownAttr = "Unknown Attribute"
 )
 
-// endpoint indexes the RFC 5780 socket grid: ip 0 = primary, 1 = alternate;
+// Endpoint indexes the RFC 5780 socket grid: ip 0 = primary, 1 = alternate;
 // port 0 = primary, 1 = alternate.
-type endpoint struct{ ip, port int }
+// Endpoint is a cell of the RFC 5780 grid: IP and Port are 0 for the
+// primary and 1 for the alternate (for streams: the listener's IP, Port 0).
+type Endpoint struct{ IP, Port int }
 
-type binderConfig struct {
+type Config struct {
 	Grid        [2][2]netip.AddrPort      // bound UDP sockets, Grid[ip][port]; Grid[1][*] is invalid (zero) in single-IP mode
 	Advertise   map[netip.Addr]netip.Addr // private -> public (cloud 1:1 NAT); nil = none
 	Software    string                    // "" = no SOFTWARE attribute (it tells an attacker the version)
 	RFC5780Lean bool                      // RFC 5780 attributes only for requests that use an RFC 5780 feature, within 2x (see file comment)
 }
 
-type bindingRequest struct {
+type Request struct {
 	Raw    []byte         // one whole STUN message
 	Src    netip.AddrPort // the client as seen by us
 	Local  netip.AddrPort // the local address it arrived on (grid socket, or TCP/TLS listener address for streams)
-	At     endpoint       // grid cell it arrived on (for streams: ip index of the listener, port 0)
+	At     Endpoint       // grid cell it arrived on (for streams: ip index of the listener, port 0)
 	Stream bool           // TCP/TLS: reply goes back on the same connection
 }
 
-type bindingReply struct {
+type Reply struct {
 	Msg  []byte         // encoded reply, appended to buf
-	From endpoint       // grid socket to send from (ignored for Stream)
+	From Endpoint       // grid socket to send from (ignored for Stream)
 	To   netip.AddrPort // destination
 }
 
-// bindingStats counts every outcome of handle; metrics read snapshot().
-type bindingStats struct {
+// streamBudget is the size bound of a reply over a stream: none that a
+// reply can reach (a stream's source cannot be spoofed).
+const streamBudget = 1 << 16
+
+// counters counts every outcome of Handle; metrics read Stats().
+type counters struct {
 	requests     atomic.Uint64 // Binding requests that parsed
 	indications  atomic.Uint64 // Binding indications (keepalives), never answered
 	malformed    atomic.Uint64 // dropped: bad framing, overrun, bad FINGERPRINT, bad attribute value
@@ -153,15 +161,15 @@ type bindingStats struct {
 	err420       atomic.Uint64 // 420 Unknown Attribute replies
 }
 
-// bindingStatsSnapshot is a point-in-time copy of bindingStats.
-type bindingStatsSnapshot struct {
+// Stats is a point-in-time copy of counters.
+type Stats struct {
 	Requests, Indications, Malformed, NotBinding, RFC3489 uint64
 	ChangeIP, ChangePort, ResponsePort, Padding           uint64
 	OverBudget, Success, Err400, Err420                   uint64
 }
 
-func (s *bindingStats) snapshot() bindingStatsSnapshot {
-	return bindingStatsSnapshot{
+func (s *counters) snapshot() Stats {
+	return Stats{
 		Requests: s.requests.Load(), Indications: s.indications.Load(),
 		Malformed: s.malformed.Load(), NotBinding: s.notBinding.Load(),
 		RFC3489: s.rfc3489.Load(), ChangeIP: s.changeIP.Load(),
@@ -171,20 +179,26 @@ func (s *bindingStats) snapshot() bindingStatsSnapshot {
 	}
 }
 
-type binder struct {
-	cfg   binderConfig
+// Responder answers Binding requests; safe for concurrent use (it keeps
+// only atomic counters).
+type Responder struct {
+	cfg   Config
 	dual  bool // an alternate IP exists: RFC 5780 CHANGE-REQUEST and OTHER-ADDRESS are possible
-	stats bindingStats
+	stats counters
 }
 
-func newBinder(cfg binderConfig) *binder {
-	return &binder{cfg: cfg, dual: cfg.Grid[1][0].IsValid() && cfg.Grid[1][1].IsValid()}
+// New returns a Responder for the bound grid cfg.Grid.
+func New(cfg Config) *Responder {
+	return &Responder{cfg: cfg, dual: cfg.Grid[1][0].IsValid() && cfg.Grid[1][1].IsValid()}
 }
+
+// Stats is a snapshot of the counters.
+func (b *Responder) Stats() Stats { return b.stats.snapshot() }
 
 // isBinding reports whether a datagram is a Binding request or indication
 // (cookie or RFC 3489 form, framed exactly) that handle() should take;
 // everything else goes to pion/turn.
-func isBinding(pkt []byte) bool {
+func IsBinding(pkt []byte) bool {
 	switch stunwire.Classify(pkt) {
 	case stunwire.KindSTUN, stunwire.KindSTUNClassic:
 		t := binary.BigEndian.Uint16(pkt[0:2])
@@ -194,7 +208,7 @@ func isBinding(pkt []byte) bool {
 }
 
 // public maps a local address to the address clients should use (--advertise).
-func (b *binder) public(ap netip.AddrPort) netip.AddrPort {
+func (b *Responder) public(ap netip.AddrPort) netip.AddrPort {
 	if pub, ok := b.cfg.Advertise[ap.Addr().Unmap()]; ok {
 		return netip.AddrPortFrom(pub, ap.Port())
 	}
@@ -233,7 +247,7 @@ func knownAttr(t uint16) bool {
 // malformed, not Binding); every outcome is counted. Its steps: parse, the
 // refusals (RFC 8489 §7.3.1, RFC 5780 §6), where the answer leaves from and
 // goes to (RFC 5780 §6.1), the addresses it names, the answer itself.
-func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok bool) {
+func (b *Responder) Handle(buf []byte, req Request) (reply Reply, ok bool) {
 	h, p, ok := b.parse(req.Raw)
 	if !ok {
 		return reply, false
@@ -244,7 +258,7 @@ func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok 
 		// A stream's source completed a handshake and cannot be spoofed:
 		// a reply there reflects nothing at a victim, so every attribute
 		// fits.
-		budget = maxStreamFrame
+		budget = streamBudget
 	}
 	if code, unknown := b.refusal(req, &p); code != 0 {
 		return b.errorReply(buf, &h, req, src, &p, budget, code, reasonFor(code), unknown)
@@ -258,12 +272,12 @@ func (b *binder) handle(buf []byte, req bindingRequest) (reply bindingReply, ok 
 	}
 	msg := b.success(buf, &h, req, &p, src, origin, other, budget)
 	b.countSuccess(req, from, &p)
-	return bindingReply{Msg: msg, From: from, To: to}, true
+	return Reply{Msg: msg, From: from, To: to}, true
 }
 
 // parse reads the header and the attributes a Binding request may carry;
 // ok=false means nothing is answered (counted here).
-func (b *binder) parse(raw []byte) (h stunwire.Header, p parsed, ok bool) {
+func (b *Responder) parse(raw []byte) (h stunwire.Header, p parsed, ok bool) {
 	h, err := stunwire.ParseHeader(raw)
 	if err != nil {
 		b.stats.malformed.Add(1)
@@ -331,7 +345,7 @@ func (p *parsed) read(raw []byte) bool {
 }
 
 // refusal returns the error to answer instead of a success, or 0.
-func (b *binder) refusal(req bindingRequest, p *parsed) (code int, unknown []uint16) {
+func (b *Responder) refusal(req Request, p *parsed) (code int, unknown []uint16) {
 	switch {
 	case p.nUnknown > 0:
 		// RFC 8489 §7.3.1: unknown comprehension-required attributes → 420.
@@ -364,13 +378,13 @@ func reasonFor(code int) string {
 
 // route is RFC 5780 §6.1 Table 1: the reply leaves from {ip ^ A, port ^ B},
 // to the source or to its RESPONSE-PORT (§7.5).
-func route(req bindingRequest, p *parsed, src netip.AddrPort) (from endpoint, to netip.AddrPort) {
+func route(req Request, p *parsed, src netip.AddrPort) (from Endpoint, to netip.AddrPort) {
 	from = req.At
 	if p.change&stunwire.ChangeIP != 0 {
-		from.ip ^= 1
+		from.IP ^= 1
 	}
 	if p.change&stunwire.ChangePort != 0 {
-		from.port ^= 1
+		from.Port ^= 1
 	}
 	to = src
 	if p.hasRespPort {
@@ -382,18 +396,18 @@ func route(req bindingRequest, p *parsed, src netip.AddrPort) (from endpoint, to
 // addresses are RESPONSE-ORIGIN and OTHER-ADDRESS for a reply leaving from
 // the cell from (other is invalid in single-IP mode); ok=false when a cell
 // the request involves does not exist.
-func (b *binder) addresses(req bindingRequest, from endpoint) (origin, other netip.AddrPort, ok bool) {
+func (b *Responder) addresses(req Request, from Endpoint) (origin, other netip.AddrPort, ok bool) {
 	if req.Stream {
 		origin = b.public(req.Local)
 		if b.dual {
-			other = b.public(netip.AddrPortFrom(b.cfg.Grid[1-req.At.ip][0].Addr(), req.Local.Port()))
+			other = b.public(netip.AddrPortFrom(b.cfg.Grid[1-req.At.IP][0].Addr(), req.Local.Port()))
 		}
 		return origin, other, true
 	}
-	if !b.cfg.Grid[from.ip][from.port].IsValid() || !b.cfg.Grid[req.At.ip][req.At.port].IsValid() {
+	if !b.cfg.Grid[from.IP][from.Port].IsValid() || !b.cfg.Grid[req.At.IP][req.At.Port].IsValid() {
 		return origin, other, false
 	}
-	origin = b.public(b.cfg.Grid[from.ip][from.port])
+	origin = b.public(b.cfg.Grid[from.IP][from.Port])
 	if b.dual {
 		// RFC 5780 §7.4: OTHER-ADDRESS names the server's alternate
 		// address and port, Aa:Ap, whichever cell the request arrived
@@ -411,7 +425,7 @@ func (b *binder) addresses(req bindingRequest, from endpoint) (origin, other net
 
 // success builds the success answer into buf, within the amplification
 // rule (file comment): first the core, then the extras that fit.
-func (b *binder) success(buf []byte, h *stunwire.Header, req bindingRequest, p *parsed, src, origin, other netip.AddrPort, budget int) []byte {
+func (b *Responder) success(buf []byte, h *stunwire.Header, req Request, p *parsed, src, origin, other netip.AddrPort, budget int) []byte {
 	// full: the RFC 5780 answer to every request (file comment); lean
 	// mode answers with RFC 5780 attributes only a request that uses an
 	// RFC 5780 feature, and only within the budget.
@@ -462,7 +476,7 @@ func (b *binder) success(buf []byte, h *stunwire.Header, req bindingRequest, p *
 // appendCore appends the mapped address, and OTHER-ADDRESS and
 // RESPONSE-ORIGIN when the answer is an RFC 5780 one, each only while m
 // stays within limit bytes (the mapped address always).
-func (b *binder) appendCore(m []byte, h *stunwire.Header, src, origin, other netip.AddrPort, rfc5780 bool, limit int) []byte {
+func (b *Responder) appendCore(m []byte, h *stunwire.Header, src, origin, other netip.AddrPort, rfc5780 bool, limit int) []byte {
 	fitsCore := func(n int) bool { return len(m)+n <= limit }
 	if h.Cookie {
 		m = stunwire.AppendXORAddress(m, stunwire.AttrXORMappedAddress, src, &h.ID) // RFC 8489 §14.2
@@ -501,12 +515,12 @@ func (b *binder) appendCore(m []byte, h *stunwire.Header, src, origin, other net
 }
 
 // countSuccess counts a success answer and the RFC 5780 features it used.
-func (b *binder) countSuccess(req bindingRequest, from endpoint, p *parsed) {
+func (b *Responder) countSuccess(req Request, from Endpoint, p *parsed) {
 	b.stats.success.Add(1)
-	if from.ip != req.At.ip {
+	if from.IP != req.At.IP {
 		b.stats.changeIP.Add(1)
 	}
-	if from.port != req.At.port {
+	if from.Port != req.At.Port {
 		b.stats.changePort.Add(1)
 	}
 	if p.hasRespPort {
@@ -533,8 +547,8 @@ func rfc5780Allowance(src netip.AddrPort, fingerprint bool) int {
 // errorReply builds an error response (RFC 8489 §6.3.1.1) sent back to the
 // request's source from the socket it arrived on; the reason phrase is left
 // out when it would break the amplification budget.
-func (b *binder) errorReply(buf []byte, h *stunwire.Header, req bindingRequest, src netip.AddrPort,
-	p *parsed, budget, code int, reason string, unknown []uint16) (bindingReply, bool) {
+func (b *Responder) errorReply(buf []byte, h *stunwire.Header, req Request, src netip.AddrPort,
+	p *parsed, budget, code int, reason string, unknown []uint16) (Reply, bool) {
 	fp := 0
 	if p.hasFingerprint {
 		fp = stunwire.FingerprintSize
@@ -563,5 +577,5 @@ func (b *binder) errorReply(buf []byte, h *stunwire.Header, req bindingRequest, 
 	case 420:
 		b.stats.err420.Add(1)
 	}
-	return bindingReply{Msg: m[start:], From: req.At, To: src}, true
+	return Reply{Msg: m[start:], From: req.At, To: src}, true
 }
