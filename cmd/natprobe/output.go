@@ -153,7 +153,18 @@ func boolResult(b *bool, yes, no string) (string, bool) {
 func rows(rep *classifier.Report) []row {
 	var rs []row
 	add := func(b, r, m string, t tone) { rs = append(rs, row{b, r, m, t}) }
+	for _, part := range []func(*classifier.Report, func(b, r, m string, t tone)){
+		addressRows, mappingRows, portRows, poolingLifetimeRows,
+	} {
+		part(rep, add)
+	}
+	rs = append(rs, sipRowsOf(rep)...)
+	legacyRelayRows(rep, add)
+	return rs
+}
 
+// addressRows: UDP reachability and whether there is a NAT.
+func addressRows(rep *classifier.Report, add func(b, r, m string, t tone)) {
 	if rep.MappedAddress.IsValid() {
 		add("UDP", "reachable", fmt.Sprintf("local %s, public %s", rep.LocalAddress, rep.MappedAddress), toneGood)
 	}
@@ -164,7 +175,10 @@ func rows(rep *classifier.Report) []row {
 			add("NAT", "no", "the public address is the local one", toneGood)
 		}
 	}
+}
 
+// mappingRows: mapping, filtering and hairpinning (RFC 4787 §4.1, §5, §6).
+func mappingRows(rep *classifier.Report, add func(b, r, m string, t tone)) {
 	mt, mm := toneUnknown, reason(rep, "mapping", "not measured")
 	switch rep.Mapping {
 	case classifier.MappingEndpointIndependent:
@@ -200,6 +214,10 @@ func rows(rep *classifier.Report) []row {
 	} else {
 		add("hairpinning", r, reason(rep, "hairpinning", ""), toneNeutral)
 	}
+}
+
+// portRows: port preservation, parity and contiguity (RFC 4787 §4.2).
+func portRows(rep *classifier.Report, add func(b, r, m string, t tone)) {
 	addBool := func(name, field string, b *bool, yes, no string) {
 		r, ok := boolResult(b, "yes", "no")
 		m := reason(rep, field, "")
@@ -214,7 +232,11 @@ func rows(rep *classifier.Report) []row {
 	addBool("port preservation", "port_preservation", rep.PortPreservation, "the public port is the local port", "the NAT picks another public port")
 	addBool("port parity", "port_parity", rep.PortParity, "even local ports map to even public ports (RFC 4787 §4.2.2)", "parity is not kept")
 	addBool("port contiguity", "port_contiguity", rep.PortContiguity, "consecutive local ports map to consecutive public ports", "consecutive local ports are not kept together")
+}
 
+// poolingLifetimeRows: IP pooling (RFC 4787 §4.1) and the mapping
+// lifetime (§4.3).
+func poolingLifetimeRows(rep *classifier.Report, add func(b, r, m string, t tone)) {
 	if rep.IPPooling != nil {
 		t, m := toneGood, "one public IP per host"
 		if *rep.IPPooling == classifier.PoolingArbitrary {
@@ -224,25 +246,28 @@ func rows(rep *classifier.Report) []row {
 	} else {
 		add("IP pooling", "not measured", reason(rep, "ip_pooling", ""), toneNeutral)
 	}
-	if lt := rep.MappingLifetime; lt != nil {
-		if lt.MaxS == nil {
-			// Still alive at the longest idle time tried.
-			t := toneGood
-			if lt.MinS < 120 {
-				t = toneWarn
-			}
-			add("mapping lifetime", fmt.Sprintf("> %g s", lt.MinS), "the mapping outlived the longest idle time tried (--lifetime-max)", t)
-		} else {
-			t := toneGood
-			if *lt.MaxS < 120 {
-				t = toneWarn // RFC 4787 REQ-5: at least 2 minutes
-			}
-			add("mapping lifetime", fmt.Sprintf("%g-%g s", lt.MinS, *lt.MaxS), "an idle mapping expires in this bracket; keep-alives must come more often", t)
-		}
-	} else {
+	lt := rep.MappingLifetime
+	switch {
+	case lt == nil:
 		add("mapping lifetime", "not measured", reason(rep, "mapping_lifetime", "use --lifetime to measure it"), toneNeutral)
+	case lt.MaxS == nil:
+		// Still alive at the longest idle time tried.
+		t := toneGood
+		if lt.MinS < 120 {
+			t = toneWarn
+		}
+		add("mapping lifetime", fmt.Sprintf("> %g s", lt.MinS), "the mapping outlived the longest idle time tried (--lifetime-max)", t)
+	default:
+		t := toneGood
+		if *lt.MaxS < 120 {
+			t = toneWarn // RFC 4787 REQ-5: at least 2 minutes
+		}
+		add("mapping lifetime", fmt.Sprintf("%g-%g s", lt.MinS, *lt.MaxS), "an idle mapping expires in this bracket; keep-alives must come more often", t)
 	}
-	rs = append(rs, sipRowsOf(rep)...)
+}
+
+// legacyRelayRows: the RFC 3489 name and the TURN relay's proof.
+func legacyRelayRows(rep *classifier.Report, add func(b, r, m string, t tone)) {
 	lt := toneNeutral
 	switch rep.LegacyType {
 	case classifier.LegacySymmetric, classifier.LegacyUDPBlocked:
@@ -264,8 +289,6 @@ func rows(rep *classifier.Report) []row {
 		r, why, t := relayNotTried(rep)
 		add("TURN relay", r, why, t)
 	}
-
-	return rs
 }
 
 // relayNotTried says why there is no relay result: not needed, or needed
