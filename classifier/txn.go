@@ -387,12 +387,6 @@ func (t *txn) hitCount() int {
 	return t.hits
 }
 
-func (t *txn) sendCount() int {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return len(t.sends)
-}
-
 // got returns a copy of every arrival so far.
 func (t *txn) got() []arrival {
 	t.mu.Lock()

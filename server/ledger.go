@@ -344,13 +344,6 @@ func (l *ledger) controlTuples(dst []netip.AddrPort, ip netip.Addr, userID strin
 	return n
 }
 
-// count is the number of live allocations.
-func (l *ledger) count() int {
-	l.mu.RLock()
-	defer l.mu.RUnlock()
-	return len(l.byTuple)
-}
-
 func (l *ledger) addSocket(s *relaySocket) {
 	l.mu.Lock()
 	l.sockets[s.addr] = s

@@ -1,17 +1,12 @@
 package server
 
 import (
-	"errors"
 	"github.com/stund/stund/internal/stunwire"
 	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
 )
-
-// errNoPermission is returned to pion for a datagram toward a peer whose
-// permission has gone (RFC 8656 §9); pion counts a failed relay write.
-var errNoPermission = errors.New("relay: peer holds no permission")
 
 // relaySocket is one UDP relay socket (RFC 8656 §7.2), the relay data
 // plane's only way to the peers. Every datagram in either direction passes

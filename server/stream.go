@@ -303,6 +303,11 @@ func (c *streamConn) frameLoop() {
 // the bytes dribble in (no read extends that deadline).
 func (c *streamConn) next(fr *framer, started bool) ([]byte, stunwire.Kind, error) {
 	var frameDeadline time.Time
+	if fr.r == fr.w && len(fr.buf) > streamBufInit {
+		// A large frame grew the buffer; the previous frame has been
+		// routed, so an idle connection goes back to the small one.
+		fr.buf, fr.r, fr.w = make([]byte, streamBufInit), 0, 0
+	}
 	for {
 		avail := fr.buf[fr.r:fr.w]
 		n, kind, err := stunwire.FrameLen(avail)
