@@ -287,6 +287,17 @@ func TestAttackStrangersDontDrainCap(t *testing.T) {
 	// sends; the kernel may drop some of the burst, but 40 kB reaching the
 	// relay is twice the user's whole bucket.
 	waitFor(t, "the stranger's datagrams to reach the relay", func() bool { return s.relayStrangers() >= 40 })
+	// and until the relay has read all it queued: while the socket's queue
+	// is full the kernel would drop the peer's datagram too.
+	last, same := s.relayStrangers(), 0
+	waitFor(t, "the relay to drain the flood", func() bool {
+		if n := s.relayStrangers(); n != last {
+			last, same = n, 0
+		} else {
+			same++
+		}
+		return same >= 5 // 50 ms without a stranger read
+	})
 	got := 0
 	buf := make([]byte, 1500)
 	for i := 0; i < 60; i++ {

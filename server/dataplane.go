@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 
 	"github.com/stund/stund/internal/stunwire"
+	"github.com/stund/stund/internal/udpio"
 )
 
 // The relay data plane: relayed data on established allocations, both
@@ -46,10 +47,11 @@ func (d *dataPlane) stats() DataPlaneStats {
 	return DataPlaneStats{Relayed: d.relayed.Load(), NoChannel: d.noChannel.Load(), Malformed: d.malformed.Load()}
 }
 
-// fromClient relays one ChannelData message that arrived on 5-tuple t.
-// Over a stream the frame is padded to 4 (RFC 8656 §12.5); over UDP the
-// padding is optional and the Length field says how much is data.
-func (d *dataPlane) fromClient(t fiveTuple, frame []byte) {
+// fromClient relays one ChannelData message that arrived on 5-tuple t,
+// through q when the read loop batches (nil: at once). Over a stream the
+// frame is padded to 4 (RFC 8656 §12.5); over UDP the padding is optional
+// and the Length field says how much is data.
+func (d *dataPlane) fromClient(t fiveTuple, frame []byte, q *relayQueue) {
 	if len(frame) < stunwire.ChannelDataHeaderSize {
 		d.malformed.Add(1)
 		return
@@ -72,9 +74,48 @@ func (d *dataPlane) fromClient(t fiveTuple, frame []byte) {
 		d.noChannel.Add(1)
 		return
 	}
-	if _, err := a.sock.send(data, peer); err == nil {
+	d.relay(a.sock, data, peer, q)
+}
+
+// relay sends data to peer by sock, now or with q's next flush.
+func (d *dataPlane) relay(sock *relaySocket, data []byte, peer netip.AddrPort, q *relayQueue) {
+	if q != nil {
+		q.add(d, sock, data, peer)
+		return
+	}
+	if _, err := sock.send(data, peer); err == nil {
 		d.relayed.Add(1)
 	}
+}
+
+// relayQueue is a batching read loop's datagrams toward peers: consecutive
+// datagrams for one relay socket leave with one sendmmsg, a run of equal
+// sizes to one peer as one UDP GSO message (internal/udpio). The data
+// stays in the read batch's buffers, which outlive the queue: it is
+// flushed before the next read and whenever the socket changes.
+type relayQueue struct {
+	wb   *udpio.Batch
+	d    *dataPlane
+	sock *relaySocket
+	outs []udpio.Out
+}
+
+func (q *relayQueue) add(d *dataPlane, sock *relaySocket, data []byte, to netip.AddrPort) {
+	if sock != q.sock || len(q.outs) == udpio.MaxBatch {
+		q.flush()
+	}
+	q.d, q.sock = d, sock
+	q.outs = append(q.outs, udpio.Out{B: data, To: to})
+}
+
+func (q *relayQueue) flush() {
+	if len(q.outs) == 0 {
+		return
+	}
+	q.d.relayed.Add(uint64(q.sock.sendBatch(q.wb, q.outs)))
+	clear(q.outs)
+	q.outs = q.outs[:0]
+	q.sock = nil
 }
 
 // knownInSend lists the comprehension-required attributes a Send
@@ -91,7 +132,7 @@ func knownInSend(t uint16) bool {
 // send relays one Send indication (already framed) that arrived on t; false
 // when it is not a well-formed Send indication on an allocation we relay
 // for, and pion should see it (it then drops it as we would).
-func (d *dataPlane) send(t fiveTuple, msg []byte) bool {
+func (d *dataPlane) send(t fiveTuple, msg []byte, q *relayQueue) bool {
 	h, err := stunwire.ParseHeader(msg)
 	if err != nil || h.Type != stunwire.MessageType(stunwire.MethodSend, stunwire.ClassIndication) {
 		return false
@@ -136,9 +177,7 @@ func (d *dataPlane) send(t fiveTuple, msg []byte) bool {
 		d.noChannel.Add(1)
 		return true
 	}
-	if _, err := a.sock.send(data, peer); err == nil {
-		d.relayed.Add(1)
-	}
+	d.relay(a.sock, data, peer, q)
 	return true
 }
 
@@ -146,6 +185,10 @@ func (d *dataPlane) send(t fiveTuple, msg []byte) bool {
 type clientWriter interface {
 	// writeClient sends one datagram or frame to the client.
 	writeClient(b []byte) error
+	// writeBatch sends outs' datagrams or frames to the client (their
+	// To is the writer's to fill), with wb's scratch; it returns how many
+	// left.
+	writeBatch(wb *udpio.Batch, outs []udpio.Out) int
 	// stream reports whether the client is on TCP/TLS, where ChannelData
 	// is padded to 4 (RFC 8656 §12.5).
 	stream() bool
@@ -156,7 +199,30 @@ type clientWriter interface {
 type udpClient struct {
 	conn net.PacketConn
 	uc   *net.UDPConn
+	io   *udpio.Conn // the listener socket for batches; nil: one by one
 	to   netip.AddrPort
+}
+
+func (u *udpClient) writeBatch(wb *udpio.Batch, outs []udpio.Out) int {
+	if u.io == nil {
+		return writeEach(u, outs)
+	}
+	for i := range outs {
+		outs[i].To = u.to
+	}
+	n, _ := wb.Write(u.io, outs)
+	return n
+}
+
+// writeEach is writeBatch one message at a time.
+func writeEach(w clientWriter, outs []udpio.Out) int {
+	n := 0
+	for _, o := range outs {
+		if w.writeClient(o.B) == nil {
+			n++
+		}
+	}
+	return n
 }
 
 func (u *udpClient) writeClient(b []byte) error {

@@ -99,26 +99,33 @@ type stunPacketConn struct {
 func (c *stunPacketConn) ReadFrom(p []byte) (int, net.Addr, error) {
 	if !c.batchInit {
 		c.batchInit = true
-		c.batch = newUDPBatcher(c.PacketConn, c.local.Addr().Is4(), func() { c.deps.demux.sendErrors.Add(1) })
+		c.batch = newUDPBatcher(c.PacketConn, func() { c.deps.demux.sendErrors.Add(1) })
 	}
 	for {
-		pkt, addr, err := c.read(p)
+		pkt, src, addr, err := c.read(p)
 		if err != nil {
 			return 0, addr, err
 		}
+		if pkt == nil {
+			c.deps.demux.junk.Add(1) // longer than any buffer: never anything we parse
+			continue
+		}
 		if binding.IsBinding(pkt) {
 			c.deps.requests[trUDP][0].Add(1)
-			c.answer(pkt, addr)
+			c.answer(pkt, src, addr)
 			continue
 		}
 		switch stunwire.Classify(pkt) {
 		case stunwire.KindChannelData:
-			c.deps.data.fromClient(fiveTuple{src: stunwire.AddrPortOf(addr), dst: c.local}, pkt)
+			c.deps.data.fromClient(fiveTuple{src: src, dst: c.local}, pkt, c.toPeers())
 		case stunwire.KindSTUN:
-			if isSend(pkt) && c.deps.data.send(fiveTuple{src: stunwire.AddrPortOf(addr), dst: c.local}, pkt) {
+			if isSend(pkt) && c.deps.data.send(fiveTuple{src: src, dst: c.local}, pkt, c.toPeers()) {
 				continue // a Send indication on an allocation: the data plane's
 			}
 			c.deps.requests[trUDP][1].Add(1)
+			if addr == nil {
+				addr = net.UDPAddrFromAddrPort(src)
+			}
 			if n := c.toFront(p, pkt, addr); n > 0 {
 				return n, addr, nil
 			}
@@ -130,17 +137,35 @@ func (c *stunPacketConn) ReadFrom(p []byte) (int, net.Addr, error) {
 	}
 }
 
-// read returns the next datagram, from the batch or the socket.
-func (c *stunPacketConn) read(p []byte) ([]byte, net.Addr, error) {
+// toPeers is the batch's queue toward relay sockets; nil without batching
+// (each datagram then leaves at once).
+func (c *stunPacketConn) toPeers() *relayQueue {
+	if c.batch == nil {
+		return nil
+	}
+	return &c.batch.toPeers
+}
+
+// read returns the next datagram, from the batch or the socket, with its
+// source; addr is the source as a net.Addr when the socket gave one (the
+// batch does not: it is made only for what pion sees). A datagram larger
+// than the batch's buffer comes back as nil.
+func (c *stunPacketConn) read(p []byte) (pkt []byte, src netip.AddrPort, addr net.Addr, err error) {
 	if c.batch != nil {
-		pkt, addr, err := c.batch.read()
+		pkt, src, trunc, err := c.batch.read()
+		if err != nil {
+			return nil, src, nil, err
+		}
+		if trunc {
+			return nil, src, nil, nil
+		}
 		if len(pkt) > len(p) {
 			pkt = pkt[:len(p)] // as a plain read into p would truncate it
 		}
-		return pkt, addr, err
+		return pkt, src, nil, nil
 	}
 	n, addr, err := c.PacketConn.ReadFrom(p)
-	return p[:n], addr, err
+	return p[:n], stunwire.AddrPortOf(addr), addr, err
 }
 
 // toFront runs the TURN front on a STUN datagram; it returns how many bytes
@@ -162,11 +187,10 @@ func (c *stunPacketConn) toFront(p, pkt []byte, addr net.Addr) int {
 	return 0
 }
 
-func (c *stunPacketConn) answer(pkt []byte, from net.Addr) {
+func (c *stunPacketConn) answer(pkt []byte, src netip.AddrPort, from net.Addr) {
 	if c.out == nil {
 		c.out = make([]byte, 0, 1500)
 	}
-	src := stunwire.AddrPortOf(from)
 	buf := c.out[:0]
 	if c.batch != nil {
 		buf = c.batch.replyBuf()
@@ -181,13 +205,8 @@ func (c *stunPacketConn) answer(pkt []byte, from net.Addr) {
 		return
 	}
 	if c.batch != nil && reply.From == c.at {
-		// Out with the batch's sendmmsg (udpsock_batch.go); most
-		// replies go back to the source, whose address we have.
-		to := from
-		if reply.To != src {
-			to = net.UDPAddrFromAddrPort(reply.To)
-		}
-		c.batch.queue(reply.Msg, to)
+		// Out with the batch's sendmmsg (udpsock_batch.go).
+		c.batch.queue(reply.Msg, reply.To)
 		return
 	}
 	// A reply from this cell leaves by this socket (its own read loop's,
@@ -200,10 +219,14 @@ func (c *stunPacketConn) answer(pkt []byte, from net.Addr) {
 	if conn == nil {
 		return // the binder never names an absent cell; stay safe if it did
 	}
-	if _, err := conn.WriteTo(reply.Msg, net.UDPAddrFromAddrPort(reply.To)); err != nil {
+	to := from
+	if to == nil || reply.To != src {
+		to = net.UDPAddrFromAddrPort(reply.To)
+	}
+	if _, err := conn.WriteTo(reply.Msg, to); err != nil {
 		c.deps.demux.sendErrors.Add(1)
 	}
-	if cap(reply.Msg) > cap(c.out) {
+	if c.batch == nil && cap(reply.Msg) > cap(c.out) {
 		c.out = reply.Msg[:0]
 	}
 }

@@ -2,6 +2,7 @@ package server
 
 import (
 	"github.com/stund/stund/internal/stunwire"
+	"github.com/stund/stund/internal/udpio"
 	"net"
 	"net/netip"
 	"sync"
@@ -54,9 +55,21 @@ type relaySocket struct {
 	toClient       atomic.Uint64 // datagrams the data plane wrote to the client
 	toClientErrors atomic.Uint64 // writes toward the client that failed
 
-	// rbuf is the read loop's buffer: relayHeadroom for the header the
-	// datagram gets toward the client, then the datagram and its padding.
+	// rbuf is the read loop's buffer without batching: relayHeadroom for
+	// the header the datagram gets toward the client, then the datagram
+	// and its padding.
 	rbuf []byte
+
+	// io and rd batch the socket (internal/udpio): writes toward peers
+	// with sendmmsg/GSO, reads with recvmmsg into pooled buffers held only
+	// while datagrams are queued. nil for sockets that are not the
+	// kernel's (tests with virtual networks): one datagram per call.
+	io *udpio.Conn
+	rd *udpio.Reader
+	// held is a read batch not yet relayed to its end (a datagram in it
+	// went to pion first); only the read goroutine touches it.
+	held       *udpio.Batch
+	heldN, hep int
 
 	closeOnce sync.Once
 	// onClose gives the port back to the relay port ledger (relaygen.go).
@@ -90,6 +103,9 @@ type relayVerdict struct {
 func newRelaySocket(c net.PacketConn, announced netip.AddrPort, user string, led *ledger, live *livePolicy, ops *opsStats, bw *bandwidth) *relaySocket {
 	s := &relaySocket{PacketConn: c, addr: announced, live: live, ops: ops, bw: bw, user: user, led: led}
 	s.uc, _ = c.(*net.UDPConn)
+	if s.io = udpio.NewConn(c); s.io != nil {
+		s.rd = udpio.NewReader(s.io, &relayBatches, relayHeadroom, relayBufSize)
+	}
 	if bw != nil {
 		s.bwu = bw.acquire(user)
 	}
@@ -105,16 +121,8 @@ func (s *relaySocket) WriteTo(b []byte, addr net.Addr) (int, error) {
 
 // send is WriteTo for callers that hold a netip.AddrPort already.
 func (s *relaySocket) send(b []byte, to netip.AddrPort) (int, error) {
-	pol := s.live.load()
-	if v := s.last.Load(); v == nil || v.pol != pol || v.to != to {
-		if !to.IsValid() || !pol.AllowedAddrPort(to) {
-			s.ops.relayRefused.Add(1)
-			return 0, ErrPeerRefused
-		}
-		s.last.Store(&relayVerdict{pol: pol, to: to})
-	}
-	if s.bwu != nil && !s.bw.take(&s.bwu.out, len(b)) {
-		return 0, errBandwidth
+	if err := s.admit(len(b), to); err != nil {
+		return 0, err
 	}
 	var n int
 	var err error
@@ -124,15 +132,76 @@ func (s *relaySocket) send(b []byte, to netip.AddrPort) (int, error) {
 		n, err = s.PacketConn.WriteTo(b, net.UDPAddrFromAddrPort(to))
 	}
 	if err == nil {
-		s.ops.relayPktsOut.Add(1)
-		s.ops.relayBytesOut.Add(uint64(n))
-		s.usage.out(n)
-		if by := s.by.Load(); by != nil {
-			by[0].Add(uint64(n))
-		}
+		s.sent(1, n)
 	}
 	return n, err
 }
+
+// admit runs the checks before a datagram of n bytes leaves toward to:
+// the peer policy, then the user's cap.
+func (s *relaySocket) admit(n int, to netip.AddrPort) error {
+	pol := s.live.load()
+	if v := s.last.Load(); v == nil || v.pol != pol || v.to != to {
+		if !to.IsValid() || !pol.AllowedAddrPort(to) {
+			s.ops.relayRefused.Add(1)
+			return ErrPeerRefused
+		}
+		s.last.Store(&relayVerdict{pol: pol, to: to})
+	}
+	if s.bwu != nil && !s.bw.take(&s.bwu.out, n) {
+		return errBandwidth
+	}
+	return nil
+}
+
+// sent counts pkts datagrams of bytes in all toward peers.
+func (s *relaySocket) sent(pkts, bytes int) {
+	s.ops.relayPktsOut.Add(uint64(pkts))
+	s.ops.relayBytesOut.Add(uint64(bytes))
+	s.usage.pktsOut.Add(uint64(pkts))
+	s.usage.bytesOut.Add(uint64(bytes))
+	if by := s.by.Load(); by != nil {
+		by[0].Add(uint64(bytes))
+	}
+}
+
+// sendBatch sends outs toward their peers with as few system calls as the
+// batch allows (outs is reused: refused datagrams are taken out); it
+// returns how many left.
+func (s *relaySocket) sendBatch(wb *udpio.Batch, outs []udpio.Out) int {
+	if s.io == nil {
+		n := 0
+		for _, o := range outs {
+			if _, err := s.send(o.B, o.To); err == nil {
+				n++
+			}
+		}
+		return n
+	}
+	k := 0
+	for _, o := range outs {
+		if s.admit(len(o.B), o.To) == nil {
+			outs[k] = o
+			k++
+		}
+	}
+	if k == 0 {
+		return 0
+	}
+	n, _ := wb.Write(s.io, outs[:k])
+	bytes := 0
+	for _, o := range outs[:n] { // exact unless one in the middle was refused
+		bytes += len(o.B)
+	}
+	s.sent(n, bytes)
+	return n
+}
+
+// relayBatches are the relay sockets' read batches, shared: a socket holds
+// one only while it has datagrams queued.
+var relayBatches = sync.Pool{New: func() any {
+	return udpio.NewBatchWith(udpio.MaxBatch, relayHeadroom+relayBufSize+3)
+}}
 
 // ReadFrom is pion's read loop on the relay socket. Each datagram from a
 // permitted peer, within the user's cap, goes straight to the client as
@@ -140,6 +209,86 @@ func (s *relaySocket) send(b []byte, to netip.AddrPort) (int, error) {
 // an error (the socket closed: pion then deletes the allocation), or with a
 // datagram for pion to relay when the way to the client is not known.
 func (s *relaySocket) ReadFrom(b []byte) (int, net.Addr, error) {
+	if s.rd == nil {
+		return s.readSingly(b)
+	}
+	for {
+		if s.held == nil {
+			bt, n, err := s.rd.Read()
+			if err != nil {
+				return 0, nil, err
+			}
+			s.held, s.heldN, s.hep = bt, n, 0
+		}
+		if n, addr := s.relayHeld(b); addr != nil {
+			return n, addr, nil
+		}
+	}
+}
+
+// relayHeld relays the held batch's datagrams to the client, counted and
+// checked as in readSingly, with one sendmmsg (GSO runs where the sizes
+// allow); it stops early only at a datagram whose way to the client pion
+// alone knows, which it copies into p for pion, keeping the rest held.
+func (s *relaySocket) relayHeld(p []byte) (int, net.Addr) {
+	bt := s.held
+	a := s.alloc.Load()
+	outs := bt.Outs[:0]
+	pkts, bytes := 0, 0
+	var toPion net.Addr
+	n := 0
+	for s.hep < s.heldN && toPion == nil {
+		i := s.hep
+		s.hep++
+		ap := bt.Addr(i)
+		var ch uint16
+		ok := false
+		if a != nil {
+			ch, ok = a.peerRoute(ap)
+		}
+		if !ok { // RFC 8656 §9: no permission, no relay, nothing charged
+			s.strangers.Add(1)
+			continue
+		}
+		ln := bt.Len(i)
+		if bt.Truncated(i) || ln > relayBufSize {
+			s.oversize.Add(1) // never relay part of a datagram
+			continue
+		}
+		if s.bwu != nil && !s.bw.take(&s.bwu.in, ln) {
+			continue
+		}
+		pkts++
+		bytes += ln
+		if a.client == nil {
+			n, toPion = copy(p, bt.Bufs[i][relayHeadroom:relayHeadroom+ln]), s.fromAddr(ap)
+			break
+		}
+		outs = append(outs, udpio.Out{B: wrapForClient(bt.Bufs[i], ln, ap, ch, a.client.stream())})
+	}
+	if pkts > 0 {
+		s.ops.relayPktsIn.Add(uint64(pkts))
+		s.ops.relayBytesIn.Add(uint64(bytes))
+		s.usage.pktsIn.Add(uint64(pkts))
+		s.usage.bytesIn.Add(uint64(bytes))
+		s.by.Load()[1].Add(uint64(bytes)) // a is set, so by is
+	}
+	if len(outs) > 0 {
+		sent := a.client.writeBatch(bt, outs)
+		s.toClient.Add(uint64(sent))
+		s.toClientErrors.Add(uint64(len(outs) - sent))
+	}
+	clear(outs)
+	if s.hep >= s.heldN {
+		s.rd.Release(bt)
+		s.held = nil
+	}
+	return n, toPion
+}
+
+// readSingly is ReadFrom one datagram at a time, for sockets udpio cannot
+// batch.
+func (s *relaySocket) readSingly(b []byte) (int, net.Addr, error) {
 	if s.rbuf == nil {
 		s.rbuf = make([]byte, relayHeadroom+relayBufSize+3)
 	}
@@ -193,10 +342,16 @@ func (s *relaySocket) read(b []byte) (int, netip.AddrPort, net.Addr, error) {
 		return n, ap, nil, err
 	}
 	ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	return n, ap, s.fromAddr(ap), nil
+}
+
+// fromAddr is ap as the net.Addr pion's read loop gets, one value reused
+// while the sender stays the same.
+func (s *relaySocket) fromAddr(ap netip.AddrPort) net.Addr {
 	if s.lastFrom == nil || s.lastFromAP != ap {
 		s.lastFromAP, s.lastFrom = ap, net.UDPAddrFromAddrPort(ap)
 	}
-	return n, ap, s.lastFrom, nil
+	return s.lastFrom
 }
 
 // Close releases the socket, its bandwidth buckets and its ledger entry.

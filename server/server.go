@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/stund/stund/internal/stunwire"
+	"github.com/stund/stund/internal/udpio"
 	"github.com/stund/stund/server/binding"
 	"github.com/stund/stund/server/offload"
 	"log/slog"
@@ -68,6 +69,9 @@ type Server struct {
 	// gridSocks holds every socket of a cell, grid[i][p] first: the
 	// SO_REUSEPORT siblings, one read loop each (udpsock.go).
 	gridSocks [2][2][]net.PacketConn
+	// gridIO is grid's sockets opened for batched writes toward clients
+	// (internal/udpio), nil where absent or not a kernel socket.
+	gridIO [2][2]*udpio.Conn
 
 	// Operations (metrics.go, reload.go, probeid.go).
 	live        livePolicy // the peer policy in force (Reload swaps it)
@@ -166,6 +170,7 @@ func (s *Server) bind() error {
 			}
 			conn := socks[0]
 			s.grid[i][p], s.gridSocks[i][p] = conn, socks
+			s.gridIO[i][p] = udpio.NewConn(conn)
 			s.gridAddr[i][p] = stunwire.AddrPortOf(conn.LocalAddr())
 			ports[p] = int(s.gridAddr[i][p].Port())
 		}
@@ -478,7 +483,7 @@ func (s *Server) clientOf(t fiveTuple) clientWriter {
 		for p, a := range s.gridAddr[i] {
 			if a == t.dst && s.grid[i][p] != nil {
 				uc, _ := s.grid[i][p].(*net.UDPConn)
-				return &udpClient{conn: s.grid[i][p], uc: uc, to: t.src}
+				return &udpClient{conn: s.grid[i][p], uc: uc, io: s.gridIO[i][p], to: t.src}
 			}
 		}
 	}

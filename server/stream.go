@@ -2,6 +2,7 @@ package server
 
 import (
 	"errors"
+	"github.com/stund/stund/internal/udpio"
 	"github.com/stund/stund/server/binding"
 	"io"
 	"net"
@@ -157,6 +158,8 @@ func (c *streamConn) writeClient(b []byte) error {
 
 func (*streamConn) stream() bool { return true }
 
+func (c *streamConn) writeBatch(_ *udpio.Batch, outs []udpio.Out) int { return writeEach(c, outs) }
+
 // RemoteAddr is the client's address (from the PROXY protocol header when
 // one was required): what pion keys the allocation by, as we do.
 func (c *streamConn) RemoteAddr() net.Addr { return c.remoteAddr }
@@ -273,11 +276,11 @@ func (c *streamConn) frameLoop() {
 		started = true
 		switch {
 		case kind == stunwire.KindChannelData:
-			c.deps.data.fromClient(c.tuple(), frame)
+			c.deps.data.fromClient(c.tuple(), frame, nil)
 		case binding.IsBinding(frame):
 			c.deps.requests[c.tr][0].Add(1)
 			c.answerBinding(frame)
-		case kind == stunwire.KindSTUN && isSend(frame) && c.deps.data.send(c.tuple(), frame):
+		case kind == stunwire.KindSTUN && isSend(frame) && c.deps.data.send(c.tuple(), frame, nil):
 			// A Send indication on an allocation: the data plane's.
 		case kind == stunwire.KindSTUN:
 			c.deps.requests[c.tr][1].Add(1)

@@ -2,112 +2,110 @@ package server
 
 import (
 	"net"
+	"net/netip"
 
-	"golang.org/x/net/ipv4"
-	"golang.org/x/net/ipv6"
+	"github.com/stund/stund/internal/udpio"
 )
 
-// Batched UDP I/O for a grid socket's read loop: one recvmmsg fills up to
-// udpBatch datagrams, Binding requests among them are answered with one
-// sendmmsg, and the rest are handed to pion's ReadFrom one at a time
-// (pion's read loop takes one datagram per call). On loopback with many
-// requests in flight this halves the syscalls per Binding request
-// (bench/README.md has the before/after).
+// Batched UDP I/O for a grid socket's read loop (internal/udpio): one
+// recvmmsg fills up to udpBatch datagrams; Binding replies among them leave
+// with one sendmmsg, relayed data toward peers with one sendmmsg per relay
+// socket run (relayQueue, UDP GSO where the run allows), and STUN for pion
+// goes to pion's ReadFrom one message at a time. Both queues are flushed
+// before the next recvmmsg, so nothing waits on more traffic arriving.
 const (
-	// udpBatch is how many datagrams one recvmmsg may return: at
-	// bench load a socket sees tens of datagrams per wakeup; 32 x 2 KiB
-	// of buffers per socket stays in cache.
-	udpBatch = 32
+	// udpBatch is how many datagrams one recvmmsg may return: at bench
+	// load a socket sees tens of datagrams per wakeup.
+	udpBatch = udpio.MaxBatch
 	// udpBatchBuf is one receive buffer: above pion's inbound MTU
 	// (1600), so a datagram pion would drop as truncated still arrives
 	// whole enough to be recognised and dropped the same way.
 	udpBatchBuf = 2048
 )
 
-// batchConn is what ipv4.PacketConn and ipv6.PacketConn share
-// (ipv4.Message and ipv6.Message are both socket.Message).
-type batchConn interface {
-	ReadBatch(ms []ipv4.Message, flags int) (int, error)
-	WriteBatch(ms []ipv4.Message, flags int) (int, error)
-}
-
 // udpBatcher holds one read loop's batch state; only that loop's
 // goroutine touches it.
 type udpBatcher struct {
-	pc        batchConn
-	in        []ipv4.Message
-	n, next   int // in[next:n] are read but not yet consumed
-	out       []ipv4.Message
-	nout      int // out[:nout] are queued replies
+	conn    *udpio.Conn
+	rb      *udpio.Batch // the read batch: its lengths and sources live until the next read
+	wb      *udpio.Batch // writes, so that a flush mid-batch keeps rb's
+	bufs    [][]byte
+	n, next int // bufs[next:n] are read but not yet consumed
+
+	replies   []udpio.Out // queued Binding replies, in replyBufs
+	replyBufs [][]byte
+	toPeers   relayQueue // relayed data toward peers
 	sendError func()
 }
 
-func newUDPBatcher(c net.PacketConn, v4 bool, sendError func()) *udpBatcher {
-	uc, ok := c.(*net.UDPConn)
-	if !ok {
+func newUDPBatcher(c net.PacketConn, sendError func()) *udpBatcher {
+	conn := udpio.NewConn(c)
+	if conn == nil {
 		return nil // vnet in tests, fakes in fuzzing: one datagram per read
 	}
-	b := &udpBatcher{in: make([]ipv4.Message, udpBatch), out: make([]ipv4.Message, udpBatch), sendError: sendError}
-	if v4 {
-		b.pc = ipv4.NewPacketConn(uc)
-	} else {
-		b.pc = ipv6.NewPacketConn(uc)
+	b := &udpBatcher{conn: conn, rb: udpio.NewBatch(), wb: udpio.NewBatch(), sendError: sendError,
+		bufs: make([][]byte, udpBatch), replyBufs: make([][]byte, udpBatch), replies: make([]udpio.Out, 0, udpBatch)}
+	for i := range b.bufs {
+		b.bufs[i] = make([]byte, udpBatchBuf)
+		b.replyBufs[i] = make([]byte, 0, 1500)
 	}
-	for i := range b.in {
-		b.in[i].Buffers = [][]byte{make([]byte, udpBatchBuf)}
-		b.out[i].Buffers = [][]byte{make([]byte, 0, 1500)}
-	}
+	b.toPeers.wb = b.wb
 	return b
 }
 
 // read returns the next datagram of the batch, reading a new batch (after
-// sending the queued replies) when this one is used up. pkt stays valid
-// until the next call.
-func (b *udpBatcher) read() (pkt []byte, addr net.Addr, err error) {
+// sending what is queued) when this one is used up. pkt stays valid until
+// the next read; a datagram longer than its buffer comes back truncated,
+// with trunc set.
+func (b *udpBatcher) read() (pkt []byte, src netip.AddrPort, trunc bool, err error) {
 	if b.next >= b.n {
 		b.flush()
 		b.next = 0
-		b.n, err = b.pc.ReadBatch(b.in, 0)
+		b.n, err = b.rb.Read(b.conn, b.bufs)
 		if err != nil {
 			b.n = 0
-			return nil, nil, err
+			return nil, netip.AddrPort{}, false, err
 		}
 	}
-	m := &b.in[b.next]
+	i := b.next
 	b.next++
-	return m.Buffers[0][:m.N], m.Addr, nil
+	return b.bufs[i][:b.rb.Len(i)], b.rb.Addr(i), b.rb.Truncated(i), nil
 }
 
 // replyBuf returns the buffer for the next queued reply (length 0).
 func (b *udpBatcher) replyBuf() []byte {
-	if b.nout == len(b.out) {
-		b.flush() // never at udpBatch replies per batch; stay safe
+	if len(b.replies) == udpBatch {
+		b.flushReplies() // never at udpBatch replies per batch; stay safe
 	}
-	return b.out[b.nout].Buffers[0][:0]
+	return b.replyBufs[len(b.replies)][:0]
 }
 
 // queue sends msg (built in replyBuf's buffer, or grown from it) to addr
 // with the next sendmmsg.
-func (b *udpBatcher) queue(msg []byte, addr net.Addr) {
-	m := &b.out[b.nout]
-	m.Buffers[0] = msg
-	m.Addr = addr
-	b.nout++
+func (b *udpBatcher) queue(msg []byte, to netip.AddrPort) {
+	if cap(msg) > cap(b.replyBufs[len(b.replies)]) {
+		b.replyBufs[len(b.replies)] = msg[:0]
+	}
+	b.replies = append(b.replies, udpio.Out{B: msg, To: to})
 }
 
-// flush sends the queued replies; a datagram the kernel refuses is
-// counted and skipped, the rest still go.
+// flush sends what the batch queued: relayed data, then replies.
 func (b *udpBatcher) flush() {
-	for sent := 0; sent < b.nout; {
-		k, err := b.pc.WriteBatch(b.out[sent:b.nout], 0)
-		if err != nil || k <= 0 {
+	b.toPeers.flush()
+	b.flushReplies()
+}
+
+// flushReplies sends the queued replies; a datagram the kernel refuses is
+// counted and skipped, the rest still go.
+func (b *udpBatcher) flushReplies() {
+	if len(b.replies) == 0 {
+		return
+	}
+	if sent, _ := b.wb.Write(b.conn, b.replies); sent < len(b.replies) {
+		for i := sent; i < len(b.replies); i++ {
 			b.sendError()
-			k = 1
 		}
-		sent += k
 	}
-	for i := 0; i < b.nout; i++ {
-		b.out[i].Addr = nil // do not pin the client's address
-	}
-	b.nout = 0
+	clear(b.replies)
+	b.replies = b.replies[:0]
 }

@@ -40,6 +40,7 @@ type opts struct {
 	stund, coturn string
 	base          string // a second stund binary (A/B of a change), "" = none
 	baseArgs      string // extra flags for base
+	stundArgs     string // extra flags for stund
 	profDir       string // CPU profiles of stund (--pprof) per workload go here; "" = none
 	round         int    // the round being run (profile file names)
 	only          string
@@ -76,6 +77,7 @@ func main() {
 	flag.StringVar(&o.coturn, "turnserver", "turnserver", "coturn binary")
 	flag.StringVar(&o.base, "base", "", "also run this stund binary as server \"base\" (before/after a change, same run)")
 	flag.StringVar(&o.baseArgs, "base-args", "", "extra flags for the base server, space-separated (e.g. --offload=off: the same binary with the kernel relay off)")
+	flag.StringVar(&o.stundArgs, "stund-args", "", "extra flags for the stund server, space-separated (e.g. --offload=off to profile the userspace relay)")
 	flag.StringVar(&o.only, "only", "", "run only this server (stund, coturn or base)")
 	flag.StringVar(&o.profDir, "profile", "", "`DIR` for CPU profiles of stund (its --pprof) during Binding and each relay kind")
 	var work string
@@ -572,7 +574,7 @@ func startServer(o opts, name string, peer netip.AddrPort) (*server, error) {
 	switch name {
 	case "stund":
 		bin, port = o.stund, stundPort
-		args = stundArgs(port)
+		args = append(stundArgs(port), strings.Fields(o.stundArgs)...)
 		if o.profDir != "" {
 			args = append(args, "--metrics", fmt.Sprintf("127.0.0.1:%d", pprofPort), "--pprof")
 		}

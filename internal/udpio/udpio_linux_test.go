@@ -1,0 +1,297 @@
+package udpio
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+)
+
+func listen(t testing.TB, network, addr string) *net.UDPConn {
+	t.Helper()
+	c, err := net.ListenPacket(network, addr)
+	if err != nil {
+		t.Skipf("listen %s %s: %v", network, addr, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c.(*net.UDPConn)
+}
+
+func apOf(c *net.UDPConn) netip.AddrPort { return c.LocalAddr().(*net.UDPAddr).AddrPort() }
+
+// payload i of size n: distinct bytes so a reordered or merged datagram shows.
+func payload(i, n int) []byte {
+	b := make([]byte, n)
+	for j := range b {
+		b[j] = byte(i*7 + j)
+	}
+	return b
+}
+
+// readAll reads want datagrams from c (plain reads, as a peer would).
+func readAll(t *testing.T, c *net.UDPConn, want int) [][]byte {
+	t.Helper()
+	var got [][]byte
+	buf := make([]byte, 70000)
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	for len(got) < want {
+		n, _, err := c.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			t.Fatalf("after %d of %d datagrams: %v", len(got), want, err)
+		}
+		got = append(got, bytes.Clone(buf[:n]))
+	}
+	return got
+}
+
+// Runs of equal sizes leave as GSO messages and arrive as the datagrams
+// they were: same bytes, same boundaries, same order, to each destination.
+func TestWriteRunsArriveAsDatagrams(t *testing.T) {
+	src := listen(t, "udp4", "127.0.0.1:0")
+	a := listen(t, "udp4", "127.0.0.1:0")
+	b := listen(t, "udp4", "127.0.0.1:0")
+	c := NewConn(src)
+	if c == nil {
+		t.Fatal("NewConn: nil for a kernel UDP socket")
+	}
+	sizes := []int{100, 100, 100, 60, 100, 1200, 1200, 1200, 7, 0, 100, 100}
+	dests := []*net.UDPConn{a, a, a, a, a, b, b, b, b, a, a, a}
+	var outs []Out
+	want := map[*net.UDPConn][][]byte{}
+	for i, n := range sizes {
+		p := payload(i, n)
+		outs = append(outs, Out{B: p, To: apOf(dests[i])})
+		want[dests[i]] = append(want[dests[i]], p)
+	}
+	sent, err := NewBatch().Write(c, outs)
+	if err != nil || sent != len(outs) {
+		t.Fatalf("Write = %d, %v; want %d, nil", sent, err, len(outs))
+	}
+	for _, d := range []*net.UDPConn{a, b} {
+		got := readAll(t, d, len(want[d]))
+		for i := range got {
+			if !bytes.Equal(got[i], want[d][i]) {
+				t.Fatalf("datagram %d to %v: %d bytes, want %d (%x...)", i, apOf(d), len(got[i]), len(want[d][i]), got[i][:min(8, len(got[i]))])
+			}
+		}
+	}
+}
+
+// runLen: equal sizes to one destination, a shorter last segment ends the
+// run, a longer one or another destination starts a new one.
+func TestRunLen(t *testing.T) {
+	x := netip.MustParseAddrPort("127.0.0.1:1")
+	y := netip.MustParseAddrPort("127.0.0.1:2")
+	mk := func(to netip.AddrPort, sizes ...int) []Out {
+		var o []Out
+		for _, n := range sizes {
+			o = append(o, Out{B: make([]byte, n), To: to})
+		}
+		return o
+	}
+	cases := []struct {
+		outs []Out
+		want int
+	}{
+		{mk(x, 100, 100, 100), 3},
+		{mk(x, 100, 100, 50, 100), 3},
+		{mk(x, 100, 200), 1},
+		{append(mk(x, 100, 100), mk(y, 100)...), 2},
+		{mk(x, 1500, 1500), 1}, // above maxGSOSegment
+		{mk(x, 0, 0), 1},
+		{mk(x, make([]int, 80)...), 1},
+	}
+	for i, c := range cases {
+		if got := runLen(c.outs, true); got != c.want {
+			t.Errorf("case %d: runLen = %d, want %d", i, got, c.want)
+		}
+	}
+	if got := runLen(mk(x, 100, 100), false); got != 1 {
+		t.Errorf("without GSO: runLen = %d, want 1", got)
+	}
+	long := make([]int, 100)
+	for i := range long {
+		long[i] = 100
+	}
+	if got := runLen(mk(x, long...), true); got != maxSegments {
+		t.Errorf("100 equal datagrams: runLen = %d, want the kernel's cap %d", got, maxSegments)
+	}
+}
+
+// A destination the socket cannot reach is skipped and reported; the
+// others still go.
+func TestWriteSkipsUnreachable(t *testing.T) {
+	src := listen(t, "udp4", "127.0.0.1:0")
+	a := listen(t, "udp4", "127.0.0.1:0")
+	c := NewConn(src)
+	outs := []Out{
+		{B: []byte("one"), To: apOf(a)},
+		{B: []byte("v6"), To: netip.MustParseAddrPort("[::1]:9")},
+		{B: []byte("two"), To: apOf(a)},
+	}
+	sent, err := NewBatch().Write(c, outs)
+	if sent != 2 || err != ErrFamily {
+		t.Fatalf("Write = %d, %v; want 2, ErrFamily", sent, err)
+	}
+	got := readAll(t, a, 2)
+	if string(got[0]) != "one" || string(got[1]) != "two" {
+		t.Fatalf("got %q", got)
+	}
+}
+
+// Read returns what is queued, with sources, lengths and truncation.
+func TestReadBatch(t *testing.T) {
+	for _, fam := range []struct{ network, addr string }{{"udp4", "127.0.0.1:0"}, {"udp6", "[::1]:0"}, {"udp", "[::]:0"}} {
+		t.Run(fam.network+fam.addr, func(t *testing.T) {
+			dst := listen(t, fam.network, fam.addr)
+			from := "127.0.0.1:0"
+			network := "udp4"
+			if fam.network == "udp6" {
+				from, network = "[::1]:0", "udp6"
+			}
+			s := listen(t, network, from)
+			to := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), apOf(dst).Port())
+			if network == "udp6" {
+				to = netip.AddrPortFrom(netip.IPv6Loopback(), apOf(dst).Port())
+			}
+			for i := 0; i < 5; i++ {
+				if _, err := s.WriteToUDPAddrPort(payload(i, 10+i*100), to); err != nil {
+					t.Fatal(err)
+				}
+			}
+			c := NewConn(dst)
+			b := NewBatch()
+			bufs := make([][]byte, 8)
+			for i := range bufs {
+				bufs[i] = make([]byte, 300)
+			}
+			got := 0
+			deadline := time.Now().Add(2 * time.Second)
+			for got < 5 && time.Now().Before(deadline) {
+				n, err := b.Read(c, bufs[got:])
+				if err != nil {
+					t.Fatal(err)
+				}
+				for i := 0; i < n; i++ {
+					k := got + i
+					wantLen := 10 + k*100
+					if b.Addr(i) != apOf(s) && b.Addr(i).Port() != apOf(s).Port() {
+						t.Errorf("datagram %d from %v, want %v", k, b.Addr(i), apOf(s))
+					}
+					if b.Addr(i).Addr().Is4In6() {
+						t.Errorf("datagram %d: source %v not unmapped", k, b.Addr(i))
+					}
+					if wantLen > 300 {
+						if !b.Truncated(i) {
+							t.Errorf("datagram %d (%d B into 300): not reported truncated", k, wantLen)
+						}
+						continue
+					}
+					if b.Len(i) != wantLen || !bytes.Equal(bufs[k][:wantLen], payload(k, wantLen)) || b.Truncated(i) {
+						t.Errorf("datagram %d: len %d truncated %v, want %d", k, b.Len(i), b.Truncated(i), wantLen)
+					}
+				}
+				got += n
+			}
+			if got != 5 {
+				t.Fatalf("read %d of 5 datagrams", got)
+			}
+		})
+	}
+}
+
+func TestNoAllocations(t *testing.T) {
+	src := listen(t, "udp4", "127.0.0.1:0")
+	dst := listen(t, "udp4", "127.0.0.1:0")
+	c, d := NewConn(src), NewConn(dst)
+	b := NewBatch()
+	outs := make([]Out, 8)
+	for i := range outs {
+		outs[i] = Out{B: payload(i, 100), To: apOf(dst)}
+	}
+	bufs := make([][]byte, MaxBatch)
+	for i := range bufs {
+		bufs[i] = make([]byte, 2048)
+	}
+	rb := NewBatch()
+	allocs := testing.AllocsPerRun(100, func() {
+		if _, err := b.Write(c, outs); err != nil {
+			t.Fatal(err)
+		}
+		for got := 0; got < len(outs); {
+			n, err := rb.Read(d, bufs)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i := 0; i < n; i++ {
+				_ = rb.Addr(i)
+			}
+			got += n
+		}
+	})
+	if allocs != 0 {
+		t.Fatalf("%v allocations per batch, want 0", allocs)
+	}
+}
+
+// BenchmarkWrite sends 32-datagram bursts to one receiver: per datagram
+// WriteToUDPAddrPort (the reference, one sendto each), one sendmmsg without
+// GSO, and GSO runs. On loopback the receiver's queueing runs in the
+// sender's system call, so ns/op is the stack's cost per burst.
+func BenchmarkWrite(b *testing.B) {
+	for _, size := range []int{100, 1200} {
+		for _, mode := range []string{"sendto", "sendmmsg", "gso"} {
+			b.Run(fmt.Sprintf("%dB/%s", size, mode), func(b *testing.B) {
+				src := listen(b, "udp4", "127.0.0.1:0")
+				dst := listen(b, "udp4", "127.0.0.1:0")
+				_ = dst.SetReadBuffer(8 << 20)
+				c := NewConn(src)
+				bt := NewBatch()
+				to := apOf(dst)
+				outs := make([]Out, 32)
+				for i := range outs {
+					outs[i] = Out{B: payload(i, size), To: to}
+				}
+				stop := make(chan struct{})
+				done := make(chan struct{})
+				go func() { // drain, so the receive queue never fills
+					defer close(done)
+					rc, rb := NewConn(dst), NewBatch()
+					bufs := make([][]byte, MaxBatch)
+					for i := range bufs {
+						bufs[i] = make([]byte, 2048)
+					}
+					for {
+						select {
+						case <-stop:
+							return
+						default:
+						}
+						dst.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+						_, _ = rb.Read(rc, bufs)
+					}
+				}()
+				b.SetBytes(int64(32 * size))
+				b.ResetTimer()
+				for i := 0; i < b.N; i++ {
+					switch mode {
+					case "sendto":
+						for _, o := range outs {
+							_, _ = src.WriteToUDPAddrPort(o.B, o.To)
+						}
+					case "sendmmsg":
+						bt.single = true
+						_, _ = bt.Write(c, outs)
+					case "gso":
+						_, _ = bt.Write(c, outs)
+					}
+				}
+				b.StopTimer()
+				close(stop)
+				<-done
+			})
+		}
+	}
+}
