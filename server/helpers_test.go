@@ -232,7 +232,7 @@ func echoBothWays(t *testing.T, a, b net.Conn, what string) {
 // peers a permission, as pion's events would.
 func testRelaySocket(t *testing.T, relay net.PacketConn, user string, led *ledger, live *livePolicy, ops *opsStats, bw *bandwidth, permitted ...netip.Addr) *relaySocket {
 	t.Helper()
-	rs := newRelaySocket(relay, stunwire.AddrPortOf(relay.LocalAddr()), user, led, live, ops, bw)
+	rs := newRelaySocket(relay, stunwire.AddrPortOf(relay.LocalAddr()), user, led, live, ops, bw, nil)
 	tuple := fiveTuple{src: netip.AddrPortFrom(netip.MustParseAddr("192.0.2.1"), rs.addr.Port()), dst: netip.MustParseAddrPort("192.0.2.2:3478")}
 	led.created(tuple, "udp", user, "", rs.addr)
 	for _, p := range permitted {

@@ -227,6 +227,9 @@ func (l *ledger) created(t fiveTuple, transport, user, realm string, relay netip
 	l.byID[a.id] = a
 	l.byRelay[relay] = a
 	l.mu.Unlock()
+	if a.sock != nil {
+		a.sock.attached(a)
+	}
 	return a
 }
 

@@ -88,10 +88,11 @@ type relayGenerator struct {
 	// (Net, Address, RelayAddress), the binds are ours.
 	inner    *turn.RelayAddressGeneratorPortRange
 	min, max uint16
-	live     *livePolicy // the peer policy in force (Reload swaps it)
-	ops      *opsStats   // relayed packet and byte counters
-	bw       *bandwidth  // per-user cap (bandwidth.go); nil: none
-	led      *ledger     // relay sockets and listeners are recorded there (ledger.go)
+	live     *livePolicy   // the peer policy in force (Reload swaps it)
+	ops      *opsStats     // relayed packet and byte counters
+	bw       *bandwidth    // per-user cap (bandwidth.go); nil: none
+	led      *ledger       // relay sockets and listeners are recorded there (ledger.go)
+	polls    *relayPollers // peer-to-client reads for UDP clients (relaypoll.go); nil: a goroutine per socket
 	// local is the IP relays are bound on; the announced relayed address
 	// carries its public form (--advertise), which the host may not have.
 	local netip.Addr
@@ -142,7 +143,7 @@ func (g *relayGenerator) AllocatePacketConn(c turn.AllocateListenerConfig) (net.
 		return nil, nil, err
 	}
 	relayed := &net.UDPAddr{IP: g.inner.RelayAddress, Port: int(k.port)}
-	rs := newRelaySocket(conn, stunwire.AddrPortOf(relayed), c.UserID, g.led, g.live, g.ops, g.bw)
+	rs := newRelaySocket(conn, stunwire.AddrPortOf(relayed), c.UserID, g.led, g.live, g.ops, g.bw, g.polls)
 	rs.onClose = (&portHold{key: k}).free
 	return rs, relayed, nil
 }

@@ -71,6 +71,21 @@ type relaySocket struct {
 	held       *udpio.Batch
 	heldN, hep int
 
+	// polls, when set, may take the socket's reads (relaypoll.go) once
+	// the allocation exists and its client is on UDP; ready is closed when
+	// that is decided (polled says how), closed when the socket closes.
+	polls         *relayPollers
+	ready, closed chan struct{}
+	readyOnce     sync.Once
+	polled        bool
+	decided       bool // ReadFrom saw ready; the read goroutine's only
+	// pollMu orders attached against Close: a socket closing is never
+	// put on a poller, and one on a poller leaves it before it closes.
+	pollMu sync.Mutex
+	shut   bool
+	poller *relayPoller
+	token  uint64
+
 	closeOnce sync.Once
 	// onClose gives the port back to the relay port ledger (relaygen.go).
 	onClose func()
@@ -100,11 +115,14 @@ type relayVerdict struct {
 
 // newRelaySocket wraps a freshly bound relay socket and records it in the
 // ledger under its announced address.
-func newRelaySocket(c net.PacketConn, announced netip.AddrPort, user string, led *ledger, live *livePolicy, ops *opsStats, bw *bandwidth) *relaySocket {
-	s := &relaySocket{PacketConn: c, addr: announced, live: live, ops: ops, bw: bw, user: user, led: led}
+func newRelaySocket(c net.PacketConn, announced netip.AddrPort, user string, led *ledger, live *livePolicy, ops *opsStats, bw *bandwidth, polls *relayPollers) *relaySocket {
+	s := &relaySocket{PacketConn: c, addr: announced, live: live, ops: ops, bw: bw, user: user, led: led, closed: make(chan struct{})}
 	s.uc, _ = c.(*net.UDPConn)
 	if s.io = udpio.NewConn(c); s.io != nil {
 		s.rd = udpio.NewReader(s.io, &relayBatches, relayHeadroom, relayBufSize)
+		if polls != nil {
+			s.polls, s.ready = polls, make(chan struct{})
+		}
 	}
 	if bw != nil {
 		s.bwu = bw.acquire(user)
@@ -209,6 +227,20 @@ var relayBatches = sync.Pool{New: func() any {
 // an error (the socket closed: pion then deletes the allocation), or with a
 // datagram for pion to relay when the way to the client is not known.
 func (s *relaySocket) ReadFrom(b []byte) (int, net.Addr, error) {
+	if s.ready != nil && !s.decided {
+		// Until the allocation exists no permission does, so nothing
+		// read would be relayed: the datagrams wait in the kernel.
+		select {
+		case <-s.ready:
+		case <-s.closed:
+			return 0, nil, net.ErrClosed
+		}
+		s.decided = true
+	}
+	if s.polled {
+		<-s.closed // a poller reads; pion's loop only learns of the end
+		return 0, nil, net.ErrClosed
+	}
 	if s.rd == nil {
 		return s.readSingly(b)
 	}
@@ -240,22 +272,9 @@ func (s *relaySocket) relayHeld(p []byte) (int, net.Addr) {
 	for s.hep < s.heldN && toPion == nil {
 		i := s.hep
 		s.hep++
-		ap := bt.Addr(i)
-		var ch uint16
-		ok := false
-		if a != nil {
-			ch, ok = a.peerRoute(ap)
-		}
-		if !ok { // RFC 8656 §9: no permission, no relay, nothing charged
-			s.strangers.Add(1)
-			continue
-		}
-		ln := bt.Len(i)
-		if bt.Truncated(i) || ln > relayBufSize {
-			s.oversize.Add(1) // never relay part of a datagram
-			continue
-		}
-		if s.bwu != nil && !s.bw.take(&s.bwu.in, ln) {
+		ap, ln := bt.Addr(i), bt.Len(i)
+		ch, ok := s.admitIn(a, ap, ln, bt.Truncated(i))
+		if !ok {
 			continue
 		}
 		pkts++
@@ -266,13 +285,7 @@ func (s *relaySocket) relayHeld(p []byte) (int, net.Addr) {
 		}
 		outs = append(outs, udpio.Out{B: wrapForClient(bt.Bufs[i], ln, ap, ch, a.client.stream())})
 	}
-	if pkts > 0 {
-		s.ops.relayPktsIn.Add(uint64(pkts))
-		s.ops.relayBytesIn.Add(uint64(bytes))
-		s.usage.pktsIn.Add(uint64(pkts))
-		s.usage.bytesIn.Add(uint64(bytes))
-		s.by.Load()[1].Add(uint64(bytes)) // a is set, so by is
-	}
+	s.countIn(pkts, bytes)
 	if len(outs) > 0 {
 		sent := a.client.writeBatch(bt, outs)
 		s.toClient.Add(uint64(sent))
@@ -299,28 +312,14 @@ func (s *relaySocket) readSingly(b []byte) (int, net.Addr, error) {
 			return n, addr, err
 		}
 		// RFC 8656 §9: no permission, no relay; dropped before the cap
-		// is charged, so strangers cannot spend a user's bandwidth.
+		// is charged, so strangers cannot spend a user's bandwidth. A
+		// datagram that fills the buffer may have been cut: dropped.
 		a := s.alloc.Load()
-		var ch uint16
-		ok := false
-		if a != nil {
-			ch, ok = a.peerRoute(ap)
-		}
+		ch, ok := s.admitIn(a, ap, n, n == relayBufSize)
 		if !ok {
-			s.strangers.Add(1)
 			continue
 		}
-		if n == relayBufSize {
-			s.oversize.Add(1) // possibly truncated: never relay part of a datagram
-			continue
-		}
-		if s.bwu != nil && !s.bw.take(&s.bwu.in, n) {
-			continue
-		}
-		s.ops.relayPktsIn.Add(1)
-		s.ops.relayBytesIn.Add(uint64(n))
-		s.usage.in(n)
-		s.by.Load()[1].Add(uint64(n)) // a is set, so by is
+		s.countIn(1, n)
 		if a.client == nil {
 			return copy(b, payload[:n]), addr, nil // pion knows the way
 		}
@@ -354,9 +353,32 @@ func (s *relaySocket) fromAddr(ap netip.AddrPort) net.Addr {
 	return s.lastFrom
 }
 
+// attached is told that the allocation a now owns the socket: a UDP
+// client's relaying goes to a poller, any other keeps ReadFrom's goroutine.
+func (s *relaySocket) attached(a *allocation) {
+	if s.ready == nil {
+		return
+	}
+	s.readyOnce.Do(func() {
+		s.pollMu.Lock()
+		if u, ok := a.client.(*udpClient); ok && u.io != nil && !s.shut {
+			s.polled = s.polls.add(s)
+		}
+		s.pollMu.Unlock()
+		close(s.ready)
+	})
+}
+
 // Close releases the socket, its bandwidth buckets and its ledger entry.
 func (s *relaySocket) Close() error {
 	s.closeOnce.Do(func() {
+		s.pollMu.Lock()
+		s.shut = true
+		if s.poller != nil {
+			s.poller.remove(s) // before the descriptor can be reused
+		}
+		s.pollMu.Unlock()
+		close(s.closed)
 		s.led.removeSocket(s)
 		if s.bwu != nil {
 			s.bw.release(s.user, s.bwu)

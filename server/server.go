@@ -72,6 +72,9 @@ type Server struct {
 	// gridIO is grid's sockets opened for batched writes toward clients
 	// (internal/udpio), nil where absent or not a kernel socket.
 	gridIO [2][2]*udpio.Conn
+	// polls read relay sockets for UDP clients (relaypoll.go); nil: a
+	// goroutine per relay socket.
+	polls *relayPollers
 
 	// Operations (metrics.go, reload.go, probeid.go).
 	live        livePolicy // the peer policy in force (Reload swaps it)
@@ -234,6 +237,10 @@ func (s *Server) startTURN() error {
 	tc := s.pionConfig()
 	ts, err := turn.NewServer(tc)
 	if err != nil {
+		if s.polls != nil {
+			s.polls.close()
+			s.polls = nil
+		}
 		return fmt.Errorf("turn: %w", err)
 	}
 	s.turn = ts
@@ -254,6 +261,9 @@ func (s *Server) buildState() {
 	s.initLimits(cfg.abuse)
 	s.led = newLedger()
 	s.led.relayBytesBy = &s.ops.relayBytesBy
+	if _, host := s.net.(*stdnet.Net); host || s.net == nil {
+		s.polls = newRelayPollers() // kernel sockets only: vnet's are not pollable
+	}
 	// Allocation lifetimes run from seconds (a failed call) to hours (a
 	// long meeting, refreshed); the default lifetime is 10 minutes.
 	s.ops.allocDurations = prometheus.NewHistogram(prometheus.HistogramOpts{
@@ -373,6 +383,7 @@ func (s *Server) relayGen(i int) turn.RelayAddressGenerator {
 		ops:   &s.ops,
 		bw:    s.limits.bw,
 		led:   s.led,
+		polls: s.polls,
 		local: ip,
 	}
 }
@@ -534,6 +545,9 @@ func (s *Server) Close() error {
 			if s.kern != nil {
 				_ = s.kern.o.Close() // detaches the program
 			}
+		}
+		if s.polls != nil {
+			s.polls.close() // after the relay sockets: nothing is left to poll
 		}
 		// Close only: the read loops may still be answering a Binding
 		// from the grid while they unwind, so the grid must not be

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"syscall"
 	"unsafe"
@@ -53,11 +54,12 @@ type Batch struct {
 
 	// the current call, for the RawConn callbacks (made once: a closure
 	// per call would allocate)
-	n, sent int
-	single  bool // one datagram per message (a GSO run the kernel refused)
-	errno   syscall.Errno
-	readFn  func(fd uintptr) bool
-	writeFn func(fd uintptr) bool
+	n, sent   int
+	single    bool // one datagram per message (a GSO run the kernel refused)
+	errno     syscall.Errno
+	readFn    func(fd uintptr) bool
+	readNowFn func(fd uintptr)
+	writeFn   func(fd uintptr) bool
 
 	// Bufs and Outs travel with a pooled batch (NewBatchWith): the
 	// buffers a Reader fills, and the caller's scratch for what it sends
@@ -79,6 +81,7 @@ func init() {
 func NewBatch() *Batch {
 	b := &Batch{}
 	b.readFn = b.recvmmsg
+	b.readNowFn = b.readNow
 	b.writeFn = b.sendmmsg
 	return b
 }
@@ -418,3 +421,128 @@ func (b *Batch) sendmmsg(fd uintptr) bool {
 	}
 	return true
 }
+
+// ReadNow reads what c has queued right now, without waiting, into
+// bufs[i][head:head+size] (size < 0: to each buffer's end): 0 when nothing
+// is queued. For a Poller's caller, which learnt from the poller that c is
+// readable; an error means c is closed or broken.
+func (b *Batch) ReadNow(c *Conn, bufs [][]byte, head, size int) (int, error) {
+	b.prepareRead(bufs, head, size)
+	if err := c.rc.Control(b.readNowFn); err != nil {
+		return 0, err
+	}
+	if b.errno != 0 {
+		return 0, b.errno
+	}
+	return b.n, nil
+}
+
+func (b *Batch) readNow(fd uintptr) {
+	if !b.recvmmsg(fd) {
+		b.n = 0 // EAGAIN: nothing queued after all
+	}
+}
+
+// Poller waits on many sockets at once (epoll): one goroutine learns
+// which of thousands of relay sockets have datagrams and serves them all
+// in one pass, where a goroutine per socket would wake, read and write once
+// per datagram. Sockets are level-triggered, so one that still holds
+// datagrams after a pass shows up in the next. The epoll descriptor itself
+// waits in the Go runtime's poller, so a waiting Poller holds no thread.
+type Poller struct {
+	epfd   int
+	f      *os.File
+	rc     syscall.RawConn
+	events [MaxEvents]unix.EpollEvent
+	n      int
+	errno  syscall.Errno
+	fn     func(fd uintptr) bool
+}
+
+// MaxEvents bounds the sockets one Wait returns: a pass over this many
+// sockets' datagrams is a few hundred microseconds of work at most.
+const MaxEvents = 128
+
+// NewPoller makes an epoll instance registered with the Go runtime.
+func NewPoller() (*Poller, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.SetNonblock(epfd, true); err != nil {
+		unix.Close(epfd)
+		return nil, err
+	}
+	f := os.NewFile(uintptr(epfd), "epoll")
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	p := &Poller{epfd: epfd, f: f, rc: rc}
+	p.fn = p.wait
+	return p, nil
+}
+
+// Add watches c for datagrams; Wait reports it by token.
+func (p *Poller) Add(c *Conn, token uint64) error {
+	var err error
+	cerr := c.rc.Control(func(fd uintptr) {
+		ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(uint32(token)), Pad: int32(uint32(token >> 32))}
+		err = unix.EpollCtl(p.epfd, unix.EPOLL_CTL_ADD, int(fd), &ev)
+	})
+	if cerr != nil {
+		return cerr
+	}
+	return err
+}
+
+// Remove stops watching c; call it before closing c. A Wait already under
+// way may still report c's token once.
+func (p *Poller) Remove(c *Conn) error {
+	var err error
+	cerr := c.rc.Control(func(fd uintptr) {
+		err = unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, int(fd), nil)
+	})
+	if cerr != nil {
+		return cerr
+	}
+	return err
+}
+
+// Wait blocks until some watched socket is readable and returns how many
+// are; Token(i) names each. It fails only once the Poller is closed.
+func (p *Poller) Wait() (int, error) {
+	p.errno = 0
+	if err := p.rc.Read(p.fn); err != nil {
+		return 0, err
+	}
+	if p.errno != 0 {
+		return 0, p.errno
+	}
+	return p.n, nil
+}
+
+func (p *Poller) wait(fd uintptr) bool {
+	n, err := unix.EpollWait(int(fd), p.events[:], 0)
+	switch {
+	case err == unix.EINTR:
+		return false
+	case err != nil:
+		p.errno = err.(syscall.Errno)
+		return true
+	case n == 0:
+		return false // the runtime's poller wakes us at the next datagram
+	}
+	p.n = n
+	return true
+}
+
+// Token is the token of ready socket i of the last Wait.
+func (p *Poller) Token(i int) uint64 {
+	ev := &p.events[i]
+	return uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
+}
+
+// Close ends the Poller; a Wait under way returns an error.
+func (p *Poller) Close() error { return p.f.Close() }

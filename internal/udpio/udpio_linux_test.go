@@ -295,3 +295,73 @@ func BenchmarkWrite(b *testing.B) {
 		}
 	}
 }
+
+// The poller names the sockets that have datagrams, keeps naming one
+// until it is drained (level-triggered), forgets a removed one, and its
+// Wait ends when it is closed.
+func TestPoller(t *testing.T) {
+	p, err := NewPoller()
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := listen(t, "udp4", "127.0.0.1:0"), listen(t, "udp4", "127.0.0.1:0")
+	ca, cb := NewConn(a), NewConn(b)
+	if err := p.Add(ca, 1<<40|7); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Add(cb, 9); err != nil {
+		t.Fatal(err)
+	}
+	src := listen(t, "udp4", "127.0.0.1:0")
+	for i := 0; i < 3; i++ {
+		if _, err := src.WriteToUDPAddrPort([]byte("x"), apOf(b)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n, err := p.Wait()
+	if err != nil || n != 1 || p.Token(0) != 9 {
+		t.Fatalf("Wait = %d, %v, token %d; want 1 ready socket, token 9", n, err, p.Token(0))
+	}
+	rb := NewBatch()
+	bufs := [][]byte{make([]byte, 64)} // one at a time: b stays ready
+	if k, err := rb.ReadNow(cb, bufs, 0, -1); k != 1 || err != nil {
+		t.Fatalf("ReadNow = %d, %v", k, err)
+	}
+	if n, _ := p.Wait(); n != 1 || p.Token(0) != 9 {
+		t.Fatalf("b still holds 2 datagrams: Wait = %d token %d", n, p.Token(0))
+	}
+	bufs = append(bufs, make([]byte, 64), make([]byte, 64))
+	if k, _ := rb.ReadNow(cb, bufs, 0, -1); k != 2 {
+		t.Fatalf("ReadNow drained %d, want 2", k)
+	}
+	if k, err := rb.ReadNow(cb, bufs, 0, -1); k != 0 || err != nil {
+		t.Fatalf("ReadNow on an empty socket = %d, %v; want 0, nil", k, err)
+	}
+	if err := p.Remove(cb); err != nil {
+		t.Fatal(err)
+	}
+	_, _ = src.WriteToUDPAddrPort([]byte("y"), apOf(b)) // removed: not reported
+	_, _ = src.WriteToUDPAddrPort([]byte("z"), apOf(a))
+	if n, _ := p.Wait(); n != 1 || p.Token(0) != 1<<40|7 {
+		t.Fatalf("Wait = %d token %d; want only a (64-bit token intact)", n, p.Token(0))
+	}
+	if _, err := rb.ReadNow(ca, bufs, 0, -1); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := p.Wait(); done <- err }()
+	time.Sleep(20 * time.Millisecond) // let Wait block (either order is correct)
+	p.Close()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("Wait on a closed poller: no error")
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("Wait did not end when the poller closed")
+	}
+	a.Close()
+	if _, err := rb.ReadNow(ca, bufs, 0, -1); err == nil {
+		t.Fatal("ReadNow on a closed socket: no error")
+	}
+}

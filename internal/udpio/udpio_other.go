@@ -47,3 +47,18 @@ func (*Batch) Len(int) int                       { return 0 }
 func (*Batch) Truncated(int) bool                { return false }
 func (*Batch) Addr(int) netip.AddrPort           { return netip.AddrPort{} }
 func (*Batch) Write(*Conn, []Out) (int, error)   { return 0, errUnsupported }
+
+// ReadNow reads what c has queued (nothing off Linux).
+func (*Batch) ReadNow(*Conn, [][]byte, int, int) (int, error) { return 0, errUnsupported }
+
+// Poller waits on many sockets at once (epoll; none off Linux).
+type Poller struct{}
+
+// NewPoller fails off Linux.
+func NewPoller() (*Poller, error) { return nil, errUnsupported }
+
+func (*Poller) Add(*Conn, uint64) error { return errUnsupported }
+func (*Poller) Remove(*Conn) error      { return errUnsupported }
+func (*Poller) Wait() (int, error)      { return 0, errUnsupported }
+func (*Poller) Token(int) uint64        { return 0 }
+func (*Poller) Close() error            { return nil }
