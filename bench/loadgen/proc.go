@@ -71,3 +71,29 @@ func ReadProc(pid int) (ProcSample, error) {
 	}
 	return s, nil
 }
+
+// ReadMachineCPU is the whole machine's busy CPU time so far, in seconds,
+// from /proc/stat's first line: user, nice, system, irq and softirq (not
+// idle, iowait or the hypervisor's steal). Work the kernel does for a
+// server in another process's context (an eBPF relay running in the
+// sender's softirq) is in it, where no process's utime+stime has it.
+func ReadMachineCPU() (float64, error) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, err
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 8 || f[0] != "cpu" {
+		return 0, fmt.Errorf("/proc/stat: unexpected first line %q", line)
+	}
+	var busy int64
+	for _, i := range []int{1, 2, 3, 6, 7} { // user nice system irq softirq
+		v, err := strconv.ParseInt(f[i], 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc/stat: field %d: %w", i, err)
+		}
+		busy += v
+	}
+	return float64(busy) / clockTicks, nil
+}

@@ -359,12 +359,17 @@ func relay(o opts, name string, figs figures, target netip.AddrPort, pid int, pe
 					window = 2
 				}
 				c0, _ := loadgen.ReadProc(pid)
+				m0, _ := loadgen.ReadMachineCPU()
 				res := loadgen.Run(flows, window, o.relayDur, 16)
+				m1, _ := loadgen.ReadMachineCPU()
 				c1, _ := loadgen.ReadProc(pid)
 				k := fmt.Sprintf("relay.%s.%d.%d", kind, size, n)
 				figs.add(name, k+".rate", res.Rate())
 				if res.Recv > 0 {
 					figs.add(name, k+".cpu", (c1.CPUSeconds-c0.CPUSeconds)*1e6/float64(res.Recv))
+					// the generator's share is the same work whatever
+					// the server; the kernel relay's is only here
+					figs.add(name, k+".mcpu", (m1-m0)*1e6/float64(res.Recv))
 				}
 				figs.add(name, k+".loss", res.Loss()*100)
 				figs.add(name, k+".p99", us(res.Pct(99)))
@@ -426,6 +431,7 @@ func rows(o opts) []row {
 				r = append(r,
 					row{k + ".rate", d + ": round trips/s"},
 					row{k + ".cpu", d + ": CPU µs/round trip"},
+					row{k + ".mcpu", d + ": machine CPU µs/round trip"},
 					row{k + ".loss", d + ": loss %"},
 					row{k + ".p99", d + ": RTT p99 µs"})
 			}
@@ -435,7 +441,7 @@ func rows(o opts) []row {
 }
 
 func print(o opts, figs figures, servers []string) {
-	fmt.Printf("\nstundbench %s, %d round(s), medians; CPU = server utime+stime per operation; a round trip through the relay is two relayed packets\n",
+	fmt.Printf("\nstundbench %s, %d round(s), medians; CPU = server utime+stime per operation, machine CPU = the whole machine's busy time (generator, server, kernel) per operation; a round trip through the relay is two relayed packets\n",
 		time.Now().Format("2006-01-02 15:04"), o.rounds)
 	fmt.Printf("generator ceiling (in-process echo): Binding %.0f req/s (p99 %.0f µs), ChannelData 100 B x64 %.0f round trips/s\n\n",
 		median(figs["echo"]["bind.rate"]), median(figs["echo"]["bind.p99.load"]), median(figs["echo"]["relay.cd.100.64.rate"]))
