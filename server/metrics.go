@@ -9,6 +9,7 @@ package server
 // expiry, so their number is unbounded.
 
 import (
+	"github.com/stund/stund/internal/udpio"
 	"github.com/stund/stund/server/binding"
 	"sync/atomic"
 
@@ -182,6 +183,12 @@ func (s *Server) registerRelay(m metricSet) {
 	counter("stund_relay_bytes_total", byteHelp, l("direction", "from_peer"), o.relayBytesIn.Load)
 	gauge("stund_offloaded_channels", "UDP channels relayed in the kernel (eBPF) now; their traffic is added to the relay counters when each leaves the kernel.", func() float64 {
 		return float64(s.kern.offloaded(s.led.all("")))
+	})
+	gauge("stund_udp_gso", "1 while relayed datagrams leave in UDP GSO runs; 0 once the kernel refused GSO (EIO: no checksum offload) and each datagram leaves on its own.", func() float64 {
+		if udpio.GSODisabled() {
+			return 0
+		}
+		return 1
 	})
 	const peerConnHelp = "RFC 6062 peer connections refused at the per-allocation or per-user bound: connect (Connect answered 447) or accept (a peer's connection to a relayed address closed at once)."
 	counter("stund_peer_connections_refused_total", peerConnHelp, l("direction", "connect"), o.peerConnRefusedOut.Load)

@@ -282,8 +282,10 @@ func allocChurn(o opts, name string, figs figures, target netip.AddrPort, pid in
 	pA, _ := loadgen.ReadProc(pid)
 	figs.add(name, "alloc.rate", float64(len(all))/allocTime.Seconds())
 	figs.add(name, "alloc.cpu", (pA.CPUSeconds-p0.CPUSeconds)*1e6/float64(len(all)))
+	done := profile(o, name, "refresh", 2*time.Second) // the deletions take about a second
 	okN, el := loadgen.Release(all, allocWorkers)
 	pR, _ := loadgen.ReadProc(pid)
+	done()
 	if okN < len(all)*99/100 {
 		return fmt.Errorf("refresh(0): %d of %d succeeded", okN, len(all))
 	}
