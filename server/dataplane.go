@@ -100,6 +100,34 @@ type relayQueue struct {
 	outs []udpio.Out
 }
 
+// streamQueue is a stream connection's relayQueue, its write scratch
+// borrowed from a pool only while frames are queued: ten thousand idle
+// TCP/TLS clients hold none.
+type streamQueue struct {
+	q relayQueue
+}
+
+// relayWriteBatches are the stream connections' write scratch.
+var relayWriteBatches = sync.Pool{New: func() any { return udpio.NewBatch() }}
+
+// queue is the relayQueue to add to, with scratch in hand.
+func (s *streamQueue) queue() *relayQueue {
+	if s.q.wb == nil {
+		s.q.wb = relayWriteBatches.Get().(*udpio.Batch)
+	}
+	return &s.q
+}
+
+// flush sends what is queued and gives the scratch back.
+func (s *streamQueue) flush() {
+	if s.q.wb == nil {
+		return
+	}
+	s.q.flush()
+	relayWriteBatches.Put(s.q.wb)
+	s.q.wb = nil
+}
+
 func (q *relayQueue) add(d *dataPlane, sock *relaySocket, data []byte, to netip.AddrPort) {
 	if sock != q.sock || len(q.outs) == udpio.MaxBatch {
 		q.flush()

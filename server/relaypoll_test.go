@@ -1,6 +1,7 @@
 package server
 
 import (
+	"io"
 	"net"
 	"runtime"
 	"testing"
@@ -147,4 +148,87 @@ func TestRelayNoAllocationsPerPacket(t *testing.T) {
 	if allocs > n/10 {
 		t.Fatalf("%d allocations for %d relayed packets: the data plane allocates per packet", allocs, 4*n)
 	}
+}
+
+// Over TCP the frames one read brings in leave toward the peer in one
+// batch and a burst from the peer comes back in one write: every frame
+// arrives, whole, in order, both ways.
+func TestStreamRelayBatchesInOrder(t *testing.T) {
+	for _, padded := range []bool{false, true} {
+		s := startTURNServer(t, func(c *Config) {
+			c.AllowPeers = mustPrefixes(t, "127.0.0.0/8")
+			c.DisableTCP = false
+		})
+		c := dialFront(t, s, true, "alice", "alice-pw")
+		r := c.allocate()
+		v, err := r.Get(stun.AttrXORRelayedAddress)
+		if err != nil {
+			t.Fatal(err)
+		}
+		relayed, err := stunwire.ParseXORAddress(v, (*[16]byte)(r.Raw[4:20]))
+		if err != nil {
+			t.Fatal(err)
+		}
+		peer := udpPeer(t, "udp4").(*net.UDPConn)
+		peerAP := stunwire.AddrPortOf(peer.LocalAddr())
+		if b := c.signed(stun.MethodChannelBind, stun.RawAttribute{Type: stun.AttrChannelNumber, Value: []byte{0x40, 0x00, 0, 0}}, peerAddr(peerAP)); b.Type.Class != stun.ClassSuccessResponse {
+			t.Fatalf("ChannelBind: %v", b.Type)
+		}
+		const n = 40
+		var burst []byte
+		sizes := make([]int, n)
+		for i := 0; i < n; i++ {
+			size := 1 + i*7%97
+			if padded {
+				size = 4 * (1 + i%25)
+			}
+			sizes[i] = size
+			p := payload(i, size)
+			burst = append(burst, 0x40, 0x00, 0, byte(size))
+			burst = append(burst, p...)
+			for len(burst)%4 != 0 { // RFC 8656 §12.5: padded over streams
+				burst = append(burst, 0)
+			}
+		}
+		if _, err := c.conn.Write(burst); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 2048)
+		_ = peer.SetReadDeadline(time.Now().Add(e2eTimeout))
+		for i := 0; i < n; i++ {
+			k, _, err := peer.ReadFromUDPAddrPort(buf)
+			if err != nil || string(buf[:k]) != string(payload(i, sizes[i])) {
+				t.Fatalf("padded %v: peer datagram %d: %d bytes %v", padded, i, k, err)
+			}
+		}
+		for i := 0; i < n; i++ {
+			if _, err := peer.WriteToUDPAddrPort(payload(i, 10+i), relayed); err != nil {
+				t.Fatal(err)
+			}
+		}
+		_ = c.conn.SetReadDeadline(time.Now().Add(e2eTimeout))
+		for i := 0; i < n; i++ {
+			var hdr [4]byte
+			if _, err := io.ReadFull(c.rd, hdr[:]); err != nil {
+				t.Fatalf("frame %d: %v", i, err)
+			}
+			size := int(hdr[2])<<8 | int(hdr[3])
+			body := make([]byte, (size+3)&^3)
+			if _, err := io.ReadFull(c.rd, body); err != nil {
+				t.Fatal(err)
+			}
+			if hdr[0] != 0x40 || string(body[:size]) != string(payload(i, 10+i)) {
+				t.Fatalf("frame %d to the client: channel %x, %d bytes, want %d", i, hdr[:2], size, 10+i)
+			}
+		}
+	}
+}
+
+// payload i of size n: distinct bytes, so a reordered datagram shows.
+func payload(i, n int) []byte {
+	b := make([]byte, n)
+	for j := range b {
+		b[j] = byte(i*7 + j)
+	}
+	return b
 }

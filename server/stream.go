@@ -158,7 +158,32 @@ func (c *streamConn) writeClient(b []byte) error {
 
 func (*streamConn) stream() bool { return true }
 
-func (c *streamConn) writeBatch(_ *udpio.Batch, outs []udpio.Out) int { return writeEach(c, outs) }
+// writeBatch sends a batch of relayed frames with one Write (one system
+// call, and over TLS one record) instead of one per frame.
+func (c *streamConn) writeBatch(_ *udpio.Batch, outs []udpio.Out) int {
+	if len(outs) == 1 {
+		return writeEach(c, outs)
+	}
+	bp := streamBatchBufs.Get().(*[]byte)
+	b := (*bp)[:0]
+	for _, o := range outs {
+		b = append(b, o.B...)
+	}
+	n := 0
+	if c.writeClient(b) == nil {
+		n = len(outs)
+	}
+	*bp = b[:0]
+	streamBatchBufs.Put(bp)
+	return n
+}
+
+// streamBatchBufs hold one batch of frames toward a stream client: at most
+// udpio.MaxBatch relayed datagrams with their headers and padding.
+var streamBatchBufs = sync.Pool{New: func() any {
+	b := make([]byte, 0, udpio.MaxBatch*(relayHeadroom+relayBufSize+3))
+	return &b
+}}
 
 // RemoteAddr is the client's address (from the PROXY protocol header when
 // one was required): what pion keys the allocation by, as we do.
@@ -197,6 +222,9 @@ type streamConn struct {
 	// frameLoop's goroutine only: the buffers answers are built in.
 	out []byte
 	fc  frontConn
+	// toPeers batches the relayed data of the frames one read brought in
+	// (frameLoop's only).
+	toPeers streamQueue
 
 	// raw: pion answered a ConnectionBind with success, so from here on the
 	// connection is an RFC 6062 data connection carrying the peer's bytes
@@ -261,6 +289,7 @@ func (c *streamConn) frameLoop() {
 		return
 	}
 	fr := framer{buf: make([]byte, streamBufInit)}
+	defer c.toPeers.flush()
 	started := false
 	for {
 		frame, kind, err := c.next(&fr, started)
@@ -276,13 +305,14 @@ func (c *streamConn) frameLoop() {
 		started = true
 		switch {
 		case kind == stunwire.KindChannelData:
-			c.deps.data.fromClient(c.tuple(), frame, nil)
+			c.deps.data.fromClient(c.tuple(), frame, c.toPeers.queue())
 		case binding.IsBinding(frame):
 			c.deps.requests[c.tr][0].Add(1)
 			c.answerBinding(frame)
-		case kind == stunwire.KindSTUN && isSend(frame) && c.deps.data.send(c.tuple(), frame, nil):
+		case kind == stunwire.KindSTUN && isSend(frame) && c.deps.data.send(c.tuple(), frame, c.toPeers.queue()):
 			// A Send indication on an allocation: the data plane's.
 		case kind == stunwire.KindSTUN:
+			c.toPeers.flush() // relayed data before the request that follows it
 			c.deps.requests[c.tr][1].Add(1)
 			if !c.toFront(frame) {
 				continue
@@ -330,6 +360,9 @@ func (c *streamConn) next(fr *framer, started bool) ([]byte, stunwire.Kind, erro
 			}
 			return frame, kind, nil
 		}
+		// Every whole frame read is routed: what they queued toward peers
+		// leaves now, before the bytes move or the read waits.
+		c.toPeers.flush()
 		if fr.r > 0 { // make room at the front
 			fr.w = copy(fr.buf, avail)
 			fr.r = 0
