@@ -1,8 +1,10 @@
 package server
 
 import (
+	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"runtime"
 	"testing"
 	"time"
@@ -10,6 +12,7 @@ import (
 	"github.com/pion/stun/v4"
 
 	"github.com/stund/stund/internal/stunwire"
+	"github.com/stund/stund/internal/udpio"
 )
 
 func (s *Server) relaySocketAt(t *testing.T, addr string) *relaySocket {
@@ -231,4 +234,46 @@ func payload(i, n int) []byte {
 		b[j] = byte(i*7 + j)
 	}
 	return b
+}
+
+// A listener batch interleaving allocations goes out by the right relay
+// sockets, each socket's datagrams in their order, every one counted.
+func TestRelayQueueKeepsOrderPerSocket(t *testing.T) {
+	var live livePolicy
+	live.cur.Store(NewPeerPolicy([]netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}, nil, nil))
+	var ops opsStats
+	led := newLedger()
+	a := testRelaySocket(t, udpSocket(t), "alice", led, &live, &ops, nil)
+	b := testRelaySocket(t, udpSocket(t), "bob", led, &live, &ops, nil)
+	peer := udpSocket(t)
+	to := stunwire.AddrPortOf(peer.LocalAddr())
+	var d dataPlane
+	q := relayQueue{wb: udpio.NewBatch()}
+	order := []struct {
+		s   *relaySocket
+		msg string
+	}{{a, "a1"}, {b, "b1"}, {a, "a2"}, {b, "b2"}, {a, "a3"}, {a, "a4"}}
+	for _, o := range order {
+		q.add(&d, o.s, []byte(o.msg), to)
+	}
+	q.flush()
+	if d.relayed.Load() != uint64(len(order)) {
+		t.Fatalf("relayed %d, want %d", d.relayed.Load(), len(order))
+	}
+	got := map[netip.AddrPort][]string{}
+	buf := make([]byte, 64)
+	_ = peer.SetReadDeadline(time.Now().Add(ioTimeout))
+	for i := 0; i < len(order); i++ {
+		n, from, err := peer.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got[from] = append(got[from], string(buf[:n]))
+	}
+	if fmt.Sprint(got[a.addr]) != "[a1 a2 a3 a4]" || fmt.Sprint(got[b.addr]) != "[b1 b2]" {
+		t.Fatalf("peer got %v from a, %v from b", got[a.addr], got[b.addr])
+	}
+	if ops.relayPktsOut.Load() != uint64(len(order)) || a.usage.pktsOut.Load() != 4 || b.usage.bytesOut.Load() != 4 {
+		t.Fatalf("counted %d packets, a %d, b %d bytes", ops.relayPktsOut.Load(), a.usage.pktsOut.Load(), b.usage.bytesOut.Load())
+	}
 }

@@ -83,8 +83,11 @@ func main() {
 	var work string
 	flag.StringVar(&work, "work", "alloc,bind,relay", "workloads to run (alloc, bind, relay)")
 	flag.BoolVar(&o.smoke, "smoke", false, "seconds-long check that the harness works end to end (no speed assertion)")
+	relayCounts := flag.String("relay-allocs", "1,8,64", "allocation counts of the relay workloads (at most 64)")
+	relaySizes := flag.String("relay-sizes", "100,1200", "payload sizes in bytes of the relay workloads")
 	flag.Parse()
-	o.relayCounts = []int{1, 8, 64}
+	o.relayCounts = intList("-relay-allocs", *relayCounts, 64)
+	o.relaySizes = intList("-relay-sizes", *relaySizes, 1400)
 	o.work = map[string]bool{}
 	for _, w := range strings.Split(work, ",") {
 		if w != "alloc" && w != "bind" && w != "relay" {
@@ -92,7 +95,6 @@ func main() {
 		}
 		o.work[w] = true
 	}
-	o.relaySizes = []int{100, 1200}
 	for _, f := range strings.Split(allocs, ",") {
 		var n int
 		if _, err := fmt.Sscan(f, &n); err != nil || n <= 0 {
@@ -119,6 +121,19 @@ func main() {
 		killAll()
 		fatal(err)
 	}
+}
+
+// intList parses a comma-separated list of counts in 1..max, ascending.
+func intList(flagName, v string, max int) []int {
+	var out []int
+	for _, f := range strings.Split(v, ",") {
+		var n int
+		if _, err := fmt.Sscan(f, &n); err != nil || n <= 0 || n > max || (len(out) > 0 && n <= out[len(out)-1]) {
+			fatal(fmt.Errorf("%s: %q is not an ascending list of counts from 1 to %d", flagName, v, max))
+		}
+		out = append(out, n)
+	}
+	return out
 }
 
 func fatal(err error) {
