@@ -90,14 +90,95 @@ func (d *dataPlane) relay(sock *relaySocket, data []byte, peer netip.AddrPort, q
 
 // relayQueue is a batching read loop's datagrams toward peers: consecutive
 // datagrams for one relay socket leave with one sendmmsg, a run of equal
-// sizes to one peer as one UDP GSO message (internal/udpio). The data
-// stays in the read batch's buffers, which outlive the queue: it is
-// flushed before the next read and whenever the socket changes.
+// sizes to one peer as one UDP GSO message (internal/udpio). With a ring
+// (io_uring), datagrams for many relay sockets leave with one system call
+// at the flush instead of one call per socket. The data stays in the read
+// batch's buffers, which outlive the queue: it is flushed before the next
+// read and, without a ring, whenever the socket changes.
 type relayQueue struct {
-	wb   *udpio.Batch
-	d    *dataPlane
-	sock *relaySocket
-	outs []udpio.Out
+	wb    *udpio.Batch
+	ring  *udpio.Ring // nil: one sendmmsg per relay socket run
+	d     *dataPlane
+	sock  *relaySocket // the run's socket, without a ring
+	outs  []udpio.Out
+	socks []*relaySocket // with a ring: outs[i] leaves by socks[i]
+	routs []udpio.RingOut
+}
+
+func (q *relayQueue) add(d *dataPlane, sock *relaySocket, data []byte, to netip.AddrPort) {
+	q.d = d
+	if q.ring != nil && sock.io != nil {
+		if len(q.socks) == udpio.MaxBatch {
+			q.flushRing()
+		}
+		q.outs = append(q.outs, udpio.Out{B: data, To: to})
+		q.socks = append(q.socks, sock)
+		return
+	}
+	if q.socks != nil {
+		q.flushRing() // keep the order of what came first
+	}
+	if sock != q.sock || len(q.outs) == udpio.MaxBatch {
+		q.flush()
+	}
+	q.sock = sock
+	q.outs = append(q.outs, udpio.Out{B: data, To: to})
+}
+
+func (q *relayQueue) flush() {
+	if len(q.socks) > 0 {
+		q.flushRing()
+		return
+	}
+	if len(q.outs) == 0 {
+		return
+	}
+	q.d.relayed.Add(uint64(q.sock.sendBatch(q.wb, q.outs)))
+	clear(q.outs)
+	q.outs = q.outs[:0]
+	q.sock = nil
+}
+
+// flushRing sends what the ring queue holds: a single socket's datagrams
+// by its own sendmmsg (GSO runs), those of several sockets with one
+// io_uring submission, each past its socket's policy and cap first.
+func (q *relayQueue) flushRing() {
+	defer func() {
+		clear(q.outs)
+		clear(q.socks)
+		clear(q.routs)
+		q.outs, q.socks, q.routs = q.outs[:0], q.socks[:0], q.routs[:0]
+	}()
+	if len(q.socks) == 0 {
+		return
+	}
+	one := true
+	for _, s := range q.socks[1:] {
+		one = one && s == q.socks[0]
+	}
+	if one {
+		q.d.relayed.Add(uint64(q.socks[0].sendBatch(q.wb, q.outs)))
+		return
+	}
+	k := 0
+	for i, o := range q.outs {
+		s := q.socks[i]
+		if s.admit(len(o.B), o.To) != nil {
+			continue
+		}
+		q.socks[k] = s
+		q.routs = append(q.routs, udpio.RingOut{C: s.io, Out: o})
+		k++
+	}
+	res, _ := q.ring.Write(q.routs)
+	sent := 0
+	for i, n := range res {
+		if n >= 0 {
+			q.socks[i].sent(1, int(n))
+			sent++
+		}
+	}
+	q.d.relayed.Add(uint64(sent))
 }
 
 // streamQueue is a stream connection's relayQueue, its write scratch
@@ -126,24 +207,6 @@ func (s *streamQueue) flush() {
 	s.q.flush()
 	relayWriteBatches.Put(s.q.wb)
 	s.q.wb = nil
-}
-
-func (q *relayQueue) add(d *dataPlane, sock *relaySocket, data []byte, to netip.AddrPort) {
-	if sock != q.sock || len(q.outs) == udpio.MaxBatch {
-		q.flush()
-	}
-	q.d, q.sock = d, sock
-	q.outs = append(q.outs, udpio.Out{B: data, To: to})
-}
-
-func (q *relayQueue) flush() {
-	if len(q.outs) == 0 {
-		return
-	}
-	q.d.relayed.Add(uint64(q.sock.sendBatch(q.wb, q.outs)))
-	clear(q.outs)
-	q.outs = q.outs[:0]
-	q.sock = nil
 }
 
 // knownInSend lists the comprehension-required attributes a Send

@@ -237,43 +237,55 @@ func payload(i, n int) []byte {
 }
 
 // A listener batch interleaving allocations goes out by the right relay
-// sockets, each socket's datagrams in their order, every one counted.
+// sockets, each socket's datagrams in their order, every one counted:
+// with one sendmmsg per socket run, and with one io_uring submission for
+// all (when the kernel has io_uring).
 func TestRelayQueueKeepsOrderPerSocket(t *testing.T) {
-	var live livePolicy
-	live.cur.Store(NewPeerPolicy([]netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}, nil, nil))
-	var ops opsStats
-	led := newLedger()
-	a := testRelaySocket(t, udpSocket(t), "alice", led, &live, &ops, nil)
-	b := testRelaySocket(t, udpSocket(t), "bob", led, &live, &ops, nil)
-	peer := udpSocket(t)
-	to := stunwire.AddrPortOf(peer.LocalAddr())
-	var d dataPlane
-	q := relayQueue{wb: udpio.NewBatch()}
-	order := []struct {
-		s   *relaySocket
-		msg string
-	}{{a, "a1"}, {b, "b1"}, {a, "a2"}, {b, "b2"}, {a, "a3"}, {a, "a4"}}
-	for _, o := range order {
-		q.add(&d, o.s, []byte(o.msg), to)
+	ring, err := udpio.NewRing()
+	if err != nil {
+		t.Logf("no io_uring here (%v): the sendmmsg path only", err)
+	} else {
+		defer ring.Close()
 	}
-	q.flush()
-	if d.relayed.Load() != uint64(len(order)) {
-		t.Fatalf("relayed %d, want %d", d.relayed.Load(), len(order))
-	}
-	got := map[netip.AddrPort][]string{}
-	buf := make([]byte, 64)
-	_ = peer.SetReadDeadline(time.Now().Add(ioTimeout))
-	for i := 0; i < len(order); i++ {
-		n, from, err := peer.ReadFromUDPAddrPort(buf)
-		if err != nil {
-			t.Fatal(err)
+	for _, r := range []*udpio.Ring{nil, ring} {
+		var live livePolicy
+		live.cur.Store(NewPeerPolicy([]netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}, nil, nil))
+		var ops opsStats
+		led := newLedger()
+		a := testRelaySocket(t, udpSocket(t), "alice", led, &live, &ops, nil)
+		b := testRelaySocket(t, udpSocket(t), "bob", led, &live, &ops, nil)
+		peer := udpSocket(t)
+		to := stunwire.AddrPortOf(peer.LocalAddr())
+		var d dataPlane
+		q := relayQueue{wb: udpio.NewBatch(), ring: r}
+		order := []struct {
+			s   *relaySocket
+			msg string
+		}{{a, "a1"}, {b, "b1"}, {a, "a2"}, {b, "b2"}, {a, "a3"}, {a, "a4"}}
+		for _, o := range order {
+			q.add(&d, o.s, []byte(o.msg), to)
 		}
-		got[from] = append(got[from], string(buf[:n]))
-	}
-	if fmt.Sprint(got[a.addr]) != "[a1 a2 a3 a4]" || fmt.Sprint(got[b.addr]) != "[b1 b2]" {
-		t.Fatalf("peer got %v from a, %v from b", got[a.addr], got[b.addr])
-	}
-	if ops.relayPktsOut.Load() != uint64(len(order)) || a.usage.pktsOut.Load() != 4 || b.usage.bytesOut.Load() != 4 {
-		t.Fatalf("counted %d packets, a %d, b %d bytes", ops.relayPktsOut.Load(), a.usage.pktsOut.Load(), b.usage.bytesOut.Load())
+		// a peer the policy refuses: dropped before the ring, counted
+		q.add(&d, b, []byte("refused"), netip.MustParseAddrPort("192.0.2.1:9"))
+		q.flush()
+		if d.relayed.Load() != uint64(len(order)) || ops.relayRefused.Load() != 1 {
+			t.Fatalf("ring %v: relayed %d (want %d), refused %d", r != nil, d.relayed.Load(), len(order), ops.relayRefused.Load())
+		}
+		got := map[netip.AddrPort][]string{}
+		buf := make([]byte, 64)
+		_ = peer.SetReadDeadline(time.Now().Add(ioTimeout))
+		for i := 0; i < len(order); i++ {
+			n, from, err := peer.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got[from] = append(got[from], string(buf[:n]))
+		}
+		if fmt.Sprint(got[a.addr]) != "[a1 a2 a3 a4]" || fmt.Sprint(got[b.addr]) != "[b1 b2]" {
+			t.Fatalf("ring %v: peer got %v from a, %v from b", r != nil, got[a.addr], got[b.addr])
+		}
+		if ops.relayPktsOut.Load() != uint64(len(order)) || a.usage.pktsOut.Load() != 4 || b.usage.bytesOut.Load() != 4 {
+			t.Fatalf("ring %v: counted %d packets, a %d, b %d bytes", r != nil, ops.relayPktsOut.Load(), a.usage.pktsOut.Load(), b.usage.bytesOut.Load())
+		}
 	}
 }

@@ -50,6 +50,9 @@ func newUDPBatcher(c net.PacketConn, sendError func()) *udpBatcher {
 		b.replyBufs[i] = make([]byte, 0, 1500)
 	}
 	b.toPeers.wb = b.wb
+	if r, err := udpio.NewRing(); err == nil {
+		b.toPeers.ring = r // freed with the process: a read loop lives as long as its socket
+	}
 	return b
 }
 

@@ -62,3 +62,19 @@ func (*Poller) Remove(*Conn) error      { return errUnsupported }
 func (*Poller) Wait() (int, error)      { return 0, errUnsupported }
 func (*Poller) Token(int) uint64        { return 0 }
 func (*Poller) Close() error            { return nil }
+
+// Ring sends datagrams from many sockets with one system call (none off
+// Linux).
+type Ring struct{}
+
+// RingOut is one datagram for a Ring.
+type RingOut struct {
+	C   *Conn
+	Out Out
+}
+
+// NewRing fails off Linux.
+func NewRing() (*Ring, error) { return nil, errUnsupported }
+
+func (*Ring) Write([]RingOut) ([]int32, error) { return nil, errUnsupported }
+func (*Ring) Close() error                     { return nil }
