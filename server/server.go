@@ -135,7 +135,23 @@ func New(cfg Config) (*Server, error) {
 	s.log.Info("stund listening",
 		"primary", s.gridAddr[0][0], "alternate", s.gridAddr[1][1],
 		"single_ip", !cfg.AlternateIP.IsValid(), "tcp", len(s.tcp), "tls", len(s.tls))
+	s.logDataPlane()
 	return s, nil
+}
+
+// logDataPlane says once how relayed datagrams move on this host: the
+// batched path always; io_uring for sends from many relay sockets where
+// the kernel and the sandbox allow it (seccomp profiles often refuse it).
+func (s *Server) logDataPlane() {
+	if s.polls == nil {
+		return // not kernel sockets (tests on a virtual network)
+	}
+	if r, err := udpio.NewRing(); err != nil {
+		s.log.Info("relay data plane: recvmmsg/sendmmsg and UDP GSO; io_uring is not available, each relay socket sends on its own", "reason", err.Error())
+	} else {
+		_ = r.Close()
+		s.log.Info("relay data plane: recvmmsg/sendmmsg, UDP GSO, and io_uring for datagrams leaving many relay sockets at once")
+	}
 }
 
 // ips returns the configured IPs, primary first.
