@@ -104,6 +104,9 @@ func (c *stunPacketConn) ReadFrom(p []byte) (int, net.Addr, error) {
 	for {
 		pkt, src, addr, err := c.read(p)
 		if err != nil {
+			if c.batch != nil {
+				c.batch.close() // the socket is done: so is its ring
+			}
 			return 0, addr, err
 		}
 		if pkt == nil {

@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"runtime"
 	"testing"
 	"time"
@@ -287,5 +288,35 @@ func TestRelayQueueKeepsOrderPerSocket(t *testing.T) {
 		if ops.relayPktsOut.Load() != uint64(len(order)) || a.usage.pktsOut.Load() != 4 || b.usage.bytesOut.Load() != 4 {
 			t.Fatalf("ring %v: counted %d packets, a %d, b %d bytes", r != nil, ops.relayPktsOut.Load(), a.usage.pktsOut.Load(), b.usage.bytesOut.Load())
 		}
+	}
+}
+
+// A server that stops gives back the descriptors its data plane opened
+// (epoll pollers, io_uring rings): a process that starts and stops servers
+// (tests, embedding) does not run out of them.
+func TestDataPlaneReleasesDescriptors(t *testing.T) {
+	count := func() int {
+		ents, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Skip("no /proc/self/fd")
+		}
+		return len(ents)
+	}
+	start := func() {
+		s, err := New(Config{PrimaryIP: netip.MustParseAddr("127.0.0.1"), Realm: testRealm,
+			Users: map[string]string{"alice": "alice-pw"}, DisableTCP: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.Close()
+	}
+	start() // first: lazily opened process-wide things
+	before := count()
+	for i := 0; i < 10; i++ {
+		start()
+	}
+	time.Sleep(100 * time.Millisecond) // read loops unwind after Close
+	if after := count(); after > before+2 {
+		t.Fatalf("%d descriptors open after ten servers came and went, %d before", after, before)
 	}
 }

@@ -51,7 +51,7 @@ func newUDPBatcher(c net.PacketConn, sendError func()) *udpBatcher {
 	}
 	b.toPeers.wb = b.wb
 	if r, err := udpio.NewRing(); err == nil {
-		b.toPeers.ring = r // freed with the process: a read loop lives as long as its socket
+		b.toPeers.ring = r // closed when the read loop ends (close)
 	}
 	return b
 }
@@ -73,6 +73,14 @@ func (b *udpBatcher) read() (pkt []byte, src netip.AddrPort, trunc bool, err err
 	i := b.next
 	b.next++
 	return b.bufs[i][:b.rb.Len(i)], b.rb.Addr(i), b.rb.Truncated(i), nil
+}
+
+// close releases the ring once the socket is closed.
+func (b *udpBatcher) close() {
+	if b.toPeers.ring != nil {
+		_ = b.toPeers.ring.Close()
+		b.toPeers.ring = nil
+	}
 }
 
 // replyBuf returns the buffer for the next queued reply (length 0).
