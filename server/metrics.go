@@ -41,6 +41,8 @@ type opsStats struct {
 	// RFC 6062 peer connections refused at the per-allocation or per-user
 	// bound (relaygen.go): Connect (out) and accepted on a relay (in).
 	peerConnRefusedOut, peerConnRefusedIn atomic.Uint64
+	// peerDialFailed counts Connect dials that failed, by dialFailure
+	peerDialFailed [numDialFailures]atomic.Uint64
 
 	reloads, reloadErrors atomic.Uint64
 
@@ -192,6 +194,10 @@ func (s *Server) registerRelay(m metricSet) {
 	})
 	const peerConnHelp = "RFC 6062 peer connections refused at the per-allocation or per-user bound: connect (Connect answered 447) or accept (a peer's connection to a relayed address closed at once)."
 	counter("stund_peer_connections_refused_total", peerConnHelp, l("direction", "connect"), o.peerConnRefusedOut.Load)
+	const dialHelp = "RFC 6062 Connect requests whose dial to the peer failed (answered 447), by reason: refused (RST), timeout, unreachable (no route, host or network unreachable), address_in_use (the relayed address already has a connection to that peer, or one in TIME_WAIT), other."
+	for r := dialFailure(0); r < numDialFailures; r++ {
+		counter("stund_peer_connect_failures_total", dialHelp, l("reason", r.String()), o.peerDialFailed[r].Load)
+	}
 	counter("stund_peer_connections_refused_total", peerConnHelp, l("direction", "accept"), o.peerConnRefusedIn.Load)
 }
 

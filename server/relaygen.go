@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/pion/transport/v5"
@@ -201,9 +202,42 @@ func (g *relayGenerator) AllocateConn(c turn.AllocateConnConfig) (net.Conn, erro
 	conn, err := d.Dial(c.Network, c.RemoteAddr.String())
 	if err != nil {
 		relays.release(k, true)
+		g.ops.peerDialFailed[classifyDial(err)].Add(1)
 		return nil, err
 	}
 	return g.newPeerConn(conn, k, stunwire.AddrPortOf(c.LocalAddr), c.UserID), nil
+}
+
+// dialFailure is why a Connect's dial to its peer failed (RFC 6062 §5.2:
+// the client gets 447 whatever the reason; operators see which).
+type dialFailure int
+
+const (
+	dialRefused dialFailure = iota
+	dialTimeout
+	dialUnreachable
+	dialAddrInUse
+	dialOther
+	numDialFailures
+)
+
+func (r dialFailure) String() string {
+	return [...]string{"refused", "timeout", "unreachable", "address_in_use", "other"}[r]
+}
+
+func classifyDial(err error) dialFailure {
+	var ne net.Error
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return dialRefused
+	case errors.As(err, &ne) && ne.Timeout(), errors.Is(err, syscall.ETIMEDOUT):
+		return dialTimeout
+	case errors.Is(err, syscall.ENETUNREACH), errors.Is(err, syscall.EHOSTUNREACH):
+		return dialUnreachable
+	case errors.Is(err, syscall.EADDRINUSE), errors.Is(err, syscall.EADDRNOTAVAIL):
+		return dialAddrInUse
+	}
+	return dialOther
 }
 
 // RelayStats says how full the relays are, for metrics and operators.

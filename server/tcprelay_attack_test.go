@@ -264,7 +264,7 @@ func TestConnectFloodPerUser(t *testing.T) {
 		relayedAddr(t, r)
 		for i, p := range peers {
 			if r := ctl.signed(stun.MethodConnect, peerAddr(stunwire.AddrPortOf(p.Addr()))); r.Type.Class != stun.ClassSuccessResponse {
-				t.Fatalf("allocation %d, Connect %d: %v code %d", a, i, r.Type, errorCode(r))
+				t.Fatalf("allocation %d, Connect %d: %v code %d (dial failures by reason: %v; relays: %+v)", a, i, r.Type, errorCode(r), s.dialFailures(), s.Relays())
 			}
 		}
 	}
@@ -351,4 +351,31 @@ func TestPeerConnReleasedOnce(t *testing.T) {
 	if st := relays.stats(owner); st.PeerConnections != 0 {
 		t.Fatalf("%d peer connections after closing both, want 0", st.PeerConnections)
 	}
+}
+
+// TestConnectFailureCounted: a Connect whose peer refuses gets 447 (RFC
+// 6062 §5.2) and the failure is counted by reason for the operator.
+func TestConnectFailureCounted(t *testing.T) {
+	s := startTURNServer(t, func(c *Config) {
+		c.DisableTCP = false
+		c.AllowPeers = mustPrefixes(t, "127.0.0.0/8")
+	})
+	closed := tcpPeer(t)
+	to := stunwire.AddrPortOf(closed.Addr())
+	closed.Close() // nothing listens there now: the dial is refused
+	ctl, r := tcpAllocate(t, s, "alice")
+	relayedAddr(t, r)
+	ctl.wantSignedError(ctl.signed(stun.MethodConnect, peerAddr(to)), 447)
+	if got := s.ops.peerDialFailed[dialRefused].Load(); got != 1 {
+		t.Fatalf("refused dials counted %d, want 1 (by reason: %v)", got, s.dialFailures())
+	}
+}
+
+// dialFailures is the Connect dial failures by reason, for test messages.
+func (s *Server) dialFailures() map[string]uint64 {
+	m := map[string]uint64{}
+	for r := dialFailure(0); r < numDialFailures; r++ {
+		m[r.String()] = s.ops.peerDialFailed[r].Load()
+	}
+	return m
 }
