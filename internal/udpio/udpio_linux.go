@@ -361,8 +361,9 @@ func (b *Batch) pack(c *Conn, outs []Out) (nm, nd int, err error) {
 		}
 		h.Hdr.SetIovlen(run)
 		if run > 1 {
-			// RFC-free kernel interface: UDP_SEGMENT (linux/udp.h), the
-			// segment size as a uint16 in a SOL_UDP control message.
+			// Linux's UDP GSO (UDP_SEGMENT, linux/udp.h; no RFC): the
+			// segment size as a uint16 in a SOL_UDP control message; the
+			// kernel cuts the iovecs' bytes into datagrams of that size.
 			cm := (*unix.Cmsghdr)(unsafe.Pointer(&b.ctrl[nm][0]))
 			cm.Level, cm.Type = unix.SOL_UDP, unix.UDP_SEGMENT
 			cm.SetLen(unix.CmsgLen(2))
