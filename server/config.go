@@ -116,6 +116,11 @@ type Config struct {
 	// (--offload): ModeAuto when the kernel and privileges allow, ModeEBPF
 	// or fail, ModeOff (the zero value) never.
 	Offload offload.Mode
+	// DisableIOURing sends relayed datagrams one system call per relay
+	// socket (sendmmsg) even where io_uring could send a batch for many
+	// relay sockets at once (--io-uring off): for operators who keep
+	// io_uring off their hosts.
+	DisableIOURing bool
 
 	// AlternateServers are named, round robin, in 300 Try Alternate
 	// answers to new Allocates while the node drains or is full (RFC 8489

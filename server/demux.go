@@ -77,6 +77,9 @@ type udpDeps struct {
 	grid *[2][2]net.PacketConn
 	// requests counts requests by transport and kind (metrics.go).
 	requests *[numTransports][2]atomic.Uint64
+	// ring lets a read loop send toward many relay sockets with one
+	// io_uring submission (udpio.Ring) when the kernel allows it.
+	ring bool
 }
 
 // stunPacketConn wraps one UDP socket of the grid.
@@ -99,7 +102,7 @@ type stunPacketConn struct {
 func (c *stunPacketConn) ReadFrom(p []byte) (int, net.Addr, error) {
 	if !c.batchInit {
 		c.batchInit = true
-		c.batch = newUDPBatcher(c.PacketConn, func() { c.deps.demux.sendErrors.Add(1) })
+		c.batch = newUDPBatcher(c.PacketConn, c.deps.ring, func() { c.deps.demux.sendErrors.Add(1) })
 	}
 	for {
 		pkt, src, addr, err := c.read(p)

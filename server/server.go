@@ -146,7 +146,9 @@ func (s *Server) logDataPlane() {
 	if s.polls == nil {
 		return // not kernel sockets (tests on a virtual network)
 	}
-	if r, err := udpio.NewRing(); err != nil {
+	if s.cfg.DisableIOURing {
+		s.log.Info("relay data plane: recvmmsg/sendmmsg and UDP GSO; io_uring is off (--io-uring off), each relay socket sends on its own")
+	} else if r, err := udpio.NewRing(); err != nil {
 		s.log.Info("relay data plane: recvmmsg/sendmmsg and UDP GSO; io_uring is not available, each relay socket sends on its own", "reason", err.Error())
 	} else {
 		_ = r.Close()
@@ -318,7 +320,7 @@ func (s *Server) buildStages() {
 		log: s.log, realmLen: len(cfg.Realm),
 	}, cfg.PrimaryIP.Unmap().Is4(), DefaultNonceLifetime)
 	binding := &bindingStage{binder: s.binder, noteProbe: s.noteProbe}
-	s.udp = &udpDeps{binding: binding, front: s.front, data: s.data, demux: &s.demux, allowUnauth: s.allowUnauth, grid: &s.grid, requests: &s.ops.requestsBy}
+	s.udp = &udpDeps{binding: binding, front: s.front, data: s.data, demux: &s.demux, allowUnauth: s.allowUnauth, grid: &s.grid, requests: &s.ops.requestsBy, ring: !s.cfg.DisableIOURing}
 	s.led.clientOf = s.clientOf
 	s.stream = &streamDeps{binding: binding, front: s.front, data: s.data, led: s.led, clients: &s.clients, limits: &s.limits, demux: &s.demux, requests: &s.ops.requestsBy}
 }

@@ -38,7 +38,7 @@ type udpBatcher struct {
 	sendError func()
 }
 
-func newUDPBatcher(c net.PacketConn, sendError func()) *udpBatcher {
+func newUDPBatcher(c net.PacketConn, ring bool, sendError func()) *udpBatcher {
 	conn := udpio.NewConn(c)
 	if conn == nil {
 		return nil // vnet in tests, fakes in fuzzing: one datagram per read
@@ -50,8 +50,10 @@ func newUDPBatcher(c net.PacketConn, sendError func()) *udpBatcher {
 		b.replyBufs[i] = make([]byte, 0, 1500)
 	}
 	b.toPeers.wb = b.wb
-	if r, err := udpio.NewRing(); err == nil {
-		b.toPeers.ring = r // closed when the read loop ends (close)
+	if ring {
+		if r, err := udpio.NewRing(); err == nil {
+			b.toPeers.ring = r // closed when the read loop ends (close)
+		}
 	}
 	return b
 }

@@ -88,11 +88,11 @@ func TestBatchedBurstMixed(t *testing.T) {
 // TestBatcherOnlyOnUDPConn: other PacketConns (vnet, fakes) keep the
 // one-datagram path.
 func TestBatcherOnlyOnUDPConn(t *testing.T) {
-	if newUDPBatcher(&fakePacketConn{}, func() {}) != nil {
+	if newUDPBatcher(&fakePacketConn{}, true, func() {}) != nil {
 		t.Fatal("batcher built on a non-UDPConn")
 	}
 	c := udpSocket(t)
-	if newUDPBatcher(c, func() {}) == nil {
+	if newUDPBatcher(c, true, func() {}) == nil {
 		t.Fatal("no batcher on a *net.UDPConn")
 	}
 	var _ net.PacketConn = c

@@ -82,6 +82,7 @@ const (
 	fUsageLog    = "usage-log"
 	fProxyFrom   = "proxy-protocol-from"
 	fOffload     = "offload"
+	fIOURing     = "io-uring"
 )
 
 // Embedded defaults: stund with no flags runs on any Linux box, where the
@@ -120,6 +121,7 @@ func flags() []cli.Flag {
 		altsrc.NewFloat64Flag(&cli.Float64Flag{Name: fAllocRate, EnvVars: envName(fAllocRate), Value: server.DefaultAllocRate, Usage: "Allocates per second per user, burst 4 s' worth (486 beyond; -1 unlimited)"}),
 		altsrc.NewInt64Flag(&cli.Int64Flag{Name: fMaxBPS, EnvVars: envName(fMaxBPS), Usage: "cap on each user's relayed UDP traffic in `BITS` per second, each direction, over all the user's allocations; datagrams over it are dropped and counted (0: no cap)"}),
 		altsrc.NewIntFlag(&cli.IntFlag{Name: fMaxConnsIP, EnvVars: envName(fMaxConnsIP), Value: server.DefaultMaxConnsPerIP, Usage: "concurrent TCP/TLS connections per source IP or IPv6 /64; more are closed at accept (-1 unlimited)"}),
+		altsrc.NewStringFlag(&cli.StringFlag{Name: fIOURing, EnvVars: envName(fIOURing), Value: "auto", Usage: "send a batch of relayed datagrams that leaves many relay sockets with one io_uring submission: `MODE` auto (when the kernel and its sandbox allow it; logs why not) or off (a system call per relay socket)"}),
 		altsrc.NewStringFlag(&cli.StringFlag{Name: fOffload, EnvVars: envName(fOffload), Value: "auto", Usage: "relay bound UDP channels in the kernel (eBPF): `MODE` auto (when the kernel and privileges allow; logs why not), ebpf (fail to start without it) or off"}),
 		altsrc.NewStringSliceFlag(&cli.StringSliceFlag{Name: fProxyFrom, EnvVars: envName(fProxyFrom), Usage: "load balancer `CIDR` whose TCP/TLS connections must start with a PROXY protocol v1/v2 header naming the client (repeatable); from other sources a header is never honoured"}),
 		altsrc.NewStringSliceFlag(&cli.StringSliceFlag{Name: fAltServer, EnvVars: envName(fAltServer), Usage: "`IP:PORT` named (round robin) in 300 Try Alternate answers to new Allocates while draining or full (repeatable; without it: 508 while draining)"}),

@@ -325,6 +325,13 @@ func (fr flagReader) fleet(cfg *server.Config) (err error) {
 	if cfg.Offload, err = offload.ParseMode(fr.c.String(fOffload)); err != nil {
 		return fr.bad(fOffload, "%q: give auto, ebpf or off", fr.c.String(fOffload))
 	}
+	switch v := fr.c.String(fIOURing); v {
+	case "auto":
+	case "off":
+		cfg.DisableIOURing = true
+	default:
+		return fr.bad(fIOURing, "%q: give auto or off", v)
+	}
 	if d := fr.c.Duration(fDrainTime); d <= 0 {
 		return fr.bad(fDrainTime, "%v: give a positive duration, e.g. 1h", d)
 	}

@@ -96,6 +96,13 @@ func TestBadConfigExit2(t *testing.T) {
 	if code != exitUsage || !strings.Contains(errOut, "line 2") {
 		t.Errorf("unknown key: code %d, stderr %q", code, errOut)
 	}
+	if err := os.WriteFile(yml, []byte("realm: x\nio-uring: sometimes\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	code, _, errOut = runArgs(t, "--config", yml)
+	if code != exitUsage || !strings.Contains(errOut, "io-uring") || !strings.Contains(errOut, "line 2") {
+		t.Errorf("bad io-uring in YAML: code %d, stderr %q", code, errOut)
+	}
 }
 
 // freeUDPPorts returns two UDP ports free on 127.0.0.1 and 127.0.0.2 at the
