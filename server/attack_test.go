@@ -263,12 +263,7 @@ func TestAttackStrangersDontDrainCap(t *testing.T) {
 		c.AllowPeers = mustPrefixes(t, "127.0.0.0/8")
 		c.MaxBPS = 160_000
 	})
-	cl := allocClient(t, s, "udp4", "alice")
-	relay, err := cl.Allocate()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer relay.Close()
+	_, relay := allocRelay(t, s, "udp4", "alice")
 	peer := udpPeer(t, "udp4")
 	relayToPeer(t, relay, peer, "hello") // installs the permission
 	// Permissions are per IP (RFC 8656 §9): the stranger is another host.

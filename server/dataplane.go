@@ -2,6 +2,7 @@ package server
 
 import (
 	"encoding/binary"
+	"errors"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -170,12 +171,20 @@ func (q *relayQueue) flushRing() {
 		q.routs = append(q.routs, udpio.RingOut{C: s.io, Out: o})
 		k++
 	}
-	res, _ := q.ring.Write(q.routs)
+	res, err := q.ring.Write(q.routs)
+	if errors.Is(err, udpio.ErrRingBroken) {
+		q.ring = nil // from now on one sendmmsg per socket run
+	}
 	sent := 0
 	for i, n := range res {
-		if n >= 0 {
+		switch {
+		case n >= 0:
 			q.socks[i].sent(1, int(n))
 			sent++
+		case err != nil: // the ring failed as a whole: this one goes alone
+			if _, werr := q.socks[i].write(q.routs[i].Out.B, q.routs[i].Out.To); werr == nil {
+				sent++
+			}
 		}
 	}
 	q.d.relayed.Add(uint64(sent))

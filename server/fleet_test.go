@@ -97,11 +97,7 @@ func TestKillAndUsageRecords(t *testing.T) {
 	s := startTURNServer(t, func(c *Config) { c.UsageLog = &usage; c.AllowPeers = mustPrefixes(t, "127.0.0.0/8") })
 
 	// A relayed flow with known bytes each way, then deleted by its client.
-	cl := allocClient(t, s, "udp4", "alice")
-	relay, err := cl.Allocate()
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, relay := allocRelay(t, s, "udp4", "alice")
 	peer := udpPeer(t, "udp4")
 	from := relayToPeer(t, relay, peer, "hello") // retried until it arrives: count what the peer saw
 	sent := 0

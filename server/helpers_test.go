@@ -62,6 +62,19 @@ func allocClient(t *testing.T, s *Server, network, user string) *turn.Client {
 	return c
 }
 
+// allocRelay is allocClient with an allocation made: the client and its
+// relayed PacketConn, closed (Refresh 0) when the test ends.
+func allocRelay(t *testing.T, s *Server, network, user string) (*turn.Client, net.PacketConn) {
+	t.Helper()
+	cl := allocClient(t, s, network, user)
+	relay, err := cl.Allocate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = relay.Close() })
+	return cl, relay
+}
+
 // injectingClient is allocClient, with inject writing raw bytes to the
 // server on the client's own socket or connection.
 func injectingClient(t *testing.T, s *Server, network, user string) (c *turn.Client, inject func([]byte)) {

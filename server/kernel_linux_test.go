@@ -41,11 +41,7 @@ func TestKernelRelay(t *testing.T) {
 	if s.kern == nil {
 		t.Fatal("--offload ebpf started without the kernel relay")
 	}
-	cl := allocClient(t, s, "udp4", "alice")
-	relay, err := cl.Allocate()
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, relay := allocRelay(t, s, "udp4", "alice")
 	peer := udpPeer(t, "udp4")
 	relayToPeer(t, relay, peer, "hello") // permission, then pion's client binds a channel
 	waitFor(t, "the channel in the kernel", func() bool { return s.kern.offloaded(s.led.all("")) == 1 })
@@ -118,12 +114,7 @@ func TestKernelRelayKeepsListenersOutOfReach(t *testing.T) {
 		c.AllowPeers = mustPrefixes(t, "127.0.0.0/8")
 		c.ProtectedListeners = []netip.AddrPort{stunwire.AddrPortOf(admin.LocalAddr())}
 	})
-	cl := allocClient(t, s, "udp4", "alice")
-	relay, err := cl.Allocate()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer relay.Close()
+	_, relay := allocRelay(t, s, "udp4", "alice")
 	for i := 0; i < 20; i++ { // pion's client binds a channel after the first writes
 		if _, err := relay.WriteTo([]byte("GET /debug/pprof/cmdline"), admin.LocalAddr()); err != nil {
 			t.Fatal(err)
@@ -158,12 +149,7 @@ func TestKernelRelayReloadNarrows(t *testing.T) {
 		c.Offload = offload.ModeEBPF
 		c.AllowPeers = mustPrefixes(t, "127.0.0.0/8")
 	})
-	cl := allocClient(t, s, "udp4", "alice")
-	relay, err := cl.Allocate()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer relay.Close()
+	_, relay := allocRelay(t, s, "udp4", "alice")
 	peer := udpPeer(t, "udp4")
 	relayToPeer(t, relay, peer, "hello")
 	waitFor(t, "the channel in the kernel", func() bool { return s.kern.offloaded(s.led.all("")) == 1 })

@@ -51,11 +51,7 @@ func TestRelayPolling(t *testing.T) {
 		network, user string
 		polled        bool
 	}{{"udp4", "alice", true}, {"tcp", "bob", false}} {
-		cl := allocClient(t, s, tc.network, tc.user)
-		relay, err := cl.Allocate()
-		if err != nil {
-			t.Fatal(err)
-		}
+		cl, relay := allocRelay(t, s, tc.network, tc.user)
 		relayToPeer(t, relay, peer, "hello from "+tc.user)
 		for i := 0; i < 20; i++ { // more than one pass, batches of several
 			if _, err := peer.WriteTo([]byte("to "+tc.user), relay.LocalAddr()); err != nil {
@@ -96,20 +92,9 @@ func TestRelayPolling(t *testing.T) {
 func TestRelayNoAllocationsPerPacket(t *testing.T) {
 	s := startTURNServer(t, func(c *Config) { c.AllowPeers = mustPrefixes(t, "127.0.0.0/8") })
 	c := dialFront(t, s, false, "alice", "alice-pw")
-	r := c.allocate()
-	v, err := r.Get(stun.AttrXORRelayedAddress)
-	if err != nil {
-		t.Fatal(err)
-	}
-	relayed, err := stunwire.ParseXORAddress(v, (*[16]byte)(r.Raw[4:20]))
-	if err != nil {
-		t.Fatal(err)
-	}
 	peer := udpPeer(t, "udp4").(*net.UDPConn)
 	peerAP := stunwire.AddrPortOf(peer.LocalAddr())
-	if b := c.signed(stun.MethodChannelBind, stun.RawAttribute{Type: stun.AttrChannelNumber, Value: []byte{0x40, 0x00, 0, 0}}, peerAddr(peerAP)); b.Type.Class != stun.ClassSuccessResponse {
-		t.Fatalf("ChannelBind: %v", b.Type)
-	}
+	relayed := allocateChannel(t, c, 0x4000, peerAP)
 	payload := make([]byte, 160)
 	cd := append([]byte{0x40, 0x00, 0, byte(len(payload))}, payload...)
 	send := stun.MustBuild(stun.TransactionID, stun.NewType(stun.MethodSend, stun.ClassIndication), peerAddr(peerAP),
@@ -164,20 +149,8 @@ func TestStreamRelayBatchesInOrder(t *testing.T) {
 			c.DisableTCP = false
 		})
 		c := dialFront(t, s, true, "alice", "alice-pw")
-		r := c.allocate()
-		v, err := r.Get(stun.AttrXORRelayedAddress)
-		if err != nil {
-			t.Fatal(err)
-		}
-		relayed, err := stunwire.ParseXORAddress(v, (*[16]byte)(r.Raw[4:20]))
-		if err != nil {
-			t.Fatal(err)
-		}
 		peer := udpPeer(t, "udp4").(*net.UDPConn)
-		peerAP := stunwire.AddrPortOf(peer.LocalAddr())
-		if b := c.signed(stun.MethodChannelBind, stun.RawAttribute{Type: stun.AttrChannelNumber, Value: []byte{0x40, 0x00, 0, 0}}, peerAddr(peerAP)); b.Type.Class != stun.ClassSuccessResponse {
-			t.Fatalf("ChannelBind: %v", b.Type)
-		}
+		relayed := allocateChannel(t, c, 0x4000, stunwire.AddrPortOf(peer.LocalAddr()))
 		const n = 40
 		var burst []byte
 		sizes := make([]int, n)
@@ -248,7 +221,13 @@ func TestRelayQueueKeepsOrderPerSocket(t *testing.T) {
 	} else {
 		defer ring.Close()
 	}
-	for _, r := range []*udpio.Ring{nil, ring} {
+	// A retired ring (closed here; in production, one the kernel stopped
+	// completing) falls back to the socket's own sends, losing nothing.
+	retired, err := udpio.NewRing()
+	if err == nil {
+		retired.Close()
+	}
+	for _, r := range []*udpio.Ring{nil, ring, retired} {
 		var live livePolicy
 		live.cur.Store(NewPeerPolicy([]netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}, nil, nil))
 		var ops opsStats
@@ -269,6 +248,9 @@ func TestRelayQueueKeepsOrderPerSocket(t *testing.T) {
 		// a peer the policy refuses: dropped before the ring, counted
 		q.add(&d, b, []byte("refused"), netip.MustParseAddrPort("192.0.2.1:9"))
 		q.flush()
+		if r == retired && r != nil && q.ring != nil {
+			t.Fatal("a retired ring is still in use")
+		}
 		if d.relayed.Load() != uint64(len(order)) || ops.relayRefused.Load() != 1 {
 			t.Fatalf("ring %v: relayed %d (want %d), refused %d", r != nil, d.relayed.Load(), len(order), ops.relayRefused.Load())
 		}
@@ -319,4 +301,16 @@ func TestDataPlaneReleasesDescriptors(t *testing.T) {
 	if after := count(); after > before+2 {
 		t.Fatalf("%d descriptors open after ten servers came and went, %d before", after, before)
 	}
+}
+
+// allocateChannel allocates for c and binds channel ch to peer (RFC 8656
+// §7, §11); it returns the relayed address.
+func allocateChannel(t *testing.T, c *frontClient, ch uint16, peer netip.AddrPort) netip.AddrPort {
+	t.Helper()
+	relayed := relayedAddr(t, c.allocate())
+	num := stun.RawAttribute{Type: stun.AttrChannelNumber, Value: []byte{byte(ch >> 8), byte(ch), 0, 0}}
+	if b := c.signed(stun.MethodChannelBind, num, peerAddr(peer)); b.Type.Class != stun.ClassSuccessResponse {
+		t.Fatalf("ChannelBind %#x: %v code %d", ch, b.Type, errorCode(b))
+	}
+	return relayed
 }

@@ -142,6 +142,11 @@ func (s *relaySocket) send(b []byte, to netip.AddrPort) (int, error) {
 	if err := s.admit(len(b), to); err != nil {
 		return 0, err
 	}
+	return s.write(b, to)
+}
+
+// write sends a datagram admit has passed, and counts it.
+func (s *relaySocket) write(b []byte, to netip.AddrPort) (int, error) {
 	var n int
 	var err error
 	if s.uc != nil {

@@ -2,6 +2,8 @@ package udpio
 
 import (
 	"errors"
+	"runtime"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"unsafe"
@@ -31,6 +33,8 @@ type Ring struct {
 	ctl            [MaxBatch]func(fd uintptr)
 	errno          syscall.Errno
 	res            [MaxBatch]int32
+	broken         bool // abandon: never used again
+	closed         bool
 }
 
 // RingOut is one datagram for a Ring: its socket, bytes and destination.
@@ -126,8 +130,12 @@ func NewRing() (*Ring, error) {
 	return r, nil
 }
 
-// Close releases the ring.
+// Close releases the ring (a broken one stays: the kernel may hold it).
 func (r *Ring) Close() error {
+	if r.broken || r.closed {
+		return nil
+	}
+	r.closed = true
 	unix.Munmap(r.sqeMem)
 	unix.Munmap(r.ring)
 	return unix.Close(r.fd)
@@ -138,12 +146,21 @@ func (r *Ring) Close() error {
 // sent, < 0 an errno). A socket closed meanwhile fails only its own sends.
 func (r *Ring) Write(outs []RingOut) ([]int32, error) {
 	n := min(len(outs), MaxBatch)
+	if r.broken || r.closed {
+		for i := 0; i < n; i++ {
+			r.res[i] = -int32(unix.EBADF)
+		}
+		return r.res[:n], ErrRingBroken
+	}
 	r.items = outs[:n]
 	for i := 0; i < n; i++ {
 		r.res[i] = -int32(unix.EBADF)
 	}
 	r.errno = 0
 	r.nest(0)
+	if r.broken {
+		return r.res[:n], ErrRingBroken
+	}
 	if r.errno != 0 {
 		return r.res[:n], r.errno
 	}
@@ -193,17 +210,57 @@ func (r *Ring) submit() {
 	}
 	end := tail + uint32(k)
 	atomic.StoreUint32(r.sqTail, end)
+	stalls := 0
 	for got := 0; got < k; {
 		// what the kernel has not consumed yet is submitted again
 		pending := end - atomic.LoadUint32(r.sqHead)
 		_, _, e := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), uintptr(pending), uintptr(k-got), ioringEnterGetEv, 0, 0)
-		if e != 0 && e != unix.EINTR && e != unix.EAGAIN && e != unix.EBUSY {
-			r.errno = e
+		n := r.reap()
+		got += n
+		transient := e == 0 || e == unix.EINTR || e == unix.EAGAIN || e == unix.EBUSY
+		if n > 0 {
+			stalls = 0
+		} else if stalls++; transient && stalls < maxRingStalls {
+			runtime.Gosched()
+			continue
+		}
+		if !transient || stalls >= maxRingStalls {
+			r.abandon(e)
 			return
 		}
-		got += r.reap()
 	}
 }
+
+// maxRingStalls bounds the io_uring_enter calls in a row that complete
+// nothing (a kernel short of memory answers EAGAIN): a send never waits on
+// the ring for long.
+const maxRingStalls = 64
+
+// brokenRings keep rings given up on reachable: the kernel may still read
+// a send it consumed but never completed, so their memory must not be
+// freed or reused.
+var brokenRings struct {
+	sync.Mutex
+	rs []*Ring
+}
+
+// abandon takes back the sends the kernel has not consumed and retires
+// the ring: Write fails with ErrRingBroken from now on, and the caller
+// sends by sendmmsg.
+func (r *Ring) abandon(e syscall.Errno) {
+	atomic.StoreUint32(r.sqTail, atomic.LoadUint32(r.sqHead))
+	r.broken = true
+	r.errno = e
+	if e == 0 {
+		r.errno = unix.ETIMEDOUT
+	}
+	brokenRings.Lock()
+	brokenRings.rs = append(brokenRings.rs, r)
+	brokenRings.Unlock()
+}
+
+// ErrRingBroken: the ring was given up on (see abandon) or closed.
+var ErrRingBroken = errors.New("udpio: io_uring ring retired after the kernel stopped completing sends")
 
 // reap reads the completions there are.
 func (r *Ring) reap() int {

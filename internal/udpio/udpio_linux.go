@@ -187,13 +187,18 @@ func NewBatchWith(n, size int) *Batch {
 	return b
 }
 
+// Interrupted calls are made again at once, never turned into a wait: the
+// runtime's poller is edge-triggered, and waiting for an edge that already
+// came (data queued, room in the buffer) would wait for the next one.
+
 func (b *Batch) recvmmsg(fd uintptr) bool {
 	r, _, e := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&b.hdrs[0])), uintptr(b.n), unix.MSG_DONTWAIT, 0, 0)
+	for e == unix.EINTR {
+		r, _, e = unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&b.hdrs[0])), uintptr(b.n), unix.MSG_DONTWAIT, 0, 0)
+	}
 	switch {
 	case e == unix.EAGAIN:
 		return false // the poller waits for the next datagram
-	case e == unix.EINTR:
-		return false
 	case e != 0:
 		b.errno, b.n = e, 0
 	default:
@@ -410,11 +415,12 @@ func (b *Batch) flush(c *Conn, nm int) (int, error) {
 
 func (b *Batch) sendmmsg(fd uintptr) bool {
 	r, _, e := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&b.hdrs[b.sent])), uintptr(b.n-b.sent), unix.MSG_DONTWAIT, 0, 0)
+	for e == unix.EINTR {
+		r, _, e = unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&b.hdrs[b.sent])), uintptr(b.n-b.sent), unix.MSG_DONTWAIT, 0, 0)
+	}
 	switch {
 	case e == unix.EAGAIN:
 		return false // socket buffer full: the poller waits for room
-	case e == unix.EINTR:
-		return false
 	case e != 0:
 		b.errno = e
 	default:
@@ -526,9 +532,10 @@ func (p *Poller) Wait() (int, error) {
 
 func (p *Poller) wait(fd uintptr) bool {
 	n, err := unix.EpollWait(int(fd), p.events[:], 0)
+	for err == unix.EINTR {
+		n, err = unix.EpollWait(int(fd), p.events[:], 0)
+	}
 	switch {
-	case err == unix.EINTR:
-		return false
 	case err != nil:
 		p.errno = err.(syscall.Errno)
 		return true

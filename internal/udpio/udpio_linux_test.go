@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -254,25 +255,7 @@ func BenchmarkWrite(b *testing.B) {
 				for i := range outs {
 					outs[i] = Out{B: payload(i, size), To: to}
 				}
-				stop := make(chan struct{})
-				done := make(chan struct{})
-				go func() { // drain, so the receive queue never fills
-					defer close(done)
-					rc, rb := NewConn(dst), NewBatch()
-					bufs := make([][]byte, MaxBatch)
-					for i := range bufs {
-						bufs[i] = make([]byte, 2048)
-					}
-					for {
-						select {
-						case <-stop:
-							return
-						default:
-						}
-						dst.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
-						_, _ = rb.Read(rc, bufs)
-					}
-				}()
+				stop := drain(dst)
 				b.SetBytes(int64(32 * size))
 				b.ResetTimer()
 				for i := 0; i < b.N; i++ {
@@ -289,11 +272,34 @@ func BenchmarkWrite(b *testing.B) {
 					}
 				}
 				b.StopTimer()
-				close(stop)
-				<-done
+				stop()
 			})
 		}
 	}
+}
+
+// drain reads dst in the background, so that a benchmark's receive queue
+// never fills; stop ends it and waits.
+func drain(dst *net.UDPConn) (stop func()) {
+	quit, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		rc, rb := NewConn(dst), NewBatch()
+		bufs := make([][]byte, MaxBatch)
+		for i := range bufs {
+			bufs[i] = make([]byte, 2048)
+		}
+		for {
+			select {
+			case <-quit:
+				return
+			default:
+			}
+			dst.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+			_, _ = rb.Read(rc, bufs)
+		}
+	}()
+	return func() { close(quit); <-done }
 }
 
 // The poller names the sockets that have datagrams, keeps naming one
@@ -453,24 +459,7 @@ func BenchmarkManySockets(b *testing.B) {
 				socks = append(socks, s)
 				outs = append(outs, RingOut{C: NewConn(s), Out: Out{B: payload(i, 100), To: apOf(dst)}})
 			}
-			stop, done := make(chan struct{}), make(chan struct{})
-			go func() {
-				defer close(done)
-				rc, rb := NewConn(dst), NewBatch()
-				bufs := make([][]byte, MaxBatch)
-				for i := range bufs {
-					bufs[i] = make([]byte, 2048)
-				}
-				for {
-					select {
-					case <-stop:
-						return
-					default:
-					}
-					dst.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
-					_, _ = rb.Read(rc, bufs)
-				}
-			}()
+			stop := drain(dst)
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
 				if mode == "ring" {
@@ -482,8 +471,31 @@ func BenchmarkManySockets(b *testing.B) {
 				}
 			}
 			b.StopTimer()
-			close(stop)
-			<-done
+			stop()
 		})
+	}
+}
+
+// A ring given up on (the kernel stopped completing sends) or closed
+// refuses every later Write with ErrRingBroken, touching nothing.
+func TestRingRetired(t *testing.T) {
+	for _, how := range []string{"abandoned", "closed"} {
+		r, err := NewRing()
+		if err != nil {
+			t.Skipf("no io_uring here: %v", err)
+		}
+		if how == "abandoned" {
+			r.abandon(syscall.EAGAIN)
+		} else {
+			r.Close()
+		}
+		s := listen(t, "udp4", "127.0.0.1:0")
+		res, err := r.Write([]RingOut{{C: NewConn(s), Out: Out{B: []byte("x"), To: apOf(s)}}})
+		if err != ErrRingBroken || len(res) != 1 || res[0] >= 0 {
+			t.Errorf("%s ring: Write = %v, %v; want a failed send and ErrRingBroken", how, res, err)
+		}
+		if err := r.Close(); err != nil {
+			t.Errorf("%s ring: Close = %v", how, err)
+		}
 	}
 }

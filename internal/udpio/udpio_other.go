@@ -78,3 +78,6 @@ func NewRing() (*Ring, error) { return nil, errUnsupported }
 
 func (*Ring) Write([]RingOut) ([]int32, error) { return nil, errUnsupported }
 func (*Ring) Close() error                     { return nil }
+
+// ErrRingBroken: the ring was given up on.
+var ErrRingBroken = errors.New("udpio: io_uring ring retired after the kernel stopped completing sends")
