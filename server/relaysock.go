@@ -292,6 +292,10 @@ func (s *relaySocket) relayHeld(p []byte) (int, net.Addr) {
 	}
 	s.countIn(pkts, bytes)
 	if len(outs) > 0 {
+		// bt's headers serve as the write's scratch: safe, as outs is
+		// non-empty only when a.client is set, and then the loop above
+		// read every datagram of the batch (it stops early only for pion,
+		// when a.client is nil and nothing is written here).
 		sent := a.client.writeBatch(bt, outs)
 		s.toClient.Add(uint64(sent))
 		s.toClientErrors.Add(uint64(len(outs) - sent))
