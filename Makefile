@@ -17,13 +17,14 @@ build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN)/ ./cmd/stund ./cmd/natprobe
 
 # deps: what the tests need beyond Go, from Debian's packages (root).
-# nftables + iproute2: the NAT lab; coturn + stun-client: interop with
-# clients nobody here wrote; chromium: the WebRTC browser test; clang, llvm
-# and libbpf-dev: bpf-check recompiles the kernel relay's eBPF program.
+# nftables, iproute2 (ip, ss) and procps (sysctl): the NAT lab; coturn +
+# stun-client: interop with clients nobody here wrote; chromium: the WebRTC
+# browser test; clang, llvm and libbpf-dev: bpf-check recompiles the kernel
+# relay's eBPF program.
 deps:
 	DEBIAN_FRONTEND=noninteractive apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-		nftables iproute2 coturn stun-client chromium ca-certificates \
+		nftables iproute2 procps coturn stun-client chromium ca-certificates \
 		clang llvm libbpf-dev >/dev/null
 	@# Debian may enable coturn's own service on 3478; stop that unit only,
 	@# never other turnserver processes (a concurrent lab or bench run's).
